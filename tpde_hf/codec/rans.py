@@ -1,0 +1,170 @@
+"""Interleaved rANS over independent lanes, vectorized over lanes in torch.
+
+Coder state is a 32-bit integer ``x`` in ``[2**16, 2**32)``; renormalization moves one 16-bit word
+at a time, and every step moves at most one word. Each context has its own frequency table
+quantized to ``2**prob_bits``.
+
+Lane ``j`` of a tensor with ``NL`` lanes owns the elements ``j, j + NL, j + 2*NL, ...`` of the
+flattened weight, so step ``e`` of all lanes touches one contiguous run of elements: coalesced
+on a GPU and a plain slice on a CPU. The decoder starts from the stored final encoder state of each
+lane, reads its words front to back, and must end on exactly ``2**16`` with every word consumed:
+a built-in integrity check on top of the checksum.
+
+A padding position uses the *identity context* (index ``n_ctx``): one symbol of frequency
+``2**prob_bits``, which leaves the state unchanged and emits nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+STATE_LOW = 1 << 16
+WORD_BITS = 16
+WORD_MASK = (1 << WORD_BITS) - 1
+
+
+def quantize_frequencies(counts: torch.Tensor, prob_bits: int) -> torch.Tensor:
+    """Scale per-context symbol counts ``[n_ctx, n_sym]`` to frequencies summing to ``2**prob_bits``.
+
+    Every symbol that occurs keeps a frequency of at least 1, so it stays encodable. A context that
+    never occurs gets all its mass on symbol 0 (a valid, unused table).
+    """
+    total_mass = 1 << prob_bits
+    counts = counts.to(torch.int64)
+    freq = torch.zeros_like(counts)
+    for ctx in range(counts.shape[0]):
+        cnt = counts[ctx]
+        total = int(cnt.sum())
+        if total == 0:
+            freq[ctx, 0] = total_mass
+            continue
+        f = (cnt * total_mass) // total
+        f = torch.where((cnt > 0) & (f == 0), torch.ones_like(f), f)
+        diff = total_mass - int(f.sum())
+        order = torch.argsort(cnt, descending=True, stable=True).tolist()
+        if diff > 0:
+            f[order[0]] += diff
+        else:
+            for s in order:  # take the surplus from the most frequent symbols first
+                if diff == 0:
+                    break
+                take = min(-diff, int(f[s]) - 1)
+                f[s] -= take
+                diff += take
+        freq[ctx] = f
+    return freq
+
+
+def with_identity_context(freq: torch.Tensor, prob_bits: int) -> torch.Tensor:
+    ident = torch.zeros((1, freq.shape[1]), dtype=torch.int64)
+    ident[0, 0] = 1 << prob_bits
+    return torch.cat((freq.to(torch.int64), ident))
+
+
+def decode_luts(freq: torch.Tensor, prob_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables indexed by ``ctx << prob_bits | slot``.
+
+    Returns ``(step_lut, sym_lut)``: ``step_lut`` is uint32 ``freq | (slot - cum) << 16`` so that a
+    decode step is one gather and ``x = freq * (x >> prob_bits) + (slot - cum)``; ``sym_lut`` (int64)
+    gives the symbol, looked up once for all steps after the loop.
+    """
+    n_ctx, n_sym = freq.shape
+    total = 1 << prob_bits
+    cum = torch.cumsum(freq, dim=1) - freq
+    sym = torch.repeat_interleave(
+        torch.arange(n_sym, dtype=torch.int64).repeat(n_ctx), freq.flatten()
+    ).view(n_ctx, total)
+    f = torch.gather(freq, 1, sym)
+    bias = torch.arange(total, dtype=torch.int64) - torch.gather(cum, 1, sym)
+    step = (f | (bias << 16)).flatten().numpy().astype(np.uint32)
+    return torch.from_numpy(step), sym.flatten()
+
+
+def encode_lanes(
+    sym: torch.Tensor, ctx: torch.Tensor, freq: torch.Tensor, prob_bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode ``sym[steps, lanes]`` under ``ctx[steps, lanes]`` (identity context = padding).
+
+    Returns ``(final_states, words_per_lane, words)``, with ``words`` concatenated lane by lane in
+    decoder order. The step loop runs in numpy: at a few thousand lanes its per-call overhead is a
+    third of torch's.
+    """
+    n_sym = freq.shape[1]
+    cum = torch.cumsum(freq, dim=1) - freq
+    flat = (ctx * n_sym + sym).numpy()
+    f_all = freq.numpy().ravel().take(flat)
+    c_all = cum.numpy().ravel().take(flat)
+    # x_max = ((STATE_LOW >> prob_bits) << WORD_BITS) * f; floor(x / f) is exact in float64 for x < 2**32.
+    xmax_all = f_all << (32 - prob_bits)
+    f_float = f_all.astype(np.float64)
+    steps, lanes = flat.shape
+    x = np.full(lanes, STATE_LOW, dtype=np.int64)
+    words = np.empty((steps, lanes), dtype=np.int64)
+    emitted = np.empty((steps, lanes), dtype=bool)
+    q = np.empty(lanes, dtype=np.int64)
+    for e in range(steps - 1, -1, -1):
+        f = f_all[e]
+        emit = emitted[e]
+        np.greater_equal(x, xmax_all[e], out=emit)
+        np.bitwise_and(x, WORD_MASK, out=words[e])
+        np.right_shift(x, WORD_BITS * emit, out=x)
+        q[:] = x / f_float[e]  # correctly rounded, so exact multiples never round down
+        x -= q * f
+        x += (q << prob_bits) + c_all[e]
+    emitted_t = torch.from_numpy(emitted).t()
+    return torch.from_numpy(x), emitted_t.sum(dim=1), torch.from_numpy(words).t()[emitted_t]
+
+
+def decode_lanes(
+    ctx: torch.Tensor,
+    states: torch.Tensor,
+    word_start: torch.Tensor,
+    words: torch.Tensor,
+    step_lut: torch.Tensor,
+    prob_bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the decoder over ``ctx[steps, lanes]`` (context indices into ``step_lut``).
+
+    ``words`` must end with one sentinel entry so that a clamped read past the end is harmless.
+    Returns ``(lut_index[steps, lanes], final_states, final_word_pointers)``: the symbols are
+    ``sym_lut[lut_index]``; callers check that the states equal ``STATE_LOW`` and the pointers
+    the lane ends. All loop arithmetic is uint32, which the rANS invariants keep in range.
+    """
+    steps, lanes = ctx.shape
+    mask = np.uint32((1 << prob_bits) - 1)
+    last = words.numel() - 1
+    lut = step_lut.numpy()
+    words_n = words.numpy().astype(np.uint32)
+    ctx_base = (ctx << prob_bits).numpy().astype(np.uint32)
+    x = states.numpy().astype(np.uint32)
+    ptr = word_start.numpy().astype(np.int64)
+    out = np.empty((steps, lanes), dtype=np.uint32)
+    need = np.empty(lanes, dtype=bool)
+    p = np.empty(lanes, dtype=np.uint32)
+    t = np.empty(lanes, dtype=np.uint32)
+    w = np.empty(lanes, dtype=np.uint32)
+    at = np.empty(lanes, dtype=np.int64)
+    pb, lo, wb = np.uint32(prob_bits), np.uint32(STATE_LOW), np.uint32(WORD_BITS)
+    for e in range(steps):
+        idx = out[e]
+        np.bitwise_and(x, mask, out=idx)
+        idx += ctx_base[e]
+        lut.take(idx, out=p)
+        np.right_shift(x, pb, out=x)
+        np.bitwise_and(p, 0xFFFF, out=t)
+        x *= t
+        np.right_shift(p, 16, out=t)
+        x += t
+        np.less(x, lo, out=need)
+        np.minimum(ptr, last, out=at)
+        words_n.take(at, out=w)
+        w *= need
+        np.left_shift(x, wb * need, out=x)
+        x |= w
+        ptr += need
+    return (
+        torch.from_numpy(out.astype(np.int64)),
+        torch.from_numpy(x.astype(np.int64)),
+        torch.from_numpy(ptr),
+    )
