@@ -9,6 +9,7 @@ from tpde_hf.codec.tensor_codec import (
     decode_tensors,
     encode_tensor,
     inspect_tensor,
+    tensor_checksum,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "decode_tensors",
     "encode_tensor",
     "inspect_tensor",
+    "tensor_checksum",
 ]

@@ -266,7 +266,7 @@ def _read_tables(blob: torch.Tensor, n_sym: int, prob_bits: int, name: str) -> t
     return freq
 
 
-def _checksum(weight: torch.Tensor) -> int:
+def tensor_checksum(weight: torch.Tensor) -> int:
     """Signed 64-bit BLAKE2b of the weight's bytes (little-endian, row-major)."""
     data = weight.contiguous().view(torch.uint8).numpy()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
@@ -314,7 +314,7 @@ def encode_tensor(weight: torch.Tensor, params: CodecParams | None = None, name:
     lanes = torch.where(lanes >= 1 << 31, lanes - (1 << 32), lanes).to(torch.int32)
     table_bytes = zstandard.ZstdCompressor(level=19).compress(freq.numpy().astype("<u2").tobytes())
     return EncodedTensor(
-        name=name, dtype=weight.dtype, shape=shape, params=params, checksum=_checksum(weight),
+        name=name, dtype=weight.dtype, shape=shape, params=params, checksum=tensor_checksum(weight),
         qweight=base.qweight, scales=base.scales, zeros=base.zeros,
         delta=torch.frombuffer(bytearray(payload), dtype=torch.uint8),
         lanes=lanes, tables=torch.frombuffer(bytearray(table_bytes), dtype=torch.uint8), _freq=freq,
@@ -354,7 +354,7 @@ def decode_tensors(encs: list[EncodedTensor], verify: bool = False) -> list[torc
         pred = base_quant.predict_from_levels(lv, enc.scales, enc.params.group_size, enc.dtype)
         width = bit_width(enc.dtype)
         w = from_ordinal(wrap(to_ordinal(pred).flatten() + r, width), enc.dtype).view(enc.shape)
-        if verify and _checksum(w) != enc.checksum:
+        if verify and tensor_checksum(w) != enc.checksum:
             raise TpdeFormatError(enc.name, "checksum mismatch: the decoded weight differs from the original")
         out.append(w)
     return out
