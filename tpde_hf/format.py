@@ -108,3 +108,66 @@ def encode_state_dict(state_dict: dict[str, torch.Tensor], weights: Iterable[str
 def read_encoded(state_dict: dict[str, torch.Tensor], prefix: str) -> EncodedTensor:
     """Validated :class:`EncodedTensor` for ``prefix``, named after its original weight."""
     return EncodedTensor.from_state_dict(state_dict, prefix, name=f"{prefix}.weight")
+
+
+# ==================================================================== manifest and repo files
+MANIFEST_FORMAT_VERSION = 1
+CONVERSION_REPORT_NAME = "tpde_conversion.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# safetensors header dtype strings <-> torch dtype names (as written in the manifest).
+SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+    "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+    "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+CODEC_DTYPES = ("bfloat16", "float16", "float32")  # the source dtypes the codec accepts
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``'bfloat16'`` (the spelling used in the manifest and configs)."""
+    return str(dtype).replace("torch.", "")
+
+
+def manifest_entry(dtype: str, shape: Iterable[int], checksum: int, encoded: bool) -> dict:
+    """One ``tensors`` entry of ``tpde_manifest.json`` (``checksum`` is :func:`tensor_checksum`)."""
+    return {"dtype": dtype, "shape": [int(s) for s in shape], "checksum": int(checksum), "encoded": bool(encoded)}
+
+
+def make_manifest(entries: dict[str, dict]) -> dict:
+    """The whole manifest: ``{"format_version": 1, "tensors": {original_name: entry}}``, names sorted."""
+    return {"format_version": MANIFEST_FORMAT_VERSION, "tensors": {k: entries[k] for k in sorted(entries)}}
+
+
+def validate_manifest(manifest: object, source: str = MANIFEST_NAME) -> dict[str, dict]:
+    """Check a parsed manifest's structure; return its ``tensors`` mapping.
+
+    Raises :class:`~tpde_hf.errors.TpdeFormatError` naming ``source`` and the faulty entry.
+
+    Example::
+
+        tensors = validate_manifest(json.loads(Path(repo, MANIFEST_NAME).read_text()))
+    """
+    from tpde_hf.errors import TpdeFormatError
+
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
+        raise TpdeFormatError(source, "not a tpde manifest (expected an object with a 'tensors' mapping)")
+    version = manifest.get("format_version")
+    if version != MANIFEST_FORMAT_VERSION:
+        raise TpdeFormatError(
+            source, f"manifest format_version {version!r} unsupported (expected {MANIFEST_FORMAT_VERSION})"
+        )
+    for name, e in manifest["tensors"].items():
+        ok = (
+            isinstance(e, dict)
+            and isinstance(e.get("dtype"), str)
+            and isinstance(e.get("shape"), list)
+            and all(isinstance(s, int) and s >= 0 for s in e["shape"])
+            and isinstance(e.get("checksum"), int)
+            and isinstance(e.get("encoded"), bool)
+        )
+        if not ok:
+            raise TpdeFormatError(source, f"malformed manifest entry for {name!r}: {e!r}")
+    return manifest["tensors"]

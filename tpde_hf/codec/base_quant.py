@@ -94,7 +94,9 @@ def levels(base: BaseTensors, shape: tuple[int, int], group_size: int) -> torch.
     return q - z.repeat_interleave(group_size, dim=1)[:, :in_f]
 
 
-def predict_from_levels(levels_: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def predict_from_levels(
+    levels_: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     """``P = dtype(float32(c) * float32(scale))``: one exact multiply, one rounding cast."""
     s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, : levels_.shape[1]]
     return (levels_.to(torch.float32) * s).to(dtype)

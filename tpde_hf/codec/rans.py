@@ -81,62 +81,73 @@ def decode_luts(freq: torch.Tensor, prob_bits: int) -> tuple[torch.Tensor, torch
     return torch.from_numpy(step), sym.flatten()
 
 
-def encode_lanes(
-    sym: torch.Tensor, ctx: torch.Tensor, freq: torch.Tensor, prob_bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode ``sym[steps, lanes]`` under ``ctx[steps, lanes]`` (identity context = padding).
-
-    Returns ``(final_states, words_per_lane, words)``, with ``words`` concatenated lane by lane in
-    decoder order. The step loop runs in numpy: at a few thousand lanes its per-call overhead is a
-    third of torch's.
-    """
+def element_tables(freq: torch.Tensor, ctx: torch.Tensor, sym: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Frequency and cumulative frequency of every element's symbol, as uint32 arrays like ``ctx``."""
     n_sym = freq.shape[1]
     cum = torch.cumsum(freq, dim=1) - freq
     flat = (ctx * n_sym + sym).numpy()
-    f_all = freq.numpy().ravel().take(flat)
-    c_all = cum.numpy().ravel().take(flat)
-    # x_max = ((STATE_LOW >> prob_bits) << WORD_BITS) * f; floor(x / f) is exact in float64 for x < 2**32.
-    xmax_all = f_all << (32 - prob_bits)
-    f_float = f_all.astype(np.float64)
-    steps, lanes = flat.shape
-    x = np.full(lanes, STATE_LOW, dtype=np.int64)
-    words = np.empty((steps, lanes), dtype=np.int64)
+    return freq.numpy().astype(np.uint32).ravel().take(flat), cum.numpy().astype(np.uint32).ravel().take(flat)
+
+
+def encode_lanes(
+    f_all: np.ndarray, c_all: np.ndarray, prob_bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode lanes given every element's symbol frequency ``f_all[steps, lanes]`` and start ``c_all``.
+
+    Padding positions carry ``f = 2**prob_bits, c = 0`` (the identity context). Returns
+    ``(final_states, words_per_lane, words)``, with ``words`` concatenated lane by lane in decoder
+    order. The loop runs in numpy uint32: at a few thousand lanes its per-call overhead is a third
+    of torch's, and the rANS invariants keep every intermediate below ``2**32``.
+    """
+    steps, lanes = f_all.shape
+    # Renormalize when x >= x_max = ((STATE_LOW >> prob_bits) << 16) * f. Compare against x_max - 1
+    # in wrapping uint32: a symbol of frequency 2**prob_bits (x_max = 2**32) then never renormalizes.
+    xmax_m1 = (f_all << np.uint32(32 - prob_bits)) - np.uint32(1)
+    x = np.full(lanes, STATE_LOW, dtype=np.uint32)
+    qf = np.empty(lanes, dtype=np.float64)
+    words = np.empty((steps, lanes), dtype=np.uint16)
     emitted = np.empty((steps, lanes), dtype=bool)
-    q = np.empty(lanes, dtype=np.int64)
+    q = np.empty(lanes, dtype=np.uint32)
+    pb, wb = np.uint32(prob_bits), np.uint32(WORD_BITS)
     for e in range(steps - 1, -1, -1):
-        f = f_all[e]
         emit = emitted[e]
-        np.greater_equal(x, xmax_all[e], out=emit)
-        np.bitwise_and(x, WORD_MASK, out=words[e])
-        np.right_shift(x, WORD_BITS * emit, out=x)
-        q[:] = x / f_float[e]  # correctly rounded, so exact multiples never round down
-        x -= q * f
-        x += (q << prob_bits) + c_all[e]
-    emitted_t = torch.from_numpy(emitted).t()
-    return torch.from_numpy(x), emitted_t.sum(dim=1), torch.from_numpy(words).t()[emitted_t]
+        np.greater(x, xmax_m1[e], out=emit)
+        np.copyto(words[e], x, casting="unsafe")  # low 16 bits
+        np.right_shift(x, wb * emit, out=x)
+        # float64 division is correctly rounded, so exact multiples never round down.
+        np.divide(x, f_all[e], out=qf)
+        np.copyto(q, qf, casting="unsafe")
+        x -= q * f_all[e]
+        x += c_all[e]
+        x += q << pb
+    lane_words = words.T[emitted.T]  # lane-major, ascending steps: the decoder's reading order
+    return (
+        torch.from_numpy(x.astype(np.int64)),
+        torch.from_numpy(emitted.sum(axis=0).astype(np.int64)),
+        torch.from_numpy(lane_words.astype(np.int64)),
+    )
 
 
 def decode_lanes(
-    ctx: torch.Tensor,
+    ctx_base: np.ndarray,
     states: torch.Tensor,
     word_start: torch.Tensor,
     words: torch.Tensor,
-    step_lut: torch.Tensor,
+    step_lut: np.ndarray,
     prob_bits: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the decoder over ``ctx[steps, lanes]`` (context indices into ``step_lut``).
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Run the decoder; ``ctx_base[steps, lanes]`` (uint32) is each element's ``ctx << prob_bits``.
 
     ``words`` must end with one sentinel entry so that a clamped read past the end is harmless.
     Returns ``(lut_index[steps, lanes], final_states, final_word_pointers)``: the symbols are
     ``sym_lut[lut_index]``; callers check that the states equal ``STATE_LOW`` and the pointers
     the lane ends. All loop arithmetic is uint32, which the rANS invariants keep in range.
     """
-    steps, lanes = ctx.shape
+    steps, lanes = ctx_base.shape
     mask = np.uint32((1 << prob_bits) - 1)
     last = words.numel() - 1
-    lut = step_lut.numpy()
+    lut = step_lut
     words_n = words.numpy().astype(np.uint32)
-    ctx_base = (ctx << prob_bits).numpy().astype(np.uint32)
     x = states.numpy().astype(np.uint32)
     ptr = word_start.numpy().astype(np.int64)
     out = np.empty((steps, lanes), dtype=np.uint32)
@@ -164,7 +175,7 @@ def decode_lanes(
         x |= w
         ptr += need
     return (
-        torch.from_numpy(out.astype(np.int64)),
+        out,
         torch.from_numpy(x.astype(np.int64)),
         torch.from_numpy(ptr),
     )

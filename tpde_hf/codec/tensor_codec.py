@@ -37,7 +37,7 @@ import zstandard
 
 from tpde_hf.codec import base_quant, bitpack, rans
 from tpde_hf.codec.ordinal import CODE_DTYPES, DTYPE_CODES, bit_width, check_dtype, from_ordinal, to_ordinal, wrap
-from tpde_hf.codec.symbols import SymbolSpec, from_symbols, symbol_tables, to_symbols
+from tpde_hf.codec.symbols import SymbolSpec, symbol_tables, to_symbols
 from tpde_hf.errors import TpdeFormatError
 
 FORMAT_VERSION = 1
@@ -273,9 +273,28 @@ def tensor_checksum(weight: torch.Tensor) -> int:
 
 
 # ==================================================================== encode
-def encode_tensor(weight: torch.Tensor, params: CodecParams | None = None, name: str = "tensor") -> EncodedTensor:
-    """Encode a 2-D bf16/fp16/fp32 weight into 4-bit base + lossless delta."""
-    params = params or CodecParams()
+#: Lanes of several tensors run through one rANS loop while their elements stay under this bound:
+#: a few thousand lanes per numpy call amortize its overhead; more only costs memory.
+BATCH_ELEMENTS = 1 << 24
+
+
+@dataclass
+class _Prepared:
+    """Everything an encode needs before the rANS loop, for one tensor."""
+
+    name: str
+    weight: torch.Tensor
+    params: CodecParams
+    base: base_quant.BaseTensors
+    freq: torch.Tensor
+    layout: LaneLayout
+    f_all: np.ndarray
+    c_all: np.ndarray
+    raw: torch.Tensor
+    nraw: torch.Tensor
+
+
+def _prepare(weight: torch.Tensor, params: CodecParams, name: str) -> _Prepared:
     params.validate(name)
     check_dtype(weight.dtype, name)
     if weight.dim() != 2 or weight.numel() == 0:
@@ -290,35 +309,42 @@ def encode_tensor(weight: torch.Tensor, params: CodecParams | None = None, name:
     lv = base_quant.levels(base, shape, g)
     pred = base_quant.predict_from_levels(lv, base.scales, g, weight.dtype)
     r = wrap(to_ordinal(weight) - to_ordinal(pred), width).flatten()
+    del pred
     sym, raw, nraw = to_symbols(r, spec)
+    del r
     ctx = lv.abs().flatten().to(torch.int64)
-    del r, pred
-
     counts = torch.bincount(ctx * spec.n_symbols + sym, minlength=N_CONTEXTS * spec.n_symbols)
     freq = rans.quantize_frequencies(counts.view(N_CONTEXTS, spec.n_symbols), params.prob_bits)
     layout = LaneLayout.for_numel(weight.numel(), params.lane_len)
-    states, n_words, words = rans.encode_lanes(
-        layout.to_matrix(sym, 0),
-        layout.to_matrix(ctx, N_CONTEXTS),
+    f_all, c_all = rans.element_tables(
         rans.with_identity_context(freq, params.prob_bits),
-        params.prob_bits,
+        layout.to_matrix(ctx, N_CONTEXTS),
+        layout.to_matrix(sym, 0),
     )
-    nraw_m = layout.to_matrix(nraw, 0)
-    offsets, n_raw = _raw_offsets(nraw_m)
-    raw_words = bitpack.pack_fields(layout.to_matrix(raw, 0).flatten(), nraw_m.flatten(), offsets.flatten(), int(n_raw.sum()))
+    return _Prepared(name, weight, params, base, freq, layout, f_all, c_all,
+                     layout.to_matrix(raw, 0), layout.to_matrix(nraw, 0))
 
+
+def _finish(prep: _Prepared, states: torch.Tensor, n_words: torch.Tensor, words: torch.Tensor) -> EncodedTensor:
+    offsets, n_raw = _raw_offsets(prep.nraw)
+    raw_words = bitpack.pack_fields(prep.raw.flatten(), prep.nraw.flatten(), offsets.flatten(), int(n_raw.sum()))
     word_bytes = np.zeros(2 * -(-words.numel() // 2), dtype="<u2")
     word_bytes[: words.numel()] = words.numpy()
     payload = word_bytes.tobytes() + raw_words.numpy().astype("<u4").tobytes()
     lanes = torch.stack((states, n_words | (n_raw << 16)), dim=1)
     lanes = torch.where(lanes >= 1 << 31, lanes - (1 << 32), lanes).to(torch.int32)
-    table_bytes = zstandard.ZstdCompressor(level=19).compress(freq.numpy().astype("<u2").tobytes())
+    table_bytes = zstandard.ZstdCompressor(level=19).compress(prep.freq.numpy().astype("<u2").tobytes())
     return EncodedTensor(
-        name=name, dtype=weight.dtype, shape=shape, params=params, checksum=tensor_checksum(weight),
-        qweight=base.qweight, scales=base.scales, zeros=base.zeros,
-        delta=torch.frombuffer(bytearray(payload), dtype=torch.uint8),
-        lanes=lanes, tables=torch.frombuffer(bytearray(table_bytes), dtype=torch.uint8), _freq=freq,
+        name=prep.name, dtype=prep.weight.dtype, shape=tuple(prep.weight.shape), params=prep.params,
+        checksum=tensor_checksum(prep.weight),
+        qweight=prep.base.qweight, scales=prep.base.scales, zeros=prep.base.zeros,
+        delta=_bytes_tensor(payload),
+        lanes=lanes, tables=_bytes_tensor(table_bytes), _freq=prep.freq,
     )
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
 
 def _raw_offsets(nraw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +352,59 @@ def _raw_offsets(nraw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     per_lane = nraw.sum(dim=0)
     lane_start = torch.cumsum(per_lane, 0) - per_lane
     return lane_start[None, :] + torch.cumsum(nraw, 0) - nraw, per_lane
+
+
+def _pad_steps(a: np.ndarray, steps: int, value: int) -> np.ndarray:
+    if a.shape[0] == steps:
+        return a
+    pad = np.full((steps - a.shape[0], a.shape[1]), value, dtype=a.dtype)
+    return np.concatenate((a, pad))
+
+
+def _batches(items: list, numel, key) -> list[list]:
+    """Group consecutive items with equal ``key`` into batches of at most ``BATCH_ELEMENTS``."""
+    batches: list[list] = []
+    size = 0
+    for item in items:
+        if batches and key(batches[-1][0]) == key(item) and size + numel(item) <= BATCH_ELEMENTS:
+            batches[-1].append(item)
+            size += numel(item)
+        else:
+            batches.append([item])
+            size = numel(item)
+    return batches
+
+
+def encode_tensors(weights: dict[str, torch.Tensor], params: CodecParams | None = None) -> dict[str, EncodedTensor]:
+    """Encode several 2-D weights, running their rANS lanes together (much faster on small tensors).
+
+    Example: ``encode_tensors({"q.weight": wq, "k.weight": wk})["q.weight"].nbytes()``.
+    """
+    params = params or CodecParams()
+    out: dict[str, EncodedTensor] = {}
+    names = list(weights)
+    for batch in _batches(names, lambda n: weights[n].numel(), lambda n: 0):
+        preps = [_prepare(weights[n], params, n) for n in batch]
+        steps = max(p.layout.steps for p in preps)
+        ident = 1 << params.prob_bits
+        f_all = np.concatenate([_pad_steps(p.f_all, steps, ident) for p in preps], axis=1)
+        c_all = np.concatenate([_pad_steps(p.c_all, steps, 0) for p in preps], axis=1)
+        states, n_words, words = rans.encode_lanes(f_all, c_all, params.prob_bits)
+        del f_all, c_all
+        lane0, word0 = 0, 0
+        for p in preps:
+            lanes = slice(lane0, lane0 + p.layout.n_lanes)
+            nw = n_words[lanes]
+            total = int(nw.sum())
+            out[p.name] = _finish(p, states[lanes], nw, words[word0 : word0 + total])
+            lane0 += p.layout.n_lanes
+            word0 += total
+    return out
+
+
+def encode_tensor(weight: torch.Tensor, params: CodecParams | None = None, name: str = "tensor") -> EncodedTensor:
+    """Encode a 2-D bf16/fp16/fp32 weight into 4-bit base + lossless delta."""
+    return encode_tensors({name: weight}, params)[name]
 
 
 # ==================================================================== decode
@@ -336,75 +415,74 @@ def decode_tensor(enc: EncodedTensor, verify: bool = False) -> torch.Tensor:
 
 def decode_tensors(encs: list[EncodedTensor], verify: bool = False) -> list[torch.Tensor]:
     """Decode several weights in one vectorized pass over all their lanes (faster on small tensors)."""
-    if not encs:
-        return []
-    preds, deltas = [], []
-    for enc, sym, raw_words, offs in _decode_symbols(encs):
-        nraw_tab = symbol_tables(enc.spec)[1]
-        nraw = nraw_tab[sym]
-        _, _, n_raw = enc.lane_fields()
-        if not torch.equal(nraw.sum(dim=0), n_raw):
-            raise TpdeFormatError(enc.name, "raw-bit stream does not match the decoded symbols (corrupt delta)")
-        raw = bitpack.read_fields(raw_words, nraw.flatten(), (offs + torch.cumsum(nraw, 0) - nraw).flatten())
-        deltas.append(from_symbols(sym.flatten()[: enc.numel], raw[: enc.numel], enc.spec))
-        preds.append(enc)
-    out = []
-    for enc, r in zip(preds, deltas):
+    out: list[torch.Tensor] = []
+    for batch in _batches(list(encs), lambda e: e.numel, lambda e: e.params.prob_bits):
+        out.extend(_decode_batch(batch, verify))
+    return out
+
+
+def _lane_luts(enc: EncodedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ``(ctx, slot)``: the rANS step entry, the symbol's value bits and its raw bit count."""
+    step_lut, sym_lut = rans.decode_luts(rans.with_identity_context(enc.frequencies(), enc.params.prob_bits),
+                                         enc.params.prob_bits)
+    base_u, nraw = symbol_tables(enc.spec)
+    return step_lut.numpy(), base_u[sym_lut].numpy(), nraw[sym_lut].numpy().astype(np.uint8)
+
+
+def _decode_batch(encs: list[EncodedTensor], verify: bool) -> list[torch.Tensor]:
+    pb = encs[0].params.prob_bits
+    steps = max(e.layout.steps for e in encs)
+    ctx_rows, step_luts, ubase_luts, nraw_luts, states, starts, word_streams, raw_streams, levels = (
+        [], [], [], [], [], [], [], [], [])
+    ctx_offset, word_base = 0, 0
+    for enc in encs:
         lv = base_quant.levels(enc.base, enc.shape, enc.params.group_size)
+        levels.append(lv)
+        ctx = enc.layout.to_matrix(lv.abs().flatten(), N_CONTEXTS).numpy().astype(np.uint32)
+        ctx_rows.append(_pad_steps((ctx + np.uint32(ctx_offset)) << np.uint32(pb), steps,
+                                   (ctx_offset + N_CONTEXTS) << pb))
+        ctx_offset += N_CONTEXTS + 1
+        luts = _lane_luts(enc)
+        step_luts.append(luts[0])
+        ubase_luts.append(luts[1])
+        nraw_luts.append(luts[2])
+        st, n_words, _ = enc.lane_fields()
+        words, raw_words = enc.split_delta()
+        states.append(st)
+        starts.append(word_base + torch.cumsum(n_words, 0) - n_words)
+        word_streams.append(words)
+        raw_streams.append(raw_words)
+        word_base += words.numel()
+    lut_index, final_x, final_ptr = rans.decode_lanes(
+        np.concatenate(ctx_rows, axis=1), torch.cat(states), torch.cat(starts),
+        torch.cat(word_streams + [torch.zeros(1, dtype=torch.int64)]), np.concatenate(step_luts), pb,
+    )
+    ubase_lut, nraw_lut = np.concatenate(ubase_luts), np.concatenate(nraw_luts)
+    out = []
+    col = 0
+    for enc, lv, start, raw_words in zip(encs, levels, starts, raw_streams, strict=False):
+        lanes = slice(col, col + enc.layout.n_lanes)
+        col = lanes.stop
+        _, n_words, n_raw = enc.lane_fields()
+        if not bool((final_x[lanes] == rans.STATE_LOW).all()) or not torch.equal(final_ptr[lanes], start + n_words):
+            raise TpdeFormatError(enc.name, "delta stream failed its lane check (corrupt or truncated delta)")
+        idx = lut_index[: enc.layout.steps, lanes]
+        nraw = nraw_lut.take(idx).astype(np.int64)
+        if not np.array_equal(nraw.sum(axis=0), n_raw.numpy()):
+            raise TpdeFormatError(enc.name, "raw-bit stream does not match the decoded symbols (corrupt delta)")
+        lane_start = np.cumsum(n_raw.numpy()) - n_raw.numpy()
+        offsets = np.cumsum(nraw, axis=0)
+        offsets += lane_start[None, :] - nraw
+        u = ubase_lut.take(idx).ravel()[: enc.numel]
+        u |= bitpack.read_fields_np(raw_words.numpy(), nraw.ravel()[: enc.numel], offsets.ravel()[: enc.numel])
+        r = torch.from_numpy(u)
+        r = (r >> 1) ^ -(r & 1)
         pred = base_quant.predict_from_levels(lv, enc.scales, enc.params.group_size, enc.dtype)
-        width = bit_width(enc.dtype)
-        w = from_ordinal(wrap(to_ordinal(pred).flatten() + r, width), enc.dtype).view(enc.shape)
+        w = from_ordinal(wrap(to_ordinal(pred).flatten() + r, bit_width(enc.dtype)), enc.dtype).view(enc.shape)
         if verify and tensor_checksum(w) != enc.checksum:
             raise TpdeFormatError(enc.name, "checksum mismatch: the decoded weight differs from the original")
         out.append(w)
     return out
-
-
-def _decode_symbols(encs: list[EncodedTensor]):
-    """Run the rANS lanes of all ``encs`` together; yields ``(enc, symbols[steps, lanes], raw_words, lane_raw_start)``."""
-    max_steps = max(e.layout.steps for e in encs)
-    ctx_cols, step_luts, sym_luts, states, word_streams, starts, lane_counts = [], [], [], [], [], [], []
-    word_base, ctx_base = 0, 0
-    for enc in encs:
-        lay = enc.layout
-        pb = enc.params.prob_bits
-        lv = base_quant.levels(enc.base, enc.shape, enc.params.group_size)
-        ctx = lay.to_matrix(lv.abs().flatten().to(torch.int64), N_CONTEXTS)
-        ctx = torch.nn.functional.pad(ctx, (0, 0, 0, max_steps - lay.steps), value=N_CONTEXTS)
-        ctx_cols.append(ctx + ctx_base)
-        freq = rans.with_identity_context(enc.frequencies(), pb)
-        step_lut, sym_lut = rans.decode_luts(freq, pb)
-        step_luts.append(step_lut)
-        sym_luts.append(sym_lut)
-        ctx_base += N_CONTEXTS + 1
-        st, n_words, _ = enc.lane_fields()
-        words, _ = enc.split_delta()
-        states.append(st)
-        starts.append(word_base + torch.cumsum(n_words, 0) - n_words)
-        word_streams.append(words)
-        word_base += words.numel()
-        lane_counts.append(lay.n_lanes)
-    pbs = {e.params.prob_bits for e in encs}
-    if len(pbs) != 1:  # the shared LUT indexing assumes one probability scale
-        return [item for e in encs for item in _decode_symbols([e])]
-    pb = pbs.pop()
-    words = torch.cat(word_streams + [torch.zeros(1, dtype=torch.int64)])
-    start = torch.cat(starts)
-    lut_index, final_x, final_ptr = rans.decode_lanes(
-        torch.cat(ctx_cols, dim=1), torch.cat(states), start, words, torch.cat(step_luts), pb
-    )
-    sym = torch.cat(sym_luts)[lut_index]
-    results = []
-    col = 0
-    for enc, n, st in zip(encs, lane_counts, starts):
-        sl = slice(col, col + n)
-        col += n
-        _, n_words, n_raw = enc.lane_fields()
-        if not bool((final_x[sl] == rans.STATE_LOW).all()) or not torch.equal(final_ptr[sl], st + n_words):
-            raise TpdeFormatError(enc.name, "delta stream failed its lane check (corrupt or truncated delta)")
-        _, raw_words = enc.split_delta()
-        results.append((enc, sym[: enc.layout.steps, sl], raw_words, (torch.cumsum(n_raw, 0) - n_raw)[None, :]))
-    return results
 
 
 # ==================================================================== inspect
