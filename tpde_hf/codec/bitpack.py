@@ -42,7 +42,11 @@ def read_fields_np(words: np.ndarray, widths: np.ndarray, offsets: np.ndarray) -
     padded = np.concatenate((words.astype(np.uint64), np.zeros(2, dtype=np.uint64)))
     k = np.minimum(offsets >> 5, padded.size - 2)
     window = padded.take(k)
-    window |= padded.take(k + 1) << np.uint64(32)
+    k += 1
+    window |= padded.take(k) << np.uint64(32)
     window >>= (offsets & 31).astype(np.uint64)
-    window &= (np.uint64(1) << widths.astype(np.uint64)) - np.uint64(1)
-    return window.astype(np.int64)
+    window &= _LOW_MASKS.take(widths)
+    return window.view(np.int64)
+
+
+_LOW_MASKS = (np.uint64(1) << np.arange(64, dtype=np.uint64)) - np.uint64(1)

@@ -108,6 +108,7 @@ class EncodedTensor:
     lanes: torch.Tensor
     tables: torch.Tensor
     _freq: torch.Tensor | None = field(default=None, repr=False)
+    _luts: tuple | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- derived views
     @property
@@ -422,67 +423,81 @@ def decode_tensors(encs: list[EncodedTensor], verify: bool = False) -> list[torc
 
 
 def _lane_luts(enc: EncodedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per ``(ctx, slot)``: the rANS step entry, the symbol's value bits and its raw bit count."""
-    step_lut, sym_lut = rans.decode_luts(rans.with_identity_context(enc.frequencies(), enc.params.prob_bits),
-                                         enc.params.prob_bits)
-    base_u, nraw = symbol_tables(enc.spec)
-    return step_lut.numpy(), base_u[sym_lut].numpy(), nraw[sym_lut].numpy().astype(np.uint8)
+    """Per ``(ctx, slot)``: the rANS step entry, the symbol's value bits and its raw bit count.
+
+    Cached on the tensor: a layer decoded at every forward builds its tables once.
+    """
+    if enc._luts is None:
+        pb = enc.params.prob_bits
+        step_lut, sym_lut = rans.decode_luts(rans.with_identity_context(enc.frequencies(), pb), pb)
+        base_u, nraw = symbol_tables(enc.spec)
+        enc._luts = (step_lut.numpy(), base_u[sym_lut].numpy(), nraw[sym_lut].numpy().astype(np.uint8))
+    return enc._luts
 
 
 def _decode_batch(encs: list[EncodedTensor], verify: bool) -> list[torch.Tensor]:
+    """Decode tensors with equal ``prob_bits``: one rANS loop over all lanes, then per-tensor rebuild."""
     pb = encs[0].params.prob_bits
     steps = max(e.layout.steps for e in encs)
-    ctx_rows, step_luts, ubase_luts, nraw_luts, states, starts, word_streams, raw_streams, levels = (
-        [], [], [], [], [], [], [], [], [])
+    ctx_rows, step_luts, states, starts, word_streams, levels = [], [], [], [], [], []
     ctx_offset, word_base = 0, 0
     for enc in encs:
         lv = base_quant.levels(enc.base, enc.shape, enc.params.group_size)
         levels.append(lv)
         ctx = enc.layout.to_matrix(lv.abs().flatten(), N_CONTEXTS).numpy().astype(np.uint32)
-        ctx_rows.append(_pad_steps((ctx + np.uint32(ctx_offset)) << np.uint32(pb), steps,
-                                   (ctx_offset + N_CONTEXTS) << pb))
+        ctx += np.uint32(ctx_offset)
+        ctx <<= np.uint32(pb)
+        ctx_rows.append(_pad_steps(ctx, steps, (ctx_offset + N_CONTEXTS) << pb))
         ctx_offset += N_CONTEXTS + 1
-        luts = _lane_luts(enc)
-        step_luts.append(luts[0])
-        ubase_luts.append(luts[1])
-        nraw_luts.append(luts[2])
+        step_luts.append(_lane_luts(enc)[0])
         st, n_words, _ = enc.lane_fields()
-        words, raw_words = enc.split_delta()
+        words, _ = enc.split_delta()
         states.append(st)
         starts.append(word_base + torch.cumsum(n_words, 0) - n_words)
         word_streams.append(words)
-        raw_streams.append(raw_words)
         word_base += words.numel()
     lut_index, final_x, final_ptr = rans.decode_lanes(
         np.concatenate(ctx_rows, axis=1), torch.cat(states), torch.cat(starts),
         torch.cat(word_streams + [torch.zeros(1, dtype=torch.int64)]), np.concatenate(step_luts), pb,
     )
-    ubase_lut, nraw_lut = np.concatenate(ubase_luts), np.concatenate(nraw_luts)
+    del ctx_rows
     out = []
-    col = 0
-    for enc, lv, start, raw_words in zip(encs, levels, starts, raw_streams, strict=False):
+    col, lut_base = 0, 0
+    for enc, lv, start in zip(encs, levels, starts, strict=True):
         lanes = slice(col, col + enc.layout.n_lanes)
         col = lanes.stop
         _, n_words, n_raw = enc.lane_fields()
         if not bool((final_x[lanes] == rans.STATE_LOW).all()) or not torch.equal(final_ptr[lanes], start + n_words):
             raise TpdeFormatError(enc.name, "delta stream failed its lane check (corrupt or truncated delta)")
-        idx = lut_index[: enc.layout.steps, lanes]
-        nraw = nraw_lut.take(idx).astype(np.int64)
-        if not np.array_equal(nraw.sum(axis=0), n_raw.numpy()):
-            raise TpdeFormatError(enc.name, "raw-bit stream does not match the decoded symbols (corrupt delta)")
-        lane_start = np.cumsum(n_raw.numpy()) - n_raw.numpy()
-        offsets = np.cumsum(nraw, axis=0)
-        offsets += lane_start[None, :] - nraw
-        u = ubase_lut.take(idx).ravel()[: enc.numel]
-        u |= bitpack.read_fields_np(raw_words.numpy(), nraw.ravel()[: enc.numel], offsets.ravel()[: enc.numel])
-        r = torch.from_numpy(u)
-        r = (r >> 1) ^ -(r & 1)
+        _, ubase_lut, nraw_lut = _lane_luts(enc)
+        idx = lut_index[: enc.layout.steps, lanes] - np.uint32(lut_base)
+        lut_base += (N_CONTEXTS + 1) << pb
+        r = _deltas(enc, idx, ubase_lut, nraw_lut, n_raw.numpy())
         pred = base_quant.predict_from_levels(lv, enc.scales, enc.params.group_size, enc.dtype)
         w = from_ordinal(wrap(to_ordinal(pred).flatten() + r, bit_width(enc.dtype)), enc.dtype).view(enc.shape)
         if verify and tensor_checksum(w) != enc.checksum:
             raise TpdeFormatError(enc.name, "checksum mismatch: the decoded weight differs from the original")
         out.append(w)
     return out
+
+
+def _deltas(enc: EncodedTensor, idx: np.ndarray, ubase_lut: np.ndarray, nraw_lut: np.ndarray,
+            n_raw: np.ndarray) -> torch.Tensor:
+    """Deltas ``r`` in flat element order from the decoded LUT indices ``idx[steps, lanes]``."""
+    nraw = nraw_lut.take(idx)
+    # Offsets fit int32 unless a tensor carries over 2**31 raw bits (about 2*10**8 elements).
+    off_t = np.int32 if idx.size * enc.spec.max_raw_bits < 1 << 31 else np.int64
+    offsets = np.cumsum(nraw, axis=0, dtype=off_t)
+    if not np.array_equal(offsets[-1], n_raw):
+        raise TpdeFormatError(enc.name, "raw-bit stream does not match the decoded symbols (corrupt delta)")
+    offsets += (np.cumsum(n_raw) - n_raw).astype(off_t)[None, :]
+    offsets -= nraw
+    n = enc.numel
+    _, raw_words = enc.split_delta()
+    u = ubase_lut.take(idx.ravel()[:n])
+    u |= bitpack.read_fields_np(raw_words.numpy(), nraw.ravel()[:n], offsets.ravel()[:n])
+    r = torch.from_numpy(u)
+    return (r >> 1) ^ -(r & 1)
 
 
 # ==================================================================== inspect

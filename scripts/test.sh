@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite, Triton kernels under the CPU interpreter included.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"` for the fast subset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+python -m pytest -q -ra "$@"
