@@ -93,6 +93,12 @@ def test_flipped_base_bit_is_caught(stored):
     expect_error(with_(stored, "scales", scales), "checksum mismatch")
 
 
+def test_non_finite_scale_is_refused(stored):
+    scales = stored["p.scales"].clone()
+    scales[0, 0] = float("inf")
+    expect_error(with_(stored, "scales", scales), "inf or NaN")
+
+
 def test_lane_state_out_of_range_is_refused(stored):
     lanes = stored["p.lanes"].clone()
     lanes[0, 0] = 5

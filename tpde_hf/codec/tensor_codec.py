@@ -221,6 +221,9 @@ class EncodedTensor:
             t = getattr(self, key)
             if t.dtype != torch.uint8 or t.dim() != 1:
                 raise TpdeFormatError(name, f"{key} must be a 1-D uint8 tensor, got {t.dtype}{list(t.shape)}")
+        if not bool(torch.isfinite(self.scales).all()):
+            # The encoder never writes one; a crafted inf/NaN scale would decode to device-dependent NaN bits.
+            raise TpdeFormatError(name, "scales contain inf or NaN")
         states, n_words, n_raw = self.lane_fields()
         steps = self.layout.steps
         if bool(((states < rans.STATE_LOW) | (states >= 1 << 32)).any()):

@@ -1,0 +1,418 @@
+"""The Triton kernels and their launchers (imported lazily: only when a Triton path runs).
+
+GPU design
+----------
+**Decode (shared by reconstruct and the fused GEMV).** One program owns ``BLOCK_L`` consecutive
+lanes and keeps their rANS states, word pointers and raw-bit pointers in registers for the whole
+lane (``steps`` iterations). At step ``e`` lane ``j`` decodes element ``e * n_lanes + j``, so the
+block covers ``BLOCK_L`` *consecutive* elements: the base loads (context, scale), the ``x`` loads
+of the GEMV and the output stores are all coalesced. The row/column of each lane's element advance
+by a constant per step (``n_lanes = dr * in + dc``), so no division runs in the loop. Per step and
+lane: one gather from ``step_lut`` on the serial chain (``x -> slot -> lut -> x``), one 16-bit
+word load, one gather from ``sym_lut`` and at most two 32-bit raw loads. Everything that does not
+depend on the state is issued a step ahead (the next element's base, the next word), so a step's
+latency is the table gather plus a few integer operations.
+
+What bounds it: a weight has ``numel / lane_len`` independent chains of ``lane_len`` dependent
+steps (16,384 chains of 1,024 steps for 4096x4096 at the default lane length, about 4 warps per
+SM on an H100), so the decode is latency-bound; and at ``prob_bits = 12`` the step table is
+17 x 4096 x 4 bytes, larger than L1, so most gathers go to L2. ``lane_len = 256`` (4x the chains,
++0.16 bit/weight on MiniLM) and ``prob_bits = 10`` (a 70 KB table, +0.02 bit/weight) are both
+encoder choices within format version 1.
+
+**Reconstruct** then writes the element's source bits. The prediction ``P = c * scale`` is exact in
+float32; the cast to the source dtype is the only rounding. bf16 rounds with integer arithmetic
+(round-to-nearest-even), because Triton's interpreter truncates float32 -> bfloat16 while the GPU
+rounds: written out, both give the CPU's bits.
+
+**Fused GEMV (decode, batch 1..16)** multiplies each decoded element by ``x[:, col]`` and reduces
+the block per output row (a block spans at most ``ROWS`` rows), then adds the per-row partial sums
+into a float32 ``[M, out]`` buffer with atomics. The split over lanes is a split-K: a row's
+``in`` elements are decoded by ``in / BLOCK_L`` programs. A deterministic partial-sum buffer would
+cost ``8 / BLOCK_L`` bytes per weight per batch row of extra traffic; atomics keep it in L2.
+Float32 atomics make the summation order (and so the last bits of ``y``) vary between runs: this
+path is "equal to ``F.linear`` within matmul tolerance", never bit-exact.
+
+**Prefill (large batch)** does *not* fuse: the decode costs the same whatever the batch, and a
+fused GEMM would have to re-decode every weight tile once per ``M`` tile (rANS lanes run the whole
+height of the weight, so a tile cannot be decoded alone). Reconstructing once into a scratch buffer
+and calling cuBLAS costs one decode plus a bf16 write/read of the weight, small next to the
+``O(M * out * in)`` matmul, and the result is bit-identical to the dense model.
+
+**Base-only 4-bit matmul** is a tiled ``tl.dot`` GEMM that dequantizes a ``[BLOCK_N, G]`` weight
+tile per K step (one group per tile: a row of the tile shares one scale and zero, so those loads
+hit the cache), rounding ``P`` to the source dtype exactly as ``base_weight`` does. Above
+``BASE_FUSED_MAX_ROWS`` rows it dequantizes once and calls cuBLAS instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tpde_hf.codec.ordinal import DTYPE_CODES
+from tpde_hf.errors import TpdeFormatError
+from tpde_hf.triton_kernels.packed import IDENTITY_CONTEXT, SYM_HI_BITS, PackedWeight
+
+# Constants the kernels read (Triton wants module globals as constexpr).
+_BF16: tl.constexpr = tl.constexpr(DTYPE_CODES[torch.bfloat16])
+_FP16: tl.constexpr = tl.constexpr(DTYPE_CODES[torch.float16])
+_FP32: tl.constexpr = tl.constexpr(DTYPE_CODES[torch.float32])
+_IDENTITY: tl.constexpr = tl.constexpr(IDENTITY_CONTEXT)
+_HI_BITS: tl.constexpr = tl.constexpr(SYM_HI_BITS)
+_HI_MASK: tl.constexpr = tl.constexpr((1 << SYM_HI_BITS) - 1)
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+#: Lanes per program. 64 lanes = 2 warps of one lane per thread: enough programs to spread over
+#: the SMs for a 4096x4096 weight (16,384 lanes -> 256 programs) with the default lane length.
+BLOCK_LANES = 64
+#: Batch rows per program of the fused GEMV (more rows re-launch over row chunks).
+FUSED_BLOCK_M = 16
+
+
+def interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+# ============================================================================ device helpers
+@triton.jit
+def _bits_from_f32(v, CODE: tl.constexpr):
+    """Round float32 ``v`` to the dtype ``CODE``; its bit pattern as uint32.
+
+    bfloat16 rounds to nearest even in integer arithmetic (NaN -> 0x7FC0, as torch does).
+    """
+    if CODE == _BF16:
+        b = v.to(tl.uint32, bitcast=True)
+        return tl.where(v != v, 0x7FC0, (b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    elif CODE == _FP16:
+        return v.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        return v.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _f32_from_bits(b, CODE: tl.constexpr):
+    """Bit pattern (uint32) of dtype ``CODE`` -> its exact float32 value."""
+    if CODE == _BF16:
+        return (b << 16).to(tl.float32, bitcast=True)
+    elif CODE == _FP16:
+        return b.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row64, col, mask, q_stride, s_stride, z_stride,
+                 G: tl.constexpr):
+    """``(c = q - zero, scale as float32)`` of the elements at ``(row, col)`` (nibbles low first)."""
+    qb = tl.load(qweight_ptr + row64 * q_stride + (col >> 1), mask=mask, other=0).to(tl.int32)
+    g = col // G
+    zb = tl.load(zeros_ptr + row64 * z_stride + (g >> 1), mask=mask, other=0).to(tl.int32)
+    s = tl.load(scales_ptr + row64 * s_stride + g, mask=mask, other=0.0).to(tl.float32)
+    return ((qb >> ((col & 1) * 4)) & 15) - ((zb >> ((g & 1) * 4)) & 15), s
+
+
+@triton.jit
+def _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride, z_stride,
+             G: tl.constexpr):
+    """``(c, scale, valid)`` of the element each lane decodes next: its context and prediction inputs."""
+    valid = lane_ok & (row < out_f)
+    c, s = _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row.to(tl.int64), col, valid, q_stride, s_stride,
+                        z_stride, G)
+    return c, s, valid
+
+
+@triton.jit
+def _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr, step_lut_ptr, sym_lut_ptr, n_words,
+                 n_raw_words, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr):
+    """One rANS step of a block of lanes; returns the new lane registers and the element's bits.
+
+    ``x`` (uint32) is the state, ``word`` the (already loaded) word at ``wptr``, ``rpos`` the next
+    raw bit. Invalid elements (past the end, or lanes not owned) take the identity context, which
+    leaves the state unchanged and reads nothing.
+    """
+    ctx = tl.where(valid, tl.abs(c), _IDENTITY)
+    idx = (ctx << PB) | (x & ((1 << PB) - 1)).to(tl.int32)
+    # The serial chain: x -> slot -> step_lut -> x (-> renormalize with the preloaded word).
+    p = tl.load(step_lut_ptr + idx).to(tl.uint32, bitcast=True)
+    x = (x >> PB) * (p & 0xFFFF) + (p >> 16)
+    need = x < 65536
+    x = tl.where(need, (x << 16) | word, x)
+    wptr += need.to(wptr.dtype)
+    # Preload the next word now, so that its latency overlaps the next step's table lookup.
+    word = tl.load(words_ptr + wptr, mask=wptr < n_words, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    # Off the chain: the symbol's value bits and its raw low bits (64-bit window, LSB first).
+    info = tl.load(sym_lut_ptr + idx).to(tl.int32)
+    hi = (info & _HI_MASK).to(tl.uint32)
+    nraw = info >> _HI_BITS
+    k = rpos >> 5
+    has = nraw > 0
+    lo_w = tl.load(raw_ptr + k, mask=has & (k < n_raw_words), other=0).to(tl.uint32, bitcast=True)
+    hi_w = tl.load(raw_ptr + k + 1, mask=has & (k + 1 < n_raw_words), other=0).to(tl.uint32, bitcast=True)
+    window = lo_w.to(tl.uint64) | (hi_w.to(tl.uint64) << 32)
+    raw = (window >> (rpos & 31).to(tl.uint64)) & ((tl.full(nraw.shape, 1, tl.uint64) << nraw.to(tl.uint64)) - 1)
+    rpos += nraw.to(rpos.dtype)
+    u = (hi << nraw.to(tl.uint32)) | raw.to(tl.uint32)
+    # r = unzigzag(u); W = ord^-1(ord(P) + r), all modulo 2**WIDTH (ord is an involution on bits).
+    r = (u >> 1) ^ (0 - (u & 1))
+    pbits = _bits_from_f32(c.to(tl.float32) * s, CODE)
+    MAG: tl.constexpr = (1 << (WIDTH - 1)) - 1
+    o = (pbits ^ ((pbits >> (WIDTH - 1)) * MAG)) + r
+    if WIDTH == 16:
+        o = o & 0xFFFF
+    wbits = o ^ ((o >> (WIDTH - 1)) * MAG)
+    return x, word, wptr, rpos, wbits
+
+
+@triton.jit
+def _lane_setup(lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words,
+                BLOCK_L: tl.constexpr):
+    """Registers of the program's lanes: state, first word (loaded), pointers, first element."""
+    lanes = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    lane_ok = lanes < n_lanes
+    x = tl.load(lane_state_ptr + lanes, mask=lane_ok, other=65536).to(tl.uint32, bitcast=True)
+    wptr = tl.load(word_start_ptr + lanes, mask=lane_ok, other=0)
+    word = tl.load(words_ptr + wptr, mask=lane_ok & (wptr < n_words), other=0).to(tl.uint16, bitcast=True)
+    rpos = tl.load(raw_start_ptr + lanes, mask=lane_ok, other=0)
+    row = lanes // in_f
+    return lanes, lane_ok, x, word.to(tl.uint32), wptr, rpos, row, lanes - row * in_f
+
+
+# ============================================================================ kernels
+# Both decode kernels walk each lane's elements n_lanes apart: d_row rows and d_col columns on
+# (n_lanes = d_row * in + d_col), so the loop needs no division. The next element's base is loaded
+# one step ahead, off the rANS chain.
+@triton.jit
+def _reconstruct_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr, words_ptr, raw_ptr, lane_state_ptr, word_start_ptr, raw_start_ptr,
+    step_lut_ptr, sym_lut_ptr, out_ptr, final_ptr,
+    out_f, in_f, n_lanes, steps, d_row, d_col, q_stride, s_stride, z_stride, n_words, n_raw_words,
+    G: tl.constexpr, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr,
+    BLOCK_L: tl.constexpr, CHECK: tl.constexpr,
+):
+    lanes, lane_ok, x, word, wptr, rpos, row, col = _lane_setup(
+        lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words, BLOCK_L)
+    c, s, valid = _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride,
+                           z_stride, G)
+    for _ in range(steps):
+        col_n = col + d_col
+        wrapped = col_n >= in_f
+        col_n = tl.where(wrapped, col_n - in_f, col_n)
+        row_n = row + d_row + wrapped.to(tl.int32)
+        c_n, s_n, valid_n = _element(qweight_ptr, scales_ptr, zeros_ptr, row_n, col_n, lane_ok, out_f, q_stride,
+                                     s_stride, z_stride, G)
+        x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
+                                                  step_lut_ptr, sym_lut_ptr, n_words, n_raw_words, PB, WIDTH, CODE)
+        dst = out_ptr + row.to(tl.int64) * in_f + col
+        if WIDTH == 16:
+            tl.store(dst, wbits.to(tl.uint16).to(tl.int16, bitcast=True), mask=valid)
+        else:
+            tl.store(dst, wbits.to(tl.int32, bitcast=True), mask=valid)
+        row, col, c, s, valid = row_n, col_n, c_n, s_n, valid_n
+    if CHECK:
+        tl.store(final_ptr + lanes, x.to(tl.int64), mask=lane_ok)
+        tl.store(final_ptr + n_lanes + lanes, wptr.to(tl.int64), mask=lane_ok)
+        tl.store(final_ptr + 2 * n_lanes + lanes, rpos.to(tl.int64), mask=lane_ok)
+
+
+@triton.jit
+def _fused_gemv_kernel(
+    x_ptr, y_ptr,
+    qweight_ptr, scales_ptr, zeros_ptr, words_ptr, raw_ptr, lane_state_ptr, word_start_ptr, raw_start_ptr,
+    step_lut_ptr, sym_lut_ptr,
+    M, x_stride, out_f, in_f, n_lanes, steps, d_row, d_col, q_stride, s_stride, z_stride, n_words, n_raw_words,
+    G: tl.constexpr, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+):
+    lanes, lane_ok, x, word, wptr, rpos, row, col = _lane_setup(
+        lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words, BLOCK_L)
+    c, s, valid = _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride,
+                           z_stride, G)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    r_idx = tl.arange(0, ROWS)
+    for _ in range(steps):
+        col_n = col + d_col
+        wrapped = col_n >= in_f
+        col_n = tl.where(wrapped, col_n - in_f, col_n)
+        row_n = row + d_row + wrapped.to(tl.int32)
+        c_n, s_n, valid_n = _element(qweight_ptr, scales_ptr, zeros_ptr, row_n, col_n, lane_ok, out_f, q_stride,
+                                     s_stride, z_stride, G)
+        xv = tl.load(x_ptr + m[:, None].to(tl.int64) * x_stride + col[None, :],
+                     mask=m_ok[:, None] & valid[None, :], other=0.0).to(tl.float32)
+        x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
+                                                  step_lut_ptr, sym_lut_ptr, n_words, n_raw_words, PB, WIDTH, CODE)
+        w = _f32_from_bits(wbits, CODE)
+        if XCODE != CODE:  # the weight in x's dtype, as F.linear(x, W.to(x.dtype)) sees it
+            w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
+        prod = tl.where(valid[None, :], xv * w[None, :], 0.0)  # [BLOCK_M, BLOCK_L]
+        # Segmented sum per output row: the block's elements are consecutive, so they span the rows
+        # first_row .. first_row + ROWS - 1. A `where`, not a one-hot product: inf * 0 is NaN.
+        first_row = tl.min(tl.where(valid, row, 2147483647), axis=0)
+        rel = row - first_row
+        sel = (rel[:, None] == r_idx[None, :]) & valid[:, None]  # [BLOCK_L, ROWS]
+        part = tl.sum(tl.where(sel[None, :, :], prod[:, :, None], 0.0), axis=1)  # [BLOCK_M, ROWS]
+        used = tl.max(tl.where(valid, rel, -1), axis=0)
+        dst = y_ptr + m[:, None].to(tl.int64) * out_f + first_row + r_idx[None, :]
+        tl.atomic_add(dst, part, mask=m_ok[:, None] & (r_idx[None, :] <= used), sem="relaxed")
+        row, col, c, s, valid = row_n, col_n, c_n, s_n, valid_n
+
+
+@triton.jit
+def _base_weight_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr, out_ptr, out_f, in_f, q_stride, s_stride, z_stride,
+    G: tl.constexpr, CODE: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < out_f) & (cols[None, :] < in_f)
+    row64 = rows[:, None].to(tl.int64)
+    c, s = _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row64, cols[None, :], mask, q_stride, s_stride,
+                        z_stride, G)
+    bits = _bits_from_f32(c.to(tl.float32) * s, CODE)
+    dst = out_ptr + row64 * in_f + cols[None, :]
+    if WIDTH == 16:
+        tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(dst, bits.to(tl.int32, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _base_matmul_kernel(
+    x_ptr, y_ptr, bias_ptr, qweight_ptr, scales_ptr, zeros_ptr,
+    M, N, K, x_stride, q_stride, s_stride, z_stride,
+    G: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """``y[M, N] = x[M, K] @ P[N, K].T (+ bias)``; one K step per quantization group."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, G):  # one group per K step: its scale and zero are shared
+        rk = k0 + tl.arange(0, G)
+        k_ok = rk < K
+        xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * x_stride + rk[None, :],
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        c, s = _level_scale(qweight_ptr, scales_ptr, zeros_ptr, rn64[:, None], rk[None, :],
+                            n_ok[:, None] & k_ok[None, :], q_stride, s_stride, z_stride, G)
+        w = _f32_from_bits(_bits_from_f32(c.to(tl.float32) * s, CODE), CODE)
+        if XCODE != CODE:
+            w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
+        w = tl.where(n_ok[:, None] & k_ok[None, :], w, 0.0)
+        if DOT_F32:  # fp32 sources, and the interpreter (its dot cannot read bfloat16)
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    bits = _bits_from_f32(acc, XCODE)
+    dst = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if XCODE == _FP32:
+        tl.store(dst, bits.to(tl.int32, bitcast=True), mask=mask)
+    else:
+        tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+
+
+# ============================================================================ launchers
+def _lane_args(pw: PackedWeight) -> tuple:
+    """Tensor and scalar arguments shared by the decode kernels."""
+    out_f, in_f = pw.shape
+    return (
+        (pw.qweight, pw.scales, pw.zeros, pw.words, pw.raw, pw.lane_state, pw.word_start, pw.raw_start,
+         pw.step_lut, pw.sym_lut),
+        (out_f, in_f, pw.n_lanes, pw.steps, pw.n_lanes // in_f, pw.n_lanes % in_f,
+         pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0), pw.words.numel(), pw.raw.numel()),
+    )
+
+
+def _check_final(pw: PackedWeight, final: torch.Tensor) -> None:
+    x, wptr, rpos = final.view(3, pw.n_lanes)
+    ok = bool((x == 1 << 16).all()) and torch.equal(wptr, pw.word_start[1:].to(torch.int64)) and torch.equal(
+        rpos, pw.raw_start[1:].to(torch.int64))
+    if not ok:
+        raise TpdeFormatError(pw.name, "delta stream failed its lane check (corrupt or truncated delta)")
+
+
+def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, check: bool = False) -> torch.Tensor:
+    """The exact weight (one launch). ``check`` verifies every lane's end state (one device sync)."""
+    pw.require_delta()
+    if out is None:
+        out = torch.empty(pw.shape, dtype=pw.dtype, device=pw.device)
+    _check_out(pw, out)
+    tensors, scalars = _lane_args(pw)
+    final = torch.empty(3 * pw.n_lanes if check else 1, dtype=torch.int64, device=pw.device)
+    grid = (triton.cdiv(pw.n_lanes, BLOCK_LANES),)
+    _reconstruct_kernel[grid](
+        *tensors, out.view(_INT_VIEW[pw.dtype]), final, *scalars,
+        G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype],
+        BLOCK_L=BLOCK_LANES, CHECK=check, num_warps=BLOCK_LANES // 32,
+    )
+    if check:
+        _check_final(pw, final)
+    return out
+
+
+def fused_linear(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """``x2[M, in] @ W.T`` in float32 (no bias, not rounded), ``W`` decoded in registers only."""
+    pw.require_delta()
+    out_f, in_f = pw.shape
+    m = x2.shape[0]
+    y = torch.zeros((m, out_f), dtype=torch.float32, device=pw.device)
+    if m == 0:
+        return y
+    tensors, scalars = _lane_args(pw)
+    rows = triton.next_power_of_2((BLOCK_LANES - 1) // in_f + 2)  # rows a block of elements can span
+    block_m = min(FUSED_BLOCK_M, triton.next_power_of_2(m))
+    grid = (triton.cdiv(pw.n_lanes, BLOCK_LANES), triton.cdiv(m, block_m))
+    _fused_gemv_kernel[grid](
+        x2, y, *tensors, m, x2.stride(0), *scalars,
+        G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype],
+        BLOCK_L=BLOCK_LANES, BLOCK_M=block_m, ROWS=rows, num_warps=BLOCK_LANES // 32,
+    )
+    return y
+
+
+def base_weight(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    out_f, in_f = pw.shape
+    if out is None:
+        out = torch.empty(pw.shape, dtype=pw.dtype, device=pw.device)
+    _check_out(pw, out)
+    # The interpreter's cost is per program, not per element: big tiles there.
+    block_r, block_c = (256, 1024) if interpreting() else (16, 128)
+    grid = (triton.cdiv(out_f, block_r), triton.cdiv(in_f, block_c))
+    _base_weight_kernel[grid](
+        pw.qweight, pw.scales, pw.zeros, out.view(_INT_VIEW[pw.dtype]), out_f, in_f,
+        pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
+        G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], WIDTH=pw.width, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return out
+
+
+def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2[M, in] @ P.T + bias`` in x's dtype, dequantizing 4-bit tiles on the fly."""
+    out_f, in_f = pw.shape
+    m = x2.shape[0]
+    y = torch.empty((m, out_f), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y
+    block_m = 16 if m <= 16 else 64
+    block_n = 32 if m <= 16 else 64  # small batches: more programs over N to fill the GPU
+    grid = (triton.cdiv(m, block_m), triton.cdiv(out_f, block_n))
+    _base_matmul_kernel[grid](
+        x2, y.view(_INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros,
+        m, out_f, in_f, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
+        G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=interpreting() or x2.dtype == torch.float32,
+    )
+    return y
+
+
+def _check_out(pw: PackedWeight, out: torch.Tensor) -> None:
+    if out.shape != pw.shape or out.dtype != pw.dtype or not out.is_contiguous() or out.device != pw.device:
+        raise ValueError(f"out must be a contiguous {pw.dtype} tensor of shape {list(pw.shape)} on {pw.device}")
+
+
