@@ -1,0 +1,626 @@
+"""``convert``: any model (local folder, Hub repo, ``.bin``, GGUF) to a verified tpde repo.
+
+Pipeline (all inside a hidden sibling folder ``.<out>.tpde-partial``, moved into place at the end):
+
+1. resolve the source; re-save ``.bin`` / GGUF weights as safetensors ("staging");
+2. read the safetensors headers only, and decide from the architecture (built on the ``meta``
+   device) which tensors are ``nn.Linear`` weights to convert;
+3. encode in tasks of a few million weights, in worker processes; each task writes its own file,
+   reads it back, decodes it and compares bits with the source; a journal records finished tasks
+   so ``resume=True`` continues an interrupted run;
+4. stream everything into output shards (one tensor in memory at a time), re-read each shard and
+   compare every tensor's bytes with what was verified; write ``config.json`` (with
+   ``quantization_config``), ``tpde_manifest.json``, the model card, and the carried files;
+5. rename the folder into place (atomic), optionally push it to the Hub.
+
+Example::
+
+    from tpde_hf.conversion import convert
+    report = convert("HuggingFaceTB/SmolLM2-135M", "smollm2-tpde", group_size=64)
+    print(report.summary_table())
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from tpde_hf.codec import CodecParams
+from tpde_hf.conversion.errors import ConversionError, VerificationError
+from tpde_hf.conversion.memory import peak_rss, reset_peak
+from tpde_hf.conversion.report import ClassSizes, ConversionReport, tensor_class
+from tpde_hf.conversion.selection import ModelLayout, Selection, load_layout, select_tensors
+from tpde_hf.conversion.sources import Source, resolve_source, stage_weights
+from tpde_hf.conversion.streaming import ShardWriter, TensorInfo, iter_bytes, read_header, verify_file_hashes
+from tpde_hf.conversion.worker import EncodeTask, TaskResult, TensorResult, init_worker, run_task
+from tpde_hf.errors import TpdeFormatError
+from tpde_hf.format import (
+    CODEC_DTYPES,
+    CONFIG_NAME,
+    CONVERSION_REPORT_NAME,
+    MANIFEST_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SUFFIXES,
+    make_manifest,
+    manifest_entry,
+    module_prefix,
+    quantization_config_dict,
+)
+
+logger = logging.getLogger("tpde_hf.conversion")
+
+TASK_ELEMENTS = 1 << 20  # weights per encode task: small tensors are batched up to this (a tensor is never split)
+PARALLEL_MIN_BYTES = 48 * 1024 * 1024  # below this, worker start-up (~3 s each) costs more than it saves
+STATE_NAME = "state.json"
+JOURNAL_NAME = "journal.jsonl"
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def partial_dir(output_dir: str | os.PathLike) -> Path:
+    """Where an unfinished conversion of ``output_dir`` lives: a hidden sibling folder."""
+    out = Path(output_dir).absolute()
+    return out.parent / f".{out.name}.tpde-partial"
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000; ``"500MiB"`` -> 524_288_000; ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"cannot parse size {size!r} (examples: 5GB, 500MB, 2GiB)")
+    unit = 1024 if m[3] else 1000
+    return int(float(m[1]) * unit ** " KMGT".index(m[2].upper() or " "))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _Run:
+    """Mutable state of one conversion, passed between the stages."""
+
+    src: Source
+    out: Path
+    partial: Path
+    params: CodecParams
+    report: ConversionReport
+    infos: list[TensorInfo]
+    selection: Selection
+    layout: ModelLayout | None
+
+
+def convert(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    group_size: int = 128,
+    keep_dense: Iterable[str] = ("lm_head",),
+    include: str | None = None,
+    exclude: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    verify: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    push_revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+    max_shard_size: int | str = "5GB",
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+    codec_params: CodecParams | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    on_tensor: Callable[[TensorResult], None] | None = None,
+) -> ConversionReport:
+    """Convert ``source`` into a verified tpde repo at ``output_dir``; optionally push it.
+
+    Args:
+        source: a local HF model folder (safetensors, sharded or not, or ``.bin``), a ``.gguf`` file,
+            or a Hub repo id (downloaded through the huggingface_hub cache).
+        output_dir: the repo folder to create. Refused if it exists, unless ``overwrite``.
+        revision, token: Hub revision and token of the source (token: default lookup when None).
+        group_size: 4-bit group size (32, 64 or 128).
+        keep_dense: module names (or dotted suffixes) never converted. A tied ``lm_head`` always stays dense.
+        include, exclude: regular expressions on module names, to narrow the conversion.
+        workers: worker processes (default: all cores, or 1 for small models).
+        overwrite: replace an existing ``output_dir`` (only once the new repo is complete).
+        resume: continue an interrupted conversion of the same source with the same options.
+        verify: decode every converted tensor and compare it bit for bit with the source (default on).
+        push_to_hub: a repo id to push the finished folder to (see :func:`push_to_hub` for the rest).
+        dtype: for GGUF sources only, the dtype to dequantize to (default float32, exact). Other
+            sources keep each tensor's stored dtype: this is a lossless format.
+        gguf_file: which GGUF file of a folder or Hub repo to convert.
+        max_shard_size: output shard size limit (``"5GB"``).
+        base_model: the Hub id written as ``base_model`` in the card (default: the source repo id).
+        trust_remote_code: allow custom-code architectures (only built on the meta device, never run).
+        codec_params: full codec parameters (overrides ``group_size``).
+        endpoint, cache_dir: Hub endpoint and cache for the source download.
+        on_tensor: called in this process after each tensor is encoded and verified (progress hook;
+            raising from it aborts the run, which ``resume=True`` can continue).
+
+    Returns:
+        a :class:`ConversionReport` (also saved as ``tpde_conversion.json`` in the repo).
+
+    Raises:
+        ConversionError: bad source, existing output, mismatched resume, unreadable files.
+        VerificationError: a decoded tensor differs from its source (nothing is moved into place).
+
+    Example::
+
+        report = convert("./llama-folder", "./llama-tpde", exclude=r"\\.k_proj$", workers=2)
+        assert report.verified
+    """
+    t_start = time.perf_counter()
+    reset_peak()
+    out = Path(output_dir).expanduser().absolute()
+    partial = partial_dir(out)
+    params = codec_params or CodecParams(group_size=group_size)
+    try:
+        params.validate()
+    except TpdeFormatError as exc:
+        raise ConversionError(f"invalid codec parameters: {exc}") from None
+    dtype_t = _parse_dtype(dtype)
+    _check_output(out, overwrite)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    src = resolve_source(source, revision=revision, token=token, gguf_file=gguf_file, endpoint=endpoint,
+                         cache_dir=cache_dir)
+    _check_not_inside(src, out)
+    if dtype_t is not None and src.weight_format != "gguf":
+        raise ConversionError(
+            f"{src.spec}: dtype= only applies to GGUF sources; a {src.weight_format} source keeps its stored dtypes "
+            "(tpde is lossless: the original is what you convert)"
+        )
+    options = {
+        "codec": vars(params), "keep_dense": sorted(keep_dense or ()), "include": include, "exclude": exclude,
+        "dtype": str(dtype_t) if dtype_t else None, "max_shard_size": parse_size(max_shard_size),
+    }
+    state = {"source": src.fingerprint(), "options": options}
+    _prepare_partial(partial, state, resume)
+    src = stage_weights(src, partial / "staging", dtype=dtype_t)
+    seconds["source"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    infos = _read_headers(src.weight_files)
+    # Start worker processes now: their start-up (importing torch) overlaps the planning below.
+    n_workers = _choose_workers(workers, _estimate_encode_bytes(infos))
+    pool = _Pool(n_workers) if n_workers > 1 else None
+    try:
+        layout = _layout_or_none(src, include, trust_remote_code)
+        selection = select_tensors(infos, layout, keep_dense=keep_dense, include=include, exclude=exclude)
+        if not selection.encoded:
+            reasons = ", ".join(f"{n} {r}" for r, n in selection.reasons().items())
+            raise ConversionError(f"{src.spec}: no tensor selected for conversion ({reasons})")
+        report = ConversionReport(
+            source=src.spec, output=str(out), source_kind=src.kind, repo_id=src.repo_id, commit=src.commit,
+            architecture=layout.architecture if layout else None, source_dtype=selection.source_dtype,
+            group_size=params.group_size, codec=vars(params), modules_to_not_convert=selection.modules_to_not_convert,
+            dense_linears=selection.dense_linears,
+            dense_reasons=selection.reasons(), warnings=list(src.warnings), workers=n_workers,
+        )
+        run = _Run(src, out, partial, params, report, infos, selection, layout)
+        seconds["plan"] = time.perf_counter() - t
+        # Memory of the streaming stages is measured from here: imports, the meta model and any
+        # GGUF dequantization are done, and reported apart as the planning peak.
+        report.plan_peak_rss_bytes = peak_rss()
+        report.baseline_rss_bytes = baseline = reset_peak()
+
+        t = time.perf_counter()
+        results, task_files = _encode(run, pool, verify, on_tensor)
+        seconds["encode_verify"] = time.perf_counter() - t
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    t = time.perf_counter()
+    stage = partial / "out"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    manifest = _assemble(run, results, task_files, stage, options["max_shard_size"])
+    seconds["assemble"] = time.perf_counter() - t
+    report.verified = verify
+    report.verified_tensors = sum(r.verified for r in results.values())
+    if verify and report.verified_tensors != len(selection.encoded):
+        raise VerificationError(f"{out}: only {report.verified_tensors}/{len(selection.encoded)} tensors verified")
+
+    report.peak_rss_bytes = max(report.peak_rss_bytes, peak_rss())
+    report.peak_above_baseline_bytes = max(report.peak_above_baseline_bytes, report.peak_rss_bytes - baseline)
+    report.total_peak_rss_bytes = report.peak_rss_bytes + report.workers * report.worker_peak_rss_bytes * (
+        report.workers > 1)
+    t = time.perf_counter()
+    seconds["total"] = time.perf_counter() - t_start  # provisional: the card shows the report
+    report.seconds = seconds
+    _write_metadata(run, stage, manifest, base_model, push_to_hub)
+    _move_into_place(stage, out, partial)
+    seconds["finalize"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+    logger.info("converted %s -> %s", src.spec, out)
+
+    if push_to_hub:
+        from tpde_hf.conversion.hub import push_to_hub as _push
+
+        try:
+            _push(out, push_to_hub, token=token, private=private, revision=push_revision, create_pr=create_pr,
+                  commit_message=commit_message, endpoint=endpoint)
+        except ConversionError as exc:
+            raise type(exc)(f"{out} is converted and verified, but the push failed: {exc} -- retry with "
+                            f"`tpde push {out} {push_to_hub}`") from exc
+        report.pushed_to = push_to_hub
+    return report
+
+
+# ==================================================================== preparation
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConversionError(f"dtype {dtype} not supported (bfloat16, float16 or float32)")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConversionError(f"dtype {dtype!r} not supported (bfloat16, float16 or float32)") from None
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it "
+                              "(the old folder is kept until the new repo is complete)")
+
+
+def _check_not_inside(src: Source, out: Path) -> None:
+    folder = src.folder.resolve()
+    target = out.resolve()
+    if target == folder or folder.is_relative_to(target):
+        raise ConversionError(f"{out}: the output folder would replace the source folder {folder}")
+
+
+def _prepare_partial(partial: Path, state: dict, resume: bool) -> None:
+    state_file = partial / STATE_NAME
+    if partial.exists():
+        old = None
+        try:
+            old = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            pass
+        if resume:
+            if old is None:
+                raise ConversionError(f"{partial}: unfinished conversion without a readable {STATE_NAME}; "
+                                      "delete this folder to start over")
+            diff = [k for k in ("source", "options") if old.get(k) != state[k]]
+            if diff:
+                detail = {k: {"before": old.get(k), "now": state[k]} for k in diff}
+                raise ConversionError(
+                    f"{partial}: cannot resume, the {' and '.join(diff)} changed since the interrupted run: "
+                    f"{json.dumps(detail)}. Rerun with the same source and options, or without resume to start over."
+                )
+            logger.info("resuming the conversion in %s", partial)
+            return
+        logger.warning("discarding an unfinished conversion in %s (pass resume=True / --resume to continue it)",
+                       partial)
+        shutil.rmtree(partial)
+    elif resume:
+        logger.info("nothing to resume in %s; starting a new conversion", partial)
+    partial.mkdir(parents=True)
+    state_file.write_text(json.dumps(state, indent=1))
+
+
+def _read_headers(files: list[Path]) -> list[TensorInfo]:
+    infos: list[TensorInfo] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        for name, info in read_header(f).items():
+            if name in seen:
+                raise ConversionError(f"{f}: tensor {name!r} is also stored in {seen[name]}")
+            seen[name] = f
+            infos.append(info)
+    return infos
+
+
+def _layout_or_none(src: Source, include: str | None, trust_remote_code: bool) -> ModelLayout | None:
+    try:
+        return load_layout(src.folder, trust_remote_code=trust_remote_code)
+    except ConversionError as exc:
+        if include and "already quantized" not in str(exc):
+            msg = f"{exc} -- converting the 2-D weights matched by include={include!r} instead"
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            return None
+        raise
+
+
+# ==================================================================== encode + verify
+def make_tasks(infos: list[TensorInfo], params: CodecParams, folder: Path, verify: bool) -> list[EncodeTask]:
+    """Batch consecutive weights into tasks of about ``TASK_ELEMENTS`` (deterministic, for resume)."""
+    tasks: list[EncodeTask] = []
+    batch: list[TensorInfo] = []
+    size = 0
+    for info in infos:
+        if batch and size + info.numel > TASK_ELEMENTS:
+            tasks.append(EncodeTask(len(tasks), batch, params, folder / f"task-{len(tasks):05d}.safetensors", verify))
+            batch, size = [], 0
+        batch.append(info)
+        size += info.numel
+    if batch:
+        tasks.append(EncodeTask(len(tasks), batch, params, folder / f"task-{len(tasks):05d}.safetensors", verify))
+    return tasks
+
+
+def _load_journal(path: Path, tasks: list[EncodeTask], verify: bool) -> dict[int, TaskResult]:
+    """Finished tasks of an earlier run whose file is still there and whose tensors match."""
+    done: dict[int, TaskResult] = {}
+    if not path.is_file():
+        return done
+    by_index = {t.index: t for t in tasks}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            task = by_index[rec["index"]]
+            res = TaskResult(**{**rec, "tensors": [TensorResult.from_dict(t) for t in rec["tensors"]]})
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from a crash
+        if [t.name for t in res.tensors] != [i.name for i in task.tensors] or not Path(res.out).is_file():
+            continue
+        if verify and not all(t.verified for t in res.tensors):
+            continue  # the earlier run skipped verification: redo it
+        done[task.index] = res
+    return done
+
+
+def _encode(run: _Run, pool: _Pool | None, verify: bool,
+            on_tensor: Callable[[TensorResult], None] | None) -> tuple[dict[str, TensorResult], dict[str, Path]]:
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    by_name = {i.name: i for i in run.infos}
+    enc_infos = [by_name[n] for n in run.selection.encoded]
+    folder = run.partial / "tensors"
+    folder.mkdir(exist_ok=True)
+    tasks = make_tasks(enc_infos, run.params, folder, verify)
+    journal = run.partial / JOURNAL_NAME
+    done = _load_journal(journal, tasks, verify)
+    pending = sorted((t for t in tasks if t.index not in done), key=lambda t: -sum(i.nbytes for i in t.tensors))
+    results: dict[str, TensorResult] = {}
+    task_files: dict[str, Path] = {}
+    for res in done.values():
+        for tr in res.tensors:
+            results[tr.name] = tr
+            task_files[tr.name] = Path(res.out)
+    run.report.resumed_tensors = len(results)
+
+    bar = hf_tqdm(total=sum(i.nbytes for t in tasks for i in t.tensors), initial=sum(r.source_bytes for r in
+                  results.values()), unit="B", unit_scale=True, desc="Encoding + verifying", name="tpde_hf")
+
+    def finished(res: TaskResult) -> None:
+        with open(journal, "a") as f:  # one line per task, flushed: the resume point
+            f.write(json.dumps({**res.__dict__, "tensors": [t.to_dict() for t in res.tensors]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        rep = run.report
+        if res.pid != os.getpid():
+            rep.worker_peak_rss_bytes = max(rep.worker_peak_rss_bytes, res.peak_rss)
+            rep.peak_above_baseline_bytes = max(rep.peak_above_baseline_bytes, res.peak_rss_above_start)
+        else:  # run_task reset this process's peak counter: keep the running maximum here
+            rep.peak_rss_bytes = max(rep.peak_rss_bytes, res.peak_rss)
+            rep.peak_above_baseline_bytes = max(rep.peak_above_baseline_bytes, res.peak_rss - rep.baseline_rss_bytes)
+        for tr in res.tensors:
+            results[tr.name] = tr
+            task_files[tr.name] = Path(res.out)
+            bar.update(tr.source_bytes)
+            if on_tensor is not None:
+                on_tensor(tr)
+
+    try:
+        if pool is None:
+            for task in pending:
+                finished(run_task(task))
+        else:
+            pool.run(pending, finished)
+    finally:
+        bar.close()
+    return results, task_files
+
+
+def _estimate_encode_bytes(infos: list[TensorInfo]) -> int:
+    """Bytes of the matrices that may be converted (an upper bound, known before the architecture is)."""
+    return sum(i.nbytes for i in infos if len(i.shape) == 2 and i.torch_dtype_name in CODEC_DTYPES)
+
+
+def _choose_workers(workers: int | None, encode_bytes: int) -> int:
+    if workers is None:
+        return _cpu_count() if encode_bytes >= PARALLEL_MIN_BYTES else 1
+    if workers < 1:
+        raise ConversionError(f"workers must be >= 1, got {workers}")
+    return int(workers)
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+class _Pool:
+    """Worker processes, started eagerly; tasks are handed out largest first, results taken as they come."""
+
+    def __init__(self, workers: int):
+        threads = max(1, _cpu_count() // workers)
+        # spawn, not fork: forking a process that has used torch's thread pools can deadlock.
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                            initializer=init_worker, initargs=(threads,))
+        self._warm = [self.executor.submit(_ping) for _ in range(workers)]
+
+    def run(self, tasks: list[EncodeTask], finished: Callable[[TaskResult], None]) -> None:
+        futures: set[Future] = {self.executor.submit(run_task, t) for t in tasks}
+        try:
+            while futures:
+                ready, futures = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in ready:
+                    finished(fut.result())
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ==================================================================== assemble
+def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str, Path], stage: Path,
+              max_shard: int) -> dict[str, dict]:
+    """Stream every tensor into output shards; re-read each shard and compare bytes; return the manifest."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    report = run.report
+    encoded = set(run.selection.encoded)
+    headers: dict[Path, dict[str, TensorInfo]] = {}
+    manifest: dict[str, dict] = {}
+    classes: dict[str, ClassSizes] = {}
+    weight_map: dict[str, str] = {}
+    shards: list[Path] = []
+    writer: ShardWriter | None = None
+
+    def close() -> None:
+        nonlocal writer
+        if writer is None:
+            return
+        writer.close()
+        bad = verify_file_hashes(writer.path, writer.hashes)
+        if bad:
+            raise VerificationError(f"{writer.path}: tensors differ after writing: {bad[:5]}", bad)
+        writer = None
+
+    bar = hf_tqdm(total=sum(i.nbytes for i in run.infos), unit="B", unit_scale=True, desc="Writing shards",
+                  name="tpde_hf")
+    try:
+        for info in run.infos:
+            if info.name in encoded:
+                res = results[info.name]
+                tf = task_files[info.name]
+                if tf not in headers:
+                    headers = {tf: read_header(tf)}  # one task file open at a time
+                prefix = module_prefix(info.name)
+                parts = [headers[tf][f"{prefix}.{s}"] for s in SUFFIXES]
+                size = sum(p.nbytes for p in parts)
+            else:
+                parts, size = [], info.nbytes
+            if writer is None or (writer.nbytes and writer.nbytes + size > max_shard):
+                close()
+                shards.append(stage / f"shard-{len(shards):05d}.safetensors")
+                writer = ShardWriter(shards[-1])
+            if info.name in encoded:
+                for p in parts:
+                    got = writer.add_raw(p.name, p.dtype, p.shape, iter_bytes(p))
+                    if got != res.part_hashes[p.name]:
+                        raise VerificationError(f"{tf}: {p.name} changed since it was verified; rerun without resume",
+                                                [p.name])
+                    weight_map[p.name] = shards[-1].name
+                manifest[info.name] = manifest_entry(res.dtype, res.shape, res.checksum, True)
+                classes.setdefault(tensor_class(info.name, True, 2), ClassSizes()).add(
+                    info.numel, info.nbytes, size, res.base_bytes, res.delta_bytes, res.meta_bytes)
+            else:
+                checksum = writer.add_raw(info.name, info.dtype, info.shape, iter_bytes(info))
+                weight_map[info.name] = shards[-1].name
+                manifest[info.name] = manifest_entry(info.torch_dtype_name, info.shape, checksum, False)
+                classes.setdefault(tensor_class(info.name, False, len(info.shape)), ClassSizes()).add(
+                    info.numel, info.nbytes, info.nbytes)
+            if info.nbytes > report.largest_tensor_bytes:
+                report.largest_tensor_bytes, report.largest_tensor = info.nbytes, info.name
+            bar.update(info.nbytes)
+        close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    # Final names are known only now (model-0000i-of-0000n).
+    n = len(shards)
+    names = {s.name: (SAFE_WEIGHTS_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+             for i, s in enumerate(shards)}
+    for s in shards:
+        os.replace(s, stage / names[s.name])
+    total = sum((stage / names[s.name]).stat().st_size for s in shards)
+    if n > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: names[v] for k, v in sorted(weight_map.items())}}
+        (stage / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    report.classes = classes
+    report.n_tensors = len(run.infos)
+    report.n_encoded = len(encoded)
+    report.n_dense = report.n_tensors - report.n_encoded
+    report.source_bytes = sum(i.nbytes for i in run.infos)
+    report.output_bytes = sum(c.output_bytes for c in classes.values())
+    report.n_shards = n
+    return manifest
+
+
+def _write_metadata(run: _Run, stage: Path, manifest: dict[str, dict], base_model: str | None,
+                    repo_id: str | None) -> None:
+    """Carried files, config.json with quantization_config, manifest, report and card (config last)."""
+    from tpde_hf.conversion.card import render_card
+
+    for rel in run.src.carried_files():
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run.src.folder / rel, dst)
+    (stage / MANIFEST_NAME).write_text(dump_manifest(make_manifest(manifest)))
+    card = render_card(run.report, repo_id=repo_id, source_meta=run.src.card_metadata, base_model=base_model)
+    card.save(stage / "README.md")
+    cfg_path = run.src.folder / CONFIG_NAME
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{cfg_path}: unreadable ({exc})") from None
+    dtype = getattr(torch, run.selection.source_dtype or "bfloat16")
+    config["quantization_config"] = quantization_config_dict(run.params, dtype, run.selection.modules_to_not_convert)
+    run.report.output_file_bytes = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
+    (stage / CONVERSION_REPORT_NAME).write_text(run.report.to_json() + "\n")
+    # config.json last: a folder without it cannot be mistaken for a loadable model.
+    (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def dump_manifest(manifest: dict) -> str:
+    """JSON with one line per tensor: readable, and diffs well between conversions."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest["tensors"].items()]
+    body = ",\n".join(lines)
+    return f'{{\n "format_version": {manifest["format_version"]},\n "tensors": {{\n{body}\n }}\n}}\n'
+
+
+def _move_into_place(stage: Path, out: Path, partial: Path) -> None:
+    """Atomic rename of the finished folder; an existing output is replaced only now."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        if any(out.iterdir()):
+            os.replace(out, partial / "replaced")
+        else:
+            out.rmdir()
+    os.replace(stage, out)
+    shutil.rmtree(partial, ignore_errors=True)

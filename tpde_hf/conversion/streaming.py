@@ -1,0 +1,271 @@
+"""Streaming safetensors I/O: read headers and byte ranges, write shards one tensor at a time.
+
+Why not ``safetensors.torch.save_file``: it needs every tensor of a file in memory at once, so
+the peak memory of a conversion would be a whole output shard. :class:`ShardWriter` appends each
+tensor's bytes to a spill file as it arrives and writes the real file (header + data) when the
+shard is closed, so memory stays at one tensor whatever the shard size.
+
+The files written are ordinary safetensors files (tensors ordered by alignment, then name, the
+way ``safetensors`` orders them), readable by ``safe_open`` and ``from_pretrained``.
+
+Example::
+
+    with ShardWriter(Path("out.safetensors")) as w:
+        w.add_tensor("a", torch.ones(3))
+    print(read_header(Path("out.safetensors"))["a"].shape)  # [3]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tpde_hf.errors import TpdeFormatError
+from tpde_hf.format import SAFETENSORS_DTYPES
+
+_CHUNK = 8 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+_TORCH_TO_ST = {getattr(torch, v): k for k, v in SAFETENSORS_DTYPES.items() if hasattr(torch, v)}
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file (``begin``/``end``: absolute file offsets)."""
+
+    name: str
+    dtype: str  # safetensors spelling, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return SAFETENSORS_DTYPES.get(self.dtype, self.dtype.lower())
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header without reading any tensor data; validate offsets against the file.
+
+    Raises :class:`TpdeFormatError` naming ``path`` for a truncated or malformed file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise TpdeFormatError(str(path), "not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise TpdeFormatError(str(path), f"not a safetensors file or truncated (header length {n}, file {size} B)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TpdeFormatError(str(path), f"corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise TpdeFormatError(str(path), "corrupt safetensors header (not an object)")
+    data_start = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise TpdeFormatError(str(path), f"corrupt header entry for {name!r}") from None
+        info = TensorInfo(name, dtype, shape, data_start + int(b), data_start + int(end), path)
+        item = _ITEMSIZE.get(dtype)
+        if info.end > size or info.begin > info.end or (item is not None and info.nbytes != info.numel * item):
+            raise TpdeFormatError(str(path), f"tensor {name!r} lies outside the file or has a wrong size (truncated?)")
+        out[name] = info
+    return out
+
+
+def iter_bytes(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[bytes]:
+    """Yield a tensor's raw bytes in chunks (constant memory)."""
+    with open(info.file, "rb") as f:
+        f.seek(info.begin)
+        left = info.nbytes
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise TpdeFormatError(str(info.file), f"unexpected end of file inside {info.name!r}")
+            left -= len(block)
+            yield block
+
+
+def bytes_checksum(blocks: Iterator[bytes] | list[bytes]) -> int:
+    """Signed 64-bit BLAKE2b of concatenated bytes; equals ``tensor_checksum`` of the same tensor."""
+    h = hashlib.blake2b(digest_size=8)
+    for b in blocks:
+        h.update(b)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes (row-major, native little-endian), without a copy when contiguous."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """torch dtype -> safetensors dtype string."""
+    try:
+        return _TORCH_TO_ST[dtype]
+    except KeyError:
+        raise TpdeFormatError(None, f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def _align(st: str) -> int:
+    return _ITEMSIZE.get(st, 1)
+
+
+class ShardWriter:
+    """Write one safetensors file tensor by tensor, holding at most one tensor in memory.
+
+    Data goes to ``<path>.spill`` as it arrives; :meth:`close` writes ``<path>`` (header, then the
+    data copied in alignment order) and removes the spill file. ``hashes`` maps every written
+    tensor to the :func:`bytes_checksum` of its bytes, for the re-read check after closing.
+
+    Example::
+
+        w = ShardWriter(tmp / "model-00001.safetensors", metadata={"format": "pt"})
+        w.add_tensor("x", torch.zeros(2, 2))
+        w.close()
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._spill_path = self.path.with_name(self.path.name + ".spill")
+        self._spill = open(self._spill_path, "wb")
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, off, len
+        self.hashes: dict[str, int] = {}
+        self.nbytes = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _start(self, name: str) -> None:
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor {name!r} in {self.path.name}")
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor (any dtype safetensors supports)."""
+        self._start(name)
+        data = tensor_bytes(tensor)
+        self._spill.write(data)
+        self._entries[name] = (st_dtype(tensor.dtype), tuple(tensor.shape), self.nbytes, len(data))
+        self.hashes[name] = bytes_checksum([bytes(data)] if len(data) < _CHUNK else _chunks(data))
+        self.nbytes += len(data)
+
+    def add_raw(self, name: str, dtype: str, shape: tuple[int, ...], blocks: Iterator[bytes]) -> int:
+        """Append a tensor given as raw bytes (copied from another safetensors file); returns its checksum."""
+        self._start(name)
+        h = hashlib.blake2b(digest_size=8)
+        n = 0
+        for b in blocks:
+            self._spill.write(b)
+            h.update(b)
+            n += len(b)
+        checksum = int.from_bytes(h.digest(), "little", signed=True)
+        self._entries[name] = (dtype, tuple(shape), self.nbytes, n)
+        self.hashes[name] = checksum
+        self.nbytes += n
+        return checksum
+
+    def close(self) -> None:
+        """Write the final file and remove the spill file."""
+        self._spill.close()
+        order = sorted(self._entries, key=lambda k: (-_align(self._entries[k][0]), k))
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for name in order:
+            dtype, shape, _, n = self._entries[name]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out, open(self._spill_path, "rb") as spill:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for name in order:
+                _, _, off, n = self._entries[name]
+                spill.seek(off)
+                left = n
+                while left:
+                    block = spill.read(min(_CHUNK, left))
+                    out.write(block)
+                    left -= len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        self._spill_path.unlink()
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        self._spill.close()
+        self._spill_path.unlink(missing_ok=True)
+
+
+def _chunks(data: memoryview) -> Iterator[bytes]:
+    for i in range(0, len(data), _CHUNK):
+        yield data[i : i + _CHUNK]
+
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor from its file (a private copy, not an mmap view)."""
+    torch_name = info.torch_dtype_name
+    dtype = getattr(torch, torch_name, None)
+    if dtype is None:
+        raise TpdeFormatError(str(info.file), f"tensor {info.name!r} has unsupported dtype {info.dtype}")
+    buf = bytearray(info.nbytes)
+    with open(info.file, "rb") as f:
+        f.seek(info.begin)
+        if f.readinto(buf) != info.nbytes:
+            raise TpdeFormatError(str(info.file), f"unexpected end of file inside {info.name!r}")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+
+def verify_file_hashes(path: Path, expected: dict[str, int]) -> list[str]:
+    """Re-read a closed file and return the names whose bytes differ from ``expected`` (or are missing)."""
+    header = read_header(path)
+    bad = [name for name in expected if name not in header]
+    for name, info in header.items():
+        if name in expected and bytes_checksum(iter_bytes(info)) != expected[name]:
+            bad.append(name)
+    return bad
+

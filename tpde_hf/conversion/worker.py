@@ -1,0 +1,154 @@
+"""The unit of parallel work: encode a batch of weights, write them, decode them back, compare bits.
+
+A task names its tensors by file and byte range, not by value, so nothing large crosses a process
+boundary: each worker reads its own inputs, writes its own ``tensors/<task>.safetensors`` and
+returns a small result (sizes, checksums, timings). Runs the same in the main process (1 worker)
+or in a ``spawn`` pool.
+
+Example::
+
+    result = run_task(EncodeTask(0, [TensorRef(...)], params, Path("tensors/0.safetensors")))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensor, tensor_checksum, tensor_codec
+from tpde_hf.conversion.memory import peak_rss, reset_peak
+from tpde_hf.conversion.streaming import ShardWriter, TensorInfo, load_tensor, read_header
+from tpde_hf.errors import TpdeFormatError
+from tpde_hf.format import SUFFIXES, module_prefix
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """Encode ``tensors`` (weights in source files) into one file ``out``."""
+
+    index: int
+    tensors: list[TensorInfo]
+    params: CodecParams
+    out: Path
+    verify: bool = True
+
+
+@dataclass
+class TensorResult:
+    """What the main process needs to know about one encoded weight (all small)."""
+
+    name: str  # original weight name, e.g. "model.layers.0.mlp.up_proj.weight"
+    dtype: str  # torch spelling, e.g. "bfloat16"
+    shape: list[int]
+    checksum: int  # tensor_checksum of the original
+    source_bytes: int
+    base_bytes: int
+    delta_bytes: int
+    meta_bytes: int
+    part_hashes: dict[str, int]  # stored key -> checksum of its bytes as written
+    verified: bool
+
+    @property
+    def output_bytes(self) -> int:
+        return self.base_bytes + self.delta_bytes + self.meta_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorResult:
+        return cls(**d)
+
+
+@dataclass
+class TaskResult:
+    index: int
+    out: str
+    tensors: list[TensorResult]
+    seconds: float
+    peak_rss_above_start: int  # bytes this task added to the worker's resident memory at its peak
+    peak_rss: int
+    pid: int
+
+
+def init_worker(threads: int) -> None:
+    """Pool initializer: one intra-op thread per worker process, so workers x threads = cores."""
+    torch.set_num_threads(max(1, threads))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _encode_all(weights: dict[str, torch.Tensor], params: CodecParams) -> dict[str, EncodedTensor]:
+    # ``encode_tensors`` (batched) appeared in the codec after ``encode_tensor``; use it when present.
+    batched = getattr(tensor_codec, "encode_tensors", None)
+    if batched is not None and len(weights) > 1:
+        return batched(weights, params)
+    return {name: encode_tensor(w, params, name) for name, w in weights.items()}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    )
+
+
+def run_task(task: EncodeTask) -> TaskResult:
+    """Encode, write, re-read, decode and compare every weight of ``task``.
+
+    Raises :class:`TpdeFormatError` naming the tensor if a decoded weight differs from its source.
+    """
+    start_rss = reset_peak()
+    t0 = time.perf_counter()
+    weights = {info.name: load_tensor(info) for info in task.tensors}
+    encoded = _encode_all(weights, task.params)
+    tmp = task.out.with_name(task.out.name + ".partial")
+    writer = ShardWriter(tmp, metadata={"tpde_task": str(task.index)})
+    try:
+        for name, enc in encoded.items():
+            for key, t in enc.to_state_dict(module_prefix(name)).items():
+                writer.add_tensor(key, t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    results = []
+    for name, enc in encoded.items():
+        sizes = enc.nbytes()
+        src = weights[name]
+        results.append(
+            TensorResult(
+                name=name, dtype=str(src.dtype).replace("torch.", ""), shape=list(src.shape),
+                checksum=enc.checksum, source_bytes=src.numel() * src.element_size(),
+                base_bytes=sizes["base"], delta_bytes=sizes["delta"], meta_bytes=sizes["meta"],
+                part_hashes={k: writer.hashes[k] for k in writer.hashes if k.startswith(module_prefix(name) + ".")},
+                verified=False,
+            )
+        )
+    del encoded
+    if task.verify:
+        _verify_written(tmp, weights, results)
+    os.replace(tmp, task.out)  # the task file exists only once it has been verified
+    return TaskResult(
+        index=task.index, out=str(task.out), tensors=results, seconds=time.perf_counter() - t0,
+        peak_rss_above_start=max(0, peak_rss() - start_rss), peak_rss=peak_rss(), pid=os.getpid(),
+    )
+
+
+def _verify_written(path: Path, weights: dict[str, torch.Tensor], results: list[TensorResult]) -> None:
+    """Decode what is on disk (not what is in memory) and compare it bit for bit with the source."""
+    header = read_header(path)
+    encs = []
+    for res in results:
+        prefix = module_prefix(res.name)
+        parts = {s: load_tensor(header[f"{prefix}.{s}"]) for s in SUFFIXES}
+        encs.append(EncodedTensor.from_parts(name=res.name, **parts))
+    decoded = decode_tensors(encs, verify=True)
+    for res, enc, w in zip(results, encs, decoded, strict=True):
+        src = weights[res.name]
+        if not _same_bits(w, src) or enc.checksum != tensor_checksum(src):
+            raise TpdeFormatError(res.name, "decoded weight differs from the source (codec bug); nothing was written")
+        res.verified = True
