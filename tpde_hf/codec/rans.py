@@ -81,11 +81,10 @@ def decode_luts(freq: torch.Tensor, prob_bits: int) -> tuple[torch.Tensor, torch
     return torch.from_numpy(step), sym.flatten()
 
 
-def element_tables(freq: torch.Tensor, ctx: torch.Tensor, sym: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Frequency and cumulative frequency of every element's symbol, as uint32 arrays like ``ctx``."""
-    n_sym = freq.shape[1]
+def element_tables(freq: torch.Tensor, ctx_sym: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Frequency and cumulative frequency of each element's ``ctx * n_symbols + symbol``, as uint32."""
     cum = torch.cumsum(freq, dim=1) - freq
-    flat = (ctx * n_sym + sym).numpy()
+    flat = ctx_sym.numpy()
     return freq.numpy().astype(np.uint32).ravel().take(flat), cum.numpy().astype(np.uint32).ravel().take(flat)
 
 

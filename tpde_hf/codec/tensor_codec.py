@@ -298,35 +298,50 @@ class _Prepared:
     nraw: torch.Tensor
 
 
+#: Rows are quantized and symbolized in chunks of about this many elements, so the int64
+#: temporaries of a 10**8-element weight never exist all at once.
+PREPARE_CHUNK_ELEMENTS = 1 << 22
+
+
 def _prepare(weight: torch.Tensor, params: CodecParams, name: str) -> _Prepared:
     params.validate(name)
     check_dtype(weight.dtype, name)
     if weight.dim() != 2 or weight.numel() == 0:
         raise TpdeFormatError(name, f"expected a non-empty 2-D weight, got shape {list(weight.shape)}")
     weight = weight.detach().to("cpu").contiguous()
-    shape = (weight.shape[0], weight.shape[1])
+    out_f, in_f = weight.shape
     width = bit_width(weight.dtype)
     spec = SymbolSpec(params.sym_k, params.sym_m, width)
     g = params.group_size
 
-    base = base_quant.quantize(weight, g)
-    lv = base_quant.levels(base, shape, g)
-    pred = base_quant.predict_from_levels(lv, base.scales, g, weight.dtype)
-    r = wrap(to_ordinal(weight) - to_ordinal(pred), width).flatten()
-    del pred
-    sym, raw, nraw = to_symbols(r, spec)
-    del r
-    ctx = lv.abs().flatten().to(torch.int64)
-    counts = torch.bincount(ctx * spec.n_symbols + sym, minlength=N_CONTEXTS * spec.n_symbols)
+    # Everything up to the symbols is row-local: do it chunk by chunk into compact arrays.
+    rows = max(1, PREPARE_CHUNK_ELEMENTS // in_f)
+    bases, joint, raws, nraws = [], [], [], []
+    counts = torch.zeros(N_CONTEXTS * spec.n_symbols, dtype=torch.int64)
+    for r0 in range(0, out_f, rows):
+        w = weight[r0 : r0 + rows]
+        base = base_quant.quantize(w, g)
+        lv = base_quant.levels(base, (w.shape[0], in_f), g)
+        pred = base_quant.predict_from_levels(lv, base.scales, g, weight.dtype)
+        r = wrap(to_ordinal(w) - to_ordinal(pred), width).flatten()
+        del pred
+        sym, raw, nraw = to_symbols(r, spec)
+        del r
+        ctx_sym = lv.abs().flatten().to(torch.int64) * spec.n_symbols + sym
+        counts += torch.bincount(ctx_sym, minlength=counts.numel())
+        bases.append(base)
+        joint.append(ctx_sym.to(torch.int32))
+        raws.append(raw.to(torch.int32 if width == 16 else torch.int64))
+        nraws.append(nraw.to(torch.uint8))
+    base = base_quant.BaseTensors(*(torch.cat([getattr(b, f) for b in bases]) for f in ("qweight", "scales", "zeros")))
     freq = rans.quantize_frequencies(counts.view(N_CONTEXTS, spec.n_symbols), params.prob_bits)
     layout = LaneLayout.for_numel(weight.numel(), params.lane_len)
     f_all, c_all = rans.element_tables(
         rans.with_identity_context(freq, params.prob_bits),
-        layout.to_matrix(ctx, N_CONTEXTS),
-        layout.to_matrix(sym, 0),
+        layout.to_matrix(torch.cat(joint), N_CONTEXTS * spec.n_symbols),  # pad: identity context, symbol 0
     )
     return _Prepared(name, weight, params, base, freq, layout, f_all, c_all,
-                     layout.to_matrix(raw, 0), layout.to_matrix(nraw, 0))
+                     layout.to_matrix(torch.cat(raws), 0), layout.to_matrix(torch.cat(nraws), 0))
 
 
 def _finish(prep: _Prepared, states: torch.Tensor, n_words: torch.Tensor, words: torch.Tensor) -> EncodedTensor:
