@@ -1,5 +1,8 @@
 """tpde-hf: Hugging Face models stored as a 4-bit base plus a lossless delta."""
 
+from typing import Any
+
+from tpde_hf import _autoregister
 from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensor, decode_tensors, encode_tensor, inspect_tensor
 from tpde_hf.errors import TpdeFormatError
 
@@ -8,9 +11,29 @@ __version__ = "0.1.0"
 __all__ = [
     "CodecParams",
     "EncodedTensor",
+    "TpdeConfig",
     "TpdeFormatError",
+    "TpdeHfQuantizer",
+    "TpdeLinear",
     "decode_tensor",
     "decode_tensors",
     "encode_tensor",
     "inspect_tensor",
 ]
+
+# transformers integration: loaded on first use so that `import tpde_hf` does not import transformers.
+_LAZY = {"TpdeConfig": "tpde_hf.config", "TpdeHfQuantizer": "tpde_hf.quantizer", "TpdeLinear": "tpde_hf.nn.linear"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tpde_hf' has no attribute {name!r}")
+
+
+# Register the "tpde" quantizer with transformers now, or as soon as transformers loads its registry.
+_autoregister.install()
