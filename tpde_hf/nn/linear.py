@@ -266,7 +266,20 @@ def _follow_dtype_cast(holder: nn.Module, fn) -> None:
 
 
 # ==================================================================== the modules
-class TpdeWeightStore(nn.Module):
+class _StoredPartsModule(nn.Module):
+    """Module holding tpde parts: dtype casts never touch the stored bytes, and a host-held delta is saved too."""
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(_keep_part_dtypes(self, fn), recurse)
+        _follow_dtype_cast(self, fn)
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_host_delta(self, destination, prefix)
+
+
+class TpdeWeightStore(_StoredPartsModule):
     """Holds one tpde weight (no forward): per-expert storage under a fused-expert module."""
 
     def __init__(self, name: str, specs: PartSpecs, mode: str, compute_dtype: torch.dtype | None = None,
@@ -280,21 +293,12 @@ class TpdeWeightStore(nn.Module):
         device = device or self._parameters["qweight"].device
         return holder_weight(self, device, dtype)
 
-    def _apply(self, fn, recurse: bool = True):
-        out = super()._apply(_keep_part_dtypes(self, fn), recurse)
-        _follow_dtype_cast(self, fn)
-        return out
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        _save_host_delta(self, destination, prefix)
-
     def extra_repr(self) -> str:
         vals = self._parameters["meta"]
         return f"name={self._tpde_name}, mode={self._tpde_mode}, meta_device={vals.device.type}"
 
 
-class TpdeLinear(nn.Module):
+class TpdeLinear(_StoredPartsModule):
     """A linear layer whose weight is stored as a 4-bit base plus a lossless delta.
 
     Args:
@@ -387,15 +391,6 @@ class TpdeLinear(nn.Module):
             size_out = x.size()[:-1] + (self.out_features,)
             return torch.addmm(self.bias, x.view(-1, x.size(-1)), w).view(size_out)
         return F.linear(x, w, self.bias)
-
-    def _apply(self, fn, recurse: bool = True):
-        out = super()._apply(_keep_part_dtypes(self, fn), recurse)
-        _follow_dtype_cast(self, fn)
-        return out
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        _save_host_delta(self, destination, prefix)
 
     def extra_repr(self) -> str:
         kind = ", conv1d" if self.transposed else ""
