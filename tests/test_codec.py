@@ -9,9 +9,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensor, decode_tensors, encode_tensor, inspect_tensor
+from tpde_hf.codec.backend import use_backend
 from tpde_hf.codec.base_quant import predict, quantize
 from tpde_hf.codec.ordinal import from_ordinal, to_ordinal
 from tpde_hf.codec.tensor_codec import encode_tensors
+
+
+@pytest.fixture(params=["compiled", "numpy"], autouse=True)
+def codec_backend(request):
+    """Every test here runs on both CPU codecs: the compiled one and the numpy reference."""
+    with use_backend(request.param):
+        yield request.param
+
 
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 DTYPES = list(INT_VIEW)
@@ -122,7 +131,8 @@ def test_odd_shapes_roundtrip(dtype, shape):
     roundtrip((torch.randn(shape, generator=g)).to(dtype), CodecParams(group_size=32, lane_len=256))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     dtype=st.sampled_from(DTYPES),
     rows=st.integers(1, 40),

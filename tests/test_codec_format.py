@@ -9,7 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpde_hf.codec import FORMAT_VERSION, EncodedTensor, decode_tensor, encode_tensor
+from tpde_hf.codec.backend import use_backend
 from tpde_hf.errors import TpdeFormatError
+
+
+@pytest.fixture(params=["compiled", "numpy"], autouse=True)
+def codec_backend(request):
+    """Every test here runs on both CPU codecs: the compiled one and the numpy reference."""
+    with use_backend(request.param):
+        yield request.param
+
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 

@@ -1,5 +1,6 @@
 """The tpde codec: 4-bit group-wise base + a context-coded, bit-exact delta."""
 
+from tpde_hf.codec.backend import active_backend, use_backend
 from tpde_hf.codec.tensor_codec import (
     FORMAT_VERSION,
     SUFFIXES,
@@ -8,11 +9,14 @@ from tpde_hf.codec.tensor_codec import (
     decode_tensor,
     decode_tensors,
     encode_tensor,
+    encode_tensors,
     inspect_tensor,
     tensor_checksum,
 )
 
 __all__ = [
+    "active_backend",
+    "use_backend",
     "FORMAT_VERSION",
     "SUFFIXES",
     "CodecParams",
@@ -20,6 +24,7 @@ __all__ = [
     "decode_tensor",
     "decode_tensors",
     "encode_tensor",
+    "encode_tensors",
     "inspect_tensor",
     "tensor_checksum",
 ]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-_FP16_MAX = 65504.0
-_FP16_MIN_SUBNORMAL = 2.0**-24
+FP16_MAX = 65504.0
+FP16_MIN_SUBNORMAL = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def quantize(weight: torch.Tensor, group_size: int = 128) -> BaseTensors:
     lo = wf.amin(dim=-1).clamp(max=0.0)
     hi = wf.amax(dim=-1).clamp(min=0.0)
     scale32 = (hi - lo) / 15.0
-    scale = scale32.clamp(max=_FP16_MAX).to(torch.float16)
+    scale = scale32.clamp(max=FP16_MAX).to(torch.float16)
     # A range that underflows fp16 gets the smallest subnormal; an all-zero group any nonzero value.
-    fallback = torch.where(scale32 > 0, _FP16_MIN_SUBNORMAL, 1.0).to(torch.float16)
+    fallback = torch.where(scale32 > 0, FP16_MIN_SUBNORMAL, 1.0).to(torch.float16)
     scale = torch.where(scale == 0, fallback, scale)
     s = scale.to(torch.float32)
     zero = torch.round(-lo / s).clamp(0, 15)

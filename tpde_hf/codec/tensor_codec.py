@@ -36,6 +36,7 @@ import torch
 import zstandard
 
 from tpde_hf.codec import base_quant, bitpack, rans
+from tpde_hf.codec.backend import active_backend
 from tpde_hf.codec.ordinal import CODE_DTYPES, DTYPE_CODES, bit_width, check_dtype, from_ordinal, to_ordinal, wrap
 from tpde_hf.codec.symbols import SymbolSpec, symbol_tables, to_symbols
 from tpde_hf.errors import TpdeFormatError
@@ -109,6 +110,7 @@ class EncodedTensor:
     tables: torch.Tensor
     _freq: torch.Tensor | None = field(default=None, repr=False)
     _luts: tuple | None = field(default=None, repr=False)
+    _compiled_lut: np.ndarray | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- derived views
     @property
@@ -140,12 +142,20 @@ class EncodedTensor:
 
     def split_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rans_words, raw_words)``, both int64 with values in [0, 2**16) and [0, 2**32)."""
-        _, n_words, n_raw = self.lane_fields()
-        word_bytes = 4 * -(-int(n_words.sum()) // 2)
+        words, raw = self.delta_streams()
+        return torch.from_numpy(words.astype(np.int64)), torch.from_numpy(raw[:-1].astype(np.int64))
+
+    def delta_streams(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rans_words uint16, raw_words uint32)`` as stored; ``raw_words`` gets one extra zero word
+        so that a reader's 64-bit window never runs off the end."""
+        _, n_words, _ = self.lane_fields()
+        total = int(n_words.sum())
+        word_bytes = 4 * -(-total // 2)
         data = self.delta.numpy()
-        words = np.frombuffer(data[:word_bytes].tobytes(), dtype="<u2")[: int(n_words.sum())]
-        raw = np.frombuffer(data[word_bytes:].tobytes(), dtype="<u4")
-        return torch.from_numpy(words.astype(np.int64)), torch.from_numpy(raw.astype(np.int64))
+        words = data[:word_bytes].view("<u2")[:total]
+        raw = np.zeros((data.size - word_bytes) // 4 + 1, dtype=np.uint32)
+        raw[:-1] = data[word_bytes:].view("<u4")
+        return words, raw
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The lossy 4-bit weight (the prediction ``P``), in ``dtype`` or the source dtype."""
@@ -303,12 +313,32 @@ class _Prepared:
 PREPARE_CHUNK_ELEMENTS = 1 << 22
 
 
-def _prepare(weight: torch.Tensor, params: CodecParams, name: str) -> _Prepared:
+def _checked_weight(weight: torch.Tensor, params: CodecParams, name: str) -> torch.Tensor:
     params.validate(name)
     check_dtype(weight.dtype, name)
     if weight.dim() != 2 or weight.numel() == 0:
         raise TpdeFormatError(name, f"expected a non-empty 2-D weight, got shape {list(weight.shape)}")
-    weight = weight.detach().to("cpu").contiguous()
+    return weight.detach().to("cpu").contiguous()
+
+
+def _concat_bases(bases: list[base_quant.BaseTensors]) -> base_quant.BaseTensors:
+    return base_quant.BaseTensors(*(torch.cat([getattr(b, f) for b in bases]) for f in ("qweight", "scales", "zeros")))
+
+
+def _encode_compiled(weight: torch.Tensor, params: CodecParams, name: str) -> EncodedTensor:
+    from tpde_hf.codec import compiled
+
+    weight = _checked_weight(weight, params, name)
+    base = compiled.quantize(weight, params.group_size)
+    spec = SymbolSpec(params.sym_k, params.sym_m, bit_width(weight.dtype))
+    layout = LaneLayout.for_numel(weight.numel(), params.lane_len)
+    lanes = compiled.encode_lanes(weight, base, spec, layout, params.group_size, params.prob_bits, N_CONTEXTS)
+    return _assemble(name, weight, params, base, lanes.freq, lanes.states, lanes.n_words, lanes.words,
+                     lanes.n_raw, lanes.raw_words)
+
+
+def _prepare(weight: torch.Tensor, params: CodecParams, name: str) -> _Prepared:
+    weight = _checked_weight(weight, params, name)
     out_f, in_f = weight.shape
     width = bit_width(weight.dtype)
     spec = SymbolSpec(params.sym_k, params.sym_m, width)
@@ -333,7 +363,7 @@ def _prepare(weight: torch.Tensor, params: CodecParams, name: str) -> _Prepared:
         joint.append(ctx_sym.to(torch.int32))
         raws.append(raw.to(torch.int32 if width == 16 else torch.int64))
         nraws.append(nraw.to(torch.uint8))
-    base = base_quant.BaseTensors(*(torch.cat([getattr(b, f) for b in bases]) for f in ("qweight", "scales", "zeros")))
+    base = _concat_bases(bases)
     freq = rans.quantize_frequencies(counts.view(N_CONTEXTS, spec.n_symbols), params.prob_bits)
     layout = LaneLayout.for_numel(weight.numel(), params.lane_len)
     f_all, c_all = rans.element_tables(
@@ -347,18 +377,26 @@ def _prepare(weight: torch.Tensor, params: CodecParams, name: str) -> _Prepared:
 def _finish(prep: _Prepared, states: torch.Tensor, n_words: torch.Tensor, words: torch.Tensor) -> EncodedTensor:
     offsets, n_raw = _raw_offsets(prep.nraw)
     raw_words = bitpack.pack_fields(prep.raw.flatten(), prep.nraw.flatten(), offsets.flatten(), int(n_raw.sum()))
-    word_bytes = np.zeros(2 * -(-words.numel() // 2), dtype="<u2")
-    word_bytes[: words.numel()] = words.numpy()
-    payload = word_bytes.tobytes() + raw_words.numpy().astype("<u4").tobytes()
-    lanes = torch.stack((states, n_words | (n_raw << 16)), dim=1)
-    lanes = torch.where(lanes >= 1 << 31, lanes - (1 << 32), lanes).to(torch.int32)
-    table_bytes = zstandard.ZstdCompressor(level=19).compress(prep.freq.numpy().astype("<u2").tobytes())
+    return _assemble(prep.name, prep.weight, prep.params, prep.base, prep.freq, states.numpy(), n_words.numpy(),
+                     words.numpy(), n_raw.numpy(), raw_words.numpy())
+
+
+def _assemble(name: str, weight: torch.Tensor, params: CodecParams, base: base_quant.BaseTensors,
+              freq: torch.Tensor, states: np.ndarray, n_words: np.ndarray, words: np.ndarray, n_raw: np.ndarray,
+              raw_words: np.ndarray) -> EncodedTensor:
+    """Pack an encoder's output (per-lane arrays and the two streams) into the stored tensors."""
+    word_bytes = np.zeros(2 * -(-words.size // 2), dtype="<u2")
+    word_bytes[: words.size] = words
+    payload = np.concatenate((word_bytes.view(np.uint8), raw_words.astype("<u4").view(np.uint8)))
+    lanes = np.stack((states.astype(np.int64), n_words.astype(np.int64) | (n_raw.astype(np.int64) << 16)), axis=1)
+    table_bytes = zstandard.ZstdCompressor(level=19).compress(freq.numpy().astype("<u2").tobytes())
     return EncodedTensor(
-        name=prep.name, dtype=prep.weight.dtype, shape=tuple(prep.weight.shape), params=prep.params,
-        checksum=tensor_checksum(prep.weight),
-        qweight=prep.base.qweight, scales=prep.base.scales, zeros=prep.base.zeros,
-        delta=_bytes_tensor(payload),
-        lanes=lanes, tables=_bytes_tensor(table_bytes), _freq=prep.freq,
+        name=name, dtype=weight.dtype, shape=tuple(weight.shape), params=params,
+        checksum=tensor_checksum(weight),
+        qweight=base.qweight, scales=base.scales, zeros=base.zeros,
+        delta=torch.from_numpy(payload),
+        lanes=torch.from_numpy(lanes.astype(np.uint32).view(np.int32)), tables=_bytes_tensor(table_bytes),
+        _freq=freq,
     )
 
 
@@ -400,6 +438,8 @@ def encode_tensors(weights: dict[str, torch.Tensor], params: CodecParams | None 
     Example: ``encode_tensors({"q.weight": wq, "k.weight": wk})["q.weight"].nbytes()``.
     """
     params = params or CodecParams()
+    if active_backend() == "compiled":
+        return {n: _encode_compiled(w, params, n) for n, w in weights.items()}
     out: dict[str, EncodedTensor] = {}
     names = list(weights)
     for batch in _batches(names, lambda n: weights[n].numel(), lambda n: 0):
@@ -434,10 +474,27 @@ def decode_tensor(enc: EncodedTensor, verify: bool = False) -> torch.Tensor:
 
 def decode_tensors(encs: list[EncodedTensor], verify: bool = False) -> list[torch.Tensor]:
     """Decode several weights in one vectorized pass over all their lanes (faster on small tensors)."""
+    if active_backend() == "compiled":
+        return [_decode_compiled(enc, verify) for enc in encs]
     out: list[torch.Tensor] = []
     for batch in _batches(list(encs), lambda e: e.numel, lambda e: e.params.prob_bits):
         out.extend(_decode_batch(batch, verify))
     return out
+
+
+def _decode_compiled(enc: EncodedTensor, verify: bool) -> torch.Tensor:
+    from tpde_hf.codec import compiled
+
+    if enc._compiled_lut is None:  # cached: a layer decoded at every forward builds it once
+        enc._compiled_lut = compiled.decode_table(enc.frequencies(), enc.params.prob_bits, enc.spec)
+    w = compiled.decode(enc, enc._compiled_lut)
+    _check_checksum(enc, w, verify)
+    return w
+
+
+def _check_checksum(enc: EncodedTensor, w: torch.Tensor, verify: bool) -> None:
+    if verify and tensor_checksum(w) != enc.checksum:
+        raise TpdeFormatError(enc.name, "checksum mismatch: the decoded weight differs from the original")
 
 
 def _lane_luts(enc: EncodedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -493,8 +550,7 @@ def _decode_batch(encs: list[EncodedTensor], verify: bool) -> list[torch.Tensor]
         r = _deltas(enc, idx, ubase_lut, nraw_lut, n_raw.numpy())
         pred = base_quant.predict_from_levels(lv, enc.scales, enc.params.group_size, enc.dtype)
         w = from_ordinal(wrap(to_ordinal(pred).flatten() + r, bit_width(enc.dtype)), enc.dtype).view(enc.shape)
-        if verify and tensor_checksum(w) != enc.checksum:
-            raise TpdeFormatError(enc.name, "checksum mismatch: the decoded weight differs from the original")
+        _check_checksum(enc, w, verify)
         out.append(w)
     return out
 

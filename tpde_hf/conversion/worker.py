@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensor, tensor_checksum, tensor_codec
+from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensors, tensor_checksum
 from tpde_hf.conversion.memory import peak_rss, reset_peak
 from tpde_hf.conversion.streaming import ShardWriter, TensorInfo, load_tensor, read_header
 from tpde_hf.errors import TpdeFormatError
@@ -76,17 +76,10 @@ class TaskResult:
 
 
 def init_worker(threads: int) -> None:
-    """Pool initializer: one intra-op thread per worker process, so workers x threads = cores."""
+    """Pool initializer: torch and codec threads per worker process, so that workers x threads = cores."""
     torch.set_num_threads(max(1, threads))
+    os.environ["TPDE_CODEC_THREADS"] = str(max(1, threads))
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def _encode_all(weights: dict[str, torch.Tensor], params: CodecParams) -> dict[str, EncodedTensor]:
-    # ``encode_tensors`` (batched) appeared in the codec after ``encode_tensor``; use it when present.
-    batched = getattr(tensor_codec, "encode_tensors", None)
-    if batched is not None and len(weights) > 1:
-        return batched(weights, params)
-    return {name: encode_tensor(w, params, name) for name, w in weights.items()}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -103,7 +96,7 @@ def run_task(task: EncodeTask) -> TaskResult:
     start_rss = reset_peak()
     t0 = time.perf_counter()
     weights = {info.name: load_tensor(info) for info in task.tensors}
-    encoded = _encode_all(weights, task.params)
+    encoded = encode_tensors(weights, task.params)
     tmp = task.out.with_name(task.out.name + ".partial")
     writer = ShardWriter(tmp, metadata={"tpde_task": str(task.index)})
     try:

@@ -1,0 +1,267 @@
+"""numba loops of the compiled CPU codec: one pass per element, the same math as the numpy reference.
+
+Everything here works on plain arrays; :mod:`tpde_hf.codec.compiled` prepares them and checks
+the results. An element ``i`` of a ``[out, in]`` weight sits at ``row = i // in``, ``col = i % in``
+and belongs to lane ``i % n_lanes`` (step ``i // n_lanes``). Its level is ``c = q - zero`` read from
+the packed nibbles; its prediction's ordinal comes from ``pred[row - row0, col >> gshift, c + 15]``,
+a table built in numpy with the exact rounding of :func:`base_quant.predict_from_levels`.
+
+Loops visit steps in order and, within a step, lanes in order, so they read and write contiguous
+runs of elements. Every read of the payload is bounds-checked against the lane's own range: a
+corrupt file sets an error code, never an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+STATE_LOW = 1 << 16
+ERR_WORDS = 1  # a lane needed more rANS words than it owns
+ERR_RAW = 2  # a lane needed more raw bits than it owns
+
+
+@njit(cache=True, inline="always")
+def _ordinal(v, width):
+    """Ordinal of a sign-extended bit pattern ``v`` (an involution, see ``ordinal.py``)."""
+    return v ^ ((v >> (width - 1)) & ((np.int64(1) << (width - 1)) - 1))
+
+
+@njit(cache=True, inline="always")
+def _wrap(d, width):
+    half = np.int64(1) << (width - 1)
+    return ((d + half) & ((np.int64(1) << width) - 1)) - half
+
+
+@njit(cache=True, inline="always")
+def _bit_length(u, bl16):
+    s = np.int64(16) if u >= 65536 else np.int64(0)  # a select, not a branch: u < 2**32
+    return np.int64(bl16[u >> s]) + s
+
+
+@njit(cache=True, inline="always")
+def _symbol(u, k, m, bl16):
+    """``(symbol, raw_bit_count, raw_value)`` of a zig-zagged delta ``u`` (see ``symbols.py``).
+
+    Written with selects instead of branches: whether ``u`` is small is close to a coin flip.
+    """
+    small = u < (np.int64(1) << k)
+    e = _bit_length(u, bl16) - 1
+    nr = max(e - m, np.int64(0))
+    mant = (u >> nr) & ((np.int64(1) << m) - 1)
+    big = (np.int64(1) << k) + (e - k) * (np.int64(1) << m) + mant
+    sym = u if small else big
+    nr = np.int64(0) if small else nr
+    return sym, nr, u & ((np.int64(1) << nr) - 1)
+
+
+@njit(cache=True, inline="always")
+def _delta_symbol(bit_pattern, pred_ordinal, width, k, m, bl16):
+    """``(symbol, raw_bit_count, raw_value)`` of one weight against its prediction."""
+    r = _wrap(_ordinal(np.int64(bit_pattern), width) - np.int64(pred_ordinal), width)
+    return _symbol((r << 1) ^ (r >> 63), k, m, bl16)
+
+
+@njit(cache=True, inline="always")
+def _segment(zeros, row, col, in_f, gshift, limit):
+    """The run of at most ``limit`` elements from ``(row, col)`` that shares a row and a group:
+    ``(length, group, zero point)``. Loops walk runs so that the inner loop stays tight."""
+    gi = col >> gshift
+    n = min(min((gi + 1) << gshift, in_f) - col, limit)
+    z = (np.int64(zeros[row, gi >> 1]) >> ((gi & 1) << 2)) & 15
+    return n, gi, z
+
+
+@njit(cache=True, inline="always")
+def _code(qrow, col):
+    return (np.int64(qrow[col >> 1]) >> ((col & 1) << 2)) & 15
+
+
+@njit(cache=True, nogil=True)
+def symbol_statistics(bits, qweight, zeros, pred, row0, i0, i1, in_f, gshift, n_lanes, width, k, m, n_sym,
+                      bl16, counts, lane_raw_bits):
+    """Add elements ``[i0, i1)`` to the ``(context, symbol)`` counts and each lane's raw-bit total."""
+    i = i0
+    row = i0 // in_f
+    col = i0 - row * in_f
+    lane = i0 % n_lanes
+    while i < i1:
+        n, gi, z = _segment(zeros, row, col, in_f, gshift, i1 - i)
+        prow = pred[row - row0, gi]
+        qrow = qweight[row]
+        for t in range(n):
+            c = _code(qrow, col + t) - z
+            sym, nr, _ = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
+            counts[abs(c) * n_sym + sym] += 1
+            lane_raw_bits[lane] += nr
+            lane += 1
+            if lane == n_lanes:
+                lane = 0
+        i += n
+        col += n
+        if col == in_f:
+            col = 0
+            row += 1
+
+
+@njit(cache=True, nogil=True)
+def encode_steps(bits, qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lanes, width, k, m, n_sym,
+                 bl16, freq, cum, prob_bits, state, word_pos, words, raw_pos, l0, l1, raw_base, raw_words):
+    """rANS-encode lanes ``[l0, l1)`` over steps ``e1 - 1`` down to ``e0`` (the encoder runs backwards).
+
+    Lane ``l`` pushes its words into ``words[l]`` from the end (``word_pos[l]`` is the next free slot)
+    and its raw fields backwards from bit ``raw_pos[l]`` into ``raw_words`` (32-bit values in uint64),
+    which holds this block's part of the stream from word ``raw_base`` on. Threads encode disjoint
+    lane blocks at once, each into its own ``raw_words``.
+    """
+    for e in range(e1 - 1, e0 - 1, -1):
+        i = e * n_lanes + l0
+        lane = l0
+        row = i // in_f
+        col = i - row * in_f
+        while lane < l1 and i < numel:
+            n, gi, z = _segment(zeros, row, col, in_f, gshift, min(l1 - lane, numel - i))
+            prow = pred[row - row0, gi]
+            qrow = qweight[row]
+            for t in range(n):
+                c = _code(qrow, col + t) - z
+                sym, nr, raw = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
+                ln = lane + t
+                j = abs(c) * n_sym + sym
+                f = np.uint64(freq[j])
+                x = state[ln]
+                # Branch-free renormalization: the word slot is written every time, kept only on emit.
+                emit = x >= f << np.uint64(32 - prob_bits)
+                p = word_pos[ln]
+                words[ln, p] = np.uint16(x & np.uint64(0xFFFF))
+                word_pos[ln] = p - np.int64(emit)
+                x >>= np.uint64(16 * emit)
+                # float64 division is correctly rounded and x < 2**32: the floor is exact.
+                q = np.uint64(np.float64(x) / np.float64(f))
+                state[ln] = (q << np.uint64(prob_bits)) + (x - q * f) + np.uint64(cum[j])
+                bp = raw_pos[ln] - nr  # a zero-width field ORs in nothing
+                raw_pos[ln] = bp
+                v = np.uint64(raw) << np.uint64(bp & 31)
+                kw = (bp >> 5) - raw_base
+                raw_words[kw] |= v & np.uint64(0xFFFFFFFF)
+                raw_words[kw + 1] |= v >> np.uint64(32)
+            lane += n
+            i += n
+            col += n
+            if col == in_f:
+                col = 0
+                row += 1
+
+
+@njit(cache=True, nogil=True)
+def or_into(dst, start, src):
+    """``dst[start + j] |= src[j]`` for the words of ``src`` that fall inside ``dst``."""
+    for j in range(min(src.size, dst.size - start)):
+        dst[start + j] |= src[j]
+
+
+@njit(cache=True, nogil=True)
+def gather_lane_words(words, word_pos, out):
+    """Concatenate each lane's words (``words[l, word_pos[l] + 1:]``) in lane order into ``out``."""
+    steps = words.shape[1]
+    o = 0
+    for lane in range(words.shape[0]):
+        for p in range(word_pos[lane] + 1, steps):
+            out[o] = words[lane, p]
+            o += 1
+    return o
+
+
+@njit(cache=True, nogil=True)
+def decode_steps(qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lanes, width, prob_bits,
+                 lut, words, raw_words, state, word_ptr, word_end, raw_ptr, raw_end, l0, l1, out):
+    """Decode lanes ``[l0, l1)`` over steps ``[e0, e1)`` into ``out`` (the weight's bits, flat).
+
+    ``lut[ctx << prob_bits | slot]`` packs the rANS step (``freq | (slot - cum) << 16``), the symbol's
+    leading value bits (bits 32..40) and its raw-bit count (bits 48..53): one gather per element.
+
+    Threads decode disjoint lane blocks at once (the GIL is released): each writes a disjoint run of
+    every step. ``state``, ``word_ptr`` and ``raw_ptr`` carry over between calls. Returns an error
+    code (0 when every read stayed inside its lane).
+    """
+    mask = np.uint64((1 << prob_bits) - 1)
+    last_word = max(words.size - 1, 0)
+    last_raw = raw_words.size - 2  # raw_words ends with one padding word
+    err = np.int64(0)
+    for e in range(e0, e1):
+        i = e * n_lanes + l0
+        lane = l0
+        row = i // in_f
+        col = i - row * in_f
+        while lane < l1 and i < numel:
+            n, gi, z = _segment(zeros, row, col, in_f, gshift, min(l1 - lane, numel - i))
+            prow = pred[row - row0, gi]
+            qrow = qweight[row]
+            for t in range(n):
+                c = _code(qrow, col + t) - z
+                ln = lane + t
+                x = state[ln]
+                ent = lut[(abs(c) << prob_bits) | np.int64(x & mask)]
+                bias = (ent >> np.uint64(16)) & np.uint64(0xFFFF)
+                x = (ent & np.uint64(0xFFFF)) * (x >> np.uint64(prob_bits)) + bias
+                # Branch-free: renormalization is close to a coin flip. Reads are clamped into
+                # the arrays; reading past the lane's own end is recorded and fails the decode.
+                need = x < STATE_LOW
+                p = word_ptr[ln]
+                err |= ERR_WORDS * (np.int64(need) & np.int64(p >= word_end[ln]))
+                wv = np.uint64(words[min(p, last_word)])
+                x = ((x << np.uint64(16)) | wv) if need else x
+                word_ptr[ln] = p + np.int64(need)
+                state[ln] = x
+                nr = np.int64(ent >> np.uint64(48))
+                u = np.int64((ent >> np.uint64(32)) & np.uint64(0x1FF)) << nr
+                bp = raw_ptr[ln]
+                err |= ERR_RAW * np.int64(bp + nr > raw_end[ln])
+                kw = min(bp >> 5, last_raw)
+                w = np.uint64(raw_words[kw]) | (np.uint64(raw_words[kw + 1]) << np.uint64(32))
+                u |= np.int64((w >> np.uint64(bp & 31)) & ((np.uint64(1) << np.uint64(nr)) - np.uint64(1)))
+                raw_ptr[ln] = bp + nr
+                r = (u >> 1) ^ -(u & 1)
+                out[i + t] = _ordinal(_wrap(np.int64(prow[c + 15]) + r, width), width)
+            lane += n
+            i += n
+            col += n
+            if col == in_f:
+                col = 0
+                row += 1
+    return err
+
+
+@njit(cache=True, nogil=True)
+def group_ranges(w, r0, r1, gshift, lo, hi):
+    """``lo[row, g] = min(0, finite values of the group)``, ``hi`` likewise with max, rows ``[r0, r1)``."""
+    for row in range(r0, r1):
+        for col in range(w.shape[1]):
+            v = w[row, col]
+            if np.isfinite(v):
+                g = col >> gshift
+                lo[row, g] = min(lo[row, g], v)
+                hi[row, g] = max(hi[row, g], v)
+
+
+@njit(cache=True, nogil=True)
+def quantize_codes(w, r0, r1, gshift, scale, zero, qweight):
+    """Packed 4-bit codes ``clamp(rint(w / scale) + zero, 0, 15)``, rows ``[r0, r1)``.
+
+    float32 arithmetic throughout, like :func:`base_quant.quantize`; non-finite entries and the
+    padding columns get the code ``zero``.
+    """
+    in_f = w.shape[1]
+    for row in range(r0, r1):
+        for byte in range(qweight.shape[1]):
+            packed = 0
+            for half in range(2):
+                col = 2 * byte + half
+                g = col >> gshift
+                q = zero[row, g]
+                if col < in_f:
+                    v = w[row, col]
+                    if np.isfinite(v):
+                        q = min(max(np.rint(v / scale[row, g]) + zero[row, g], np.float32(0)), np.float32(15))
+                packed |= np.int64(q) << (4 * half)
+            qweight[row, byte] = packed
