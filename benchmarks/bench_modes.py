@@ -9,8 +9,8 @@ and, on CUDA, ``lossless-offload``), in a fresh subprocess each:
 * time to first token (prefill of the prompt + first sampled token) and decode tokens/s for greedy
   generation of 128 new tokens at batch 1 and batch 8 (8 different prompts, left-padded).
 
-Per-forward CPU decoding of the delta runs at a few MB/s, so a ``lossless`` CPU forward of SmolLM2
-takes about a minute: a run stops generating when it exceeds ``--budget`` seconds and reports the
+Per-forward CPU decoding of the delta rebuilds every layer at every token (about a second per token for
+SmolLM2 on 2 cores), so a ``lossless`` CPU run stops generating when it exceeds ``--budget`` seconds and reports the
 tokens it produced (``new_tokens`` says how many); tokens/s is measured on those.
 
 The model on CPU is SmolLM2-135M-Instruct: its bf16 checkpoint is built from the Q4_1 GGUF of the

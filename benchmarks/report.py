@@ -275,8 +275,16 @@ def codec_section(data: dict) -> str:
             lambda r: num(get(r, "coder_comparison_payload_bits", "huffman12"))),
     ]
     speed = [
-        row("tpde encode (CPU), MB/s of source", lambda r: num(get(r, "encode_MBps"))),
-        row("tpde decode (CPU, torch reference), MB/s", lambda r: num(get(r, "decode_MBps"))),
+        row("tpde encode (CPU, compiled, all cores), MB/s of source", lambda r: num(get(r, "encode_MBps"))),
+        row("tpde decode (CPU, compiled, all cores), MB/s", lambda r: num(get(r, "decode_MBps"))),
+        row("tpde encode (CPU, compiled, 1 thread), MB/s",
+            lambda r: num(get(r, "throughput", "compiled_1_thread", "encode_MBps"))),
+        row("tpde decode (CPU, compiled, 1 thread), MB/s",
+            lambda r: num(get(r, "throughput", "compiled_1_thread", "decode_MBps"))),
+        row("tpde encode (numpy reference), MB/s",
+            lambda r: num(get(r, "throughput", "numpy_reference", "encode_MBps"))),
+        row("tpde decode (numpy reference), MB/s",
+            lambda r: num(get(r, "throughput", "numpy_reference", "decode_MBps"))),
         row("ZipNN encode, MB/s", lambda r: num(get(r, "baselines", "zipnn", "encode_MBps"))),
         row("ZipNN decode, MB/s", lambda r: num(get(r, "baselines", "zipnn", "decode_MBps"))),
         row("zstd-19 encode, s", lambda r: num(get(r, "baselines", "zstd19", "encode_s"))),
