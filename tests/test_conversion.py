@@ -31,7 +31,14 @@ from tpde_hf.conversion import (
 from tpde_hf.conversion import api as conversion_api
 from tpde_hf.conversion.api import parse_size, partial_dir
 from tpde_hf.conversion.cli import build_parser, main
-from tpde_hf.conversion.streaming import ShardWriter, read_header
+from tpde_hf.conversion.streaming import (
+    PlannedTensor,
+    ShardWriter,
+    bytes_checksum,
+    read_header,
+    verify_file_hashes,
+    write_planned_shard,
+)
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import MANIFEST_NAME, QUANT_METHOD, SUFFIXES, encoded_prefixes, read_encoded
 
@@ -319,6 +326,29 @@ def test_interrupted_run_leaves_nothing_complete_and_resume_finishes(
     assert not partial.exists()
 
 
+def test_resume_refuses_a_task_file_changed_after_its_verification(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conversion_api, "TASK_ELEMENTS", 40_000)
+    out = tmp_path / "out"
+
+    def crash_after_three(result, seen=[]):  # noqa: B006 - a counter local to this test
+        seen.append(result.name)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_llama_dir, out, workers=1, on_tensor=crash_after_three)
+    task = sorted((partial_dir(out) / "tensors").glob("task-*.safetensors"))[0]
+    info = next(i for i in read_header(task).values() if i.name.endswith(".delta"))
+    data = bytearray(task.read_bytes())
+    data[info.begin] ^= 0x01  # one bit of a verified delta payload
+    task.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="changed since verified"):
+        convert(tiny_llama_dir, out, workers=1, resume=True)
+    assert not out.exists()
+
+
 def test_rerun_without_resume_starts_over(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
 
@@ -424,6 +454,29 @@ def test_shard_writer_matches_safetensors(tmp_path: Path) -> None:
     for info in read_header(tmp_path / "x.safetensors").values():
         assert info.begin % itemsize[info.dtype] == 0, info  # every tensor aligned to its element size
     assert not list(tmp_path.glob("*.spill"))
+
+
+def test_planned_shard_copies_exactly_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(7, dtype=torch.uint8), "b": torch.randn(3, 5).to(torch.bfloat16),
+               "c": torch.arange(6, dtype=torch.int64).view(2, 3), "e": torch.zeros(0, 4)}
+    with ShardWriter(tmp_path / "src.safetensors") as w:
+        for k, v in tensors.items():
+            w.add_tensor(k, v)
+    src = read_header(tmp_path / "src.safetensors")
+    planned = [PlannedTensor(f"copy.{k}", i.dtype, tuple(i.shape), i.nbytes, i) for k, i in src.items()]
+    hashes = write_planned_shard(tmp_path / "out.safetensors", planned)
+    back = load_file(tmp_path / "out.safetensors")
+    for k, v in tensors.items():
+        assert same_bits(back[f"copy.{k}"], v), k
+        assert hashes[f"copy.{k}"] == bytes_checksum([v.contiguous().view(torch.uint8).numpy().tobytes()])
+    assert verify_file_hashes(tmp_path / "out.safetensors", hashes) == []
+    for info in read_header(tmp_path / "out.safetensors").values():
+        assert info.begin % {"U8": 1, "BF16": 2, "F32": 4, "I64": 8}[info.dtype] == 0
+
+    (tmp_path / "src.safetensors").write_bytes((tmp_path / "src.safetensors").read_bytes()[:-8])  # truncated
+    with pytest.raises(TpdeFormatError):
+        write_planned_shard(tmp_path / "bad.safetensors", planned)
+    assert not list(tmp_path.glob("bad.safetensors*"))
 
 
 def test_parse_size() -> None:

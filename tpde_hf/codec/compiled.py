@@ -214,8 +214,16 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
     # Pass 1: symbol counts per context and raw bits per lane, each thread over its own elements.
     counts = np.zeros((len(blocks), n_contexts * spec.n_symbols), dtype=np.int64)
     lane_raws = np.zeros((len(blocks), n_lanes), dtype=np.int64)
+    tables: dict[tuple[int, int], np.ndarray] = {}
+
+    def pred_rows(r0: int, r1: int) -> np.ndarray:  # a one-chunk weight builds its table once for both passes
+        if (r0, r1) not in tables:
+            tables.clear()
+            tables[(r0, r1)] = prediction_ordinals(base.scales[r0:r1], weight.dtype)
+        return tables[(r0, r1)]
+
     for r0, r1 in _row_chunks(out_f, in_f):
-        pred = prediction_ordinals(base.scales[r0:r1], weight.dtype)
+        pred = pred_rows(r0, r1)
         i0, i1 = r0 * in_f, r1 * in_f
         cuts = np.linspace(i0, i1, len(blocks) + 1).astype(np.int64)
         _run_all(kernels.symbol_statistics, [
@@ -237,7 +245,7 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
                  for (_, l1), rb in zip(blocks, raw_bases, strict=True)]
     freq_u32 = freq.numpy().astype(np.uint32).ravel()
     for ch in reversed(_chunks(layout, in_f)):
-        pred = prediction_ordinals(base.scales[ch.r0 : ch.r1], weight.dtype)
+        pred = pred_rows(ch.r0, ch.r1)
         _run_all(kernels.encode_steps, [
             (bits, qweight, zeros, pred, ch.r0, ch.e0, ch.e1, layout.numel, *common, freq_u32, cum, prob_bits,
              state, word_pos, word_buf, raw_pos, l0, l1, rb, part)

@@ -235,13 +235,19 @@ def decode_steps(qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lane
 @njit(cache=True, nogil=True)
 def group_ranges(w, r0, r1, gshift, lo, hi):
     """``lo[row, g] = min(0, finite values of the group)``, ``hi`` likewise with max, rows ``[r0, r1)``."""
+    in_f = w.shape[1]
+    size = 1 << gshift
     for row in range(r0, r1):
-        for col in range(w.shape[1]):
-            v = w[row, col]
-            if np.isfinite(v):
-                g = col >> gshift
-                lo[row, g] = min(lo[row, g], v)
-                hi[row, g] = max(hi[row, g], v)
+        for g in range(lo.shape[1]):
+            low = np.float32(0.0)
+            high = np.float32(0.0)
+            for col in range(g * size, min((g + 1) * size, in_f)):
+                v = w[row, col]
+                v = v if np.isfinite(v) else np.float32(0.0)  # 0 is always in the range anyway
+                low = min(low, v)
+                high = max(high, v)
+            lo[row, g] = low
+            hi[row, g] = high
 
 
 @njit(cache=True, nogil=True)

@@ -28,32 +28,34 @@ def quantize_frequencies(counts: torch.Tensor, prob_bits: int) -> torch.Tensor:
     """Scale per-context symbol counts ``[n_ctx, n_sym]`` to frequencies summing to ``2**prob_bits``.
 
     Every symbol that occurs keeps a frequency of at least 1, so it stays encodable. A context that
-    never occurs gets all its mass on symbol 0 (a valid, unused table).
+    never occurs gets all its mass on symbol 0 (a valid, unused table). Surplus mass goes to, and a
+    deficit comes from, the most frequent symbols first (ties in symbol order). numpy, not torch:
+    it runs once per tensor on small tables, where torch's per-op overhead dominated.
     """
     total_mass = 1 << prob_bits
-    counts = counts.to(torch.int64)
-    freq = torch.zeros_like(counts)
-    for ctx in range(counts.shape[0]):
-        cnt = counts[ctx]
+    cnt_all = counts.numpy().astype(np.int64) if isinstance(counts, torch.Tensor) else np.asarray(counts, np.int64)
+    freq = np.zeros_like(cnt_all)
+    for ctx in range(cnt_all.shape[0]):
+        cnt = cnt_all[ctx]
         total = int(cnt.sum())
         if total == 0:
             freq[ctx, 0] = total_mass
             continue
         f = (cnt * total_mass) // total
-        f = torch.where((cnt > 0) & (f == 0), torch.ones_like(f), f)
+        f[(cnt > 0) & (f == 0)] = 1
         diff = total_mass - int(f.sum())
-        order = torch.argsort(cnt, descending=True, stable=True).tolist()
+        order = np.argsort(-cnt, kind="stable")
         if diff > 0:
             f[order[0]] += diff
         else:
-            for s in order:  # take the surplus from the most frequent symbols first
+            for s in order.tolist():  # take the surplus from the most frequent symbols first
                 if diff == 0:
                     break
                 take = min(-diff, int(f[s]) - 1)
                 f[s] -= take
                 diff += take
         freq[ctx] = f
-    return freq
+    return torch.from_numpy(freq)
 
 
 def with_identity_context(freq: torch.Tensor, prob_bits: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -43,7 +43,13 @@ from tpde_hf.conversion.memory import peak_rss, reset_peak
 from tpde_hf.conversion.report import ClassSizes, ConversionReport, tensor_class
 from tpde_hf.conversion.selection import ModelLayout, Selection, load_layout, select_tensors
 from tpde_hf.conversion.sources import Source, resolve_source, stage_weights
-from tpde_hf.conversion.streaming import ShardWriter, TensorInfo, iter_bytes, read_header, verify_file_hashes
+from tpde_hf.conversion.streaming import (
+    PlannedTensor,
+    TensorInfo,
+    read_header,
+    verify_file_hashes,
+    write_planned_shard,
+)
 from tpde_hf.conversion.worker import EncodeTask, TaskResult, TensorResult, init_worker, run_task
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import (
@@ -494,7 +500,12 @@ class _Pool:
 # ==================================================================== assemble
 def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str, Path], stage: Path,
               max_shard: int) -> dict[str, dict]:
-    """Stream every tensor into output shards; re-read each shard and compare bytes; return the manifest."""
+    """Copy every tensor into output shards; re-read each shard and compare bytes; return the manifest.
+
+    Every size is known up front, so shards are planned first and each is written in one pass. The
+    re-read check of a shard runs on a thread while the next shard is written (hashing and file reads
+    release the GIL), which puts the second core to work.
+    """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     report = run.report
@@ -503,63 +514,49 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     manifest: dict[str, dict] = {}
     classes: dict[str, ClassSizes] = {}
     weight_map: dict[str, str] = {}
-    shards: list[Path] = []
-    writer: ShardWriter | None = None
 
-    def close() -> None:
-        nonlocal writer
-        if writer is None:
-            return
-        writer.close()
-        bad = verify_file_hashes(writer.path, writer.hashes)
-        if bad:
-            raise VerificationError(f"{writer.path}: tensors differ after writing: {bad[:5]}", bad)
-        writer = None
+    # 1. Plan: which tensors (or tpde parts) go into which shard, in the source's order.
+    plans: list[list[tuple[TensorInfo, list[PlannedTensor]]]] = []
+    planned_bytes = 0
+    for info in run.infos:
+        if info.name in encoded:
+            tf = task_files[info.name]
+            if tf not in headers:
+                headers[tf] = read_header(tf)
+            prefix = module_prefix(info.name)
+            parts = [headers[tf][f"{prefix}.{s}"] for s in SUFFIXES]
+        else:
+            parts = [info]
+        planned = [PlannedTensor(p.name, p.dtype, tuple(p.shape), p.nbytes, p) for p in parts]
+        size = sum(p.nbytes for p in parts)
+        if not plans or (planned_bytes and planned_bytes + size > max_shard):
+            plans.append([])
+            planned_bytes = 0
+        plans[-1].append((info, planned))
+        planned_bytes += size
 
+    # 2. Write each shard in one pass; check every encoded part against the hash its worker verified.
+    shards = [stage / f"shard-{i:05d}.safetensors" for i in range(len(plans))]
     bar = hf_tqdm(total=sum(i.nbytes for i in run.infos), unit="B", unit_scale=True, desc="Writing shards",
                   name="tpde_hf")
-    try:
-        for info in run.infos:
-            if info.name in encoded:
-                res = results[info.name]
-                tf = task_files[info.name]
-                if tf not in headers:
-                    headers = {tf: read_header(tf)}  # one task file open at a time
-                prefix = module_prefix(info.name)
-                parts = [headers[tf][f"{prefix}.{s}"] for s in SUFFIXES]
-                size = sum(p.nbytes for p in parts)
-            else:
-                parts, size = [], info.nbytes
-            if writer is None or (writer.nbytes and writer.nbytes + size > max_shard):
-                close()
-                shards.append(stage / f"shard-{len(shards):05d}.safetensors")
-                writer = ShardWriter(shards[-1])
-            if info.name in encoded:
-                for p in parts:
-                    got = writer.add_raw(p.name, p.dtype, p.shape, iter_bytes(p))
-                    if got != res.part_hashes[p.name]:
-                        raise VerificationError(f"{tf}: {p.name} changed since it was verified; rerun without resume",
-                                                [p.name])
-                    weight_map[p.name] = shards[-1].name
-                manifest[info.name] = manifest_entry(res.dtype, res.shape, res.checksum, True)
-                classes.setdefault(tensor_class(info.name, True, 2), ClassSizes()).add(
-                    info.numel, info.nbytes, size, res.base_bytes, res.delta_bytes, res.meta_bytes)
-            else:
-                checksum = writer.add_raw(info.name, info.dtype, info.shape, iter_bytes(info))
-                weight_map[info.name] = shards[-1].name
-                manifest[info.name] = manifest_entry(info.torch_dtype_name, info.shape, checksum, False)
-                classes.setdefault(tensor_class(info.name, False, len(info.shape)), ClassSizes()).add(
-                    info.numel, info.nbytes, info.nbytes)
-            if info.nbytes > report.largest_tensor_bytes:
-                report.largest_tensor_bytes, report.largest_tensor = info.nbytes, info.name
-            bar.update(info.nbytes)
-        close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
+    checks = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpde-reread") as rereader:
+        try:
+            for shard, plan in zip(shards, plans, strict=True):
+                hashes = write_planned_shard(shard, [t for _, tensors in plan for t in tensors])
+                checks.append((shard, rereader.submit(verify_file_hashes, shard, hashes)))
+                for info, tensors in plan:
+                    res = results[info.name] if info.name in encoded else None
+                    _record_tensor(info, tensors, hashes, res, shard.name, manifest, classes, weight_map)
+                    if info.nbytes > report.largest_tensor_bytes:
+                        report.largest_tensor_bytes, report.largest_tensor = info.nbytes, info.name
+                    bar.update(info.nbytes)
+            for shard, check in checks:
+                bad = check.result()
+                if bad:
+                    raise VerificationError(f"{shard}: tensors differ after writing: {bad[:5]}", bad)
+        finally:
+            bar.close()
 
     # Final names are known only now (model-0000i-of-0000n).
     n = len(shards)
@@ -580,6 +577,26 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     report.output_bytes = sum(c.output_bytes for c in classes.values())
     report.n_shards = n
     return manifest
+
+
+def _record_tensor(info: TensorInfo, tensors: list[PlannedTensor], hashes: dict[str, int],
+                   res: TensorResult | None, shard_name: str, manifest: dict[str, dict],
+                   classes: dict[str, ClassSizes], weight_map: dict[str, str]) -> None:
+    """Manifest entry, size class and weight-map lines of one written tensor (``res`` when it was encoded)."""
+    for t in tensors:
+        weight_map[t.name] = shard_name
+    if res is None:
+        manifest[info.name] = manifest_entry(info.torch_dtype_name, info.shape, hashes[info.name], False)
+        classes.setdefault(tensor_class(info.name, False, len(info.shape)), ClassSizes()).add(
+            info.numel, info.nbytes, info.nbytes)
+        return
+    changed = [t.name for t in tensors if hashes[t.name] != res.part_hashes[t.name]]
+    if changed:
+        raise VerificationError(f"{tensors[0].source.file}: {changed} changed since verified; rerun without resume",
+                                changed)
+    manifest[info.name] = manifest_entry(res.dtype, res.shape, res.checksum, True)
+    classes.setdefault(tensor_class(info.name, True, 2), ClassSizes()).add(
+        info.numel, info.nbytes, sum(t.nbytes for t in tensors), res.base_bytes, res.delta_bytes, res.meta_bytes)
 
 
 def _write_metadata(run: _Run, stage: Path, manifest: dict[str, dict], base_model: str | None,

@@ -207,18 +207,10 @@ class ShardWriter:
     def close(self) -> None:
         """Write the final file and remove the spill file."""
         self._spill.close()
-        order = sorted(self._entries, key=lambda k: (-_align(self._entries[k][0]), k))
-        header: dict = {"__metadata__": self.metadata}
-        offset = 0
-        for name in order:
-            dtype, shape, _, n = self._entries[name]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+        order = _storage_order({k: v[0] for k, v in self._entries.items()})
+        blob = _header_blob([(k, *self._entries[k][:2], self._entries[k][3]) for k in order], self.metadata)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as out, open(self._spill_path, "rb") as spill:
-            out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             for name in order:
                 _, _, off, n = self._entries[name]
@@ -237,6 +229,73 @@ class ShardWriter:
         """Drop everything written so far."""
         self._spill.close()
         self._spill_path.unlink(missing_ok=True)
+
+
+def _storage_order(dtypes: dict[str, str]) -> list[str]:
+    """Widest dtypes first, then by name: every tensor's data stays aligned to its item size."""
+    return sorted(dtypes, key=lambda k: (-_align(dtypes[k]), k))
+
+
+def _header_blob(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header for ``(name, dtype, shape, nbytes)`` in storage order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, n in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor whose size is known in advance and whose bytes come from ``source`` (e.g. another file)."""
+
+    name: str
+    dtype: str  # safetensors spelling
+    shape: tuple[int, ...]
+    nbytes: int
+    source: TensorInfo
+
+
+def write_planned_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None
+                        ) -> dict[str, int]:
+    """Write a safetensors file in one pass: the header first, then each tensor copied from its source.
+
+    Unlike :class:`ShardWriter`, nothing is staged in a spill file, since every size is known up
+    front. Returns the :func:`bytes_checksum` of every tensor as written. The file appears under
+    ``path`` only once complete (written to ``<path>.tmp``, synced, renamed).
+    """
+    by_name = {t.name: t for t in tensors}
+    if len(by_name) != len(tensors):
+        raise ValueError(f"duplicate tensor names in {Path(path).name}")
+    order = _storage_order({t.name: t.dtype for t in tensors})
+    blob = _header_blob([(k, by_name[k].dtype, by_name[k].shape, by_name[k].nbytes) for k in order],
+                        {"format": "pt", **(metadata or {})})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    hashes: dict[str, int] = {}
+    try:
+        with open(tmp, "wb") as out:
+            out.write(blob)
+            for name in order:
+                h = hashlib.blake2b(digest_size=8)
+                n = 0
+                for block in iter_bytes(by_name[name].source):
+                    out.write(block)
+                    h.update(block)
+                    n += len(block)
+                if n != by_name[name].nbytes:
+                    raise TpdeFormatError(str(by_name[name].source.file), f"{name!r} changed size while copying")
+                hashes[name] = int.from_bytes(h.digest(), "little", signed=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hashes
 
 
 def _chunks(data: memoryview) -> Iterator[bytes]:
