@@ -169,8 +169,8 @@ def run(dtype: torch.dtype, weights: dict[str, torch.Tensor], params: CodecParam
                                     ("numpy_reference", "numpy", "")):
         with use_backend(backend), codec_threads_env(threads):
             decode_tensors(list(encs.values())[:1])  # compile (or load the cached machine code) first
-            enc_s = best_of(lambda: encode_tensors(weights, params), repeat=2)
-            dec_s = best_of(lambda: decode_tensors(list(encs.values())))
+            enc_s = best_of(lambda: encode_tensors(weights, params), repeat=3)
+            dec_s = best_of(lambda: decode_tensors(list(encs.values())), repeat=5)
             throughput[label] = {"encode_MBps": src_bytes / enc_s / 1e6, "decode_MBps": src_bytes / dec_s / 1e6,
                                  "threads": codec_threads() if backend == "compiled" else 1}
     for (name, w), back in zip(weights.items(), decode_tensors(list(encs.values()), verify=True), strict=False):

@@ -339,6 +339,10 @@ def conversion_section(data: dict) -> str:
     parts.append("MB/s are MB of source weights per second; \"plain load+save\" is loading the source and saving it "
                  "again as safetensors, the floor for any conversion. Each figure is the best of the repeats "
                  "(the machine may be shared).")
+    if "llama-synthetic" in models:
+        parts.append("llama-synthetic is a 1.2 GB bf16 Llama-architecture checkpoint with random weights, measured "
+                     "for its throughput at a size where start-up costs stop dominating; its bits per weight and "
+                     "ratio describe random mantissas, not a trained model.")
     parts.append(_details(data))
     return "\n\n".join(parts)
 
