@@ -122,3 +122,32 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="unknown codec backend"):
         with use_backend("gpu"):
             pass
+
+
+FORK_SCRIPT = """
+import os, sys, torch, numpy as np
+torch.set_num_threads(1)  # torch's own OpenMP pool cannot survive a fork; keep it out of this test
+from tpde_hf.codec import decode_tensor, encode_tensor, use_backend
+w = (torch.randn(400, 300) * 0.02).to(torch.bfloat16)
+with use_backend("compiled"):
+    enc = encode_tensor(w, name="w")
+    decode_tensor(enc)  # above the threading threshold: the codec's thread pool exists now
+pid = os.fork()
+if pid == 0:
+    with use_backend("compiled"):
+        back = decode_tensor(enc)
+    os._exit(0 if np.array_equal(back.view(torch.int16).numpy(), w.view(torch.int16).numpy()) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_decode_works_in_a_forked_child():
+    """A child forked after the codec's thread pool exists gets a fresh pool instead of hanging on a dead one."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "TPDE_CODEC_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]

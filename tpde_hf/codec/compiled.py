@@ -96,6 +96,15 @@ MIN_PARALLEL_ELEMENTS = 1 << 16
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child inherits the pool object but not its threads: submitting would hang
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def codec_threads() -> int:
     """Threads the compiled codec uses: ``TPDE_CODEC_THREADS``, else every core this process may run on.
 

@@ -17,6 +17,10 @@ meta          int64 [10]                 version, dtype, out, in, G, lane_len, p
 Everything read from a file is validated against everything else before a decode starts, so a
 crafted file can neither make the decoder index out of bounds nor return wrong weights silently.
 
+Two CPU implementations sit behind :func:`encode_tensors` / :func:`decode_tensors`: the numpy
+reference in this module (vectorized over lanes) and the compiled one in :mod:`.compiled` (the
+default); :mod:`.backend` chooses, and the tests hold them to identical bytes and bits.
+
 Example::
 
     enc = encode_tensor(weight, name="layer.weight")
@@ -469,7 +473,10 @@ def encode_tensor(weight: torch.Tensor, params: CodecParams | None = None, name:
 
 # ==================================================================== decode
 def decode_tensor(enc: EncodedTensor, verify: bool = False) -> torch.Tensor:
-    """Rebuild the original weight exactly (CPU reference). ``verify`` also checks the checksum."""
+    """Rebuild the original weight exactly on the CPU. ``verify`` also checks the checksum.
+
+    Runs the compiled codec, or the numpy reference (see :mod:`tpde_hf.codec.backend`): same bits.
+    """
     return decode_tensors([enc], verify=verify)[0]
 
 
