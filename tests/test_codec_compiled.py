@@ -15,7 +15,6 @@ from tpde_hf.codec.base_quant import predict_from_levels, quantize
 from tpde_hf.codec.ordinal import to_ordinal
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 def encode_with(backend: str, w: torch.Tensor, params: CodecParams | None = None) -> dict[str, torch.Tensor]:

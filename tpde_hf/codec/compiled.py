@@ -22,7 +22,7 @@ import torch
 
 from tpde_hf.codec import base_quant, rans
 from tpde_hf.codec import compiled_kernels as kernels
-from tpde_hf.codec.ordinal import bit_width
+from tpde_hf.codec.ordinal import INT_VIEW, bit_width
 from tpde_hf.codec.symbols import SymbolSpec, symbol_tables
 from tpde_hf.errors import TpdeFormatError
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 #: About this many elements per chunk: bounds the prediction table (4 * 32 / G bytes per element).
 CHUNK_ELEMENTS = 1 << 22
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _LEVELS_F32 = np.arange(-15, 17, dtype=np.float32)
 _BIT_LENGTH_16 = np.array([int(v).bit_length() for v in range(1 << 16)], dtype=np.uint8)
 
@@ -84,7 +83,7 @@ def _row_chunks(out_f: int, in_f: int) -> Iterator[tuple[int, int]]:
 
 
 def _weight_bits(weight: torch.Tensor) -> np.ndarray:
-    return weight.contiguous().view(_INT_VIEW[weight.dtype]).numpy().ravel()
+    return weight.contiguous().view(INT_VIEW[weight.dtype]).numpy().ravel()
 
 
 def _group_shift(group_size: int) -> int:
@@ -131,10 +130,11 @@ def _run_all(fn: Callable, jobs: list[tuple]) -> list:
     return [first] + [f.result() for f in futures]
 
 
-def _lane_blocks(n_lanes: int, numel: int) -> list[tuple[int, int]]:
-    n = 1 if numel < MIN_PARALLEL_ELEMENTS else max(1, min(codec_threads(), n_lanes))
-    per = -(-n_lanes // n)
-    return [(l0, min(n_lanes, l0 + per)) for l0 in range(0, n_lanes, per)]
+def _blocks(count: int, numel: int) -> list[tuple[int, int]]:
+    """``count`` lanes or rows cut into one contiguous block per thread (one block for a small weight)."""
+    n = 1 if numel < MIN_PARALLEL_ELEMENTS else max(1, min(codec_threads(), count))
+    per = -(-count // n)
+    return [(b0, min(count, b0 + per)) for b0 in range(0, count, per)]
 
 
 def _as_float32(weight: torch.Tensor) -> np.ndarray:
@@ -166,7 +166,7 @@ def _quantize_rows(weight: torch.Tensor, group_size: int) -> base_quant.BaseTens
     w = _as_float32(weight)
     lo = np.zeros((out_f, ng), dtype=np.float32)
     hi = np.zeros((out_f, ng), dtype=np.float32)
-    row_blocks = _row_blocks(out_f, weight.numel())
+    row_blocks = _blocks(out_f, weight.numel())
     _run_all(kernels.group_ranges, [(w, r0, r1, gshift, lo, hi) for r0, r1 in row_blocks])
     with np.errstate(over="ignore"):  # a range past the float32 maximum becomes inf, then 65504
         scale32 = (hi - lo) / np.float32(15.0)
@@ -180,21 +180,8 @@ def _quantize_rows(weight: torch.Tensor, group_size: int) -> base_quant.BaseTens
     return base_quant.BaseTensors(
         qweight=torch.from_numpy(qweight),
         scales=torch.from_numpy(scale),
-        zeros=torch.from_numpy(_pack_nibbles(zero.astype(np.uint8))),
+        zeros=base_quant.pack_nibbles(torch.from_numpy(zero.astype(np.uint8))),
     )
-
-
-def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """numpy twin of :func:`base_quant.pack_nibbles`."""
-    if codes.shape[-1] % 2:
-        codes = np.concatenate((codes, np.zeros(codes.shape[:-1] + (1,), dtype=codes.dtype)), axis=-1)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def _row_blocks(out_f: int, numel: int) -> list[tuple[int, int]]:
-    n = 1 if numel < MIN_PARALLEL_ELEMENTS else max(1, min(codec_threads(), out_f))
-    per = -(-out_f // n)
-    return [(r0, min(out_f, r0 + per)) for r0 in range(0, out_f, per)]
 
 
 @dataclass
@@ -217,7 +204,7 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
     qweight, zeros = base.qweight.numpy(), base.zeros.numpy()
     width, gshift = bit_width(weight.dtype), _group_shift(group_size)
     n_lanes = layout.n_lanes
-    blocks = _lane_blocks(n_lanes, layout.numel)
+    blocks = _blocks(n_lanes, layout.numel)
     common = (in_f, gshift, n_lanes, width, spec.k, spec.m, spec.n_symbols, _BIT_LENGTH_16)
 
     # Pass 1: symbol counts per context and raw bits per lane, each thread over its own elements.
@@ -299,7 +286,7 @@ def decode(enc: EncodedTensor, lut: np.ndarray) -> torch.Tensor:
     out = np.empty(layout.numel, dtype=_np_int(enc.dtype))
     width, gshift = bit_width(enc.dtype), _group_shift(enc.params.group_size)
     qweight, zeros = enc.qweight.numpy(), enc.zeros.numpy()
-    blocks = _lane_blocks(layout.n_lanes, layout.numel)
+    blocks = _blocks(layout.n_lanes, layout.numel)
     for ch in _chunks(layout, in_f):
         pred = prediction_ordinals(enc.scales[ch.r0 : ch.r1], enc.dtype)
         _run_all(kernels.decode_steps, [

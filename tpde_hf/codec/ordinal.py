@@ -21,13 +21,14 @@ from tpde_hf.errors import TpdeFormatError
 #: Source dtypes the codec accepts, with their stable on-disk code and bit width.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+#: The integer dtype of the same width, for bit-level views of a weight.
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 def bit_width(dtype: torch.dtype) -> int:
     """16 for bf16/fp16, 32 for fp32."""
     check_dtype(dtype)
-    return 16 if _INT_VIEW[dtype] is torch.int16 else 32
+    return 16 if INT_VIEW[dtype] is torch.int16 else 32
 
 
 def check_dtype(dtype: torch.dtype, name: str | None = None) -> None:
@@ -40,7 +41,7 @@ def check_dtype(dtype: torch.dtype, name: str | None = None) -> None:
 def to_ordinal(x: torch.Tensor) -> torch.Tensor:
     """Ordinals of ``x`` as int64 (any shape). Example: ``to_ordinal(torch.tensor([-0.0]))`` -> ``[-1]``."""
     w = bit_width(x.dtype)
-    v = x.contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
+    v = x.contiguous().view(INT_VIEW[x.dtype]).to(torch.int64)
     return v ^ ((v >> (w - 1)) & ((1 << (w - 1)) - 1))
 
 
@@ -48,7 +49,7 @@ def from_ordinal(o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`to_ordinal`; ``o`` must lie in the signed range of the dtype's width."""
     w = bit_width(dtype)
     v = o ^ ((o >> (w - 1)) & ((1 << (w - 1)) - 1))
-    return v.to(_INT_VIEW[dtype]).view(dtype)
+    return v.to(INT_VIEW[dtype]).view(dtype)
 
 
 def wrap(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpde_hf.codec.ordinal import DTYPE_CODES
+from tpde_hf.codec.ordinal import DTYPE_CODES, INT_VIEW
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.triton_kernels.packed import IDENTITY_CONTEXT, SYM_HI_BITS, PackedWeight
 
@@ -62,7 +62,6 @@ _FP32: tl.constexpr = tl.constexpr(DTYPE_CODES[torch.float32])
 _IDENTITY: tl.constexpr = tl.constexpr(IDENTITY_CONTEXT)
 _HI_BITS: tl.constexpr = tl.constexpr(SYM_HI_BITS)
 _HI_MASK: tl.constexpr = tl.constexpr((1 << SYM_HI_BITS) - 1)
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 #: Lanes per program. 64 lanes = 2 warps of one lane per thread: enough programs to spread over
 #: the SMs for a 4096x4096 weight (16,384 lanes -> 256 programs) with the default lane length.
@@ -347,7 +346,7 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, check: bool =
     final = torch.empty(3 * pw.n_lanes if check else 1, dtype=torch.int64, device=pw.device)
     grid = (triton.cdiv(pw.n_lanes, BLOCK_LANES),)
     _reconstruct_kernel[grid](
-        *tensors, out.view(_INT_VIEW[pw.dtype]), final, *scalars,
+        *tensors, out.view(INT_VIEW[pw.dtype]), final, *scalars,
         G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype],
         BLOCK_L=BLOCK_LANES, CHECK=check, num_warps=BLOCK_LANES // 32,
     )
@@ -385,7 +384,7 @@ def base_weight(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tens
     block_r, block_c = (256, 1024) if interpreting() else (16, 128)
     grid = (triton.cdiv(out_f, block_r), triton.cdiv(in_f, block_c))
     _base_weight_kernel[grid](
-        pw.qweight, pw.scales, pw.zeros, out.view(_INT_VIEW[pw.dtype]), out_f, in_f,
+        pw.qweight, pw.scales, pw.zeros, out.view(INT_VIEW[pw.dtype]), out_f, in_f,
         pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
         G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], WIDTH=pw.width, BLOCK_R=block_r, BLOCK_C=block_c,
     )
@@ -403,7 +402,7 @@ def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -
     block_n = 32 if m <= 16 else 64  # small batches: more programs over N to fill the GPU
     grid = (triton.cdiv(m, block_m), triton.cdiv(out_f, block_n))
     _base_matmul_kernel[grid](
-        x2, y.view(_INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros,
+        x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros,
         m, out_f, in_f, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
         G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=interpreting() or x2.dtype == torch.float32,
