@@ -62,13 +62,29 @@ def _delta_symbol(bit_pattern, pred_ordinal, width, k, m, bl16):
 
 
 @njit(cache=True, inline="always")
-def _segment(zeros, row, col, in_f, gshift, limit):
+def _row_col(i, in_f):
+    row = i // in_f
+    return row, i - row * in_f
+
+
+@njit(cache=True, inline="always")
+def _segment(qweight, zeros, pred, row0, row, col, in_f, gshift, limit):
     """The run of at most ``limit`` elements from ``(row, col)`` that shares a row and a group:
-    ``(length, group, zero point)``. Loops walk runs so that the inner loop stays tight."""
+    ``(length, zero point, prediction-table row, packed-code row)``. Loops walk runs so that the
+    inner loop stays tight."""
     gi = col >> gshift
     n = min(min((gi + 1) << gshift, in_f) - col, limit)
     z = (np.int64(zeros[row, gi >> 1]) >> ((gi & 1) << 2)) & 15
-    return n, gi, z
+    return n, z, pred[row - row0, gi], qweight[row]
+
+
+@njit(cache=True, inline="always")
+def _after_segment(row, col, n, in_f):
+    """``(row, col)`` just past a run of ``n`` elements (a run never crosses the end of a row)."""
+    col += n
+    if col == in_f:
+        return row + 1, 0
+    return row, col
 
 
 @njit(cache=True, inline="always")
@@ -81,13 +97,10 @@ def symbol_statistics(bits, qweight, zeros, pred, row0, i0, i1, in_f, gshift, n_
                       bl16, counts, lane_raw_bits):
     """Add elements ``[i0, i1)`` to the ``(context, symbol)`` counts and each lane's raw-bit total."""
     i = i0
-    row = i0 // in_f
-    col = i0 - row * in_f
+    row, col = _row_col(i0, in_f)
     lane = i0 % n_lanes
     while i < i1:
-        n, gi, z = _segment(zeros, row, col, in_f, gshift, i1 - i)
-        prow = pred[row - row0, gi]
-        qrow = qweight[row]
+        n, z, prow, qrow = _segment(qweight, zeros, pred, row0, row, col, in_f, gshift, i1 - i)
         for t in range(n):
             c = _code(qrow, col + t) - z
             sym, nr, _ = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
@@ -97,10 +110,7 @@ def symbol_statistics(bits, qweight, zeros, pred, row0, i0, i1, in_f, gshift, n_
             if lane == n_lanes:
                 lane = 0
         i += n
-        col += n
-        if col == in_f:
-            col = 0
-            row += 1
+        row, col = _after_segment(row, col, n, in_f)
 
 
 @njit(cache=True, nogil=True)
@@ -116,12 +126,9 @@ def encode_steps(bits, qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, 
     for e in range(e1 - 1, e0 - 1, -1):
         i = e * n_lanes + l0
         lane = l0
-        row = i // in_f
-        col = i - row * in_f
+        row, col = _row_col(i, in_f)
         while lane < l1 and i < numel:
-            n, gi, z = _segment(zeros, row, col, in_f, gshift, min(l1 - lane, numel - i))
-            prow = pred[row - row0, gi]
-            qrow = qweight[row]
+            n, z, prow, qrow = _segment(qweight, zeros, pred, row0, row, col, in_f, gshift, min(l1 - lane, numel - i))
             for t in range(n):
                 c = _code(qrow, col + t) - z
                 sym, nr, raw = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
@@ -146,10 +153,7 @@ def encode_steps(bits, qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, 
                 raw_words[kw + 1] |= v >> np.uint64(32)
             lane += n
             i += n
-            col += n
-            if col == in_f:
-                col = 0
-                row += 1
+            row, col = _after_segment(row, col, n, in_f)
 
 
 @njit(cache=True, nogil=True)
@@ -192,12 +196,9 @@ def decode_steps(qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lane
     for e in range(e0, e1):
         i = e * n_lanes + l0
         lane = l0
-        row = i // in_f
-        col = i - row * in_f
+        row, col = _row_col(i, in_f)
         while lane < l1 and i < numel:
-            n, gi, z = _segment(zeros, row, col, in_f, gshift, min(l1 - lane, numel - i))
-            prow = pred[row - row0, gi]
-            qrow = qweight[row]
+            n, z, prow, qrow = _segment(qweight, zeros, pred, row0, row, col, in_f, gshift, min(l1 - lane, numel - i))
             for t in range(n):
                 c = _code(qrow, col + t) - z
                 ln = lane + t
@@ -224,10 +225,7 @@ def decode_steps(qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lane
                 out[i + t] = _ordinal(_wrap(np.int64(prow[c + 15]) + r, width), width)
             lane += n
             i += n
-            col += n
-            if col == in_f:
-                col = 0
-                row += 1
+            row, col = _after_segment(row, col, n, in_f)
 
 
 @njit(cache=True, nogil=True)
