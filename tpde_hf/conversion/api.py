@@ -44,7 +44,6 @@ from tpde_hf.conversion.report import ClassSizes, ConversionReport, tensor_class
 from tpde_hf.conversion.selection import ModelLayout, Selection, load_layout, select_tensors
 from tpde_hf.conversion.sources import Source, resolve_source, stage_weights
 from tpde_hf.conversion.streaming import (
-    PlannedTensor,
     TensorInfo,
     read_header,
     verify_file_hashes,
@@ -518,7 +517,7 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     weight_map: dict[str, str] = {}
 
     # 1. Plan: which tensors (or tpde parts) go into which shard, in the source's order.
-    plans: list[list[tuple[TensorInfo, list[PlannedTensor]]]] = []
+    plans: list[list[tuple[TensorInfo, list[TensorInfo]]]] = []
     planned_bytes = 0
     for info in run.infos:
         if info.name in encoded:
@@ -529,12 +528,11 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
             parts = [headers[tf][f"{prefix}.{s}"] for s in SUFFIXES]
         else:
             parts = [info]
-        planned = [PlannedTensor(p.name, p.dtype, tuple(p.shape), p.nbytes, p) for p in parts]
         size = sum(p.nbytes for p in parts)
         if not plans or (planned_bytes and planned_bytes + size > max_shard):
             plans.append([])
             planned_bytes = 0
-        plans[-1].append((info, planned))
+        plans[-1].append((info, parts))
         planned_bytes += size
 
     # 2. Write each shard in one pass; check every encoded part against the hash its worker verified.
@@ -581,7 +579,7 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     return manifest
 
 
-def _record_tensor(info: TensorInfo, tensors: list[PlannedTensor], hashes: dict[str, int],
+def _record_tensor(info: TensorInfo, tensors: list[TensorInfo], hashes: dict[str, int],
                    res: TensorResult | None, shard_name: str, manifest: dict[str, dict],
                    classes: dict[str, ClassSizes], weight_map: dict[str, str]) -> None:
     """Manifest entry, size class and weight-map lines of one written tensor (``res`` when it was encoded)."""
@@ -594,7 +592,7 @@ def _record_tensor(info: TensorInfo, tensors: list[PlannedTensor], hashes: dict[
         return
     changed = [t.name for t in tensors if hashes[t.name] != res.part_hashes[t.name]]
     if changed:
-        raise VerificationError(f"{tensors[0].source.file}: {changed} changed since verified; rerun without resume",
+        raise VerificationError(f"{tensors[0].file}: {changed} changed since verified; rerun without resume",
                                 changed)
     manifest[info.name] = manifest_entry(res.dtype, res.shape, res.checksum, True)
     classes.setdefault(tensor_class(info.name, True, 2), ClassSizes()).add(

@@ -189,21 +189,6 @@ class ShardWriter:
         self.hashes[name] = bytes_checksum([bytes(data)] if len(data) < _CHUNK else _chunks(data))
         self.nbytes += len(data)
 
-    def add_raw(self, name: str, dtype: str, shape: tuple[int, ...], blocks: Iterator[bytes]) -> int:
-        """Append a tensor given as raw bytes (copied from another safetensors file); returns its checksum."""
-        self._start(name)
-        h = hashlib.blake2b(digest_size=8)
-        n = 0
-        for b in blocks:
-            self._spill.write(b)
-            h.update(b)
-            n += len(b)
-        checksum = int.from_bytes(h.digest(), "little", signed=True)
-        self._entries[name] = (dtype, tuple(shape), self.nbytes, n)
-        self.hashes[name] = checksum
-        self.nbytes += n
-        return checksum
-
     def close(self) -> None:
         """Write the final file and remove the spill file."""
         self._spill.close()
@@ -248,20 +233,9 @@ def _header_blob(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
     return struct.pack("<Q", len(blob)) + blob
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    """A tensor whose size is known in advance and whose bytes come from ``source`` (e.g. another file)."""
-
-    name: str
-    dtype: str  # safetensors spelling
-    shape: tuple[int, ...]
-    nbytes: int
-    source: TensorInfo
-
-
-def write_planned_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None
+def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[str, str] | None = None
                         ) -> dict[str, int]:
-    """Write a safetensors file in one pass: the header first, then each tensor copied from its source.
+    """Write a safetensors file of ``tensors`` (stored elsewhere) in one pass: header first, then their bytes.
 
     Unlike :class:`ShardWriter`, nothing is staged in a spill file, since every size is known up
     front. Returns the :func:`bytes_checksum` of every tensor as written. The file appears under
@@ -275,20 +249,10 @@ def write_planned_shard(path: Path, tensors: list[PlannedTensor], metadata: dict
                         {"format": "pt", **(metadata or {})})
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    hashes: dict[str, int] = {}
     try:
         with open(tmp, "wb") as out:
             out.write(blob)
-            for name in order:
-                h = hashlib.blake2b(digest_size=8)
-                n = 0
-                for block in iter_bytes(by_name[name].source):
-                    out.write(block)
-                    h.update(block)
-                    n += len(block)
-                if n != by_name[name].nbytes:
-                    raise TpdeFormatError(str(by_name[name].source.file), f"{name!r} changed size while copying")
-                hashes[name] = int.from_bytes(h.digest(), "little", signed=True)
+            hashes = {name: bytes_checksum(_written(out, iter_bytes(by_name[name]))) for name in order}
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -296,6 +260,13 @@ def write_planned_shard(path: Path, tensors: list[PlannedTensor], metadata: dict
         tmp.unlink(missing_ok=True)
         raise
     return hashes
+
+
+def _written(out, blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass ``blocks`` through after writing each to ``out`` (hash while copying, in one read)."""
+    for block in blocks:
+        out.write(block)
+        yield block
 
 
 def _chunks(data: memoryview) -> Iterator[bytes]:
