@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tpde_hf.codec import bitpack
+from tpde_hf.codec import bitpack, rans
 from tpde_hf.codec.rans import STATE_LOW, WORD_BITS
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.triton_kernels.packed import IDENTITY_CONTEXT, SYM_HI_BITS, PackedWeight
@@ -119,35 +119,11 @@ def _rans_lut_index(pw: PackedWeight, ctx: torch.Tensor, loop: str | None = None
 
 
 def _loop_numpy(pw: PackedWeight, ctx_base: np.ndarray, start: torch.Tensor):
-    steps, lanes = ctx_base.shape
-    mask = np.uint32((1 << pw.prob_bits) - 1)
-    lut = pw.step_lut.numpy().view(np.uint32)
-    words = np.append(pw.words.numpy().view(np.uint16), np.uint16(0)).astype(np.uint32)  # + clamp target
-    last = words.size - 1
-    x = pw.lane_state.numpy().view(np.uint32).copy()
-    ptr = start[:-1].numpy().copy()
-    out = np.empty((steps, lanes), dtype=np.uint32)
-    need, at = np.empty(lanes, dtype=bool), np.empty(lanes, dtype=np.int64)
-    p, t, w = (np.empty(lanes, dtype=np.uint32) for _ in range(3))
-    pb, lo, wb = np.uint32(pw.prob_bits), np.uint32(STATE_LOW), np.uint32(WORD_BITS)
-    for e in range(steps):
-        idx = out[e]
-        np.bitwise_and(x, mask, out=idx)
-        idx += ctx_base[e]
-        lut.take(idx, out=p)
-        np.right_shift(x, pb, out=x)  # x = freq * (x >> pb) + (slot - cum)
-        np.bitwise_and(p, 0xFFFF, out=t)
-        x *= t
-        np.right_shift(p, 16, out=t)
-        x += t
-        np.less(x, lo, out=need)  # renormalize: at most one 16-bit word per step
-        np.minimum(ptr, last, out=at)
-        words.take(at, out=w)
-        w *= need
-        np.left_shift(x, wb * need, out=x)
-        x |= w
-        ptr += need
-    return torch.from_numpy(out.view(np.int32)), torch.from_numpy(x.astype(np.int64)), torch.from_numpy(ptr)
+    """The codec's own numpy decode loop (:func:`rans.decode_lanes`) over this weight's streams."""
+    words = torch.cat((pw.words.to(torch.int64) & 0xFFFF, torch.zeros(1, dtype=torch.int64)))  # + clamp target
+    index, x, ptr = rans.decode_lanes(ctx_base, pw.lane_state.to(torch.int64) & 0xFFFFFFFF, start[:-1], words,
+                                      pw.step_lut.numpy().view(np.uint32), pw.prob_bits)
+    return torch.from_numpy(index.view(np.int32)), x, ptr
 
 
 def _loop_torch(pw: PackedWeight, ctx_base: torch.Tensor, start: torch.Tensor):
