@@ -113,6 +113,20 @@ def _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row64, col, mask, q_stride,
 
 
 @triton.jit
+def _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col, lane_ok, out_f, in_f, q_stride,
+                  s_stride, z_stride, G: tl.constexpr):
+    """Each lane's next element (``n_lanes`` further on, i.e. ``d_row`` rows and ``d_col`` columns), and
+    its level, scale and validity: loaded one step ahead so the loads overlap the current step."""
+    col_n = col + d_col
+    wrapped = col_n >= in_f
+    col_n = tl.where(wrapped, col_n - in_f, col_n)
+    row_n = row + d_row + wrapped.to(tl.int32)
+    c_n, s_n, valid_n = _element(qweight_ptr, scales_ptr, zeros_ptr, row_n, col_n, lane_ok, out_f, q_stride,
+                                 s_stride, z_stride, G)
+    return row_n, col_n, c_n, s_n, valid_n
+
+
+@triton.jit
 def _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride, z_stride,
              G: tl.constexpr):
     """``(c, scale, valid)`` of the element each lane decodes next: its context and prediction inputs."""
@@ -195,12 +209,8 @@ def _reconstruct_kernel(
     c, s, valid = _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride,
                            z_stride, G)
     for _ in range(steps):
-        col_n = col + d_col
-        wrapped = col_n >= in_f
-        col_n = tl.where(wrapped, col_n - in_f, col_n)
-        row_n = row + d_row + wrapped.to(tl.int32)
-        c_n, s_n, valid_n = _element(qweight_ptr, scales_ptr, zeros_ptr, row_n, col_n, lane_ok, out_f, q_stride,
-                                     s_stride, z_stride, G)
+        row_n, col_n, c_n, s_n, valid_n = _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col,
+                                                        lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G)
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
                                                   step_lut_ptr, sym_lut_ptr, n_words, n_raw_words, PB, WIDTH, CODE)
         dst = out_ptr + row.to(tl.int64) * in_f + col
@@ -232,12 +242,8 @@ def _fused_gemv_kernel(
     m_ok = m < M
     r_idx = tl.arange(0, ROWS)
     for _ in range(steps):
-        col_n = col + d_col
-        wrapped = col_n >= in_f
-        col_n = tl.where(wrapped, col_n - in_f, col_n)
-        row_n = row + d_row + wrapped.to(tl.int32)
-        c_n, s_n, valid_n = _element(qweight_ptr, scales_ptr, zeros_ptr, row_n, col_n, lane_ok, out_f, q_stride,
-                                     s_stride, z_stride, G)
+        row_n, col_n, c_n, s_n, valid_n = _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col,
+                                                        lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G)
         xv = tl.load(x_ptr + m[:, None].to(tl.int64) * x_stride + col[None, :],
                      mask=m_ok[:, None] & valid[None, :], other=0.0).to(tl.float32)
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
