@@ -14,32 +14,26 @@ import os
 import textwrap
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HUB_TOKEN, HUB_USER
 from hub_server import ClientScriptError, LocalHubServer
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
-TOKEN = "hf_good"
-USER = "alice"
+TOKEN, USER = HUB_TOKEN, HUB_USER  # the conftest hub's account
 BIG = 10 * 1024 * 1024 + 4096  # just over the Hub's 10 MB regular-file limit
 
 RunClient = Callable[..., Any]
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[LocalHubServer]:
-    server = LocalHubServer(tokens={TOKEN: USER}, root=tmp_path / "hub")
-    server.start()
-    try:
-        yield server
-        assert server.unhandled_requests == []  # the client used an endpoint we do not serve
-        assert server.internal_errors == []
-    finally:
-        server.stop()
+def hub(local_hub: LocalHubServer) -> LocalHubServer:
+    """conftest's ``local_hub``: it also fails the test on a route it does not serve or an internal error."""
+    return local_hub
 
 
 def _runner(hub: LocalHubServer, hf_home: Path) -> RunClient:
@@ -253,10 +247,10 @@ def test_missing_repo_raises_repository_not_found(client: RunClient) -> None:
 
         api = HfApi()
         print(json.dumps({
-            "model_info": outcome(lambda: api.model_info("alice/nope")),
-            "download": outcome(lambda: hf_hub_download("alice/nope", "config.json")),
-            "snapshot": outcome(lambda: snapshot_download("alice/nope")),
-            "upload": outcome(lambda: api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="alice/nope")),
+            "model_info": outcome(lambda: api.model_info("someone/nope")),
+            "download": outcome(lambda: hf_hub_download("someone/nope", "config.json")),
+            "snapshot": outcome(lambda: snapshot_download("someone/nope")),
+            "upload": outcome(lambda: api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="someone/nope")),
             "whoami": api.whoami()["name"],
         }))
         """
