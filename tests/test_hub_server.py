@@ -247,10 +247,10 @@ def test_missing_repo_raises_repository_not_found(client: RunClient) -> None:
 
         api = HfApi()
         print(json.dumps({
-            "model_info": outcome(lambda: api.model_info("someone/nope")),
-            "download": outcome(lambda: hf_hub_download("someone/nope", "config.json")),
-            "snapshot": outcome(lambda: snapshot_download("someone/nope")),
-            "upload": outcome(lambda: api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="someone/nope")),
+            "model_info": outcome(lambda: api.model_info("user/nope")),
+            "download": outcome(lambda: hf_hub_download("user/nope", "config.json")),
+            "snapshot": outcome(lambda: snapshot_download("user/nope")),
+            "upload": outcome(lambda: api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="user/nope")),
             "whoami": api.whoami()["name"],
         }))
         """
