@@ -136,11 +136,35 @@ def test_report_figures_are_consistent(tiny_llama_dir: Path, tmp_path: Path) -> 
     assert bpw["total"] == pytest.approx(bpw["base"] + bpw["delta"]) and bpw["source"] == 16
     assert report.source_bytes == sum(t.numel() * t.element_size() for t in source_tensors(tiny_llama_dir).values())
     assert report.output_bytes == sum(c.output_bytes for c in report.classes.values())
-    assert report.largest_tensor_bytes == 512 * 128 * 2 and report.peak_rss_bytes > report.baseline_rss_bytes > 0
+    # >=: in a warm process the streaming stage may reuse freed memory and never rise above its start;
+    # the next test holds the measurement to an allocation of known size.
+    assert report.largest_tensor_bytes == 512 * 128 * 2 and report.peak_rss_bytes >= report.baseline_rss_bytes > 0
     assert d["throughput_mb_s"]["end_to_end"] > 0 and d["seconds"]["total"] > 0
     table = report.summary_table()
     for needle in ("linear (tpde)", "embedding", "bits per converted weight", "throughput", "peak memory"):
         assert needle in table
+
+
+def test_peak_memory_captures_what_the_streaming_stage_allocates(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from tpde_hf.conversion import worker
+
+    extra = 64 << 20
+    real_encode = worker.encode_tensors
+
+    def encode_with_a_big_buffer(weights, params):
+        block = np.full(extra, 1, dtype=np.uint8)  # written, so every page is resident
+        out = real_encode(weights, params)
+        del block
+        return out
+
+    monkeypatch.setattr(worker, "encode_tensors", encode_with_a_big_buffer)
+    report = convert(tiny_llama_dir, tmp_path / "out", workers=1)
+    assert report.peak_rss_bytes > report.baseline_rss_bytes > 0
+    assert report.peak_above_baseline_bytes >= extra * 0.95  # page-granular; the buffer itself is 64 MiB
 
 
 def test_model_card_renders_with_valid_metadata(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -237,6 +237,9 @@ def convert(
         # GGUF dequantization are done, and reported apart as the planning peak.
         report.plan_peak_rss_bytes = peak_rss()
         report.baseline_rss_bytes = baseline = reset_peak()
+        # The streaming peak starts at the baseline: in-process tasks reset the counter again, and RSS may
+        # have shrunk by then, so their own peaks alone could report less than the starting point.
+        report.peak_rss_bytes = max(report.peak_rss_bytes, baseline)
 
         t = time.perf_counter()
         results, task_files = _encode(run, pool, verify, on_tensor)
