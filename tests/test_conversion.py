@@ -148,6 +148,8 @@ def test_report_figures_are_consistent(tiny_llama_dir: Path, tmp_path: Path) -> 
 def test_peak_memory_captures_what_the_streaming_stage_allocates(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import mmap
+
     import numpy as np
 
     from tpde_hf.conversion import worker
@@ -156,10 +158,12 @@ def test_peak_memory_captures_what_the_streaming_stage_allocates(
     real_encode = worker.encode_tensors
 
     def encode_with_a_big_buffer(weights, params):
-        block = np.full(extra, 1, dtype=np.uint8)  # written, so every page is resident
-        out = real_encode(weights, params)
-        del block
-        return out
+        # A fresh anonymous mapping, written: malloc could hand back pages that are already resident.
+        with mmap.mmap(-1, extra) as block:
+            view = np.frombuffer(block, dtype=np.uint8)
+            view[:] = 1
+            del view
+            return real_encode(weights, params)
 
     monkeypatch.setattr(worker, "encode_tensors", encode_with_a_big_buffer)
     report = convert(tiny_llama_dir, tmp_path / "out", workers=1)
