@@ -17,6 +17,7 @@ Fixtures:
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,3 +128,15 @@ def local_hub(tmp_path: Path) -> Iterator[object]:
         assert server.internal_errors == []
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_layout_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Conversions in tests keep their layout cache in a temporary folder, never in the user's HF_HOME."""
+    old = os.environ.get("TPDE_LAYOUT_CACHE")
+    os.environ["TPDE_LAYOUT_CACHE"] = str(tmp_path_factory.mktemp("layout-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TPDE_LAYOUT_CACHE", None)
+    else:
+        os.environ["TPDE_LAYOUT_CACHE"] = old

@@ -1,6 +1,6 @@
 """The tpde codec: 4-bit group-wise base + a context-coded, bit-exact delta."""
 
-from tpde_hf.codec.backend import active_backend, use_backend
+from tpde_hf.codec.backend import active_backend, limit_codec_threads, use_backend
 from tpde_hf.codec.tensor_codec import (
     FORMAT_VERSION,
     SUFFIXES,
@@ -16,6 +16,7 @@ from tpde_hf.codec.tensor_codec import (
 
 __all__ = [
     "active_backend",
+    "limit_codec_threads",
     "use_backend",
     "FORMAT_VERSION",
     "SUFFIXES",

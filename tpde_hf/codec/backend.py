@@ -13,12 +13,14 @@ for a block of code, :func:`use_backend`. Example::
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
 BACKENDS = ("auto", "compiled", "numpy")
 _forced: str | None = None
+_this_thread = threading.local()
 
 
 @lru_cache(maxsize=1)
@@ -58,3 +60,17 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+def limit_codec_threads(threads: int | None) -> None:
+    """Cap the codec threads of calls made from the *calling* thread (``None`` lifts the cap).
+
+    For callers that already run one codec call per core on threads of their own (the conversion's
+    task threads): a second level of threads would only contend for the same cores.
+    """
+    _this_thread.limit = None if threads is None else max(1, int(threads))
+
+
+def thread_limit() -> int | None:
+    """The calling thread's cap from :func:`limit_codec_threads`, or None."""
+    return getattr(_this_thread, "limit", None)

@@ -22,6 +22,7 @@ import torch
 
 from tpde_hf.codec import base_quant, rans
 from tpde_hf.codec import compiled_kernels as kernels
+from tpde_hf.codec.backend import thread_limit
 from tpde_hf.codec.ordinal import INT_VIEW, bit_width
 from tpde_hf.codec.symbols import SymbolSpec, symbol_tables
 from tpde_hf.errors import TpdeFormatError
@@ -105,10 +106,14 @@ if hasattr(os, "register_at_fork"):
 
 
 def codec_threads() -> int:
-    """Threads the compiled codec uses: ``TPDE_CODEC_THREADS``, else every core this process may run on.
+    """Threads the compiled codec uses: the calling thread's :func:`backend.limit_codec_threads`, else
+    ``TPDE_CODEC_THREADS``, else every core this process may run on.
 
-    Conversion workers set it to 1: the processes already share the cores.
+    Conversion worker processes set ``TPDE_CODEC_THREADS`` to their share of the cores.
     """
+    limit = thread_limit()
+    if limit is not None:
+        return limit
     env = os.environ.get("TPDE_CODEC_THREADS", "").strip()
     if env:
         return max(1, int(env))

@@ -5,9 +5,11 @@ Pipeline (all inside a hidden sibling folder ``.<out>.tpde-partial``, moved into
 1. resolve the source; re-save ``.bin`` / GGUF weights as safetensors ("staging");
 2. read the safetensors headers only, and decide from the architecture (built on the ``meta``
    device) which tensors are ``nn.Linear`` weights to convert;
-3. encode in tasks of a few million weights, in worker processes; each task writes its own file,
-   reads it back, decodes it and compares bits with the source; a journal records finished tasks
-   so ``resume=True`` continues an interrupted run;
+3. encode in tasks of about a million weights, on one thread per core (the codec drops the GIL)
+   or in worker processes; each task writes its own file, reads it back, decodes it and compares
+   bits with the source; a journal records finished tasks so ``resume=True`` continues an
+   interrupted run. Weights that are almost surely ``nn.Linear`` start encoding while step 2
+   imports transformers' modeling code, so that import costs little wall time;
 4. stream everything into output shards (one tensor in memory at a time), re-read each shard and
    compare every tensor's bytes with what was verified; write ``config.json`` (with
    ``quantization_config``), ``tpde_manifest.json``, the model card, and the carried files;
@@ -27,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -37,11 +40,19 @@ from pathlib import Path
 
 import torch
 
-from tpde_hf.codec import CodecParams
+from tpde_hf.codec import CodecParams, limit_codec_threads
 from tpde_hf.conversion.errors import ConversionError, VerificationError
+from tpde_hf.conversion.layout_cache import cached_layout
 from tpde_hf.conversion.memory import peak_rss, reset_peak
 from tpde_hf.conversion.report import ClassSizes, ConversionReport, tensor_class
-from tpde_hf.conversion.selection import ModelLayout, Selection, load_layout, select_tensors
+from tpde_hf.conversion.selection import (
+    ModelLayout,
+    Selection,
+    config_vocab_sizes,
+    likely_linear_weights,
+    load_layout,
+    select_tensors,
+)
 from tpde_hf.conversion.sources import Source, resolve_source, stage_weights
 from tpde_hf.conversion.streaming import (
     TensorInfo,
@@ -52,7 +63,6 @@ from tpde_hf.conversion.streaming import (
 from tpde_hf.conversion.worker import EncodeTask, TaskResult, TensorResult, init_worker, run_task
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import (
-    CODEC_DTYPES,
     CONFIG_NAME,
     CONVERSION_REPORT_NAME,
     MANIFEST_NAME,
@@ -68,9 +78,6 @@ from tpde_hf.format import (
 logger = logging.getLogger("tpde_hf.conversion")
 
 TASK_ELEMENTS = 1 << 20  # weights per encode task: small tensors are batched up to this (a tensor is never split)
-# Below this, worker processes cost more than they save: the in-process codec already uses every core.
-# Measured on 2 cores: MiniLM (90 MB of candidates) is faster with 1 worker, SmolLM2 (269 MB) with 2.
-PARALLEL_MIN_BYTES = 128 * 1024 * 1024
 STATE_NAME = "state.json"
 JOURNAL_NAME = "journal.jsonl"
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -154,7 +161,8 @@ def convert(
         group_size: 4-bit group size (32, 64 or 128).
         keep_dense: module names (or dotted suffixes) never converted. A tied ``lm_head`` always stays dense.
         include, exclude: regular expressions on module names, to narrow the conversion.
-        workers: worker processes (default: all cores, or 1 for small models).
+        workers: worker processes. The default, 1, encodes in this process on one thread per core,
+            which measured faster than processes on 2 cores (no process start-up, no imports twice).
         overwrite: replace an existing ``output_dir`` (only once the new repo is complete).
         resume: continue an interrupted conversion of the same source with the same options.
         verify: decode every converted tensor and compare it bit for bit with the source (default on).
@@ -215,12 +223,22 @@ def convert(
 
     t = time.perf_counter()
     infos = _read_headers(src.weight_files)
-    # Start worker processes now: their start-up (importing torch) overlaps the planning below.
-    n_workers = _choose_workers(workers, _estimate_encode_bytes(infos))
-    pool = _Pool(n_workers) if n_workers > 1 else None
+    n_workers = _choose_workers(workers)
+    runner: _TaskThreads | _Pool = _TaskThreads(_cpu_count()) if n_workers == 1 else _Pool(n_workers)
+    plan_peak = peak_rss()  # fetching and staging (GGUF, .bin): reported apart
+    reset_peak()
+    encoding = _Encoding(partial, params, verify, runner)
     try:
-        layout = _layout_or_none(src, include, trust_remote_code)
+        encoding.start(likely_linear_weights(infos, keep_dense=keep_dense, include=include, exclude=exclude,
+                                             vocab_sizes=config_vocab_sizes(src.folder)))
+        layout, layout_cached = _layout_or_none(src, include, trust_remote_code)
         selection = select_tensors(infos, layout, keep_dense=keep_dense, include=include, exclude=exclude)
+        # The baseline of the streaming memory: imports and planning done, with no task in flight
+        # (transformers' modules stay loaded; they are no part of the streaming). The tasks that
+        # ran during the plan ran alone and measured their own peaks.
+        runner.quiesce()
+        peak_during_plan = peak_rss()
+        baseline = reset_peak()
         if not selection.encoded:
             reasons = ", ".join(f"{n} {r}" for r, n in selection.reasons().items())
             raise ConversionError(f"{src.spec}: no tensor selected for conversion ({reasons})")
@@ -230,23 +248,16 @@ def convert(
             group_size=params.group_size, codec=vars(params), modules_to_not_convert=selection.modules_to_not_convert,
             dense_linears=selection.dense_linears,
             dense_reasons=selection.reasons(), warnings=list(src.warnings), workers=n_workers,
+            threads=runner.threads, layout_cached=layout_cached, plan_peak_rss_bytes=plan_peak,
+            baseline_rss_bytes=baseline,
+            peak_rss_bytes=max(peak_during_plan, baseline),
         )
         run = _Run(src, out, partial, params, report, infos, selection, layout)
         seconds["plan"] = time.perf_counter() - t
-        # Memory of the streaming stages is measured from here: imports, the meta model and any
-        # GGUF dequantization are done, and reported apart as the planning peak.
-        report.plan_peak_rss_bytes = peak_rss()
-        report.baseline_rss_bytes = baseline = reset_peak()
-        # The streaming peak starts at the baseline: in-process tasks reset the counter again, and RSS may
-        # have shrunk by then, so their own peaks alone could report less than the starting point.
-        report.peak_rss_bytes = max(report.peak_rss_bytes, baseline)
-
-        t = time.perf_counter()
-        results, task_files = _encode(run, pool, verify, on_tensor)
-        seconds["encode_verify"] = time.perf_counter() - t
+        results, task_files = encoding.finish(run, on_tensor)
+        seconds["encode_verify"] = encoding.seconds
     finally:
-        if pool is not None:
-            pool.shutdown()
+        runner.shutdown()
 
     t = time.perf_counter()
     stage = partial / "out"
@@ -357,116 +368,160 @@ def _read_headers(files: list[Path]) -> list[TensorInfo]:
     return infos
 
 
-def _layout_or_none(src: Source, include: str | None, trust_remote_code: bool) -> ModelLayout | None:
+def _layout_or_none(src: Source, include: str | None, trust_remote_code: bool) -> tuple[ModelLayout | None, bool]:
+    """``(layout, from_cache)``; ``(None, False)`` when only ``include`` can decide (with a warning)."""
     try:
-        return load_layout(src.folder, trust_remote_code=trust_remote_code)
+        return cached_layout(src.folder, trust_remote_code=trust_remote_code, build=load_layout)
     except ConversionError as exc:
         if include and "already quantized" not in str(exc):
             msg = f"{exc} -- converting the 2-D weights matched by include={include!r} instead"
             warnings.warn(msg, UserWarning, stacklevel=3)
-            return None
+            return None, False
         raise
 
 
 # ==================================================================== encode + verify
-def make_tasks(infos: list[TensorInfo], params: CodecParams, folder: Path, verify: bool) -> list[EncodeTask]:
+def make_tasks(infos: list[TensorInfo], params: CodecParams, folder: Path, verify: bool,
+               first_index: int = 0) -> list[EncodeTask]:
     """Batch consecutive weights into tasks of about ``TASK_ELEMENTS`` (deterministic, for resume)."""
-    tasks: list[EncodeTask] = []
-    batch: list[TensorInfo] = []
+    batches: list[list[TensorInfo]] = []
     size = 0
     for info in infos:
-        if batch and size + info.numel > TASK_ELEMENTS:
-            tasks.append(EncodeTask(len(tasks), batch, params, folder / f"task-{len(tasks):05d}.safetensors", verify))
-            batch, size = [], 0
-        batch.append(info)
+        if not batches or size + info.numel > TASK_ELEMENTS:
+            batches.append([])
+            size = 0
+        batches[-1].append(info)
         size += info.numel
-    if batch:
-        tasks.append(EncodeTask(len(tasks), batch, params, folder / f"task-{len(tasks):05d}.safetensors", verify))
-    return tasks
+    return [EncodeTask(i, batch, params, folder / f"task-{i:05d}.safetensors", verify)
+            for i, batch in enumerate(batches, start=first_index)]
 
 
-def _load_journal(path: Path, tasks: list[EncodeTask], verify: bool) -> dict[int, TaskResult]:
-    """Finished tasks of an earlier run whose file is still there and whose tensors match."""
-    done: dict[int, TaskResult] = {}
+def _read_journal(path: Path) -> dict[int, TaskResult]:
+    """Finished tasks recorded by an earlier run, by task index (a torn last line is skipped)."""
+    records: dict[int, TaskResult] = {}
     if not path.is_file():
-        return done
-    by_index = {t.index: t for t in tasks}
+        return records
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-            task = by_index[rec["index"]]
-            res = TaskResult(**{**rec, "tensors": [TensorResult.from_dict(t) for t in rec["tensors"]]})
+            tensors = [TensorResult.from_dict(t) for t in rec["tensors"]]
+            records[rec["index"]] = TaskResult(**{**rec, "tensors": tensors})
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a crash
-        if [t.name for t in res.tensors] != [i.name for i in task.tensors] or not Path(res.out).is_file():
-            continue
-        if verify and not all(t.verified for t in res.tensors):
-            continue  # the earlier run skipped verification: redo it
-        done[task.index] = res
-    return done
+    return records
 
 
-def _encode(run: _Run, pool: _Pool | None, verify: bool,
-            on_tensor: Callable[[TensorResult], None] | None) -> tuple[dict[str, TensorResult], dict[str, Path]]:
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    by_name = {i.name: i for i in run.infos}
-    enc_infos = [by_name[n] for n in run.selection.encoded]
-    folder = run.partial / "tensors"
-    folder.mkdir(exist_ok=True)
-    tasks = make_tasks(enc_infos, run.params, folder, verify)
-    journal = run.partial / JOURNAL_NAME
-    done = _load_journal(journal, tasks, verify)
-    pending = sorted((t for t in tasks if t.index not in done), key=lambda t: -sum(i.nbytes for i in t.tensors))
-    results: dict[str, TensorResult] = {}
-    task_files: dict[str, Path] = {}
-    for res in done.values():
-        for tr in res.tensors:
-            results[tr.name] = tr
-            task_files[tr.name] = Path(res.out)
-    run.report.resumed_tensors = len(results)
-
-    bar = hf_tqdm(total=sum(i.nbytes for t in tasks for i in t.tensors), initial=sum(r.source_bytes for r in
-                  results.values()), unit="B", unit_scale=True, desc="Encoding + verifying", name="tpde_hf")
-
-    def finished(res: TaskResult) -> None:
-        with open(journal, "a") as f:  # one line per task, flushed: the resume point
-            f.write(json.dumps({**res.__dict__, "tensors": [t.to_dict() for t in res.tensors]}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        rep = run.report
-        if res.pid != os.getpid():
-            rep.worker_peak_rss_bytes = max(rep.worker_peak_rss_bytes, res.peak_rss)
-            rep.peak_above_baseline_bytes = max(rep.peak_above_baseline_bytes, res.peak_rss_above_start)
-        else:  # run_task reset this process's peak counter: keep the running maximum here
-            rep.peak_rss_bytes = max(rep.peak_rss_bytes, res.peak_rss)
-            rep.peak_above_baseline_bytes = max(rep.peak_above_baseline_bytes, res.peak_rss - rep.baseline_rss_bytes)
-        for tr in res.tensors:
-            results[tr.name] = tr
-            task_files[tr.name] = Path(res.out)
-            bar.update(tr.source_bytes)
-            if on_tensor is not None:
-                on_tensor(tr)
-
-    try:
-        if pool is None:
-            for task in pending:
-                finished(run_task(task))
-        else:
-            pool.run(pending, finished)
-    finally:
-        bar.close()
-    return results, task_files
+def _reusable(res: TaskResult | None, task: EncodeTask, verify: bool) -> bool:
+    """Whether an earlier run's result of ``task`` stands: same tensors, file still there, verified if asked."""
+    if res is None or [t.name for t in res.tensors] != [i.name for i in task.tensors] or not Path(res.out).is_file():
+        return False
+    return not verify or all(t.verified for t in res.tensors)  # an earlier run that skipped verification: redo
 
 
-def _estimate_encode_bytes(infos: list[TensorInfo]) -> int:
-    """Bytes of the matrices that may be converted (an upper bound, known before the architecture is)."""
-    return sum(i.nbytes for i in infos if len(i.shape) == 2 and i.torch_dtype_name in CODEC_DTYPES)
+class _Encoding:
+    """The encode tasks of one conversion: started from a guess, settled once the selection is known.
+
+    Tasks are numbered in the order they are made, and both sets are a function of the headers and
+    the options alone, so an interrupted run's journal matches the tasks of its resumption.
+    """
+
+    def __init__(self, partial: Path, params: CodecParams, verify: bool, runner: _TaskThreads | _Pool):
+        self.folder = partial / "tensors"
+        self.folder.mkdir(exist_ok=True)
+        self.journal = partial / JOURNAL_NAME
+        self.earlier = _read_journal(self.journal)
+        self.params, self.verify, self.runner = params, verify, runner
+        self.tasks: list[EncodeTask] = []
+        self.reused: list[TaskResult] = []
+        self.running: dict[Future, EncodeTask] = {}
+        self._t0: float | None = None
+        self.seconds = 0.0
+
+    def start(self, infos: list[TensorInfo]) -> None:
+        """Make tasks of ``infos`` and hand them out, largest first (those an earlier run finished are reused)."""
+        tasks = make_tasks(infos, self.params, self.folder, self.verify, first_index=len(self.tasks))
+        self.tasks += tasks
+        pending = []
+        for task in tasks:
+            if _reusable(self.earlier.get(task.index), task, self.verify):
+                self.reused.append(self.earlier[task.index])
+            else:
+                pending.append(task)
+        if pending and self._t0 is None:
+            self._t0 = time.perf_counter()
+        for task in sorted(pending, key=lambda t: -sum(i.nbytes for i in t.tensors)):
+            self.running[self.runner.submit(task)] = task
+
+    def finish(self, run: _Run, on_tensor: Callable[[TensorResult], None] | None
+               ) -> tuple[dict[str, TensorResult], dict[str, Path]]:
+        """Drop guessed tasks the selection rejects, start the selected weights not guessed, wait for all."""
+        from huggingface_hub.utils import tqdm as hf_tqdm
+
+        self.runner.use_all_cores()
+        selected = set(run.selection.encoded)
+        for fut, task in list(self.running.items()):
+            if not any(i.name in selected for i in task.tensors) and fut.cancel():
+                del self.running[fut]
+        guessed = {i.name for t in self.tasks for i in t.tensors}
+        by_name = {i.name: i for i in run.infos}
+        self.start([by_name[n] for n in run.selection.encoded if n not in guessed])
+
+        results: dict[str, TensorResult] = {}
+        task_files: dict[str, Path] = {}
+        for res in self.reused:
+            for tr in res.tensors:
+                if tr.name in selected:
+                    results[tr.name], task_files[tr.name] = tr, Path(res.out)
+        run.report.resumed_tensors = len(results)
+        bar = hf_tqdm(total=sum(by_name[n].nbytes for n in selected), initial=sum(r.source_bytes for r in
+                      results.values()), unit="B", unit_scale=True, desc="Encoding + verifying", name="tpde_hf")
+
+        def finished(res: TaskResult) -> None:
+            with open(self.journal, "a") as f:  # one line per task, flushed: the resume point
+                f.write(json.dumps({**res.__dict__, "tensors": [t.to_dict() for t in res.tensors]}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _account_memory(run.report, res)
+            for tr in res.tensors:
+                if tr.name not in selected:
+                    continue  # a wrong guess: encoded, verified and left out
+                results[tr.name], task_files[tr.name] = tr, Path(res.out)
+                bar.update(tr.source_bytes)
+                if on_tensor is not None:
+                    on_tensor(tr)
+
+        try:
+            while self.running:
+                ready, _ = wait(self.running, return_when=FIRST_COMPLETED)
+                for fut in ready:
+                    del self.running[fut]
+                    finished(fut.result())
+        finally:
+            for fut in self.running:
+                fut.cancel()
+            bar.close()
+        if self._t0 is not None:
+            self.seconds = time.perf_counter() - self._t0
+        return results, task_files
 
 
-def _choose_workers(workers: int | None, encode_bytes: int) -> int:
+def _account_memory(report: ConversionReport, res: TaskResult) -> None:
+    if res.pid != os.getpid():
+        report.worker_peak_rss_bytes = max(report.worker_peak_rss_bytes, res.peak_rss)
+        report.peak_above_baseline_bytes = max(report.peak_above_baseline_bytes, res.peak_rss_above_start)
+        return
+    report.peak_rss_bytes = max(report.peak_rss_bytes, res.peak_rss)
+    # A task that ran alone (during the plan) measured itself. The others share the process's peak:
+    # above the baseline, or above the task's own start where memory was freed after the baseline.
+    above = res.peak_rss_above_start
+    if not res.own_peak:
+        above = max(above, res.peak_rss - report.baseline_rss_bytes)
+    report.peak_above_baseline_bytes = max(report.peak_above_baseline_bytes, above)
+
+
+def _choose_workers(workers: int | None) -> int:
     if workers is None:
-        return _cpu_count() if encode_bytes >= PARALLEL_MIN_BYTES else 1
+        return 1
     if workers < 1:
         raise ConversionError(f"workers must be >= 1, got {workers}")
     return int(workers)
@@ -476,26 +531,75 @@ def _ping() -> int:
     return os.getpid()
 
 
+class _TaskThreads:
+    """Encode tasks on threads of this process, one per core, each codec call on its own thread.
+
+    While this process plans (imports transformers' modeling code) one task runs at a time: the
+    plan is the critical path of a small model, and more task threads would slow it down (GIL
+    hand-offs) more than they add; a task alone also measures its own peak memory. :meth:`quiesce`
+    waits for the task in flight, so the memory of the imports can be read apart from the tasks';
+    :meth:`use_all_cores` then opens every thread.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._allowed = 1  # tasks that may run at once now
+        self._running = 0
+        self._turn = threading.Condition()
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tpde-task",
+                                           initializer=limit_codec_threads, initargs=(1,))
+
+    def _run(self, task: EncodeTask) -> TaskResult:
+        with self._turn:
+            while self._running >= self._allowed:
+                self._turn.wait()
+            self._running += 1
+            alone = self._allowed == 1  # then no other task can start before this one ends
+        try:
+            return run_task(task, own_peak=alone)
+        finally:
+            with self._turn:
+                self._running -= 1
+                self._turn.notify_all()
+
+    def submit(self, task: EncodeTask) -> Future:
+        return self.executor.submit(self._run, task)
+
+    def quiesce(self) -> None:
+        """Block until no task runs, and start none until :meth:`use_all_cores`."""
+        with self._turn:
+            self._allowed = 0
+            while self._running:
+                self._turn.wait()
+
+    def use_all_cores(self) -> None:
+        with self._turn:
+            self._allowed = self.threads
+            self._turn.notify_all()
+
+    def shutdown(self) -> None:
+        self.use_all_cores()  # tasks blocked on a slot must run (or be cancelled) for the pool to stop
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 class _Pool:
-    """Worker processes, started eagerly; tasks are handed out largest first, results taken as they come."""
+    """Worker processes, started eagerly, one task at a time each, the cores shared out among them."""
 
     def __init__(self, workers: int):
-        threads = max(1, _cpu_count() // workers)
+        self.threads = max(1, _cpu_count() // workers)
         # spawn, not fork: forking a process that has used torch's thread pools can deadlock.
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                            initializer=init_worker, initargs=(threads,))
+                                            initializer=init_worker, initargs=(self.threads,))
         self._warm = [self.executor.submit(_ping) for _ in range(workers)]
 
-    def run(self, tasks: list[EncodeTask], finished: Callable[[TaskResult], None]) -> None:
-        futures: set[Future] = {self.executor.submit(run_task, t) for t in tasks}
-        try:
-            while futures:
-                ready, futures = wait(futures, return_when=FIRST_COMPLETED)
-                for fut in ready:
-                    finished(fut.result())
-        finally:
-            for fut in futures:
-                fut.cancel()
+    def submit(self, task: EncodeTask) -> Future:
+        return self.executor.submit(run_task, task)
+
+    def quiesce(self) -> None:
+        """Nothing to wait for: this process runs no task, so its memory is the plan's alone."""
+
+    def use_all_cores(self) -> None:
+        """Every worker process runs from the start."""
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

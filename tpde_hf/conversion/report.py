@@ -77,10 +77,12 @@ class ConversionReport:
     n_shards: int = 0
     largest_tensor_bytes: int = 0
     largest_tensor: str | None = None
-    workers: int = 1
+    workers: int = 1  # processes encoding (1: this one)
+    threads: int = 1  # encode tasks at once per process
+    layout_cached: bool = False  # the nn.Linear layout came from the layout cache (no modeling import)
     seconds: dict[str, float] = field(default_factory=dict)
-    plan_peak_rss_bytes: int = 0  # main process peak while fetching, staging (GGUF, .bin) and planning
-    baseline_rss_bytes: int = 0  # main process RSS when encoding starts (imports and planning done)
+    plan_peak_rss_bytes: int = 0  # main process peak while fetching and staging (GGUF, .bin)
+    baseline_rss_bytes: int = 0  # main process RSS when encoding starts (torch imported, headers read)
     peak_rss_bytes: int = 0  # main process peak RSS during the conversion
     worker_peak_rss_bytes: int = 0  # highest peak RSS of a worker process (0: all work ran in the main one)
     peak_above_baseline_bytes: int = 0  # most memory the conversion added to any one process
@@ -180,7 +182,10 @@ class ConversionReport:
             ("ratio to source", f"converted linears {self.ratio_to_source()['linear']:.3f}, "
                                 f"whole model {self.ratio_to_source()['model']:.3f}"),
             ("time", f"{sec.get('total', 0):.1f} s total (encode+verify {sec.get('encode_verify', 0):.1f} s, "
-                     f"{self.workers} worker{'s' if self.workers != 1 else ''})"),
+                     f"overlapping the {sec.get('plan', 0):.1f} s plan"
+                     f"{' (layout cached)' if self.layout_cached else ''}; "
+                     f"{self.workers} process{'es' if self.workers != 1 else ''} x {self.threads} "
+                     f"thread{'s' if self.threads != 1 else ''})"),
             ("throughput", f"{tp['end_to_end']:.1f} MB/s of source weights end to end "
                            f"({tp['encode_verify']:.1f} MB/s encode+verify)"),
             ("peak memory", mem),

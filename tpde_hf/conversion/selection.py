@@ -7,6 +7,10 @@ bf16/fp16/fp32, it is 2-D, and the user's ``keep_dense`` / ``include`` / ``exclu
 A ``lm_head`` tied to the input embeddings stays dense whatever was asked: converting one copy of
 a tied pair would untie it.
 
+Building the architecture means importing transformers' modeling code: seconds on a small
+machine. :func:`likely_linear_weights` guesses from the checkpoint alone which weights to start
+encoding meanwhile; the guess only decides what starts early, never what is kept.
+
 Example::
 
     plan = select_tensors(folder, headers, keep_dense=("lm_head",), include=None, exclude=r"\\.k_proj$")
@@ -15,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -122,6 +127,61 @@ def load_layout(folder: Path, *, trust_remote_code: bool = False) -> ModelLayout
         pass
     return ModelLayout(arch or type(model).__name__, linear, getattr(model, "base_model_prefix", "") or "",
                        tied_output, getattr(config, "model_type", None))
+
+
+#: Names that usually belong to embeddings or output heads: those wait for the architecture.
+_EMBEDDING_LIKE = re.compile(r"emb|wte|wpe|shared|lm_head", re.IGNORECASE)
+
+
+def config_vocab_sizes(folder: Path) -> set[int]:
+    """Every ``vocab_size`` in ``folder/config.json`` (nested text configs included); empty if unreadable."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    sizes: set[int] = set()
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("vocab_size"), int):
+                sizes.add(node["vocab_size"])
+            stack.extend(node.values())
+    return sizes
+
+
+def likely_linear_weights(
+    infos: Iterable[TensorInfo],
+    *,
+    keep_dense: Iterable[str] = ("lm_head",),
+    include: str | None = None,
+    exclude: str | None = None,
+    vocab_sizes: Iterable[int] = (),
+) -> list[TensorInfo]:
+    """The weights worth encoding before the architecture is known: those :func:`select_tensors` will
+    almost surely convert.
+
+    A stored 2-D bf16/fp16/fp32 ``X.weight`` that the options allow, unless its name or its row count
+    (a vocabulary size) says embedding or output head. A wrong guess costs time, never bits: the
+    final selection still comes from the architecture, and a guessed weight it rejects is dropped.
+    """
+    keep = tuple(keep_dense or ())
+    inc = _compile(include, "include")
+    exc = _compile(exclude, "exclude")
+    vocab = set(vocab_sizes)
+    out = []
+    for info in infos:
+        if not info.name.endswith(".weight") or len(info.shape) != 2 or info.numel == 0:
+            continue
+        prefix = info.name[: -len(".weight")]
+        if info.torch_dtype_name not in CODEC_DTYPES or _matches_keep(prefix, keep):
+            continue
+        if (inc and not inc.search(prefix)) or (exc and exc.search(prefix)):
+            continue
+        if _EMBEDDING_LIKE.search(prefix) or info.shape[0] in vocab:
+            continue
+        out.append(info)
+    return out
 
 
 def _matches_keep(name: str, keep: Iterable[str]) -> str | None:

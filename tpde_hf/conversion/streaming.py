@@ -22,8 +22,10 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -233,6 +235,21 @@ def _header_blob(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
     return struct.pack("<Q", len(blob)) + blob
 
 
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Write ``<path>.tmp``, sync it, and rename it to ``path`` only if the block completes."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[str, str] | None = None
                         ) -> dict[str, int]:
     """Write a safetensors file of ``tensors`` (stored elsewhere) in one pass: header first, then their bytes.
@@ -247,19 +264,24 @@ def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[st
     order = _storage_order({t.name: t.dtype for t in tensors})
     blob = _header_blob([(k, by_name[k].dtype, by_name[k].shape, by_name[k].nbytes) for k in order],
                         {"format": "pt", **(metadata or {})})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(blob)
-            hashes = {name: bytes_checksum(_written(out, iter_bytes(by_name[name]))) for name in order}
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return hashes
+    with _atomic_file(Path(path)) as out:
+        out.write(blob)
+        return {name: bytes_checksum(_written(out, iter_bytes(by_name[name]))) for name in order}
+
+
+def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> dict[str, int]:
+    """Write in-memory ``tensors`` as one safetensors file in one pass; return each one's :func:`bytes_checksum`.
+
+    Like :func:`write_planned_shard`, the file appears under ``path`` only once complete.
+    """
+    data = {name: tensor_bytes(t) for name, t in tensors.items()}
+    order = _storage_order({name: st_dtype(t.dtype) for name, t in tensors.items()})
+    blob = _header_blob([(k, st_dtype(tensors[k].dtype), tuple(tensors[k].shape), len(data[k])) for k in order],
+                        {"format": "pt", **(metadata or {})})
+    with _atomic_file(Path(path)) as out:
+        out.write(blob)
+        return {name: bytes_checksum(_written(out, _chunks(data[name]))) for name in order}
 
 
 def _written(out, blocks: Iterator[bytes]) -> Iterator[bytes]:

@@ -2,8 +2,8 @@
 
 A task names its tensors by file and byte range, not by value, so nothing large crosses a process
 boundary: each worker reads its own inputs, writes its own ``tensors/<task>.safetensors`` and
-returns a small result (sizes, checksums, timings). Runs the same in the main process (1 worker)
-or in a ``spawn`` pool.
+returns a small result (sizes, checksums, timings). Runs the same on the main process's task
+threads (the codec drops the GIL, so they share the cores) or in a ``spawn`` pool of processes.
 
 Example::
 
@@ -21,7 +21,7 @@ import torch
 
 from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensors
 from tpde_hf.conversion.memory import peak_rss, reset_peak
-from tpde_hf.conversion.streaming import ShardWriter, TensorInfo, load_tensor, read_header
+from tpde_hf.conversion.streaming import TensorInfo, load_tensor, read_header, write_tensor_file
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import SUFFIXES, module_prefix
 
@@ -73,10 +73,17 @@ class TaskResult:
     peak_rss_above_start: int  # bytes this task added to the worker's resident memory at its peak
     peak_rss: int
     pid: int
+    own_peak: bool = False  # peak_rss_above_start is this task's alone (it reset the counter)
+
+
+#: True in a worker process (set by :func:`init_worker`): tasks there own the process's peak-memory counter.
+_worker_process = False
 
 
 def init_worker(threads: int) -> None:
     """Pool initializer: torch and codec threads per worker process, so that workers x threads = cores."""
+    global _worker_process
+    _worker_process = True
     torch.set_num_threads(max(1, threads))
     os.environ["TPDE_CODEC_THREADS"] = str(max(1, threads))
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -88,26 +95,24 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def run_task(task: EncodeTask) -> TaskResult:
+def run_task(task: EncodeTask, own_peak: bool | None = None) -> TaskResult:
     """Encode, write, re-read, decode and compare every weight of ``task``.
+
+    ``own_peak``: no other task runs in this process meanwhile, so this one may reset the process's
+    peak-memory counter and report its own peak (default: in a worker process). Otherwise the
+    caller reads the process's peak across all its tasks.
 
     Raises :class:`TpdeFormatError` naming the tensor if a decoded weight differs from its source.
     """
-    start_rss = reset_peak()
+    own_peak = _worker_process if own_peak is None else own_peak
+    start_rss = reset_peak() if own_peak else peak_rss()
     t0 = time.perf_counter()
     weights = {info.name: load_tensor(info) for info in task.tensors}
     encoded = encode_tensors(weights, task.params)
     tmp = task.out.with_name(task.out.name + ".partial")
-    writer = ShardWriter(tmp, metadata={"tpde_task": str(task.index)})
-    try:
-        for name, enc in encoded.items():
-            for key, t in enc.to_state_dict(module_prefix(name)).items():
-                writer.add_tensor(key, t)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        tmp.unlink(missing_ok=True)
-        raise
+    parts = {k: t for name, enc in encoded.items() for k, t in enc.to_state_dict(module_prefix(name)).items()}
+    hashes = write_tensor_file(tmp, parts, metadata={"tpde_task": str(task.index)})
+    del parts
     results = []
     for name, enc in encoded.items():
         sizes = enc.nbytes()
@@ -117,17 +122,21 @@ def run_task(task: EncodeTask) -> TaskResult:
                 name=name, dtype=str(src.dtype).replace("torch.", ""), shape=list(src.shape),
                 checksum=enc.checksum, source_bytes=src.numel() * src.element_size(),
                 base_bytes=sizes["base"], delta_bytes=sizes["delta"], meta_bytes=sizes["meta"],
-                part_hashes={k: writer.hashes[k] for k in writer.hashes if k.startswith(module_prefix(name) + ".")},
+                part_hashes={k: h for k, h in hashes.items() if k.startswith(module_prefix(name) + ".")},
                 verified=False,
             )
         )
     del encoded
     if task.verify:
-        _verify_written(tmp, weights, results)
+        try:
+            _verify_written(tmp, weights, results)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, task.out)  # the task file exists only once it has been verified
     return TaskResult(
         index=task.index, out=str(task.out), tensors=results, seconds=time.perf_counter() - t0,
-        peak_rss_above_start=max(0, peak_rss() - start_rss), peak_rss=peak_rss(), pid=os.getpid(),
+        peak_rss_above_start=max(0, peak_rss() - start_rss), peak_rss=peak_rss(), pid=os.getpid(), own_peak=own_peak,
     )
 
 
@@ -139,10 +148,12 @@ def _verify_written(path: Path, weights: dict[str, torch.Tensor], results: list[
         prefix = module_prefix(res.name)
         parts = {s: load_tensor(header[f"{prefix}.{s}"]) for s in SUFFIXES}
         encs.append(EncodedTensor.from_parts(name=res.name, **parts))
-    # verify=True ties the stored checksum to the decoded bits; equal bits then tie it to the source.
-    decoded = decode_tensors(encs, verify=True)
-    for res, w in zip(results, decoded, strict=True):
-        src = weights[res.name]
-        if not _same_bits(w, src):
+    # Decoded bits equal to the source's, and a stored checksum equal to the one taken from the source,
+    # tie the file to the original: hashing the decoded copy again would add nothing.
+    decoded = decode_tensors(encs, verify=False)
+    for res, enc, w in zip(results, encs, decoded, strict=True):
+        if enc.checksum != res.checksum:
+            raise TpdeFormatError(res.name, "stored checksum differs from the source's; nothing was written")
+        if not _same_bits(w, weights[res.name]):
             raise TpdeFormatError(res.name, "decoded weight differs from the source (codec bug); nothing was written")
         res.verified = True
