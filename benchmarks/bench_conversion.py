@@ -13,9 +13,17 @@ Models (none downloaded):
 For each model, every measurement runs in a fresh Python process (so each peak RSS is its own):
 
 * ``baseline``: ``safetensors.torch.load_file`` + ``save_file`` of the same checkpoint;
-* ``convert`` with 1 and with all workers: end to end (headers, planning on the meta device,
-  encoding, decoding every converted tensor and comparing bits, shard writing, card), from the
-  conversion report; throughput is MB (1e6 B) of *source weights* per second of wall time;
+* ``convert`` end to end (headers, planning on the meta device, encoding, decoding every converted
+  tensor and comparing bits, shard writing, card), from the conversion report; throughput is MB
+  (1e6 B) of *source weights* per second of wall time. Three ways:
+
+  - ``cold``, 1 worker (this process, one task thread per core): an empty layout cache, so the
+    architecture is built (transformers' modeling imports), as on the first conversion of an
+    architecture and config on a machine;
+  - ``warm``, 1 worker: the layout cache holds this config (every later conversion of it);
+  - ``cold`` with one worker process per core, for comparison;
+* ``cli``: the whole ``tpde convert`` command, cold, timed from outside (interpreter start and
+  ``import torch`` included: what a user waits for);
 * ``verify``: ``verify_repo`` of the result (decode everything again, checksum everything).
 
 Peak memory is reported per process above its own baseline (imports done), and as a multiple of
@@ -137,8 +145,8 @@ def child_verify(repo: Path, workers: int) -> dict:
             "mb_per_s": r.bytes_checked / MB / r.seconds}
 
 
-def run_child(*args: str) -> dict:
-    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
+def run_child(*args: str, env_extra: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     load_before = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env,
                           check=False)
@@ -154,19 +162,47 @@ def best(runs: list[dict], key) -> dict:
     return min(runs, key=key)
 
 
+def _fresh_cache(tag: str) -> Path:
+    path = TMP / f"layout-cache-{tag}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def time_cli(src: Path, dst: Path) -> float:
+    """Wall time of the whole ``tpde convert`` command, with an empty layout cache."""
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT),
+           "TPDE_LAYOUT_CACHE": str(_fresh_cache("cli"))}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tpde_hf.conversion", "-q", "convert", str(src), str(dst), "--overwrite"],
+                   env=env, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
 def bench_model(name: str, src: Path, workers_list: list[int], repeat: int) -> dict:
     dst = TMP / f"{name}-out"
     base_runs = [run_child("baseline", str(src), str(TMP / f"{name}-baseline")) for _ in range(repeat)]
     shutil.rmtree(TMP / f"{name}-baseline", ignore_errors=True)
     baseline = best(base_runs, lambda r: r["seconds"])
+    warm_cache = _fresh_cache("warm")
     conversions = []
-    for w in workers_list:
-        runs = [run_child("convert", str(src), str(dst), str(w)) for _ in range(repeat)]
+    ways = [(1, "cold"), (1, "warm")] + [(w, "cold") for w in workers_list if w != 1]
+    for w, layout in ways:
+        def once(w: int = w, layout: str = layout) -> dict:
+            cache = warm_cache if layout == "warm" else _fresh_cache("cold")
+            return run_child("convert", str(src), str(dst), str(w), env_extra={"TPDE_LAYOUT_CACHE": str(cache)})
+
+        if layout == "warm" and not any(warm_cache.iterdir()):
+            run_child("convert", str(src), str(dst), "1", env_extra={"TPDE_LAYOUT_CACHE": str(warm_cache)})
+        runs = [once() for _ in range(repeat)]
         r = best(runs, lambda r: r["seconds"]["total"])
         verify = best([run_child("verify", str(dst), str(w)) for _ in range(repeat)], lambda v: v["seconds"])
         total = r["seconds"]["total"]
         conversions.append({
             "workers": r["workers"],
+            "threads": r["threads"],
+            "layout": layout,
+            "layout_cached": r["layout_cached"],
             "seconds": {k: round(v, 3) for k, v in r["seconds"].items()},
             "throughput_mb_s_end_to_end": round(r["throughput_mb_s"]["end_to_end"], 2),
             "throughput_mb_s_encode_verify": round(r["throughput_mb_s"]["encode_verify"], 2),
@@ -184,6 +220,7 @@ def bench_model(name: str, src: Path, workers_list: list[int], repeat: int) -> d
             "load_avg_1min": r["load_avg_1min"],
             "all_runs_total_seconds": [round(x["seconds"]["total"], 3) for x in runs],
         })
+    cli_seconds = min(time_cli(src, dst) for _ in range(repeat))
     first = runs[0]
     shutil.rmtree(dst, ignore_errors=True)
     return {
@@ -202,6 +239,7 @@ def bench_model(name: str, src: Path, workers_list: list[int], repeat: int) -> d
             "load_avg_1min": baseline["load_avg_1min"],
         },
         "conversion": conversions,
+        "cli_cold": {"seconds": round(cli_seconds, 3), "mb_per_s": round(first["source_bytes"] / MB / cli_seconds, 2)},
     }
 
 

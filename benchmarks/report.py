@@ -319,7 +319,8 @@ def conversion_section(data: dict) -> str:
             if not isinstance(c, dict):
                 continue
             rows.append([
-                f"{name} ({m.get('source_dtype', '?')})", num(m.get("source_mb")), c.get("workers"),
+                f"{name} ({m.get('source_dtype', '?')})", num(m.get("source_mb")),
+                f"{c.get('workers')} x {c.get('threads', 1)}", c.get("layout", "cold"),
                 num(get(c, "seconds", "total")), num(c.get("throughput_mb_s_end_to_end")),
                 num(c.get("throughput_mb_s_encode_verify")), num(base.get("mb_per_s")),
                 num(c.get("peak_above_baseline_mb")), num(c.get("peak_rss_over_largest_tensor")),
@@ -332,13 +333,21 @@ def conversion_section(data: dict) -> str:
     if isinstance(data.get("goal"), str):
         parts.append(f"Goal: {data['goal']}.")
     parts.append(md_table(
-        ["model (source dtype)", "source MB", "workers", "total s", "MB/s end to end", "MB/s encode+verify",
-         "MB/s plain load+save", "peak RSS above baseline, MB", "peak / largest tensor",
+        ["model (source dtype)", "source MB", "processes x threads", "layout", "total s", "MB/s end to end",
+         "MB/s encode+verify", "MB/s plain load+save", "peak RSS above baseline, MB", "peak / largest tensor",
          "bits per converted weight (base + delta = total)", "size / source (whole model)", "tensors verified"],
         rows))
-    parts.append("MB/s are MB of source weights per second; \"plain load+save\" is loading the source and saving it "
-                 "again as safetensors, the floor for any conversion. Each figure is the best of the repeats "
-                 "(the machine may be shared).")
+    parts.append("MB/s are MB of source weights per second, timed from the call to `convert` (the interpreter and "
+                 "`import torch` are done); \"plain load+save\" is loading the source and saving it again as "
+                 "safetensors, the floor for any conversion. Layout `cold`: the architecture is built "
+                 "(transformers' modeling imports, about 2 s of one core), as on the first conversion of an "
+                 "architecture and config; `warm`: it comes from the layout cache, as on every later one. Each "
+                 "figure is the best of the repeats (the machine may be shared).")
+    cli = [(n, m["cli_cold"]) for n, m in models.items() if isinstance(m, dict) and isinstance(m.get("cli_cold"), dict)]
+    if cli:
+        parts.append("The whole `tpde convert` command, cold, timed from outside (interpreter start and imports "
+                     "included): " + "; ".join(f"{n} {num(c.get('seconds'))} s ({num(c.get('mb_per_s'))} MB/s)"
+                                               for n, c in cli) + ".")
     if "llama-synthetic" in models:
         parts.append("llama-synthetic is a 1.2 GB bf16 Llama-architecture checkpoint with random weights, measured "
                      "for its throughput at a size where start-up costs stop dominating; its bits per weight and "

@@ -92,6 +92,33 @@ def test_both_encoders_write_identical_bytes(dtype, rows, cols, scale, group_siz
     assert_same_bytes(encode_with("compiled", w, params), encode_with("numpy", w, params))
 
 
+@pytest.mark.parametrize("width", [16, 32])
+@pytest.mark.parametrize("prob_bits", [10, 12, 15])
+def test_decode_table_is_the_reference_lookup_table(width, prob_bits):
+    """The compiled table builder against the torch construction of :func:`rans.decode_luts`."""
+    from tpde_hf.codec import rans
+    from tpde_hf.codec.symbols import SymbolSpec, symbol_tables
+
+    spec = SymbolSpec(6, 5, width)
+    gen = torch.Generator().manual_seed(width + prob_bits)
+    rows = []
+    for ctx in range(16):  # skewed, flat, one-symbol and sparse rows: every slot layout
+        counts = torch.zeros(spec.n_symbols, dtype=torch.int64)
+        if ctx == 0:
+            counts[3] = 1
+        elif ctx % 3 == 0:
+            counts[torch.randint(0, spec.n_symbols, (5,), generator=gen)] = 7
+        else:
+            counts = torch.randint(0, 50, (spec.n_symbols,), generator=gen) ** (ctx % 4)
+        rows.append(counts)
+    freq = rans.quantize_frequencies(torch.stack(rows), prob_bits)
+    step, sym = rans.decode_luts(rans.with_identity_context(freq, prob_bits), prob_bits)
+    base_u, n_raw = symbol_tables(spec)
+    expected = (step.numpy().astype(np.uint64) | ((base_u >> n_raw)[sym].numpy().astype(np.uint64) << np.uint64(32))
+                | (n_raw[sym].numpy().astype(np.uint64) << np.uint64(48)))
+    assert np.array_equal(compiled_codec.decode_table(freq, prob_bits, spec), expected)
+
+
 @pytest.mark.parametrize("threads", ["1", "3"])
 def test_thread_count_changes_nothing(monkeypatch, threads):
     """Lane blocks split over threads (and their shared raw-stream edge words) give the same bytes."""

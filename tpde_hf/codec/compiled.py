@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -265,13 +266,21 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
 
 
 def decode_table(freq: torch.Tensor, prob_bits: int, spec: SymbolSpec) -> np.ndarray:
-    """uint64 over ``ctx << prob_bits | slot``: the rANS step entry, the symbol's leading value bits
-    ``u >> n_raw`` (bits 32..40) and its raw-bit count ``n_raw`` (bits 48..53)."""
-    step, sym = rans.decode_luts(rans.with_identity_context(freq, prob_bits), prob_bits)
+    """uint64 over ``ctx << prob_bits | slot``: the rANS step entry ``freq | (slot - cum) << 16`` (as in
+    :func:`rans.decode_luts`), the symbol's leading value bits ``u >> n_raw`` (bits 32..40) and its
+    raw-bit count ``n_raw`` (bits 48..53). The last context is the identity (padding) context."""
+    rows = rans.with_identity_context(freq, prob_bits).numpy()
+    lead, n_raw = _symbol_fields(spec)
+    out = np.zeros(rows.shape[0] << prob_bits, dtype=np.uint64)
+    kernels.fill_decode_table(rows, prob_bits, lead, n_raw, out)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _symbol_fields(spec: SymbolSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per symbol: leading value bits ``base_u >> n_raw`` (< 2**9: K, M <= 8) and the raw-bit count."""
     base_u, n_raw = symbol_tables(spec)
-    lead = (base_u >> n_raw)[sym].numpy().astype(np.uint64)  # < 2**9: K, M <= 8
-    n_raw_of_slot = n_raw[sym].numpy().astype(np.uint64)
-    return step.numpy().astype(np.uint64) | (lead << np.uint64(32)) | (n_raw_of_slot << np.uint64(48))
+    return (base_u >> n_raw).numpy().astype(np.uint64), n_raw.numpy().astype(np.uint64)
 
 
 def decode(enc: EncodedTensor, lut: np.ndarray) -> torch.Tensor:

@@ -251,19 +251,41 @@ def quantize_codes(w, r0, r1, gshift, scale, zero, qweight):
     """Packed 4-bit codes ``clamp(rint(w / scale) + zero, 0, 15)``, rows ``[r0, r1)``.
 
     float32 arithmetic throughout, like :func:`base_quant.quantize`; non-finite entries and the
-    padding columns get the code ``zero``.
+    padding columns get the code ``zero``. A group at a time with its scale and zero in registers,
+    and no branch in the inner loop, so that it vectorizes.
     """
     in_f = w.shape[1]
+    n_cols = 2 * qweight.shape[1]
+    size = 1 << gshift
+    codes = np.empty(n_cols, dtype=np.uint8)
     for row in range(r0, r1):
+        for g in range(scale.shape[1]):
+            s = scale[row, g]
+            z = zero[row, g]
+            c0 = g * size
+            c1 = min(c0 + size, in_f)
+            for col in range(c0, c1):
+                v = w[row, col]
+                q = min(max(np.rint(v / s) + z, np.float32(0)), np.float32(15))
+                codes[col] = np.uint8(q if np.isfinite(v) else z)
+            for col in range(c1, min(c0 + size, n_cols)):  # padding of the last group
+                codes[col] = np.uint8(z)
         for byte in range(qweight.shape[1]):
-            packed = 0
-            for half in range(2):
-                col = 2 * byte + half
-                g = col >> gshift
-                q = zero[row, g]
-                if col < in_f:
-                    v = w[row, col]
-                    if np.isfinite(v):
-                        q = min(max(np.rint(v / scale[row, g]) + zero[row, g], np.float32(0)), np.float32(15))
-                packed |= np.int64(q) << (4 * half)
-            qweight[row, byte] = packed
+            qweight[row, byte] = codes[2 * byte] | (codes[2 * byte + 1] << np.uint8(4))
+
+@njit(cache=True, nogil=True)
+def fill_decode_table(freq, prob_bits, lead, n_raw, out):
+    """``out[ctx << prob_bits | slot]`` for every context row of ``freq`` (see ``compiled.decode_table``).
+
+    Each row's frequencies sum to ``2**prob_bits`` (checked when the tables are read); slots past the
+    end of the table are never written.
+    """
+    total = 1 << prob_bits
+    for ctx in range(freq.shape[0]):
+        slot = 0
+        for sym in range(freq.shape[1]):
+            f = np.uint64(freq[ctx, sym])
+            tag = f | (np.uint64(lead[sym]) << np.uint64(32)) | (np.uint64(n_raw[sym]) << np.uint64(48))
+            for j in range(min(np.int64(f), total - slot)):
+                out[(ctx << prob_bits) | (slot + j)] = tag | (np.uint64(j) << np.uint64(16))
+            slot += np.int64(f)
