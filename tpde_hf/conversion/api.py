@@ -226,19 +226,21 @@ def convert(
     n_workers = _choose_workers(workers)
     runner: _TaskThreads | _Pool = _TaskThreads(_cpu_count()) if n_workers == 1 else _Pool(n_workers)
     plan_peak = peak_rss()  # fetching and staging (GGUF, .bin): reported apart
-    reset_peak()
+    baseline = reset_peak()
     encoding = _Encoding(partial, params, verify, runner)
     try:
         encoding.start(likely_linear_weights(infos, keep_dense=keep_dense, include=include, exclude=exclude,
                                              vocab_sizes=config_vocab_sizes(src.folder)))
         layout, layout_cached = _layout_or_none(src, include, trust_remote_code)
         selection = select_tensors(infos, layout, keep_dense=keep_dense, include=include, exclude=exclude)
-        # The baseline of the streaming memory: imports and planning done, with no task in flight
-        # (transformers' modules stay loaded; they are no part of the streaming). The tasks that
-        # ran during the plan ran alone and measured their own peaks.
-        runner.quiesce()
         peak_during_plan = peak_rss()
-        baseline = reset_peak()
+        if not layout_cached:
+            # Building the layout imported transformers' modeling code, which stays loaded and is no
+            # part of the streaming: the baseline moves up to after the imports, read with no task
+            # in flight. The tasks that ran during the plan ran alone and measured their own peaks.
+            runner.quiesce()
+            peak_during_plan = peak_rss()
+            baseline = reset_peak()
         if not selection.encoded:
             reasons = ", ".join(f"{n} {r}" for r, n in selection.reasons().items())
             raise ConversionError(f"{src.spec}: no tensor selected for conversion ({reasons})")
