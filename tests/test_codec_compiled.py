@@ -92,6 +92,26 @@ def test_both_encoders_write_identical_bytes(dtype, rows, cols, scale, group_siz
     assert_same_bytes(encode_with("compiled", w, params), encode_with("numpy", w, params))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k, m", [(6, 5), (8, 1), (1, 1), (8, 8)])
+def test_kept_coding_fields_and_recomputed_ones_write_the_same_bytes(monkeypatch, dtype, k, m):
+    """Pass 2 reads the fields pass 1 kept (small weights) or recomputes them (large ones): same bytes,
+    in every packing (32-bit fields for 16-bit sources by default, 64-bit for fp32 and wide symbols)."""
+    gen = torch.Generator().manual_seed(k * 10 + m)
+    w = (torch.randn(37, 301, generator=gen) * 0.03).to(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("nan"), 1e30, 3e-39], dtype=torch.float32)
+    n = w.view(-1)[::97].numel()
+    w.view(-1)[::97] = special.repeat(-(-n // special.numel()))[:n].to(dtype)
+    params = CodecParams(lane_len=256, sym_k=k, sym_m=m)
+    spec_fields = compiled_codec._packed_fields(encode_tensor(w, params).spec, 16, w.numel())
+    assert spec_fields is not None  # this weight is small enough to keep its fields
+    kept = encode_with("compiled", w, params)
+    monkeypatch.setattr(compiled_codec, "PACKED_MAX_ELEMENTS", 0)
+    assert compiled_codec._packed_fields(encode_tensor(w, params).spec, 16, w.numel()) is None
+    assert_same_bytes(kept, encode_with("compiled", w, params))
+    assert_same_bytes(kept, encode_with("numpy", w, params))
+
+
 @pytest.mark.parametrize("width", [16, 32])
 @pytest.mark.parametrize("prob_bits", [10, 12, 15])
 def test_decode_table_is_the_reference_lookup_table(width, prob_bits):

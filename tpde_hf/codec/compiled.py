@@ -204,7 +204,11 @@ class EncodedLanes:
 
 def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: SymbolSpec, layout: LaneLayout,
                  group_size: int, prob_bits: int, n_contexts: int) -> EncodedLanes:
-    """Count symbols, build the tables and rANS-encode every lane of one (already quantized) weight."""
+    """Count symbols, build the tables and rANS-encode every lane of one (already quantized) weight.
+
+    Pass 2 reads the coding fields pass 1 kept (weights up to ``PACKED_MAX_ELEMENTS``), or recomputes
+    them from the base; both write the same bytes (a test compares them).
+    """
     out_f, in_f = weight.shape
     bits = _weight_bits(weight)
     qweight, zeros = base.qweight.numpy(), base.zeros.numpy()
@@ -213,7 +217,11 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
     blocks = _blocks(n_lanes, layout.numel)
     common = (in_f, gshift, n_lanes, width, spec.k, spec.m, spec.n_symbols, _BIT_LENGTH_16)
 
-    # Pass 1: symbol counts per context and raw bits per lane, each thread over its own elements.
+    # Pass 1: symbol counts per context and raw bits per lane, each thread over its own elements;
+    # it keeps every element's coding fields for pass 2 where they fit in a small multiple of the weight.
+    fields = _packed_fields(spec, n_contexts, layout.numel)
+    packed = np.empty(layout.numel if fields else 0, dtype=fields[2] if fields else np.uint32)
+    j_bits, nr_bits = fields[:2] if fields else (0, 0)
     counts = np.zeros((len(blocks), n_contexts * spec.n_symbols), dtype=np.int64)
     lane_raws = np.zeros((len(blocks), n_lanes), dtype=np.int64)
     tables: dict[tuple[int, int], np.ndarray] = {}
@@ -229,7 +237,8 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
         i0, i1 = r0 * in_f, r1 * in_f
         cuts = np.linspace(i0, i1, len(blocks) + 1).astype(np.int64)
         _run_all(kernels.symbol_statistics, [
-            (bits, qweight, zeros, pred, r0, int(cuts[t]), int(cuts[t + 1]), *common, counts[t], lane_raws[t])
+            (bits, qweight, zeros, pred, r0, int(cuts[t]), int(cuts[t + 1]), *common, counts[t], lane_raws[t],
+             packed, j_bits, nr_bits)
             for t in range(len(blocks))
         ])
     lane_raw = lane_raws.sum(axis=0)
@@ -246,13 +255,22 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
     raw_parts = [np.zeros((int(lane_start[l1 - 1] + lane_raw[l1 - 1]) >> 5) - rb + 2, dtype=np.uint64)
                  for (_, l1), rb in zip(blocks, raw_bases, strict=True)]
     freq_u32 = freq.numpy().astype(np.uint32).ravel()
-    for ch in reversed(_chunks(layout, in_f)):
+    lane_jobs = list(zip(blocks, raw_bases, raw_parts, strict=True))
+    if fields:
+        tables.clear()
+        _run_all(kernels.encode_packed, [
+            (packed, j_bits, nr_bits, 0, layout.steps, layout.numel, n_lanes, freq_u32, cum, prob_bits, state,
+             word_pos, word_buf, raw_pos, l0, l1, rb, part)
+            for (l0, l1), rb, part in lane_jobs
+        ])
+    for ch in reversed(_chunks(layout, in_f) if not fields else []):
         pred = pred_rows(ch.r0, ch.r1)
         _run_all(kernels.encode_steps, [
             (bits, qweight, zeros, pred, ch.r0, ch.e0, ch.e1, layout.numel, *common, freq_u32, cum, prob_bits,
              state, word_pos, word_buf, raw_pos, l0, l1, rb, part)
-            for (l0, l1), rb, part in zip(blocks, raw_bases, raw_parts, strict=True)
+            for (l0, l1), rb, part in lane_jobs
         ])
+    del packed
     if not np.array_equal(raw_pos, lane_start):  # the two passes must agree on every raw field
         raise AssertionError("compiled encoder: raw-bit pass out of step with the statistics pass")
     n_raw_words = -(-int(lane_raw.sum()) // 32)
@@ -263,6 +281,21 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
     words = np.empty(int(n_words.sum()), dtype=np.uint16)
     kernels.gather_lane_words(word_buf, word_pos, words)
     return EncodedLanes(freq, state.astype(np.int64), n_words, words, lane_raw, raw_words.astype(np.uint32))
+
+
+#: Pass 1 keeps every element's coding fields for pass 2 in weights up to this many elements (4 bytes
+#: each for 16-bit sources with the default symbols, 8 for fp32); larger weights recompute them.
+PACKED_MAX_ELEMENTS = 1 << 23
+
+
+def _packed_fields(spec: SymbolSpec, n_contexts: int, numel: int) -> tuple[int, int, type] | None:
+    """``(j_bits, nr_bits, dtype)`` of the packed coding fields of a weight, or None to recompute them."""
+    if numel > PACKED_MAX_ELEMENTS:
+        return None
+    j_bits = (n_contexts * spec.n_symbols - 1).bit_length()
+    nr_bits = spec.max_raw_bits.bit_length()
+    total = j_bits + nr_bits + spec.max_raw_bits
+    return (j_bits, nr_bits, np.uint32) if total <= 32 else (j_bits, nr_bits, np.uint64) if total <= 64 else None
 
 
 def decode_table(freq: torch.Tensor, prob_bits: int, spec: SymbolSpec) -> np.ndarray:

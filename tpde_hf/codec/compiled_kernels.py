@@ -92,10 +92,41 @@ def _code(qrow, col):
     return (np.int64(qrow[col >> 1]) >> ((col & 1) << 2)) & 15
 
 
+@njit(cache=True, inline="always")
+def _rans_put(x, f, c, prob_bits, ln, word_pos, words):
+    """One rANS encode step of lane ``ln`` (state ``x``, frequency ``f``, start ``c``): the new state."""
+    # Branch-free renormalization: the word slot is written every time, kept only on emit.
+    emit = x >= f << np.uint64(32 - prob_bits)
+    p = word_pos[ln]
+    words[ln, p] = np.uint16(x & np.uint64(0xFFFF))
+    word_pos[ln] = p - np.int64(emit)
+    x >>= np.uint64(16 * emit)
+    # float64 division is correctly rounded and x < 2**32: the floor is exact.
+    q = np.uint64(np.float64(x) / np.float64(f))
+    return (q << np.uint64(prob_bits)) + (x - q * f) + c
+
+
+@njit(cache=True, inline="always")
+def _raw_put(raw, nr, ln, raw_pos, raw_base, raw_words):
+    """Write lane ``ln``'s next raw field (``nr`` bits of ``raw``), back to front."""
+    bp = raw_pos[ln] - nr  # a zero-width field ORs in nothing
+    raw_pos[ln] = bp
+    v = np.uint64(raw) << np.uint64(bp & 31)
+    kw = (bp >> 5) - raw_base
+    raw_words[kw] |= v & np.uint64(0xFFFFFFFF)
+    raw_words[kw + 1] |= v >> np.uint64(32)
+
+
 @njit(cache=True, nogil=True)
 def symbol_statistics(bits, qweight, zeros, pred, row0, i0, i1, in_f, gshift, n_lanes, width, k, m, n_sym,
-                      bl16, counts, lane_raw_bits):
-    """Add elements ``[i0, i1)`` to the ``(context, symbol)`` counts and each lane's raw-bit total."""
+                      bl16, counts, lane_raw_bits, packed, j_bits, nr_bits):
+    """Add elements ``[i0, i1)`` to the ``(context, symbol)`` counts and each lane's raw-bit total.
+
+    Unless ``packed`` is empty, also keep each element's coding fields there for :func:`encode_packed`:
+    ``j = context * n_sym + symbol`` in the low ``j_bits``, the raw-bit count in the next ``nr_bits``,
+    the raw value above them.
+    """
+    store = packed.size > 0
     i = i0
     row, col = _row_col(i0, in_f)
     lane = i0 % n_lanes
@@ -103,8 +134,11 @@ def symbol_statistics(bits, qweight, zeros, pred, row0, i0, i1, in_f, gshift, n_
         n, z, prow, qrow = _segment(qweight, zeros, pred, row0, row, col, in_f, gshift, i1 - i)
         for t in range(n):
             c = _code(qrow, col + t) - z
-            sym, nr, _ = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
-            counts[abs(c) * n_sym + sym] += 1
+            sym, nr, raw = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
+            j = abs(c) * n_sym + sym
+            counts[j] += 1
+            if store:
+                packed[i + t] = j | (nr << j_bits) | (raw << (j_bits + nr_bits))
             lane_raw_bits[lane] += nr
             lane += 1
             if lane == n_lanes:
@@ -134,26 +168,29 @@ def encode_steps(bits, qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, 
                 sym, nr, raw = _delta_symbol(bits[i + t], prow[c + 15], width, k, m, bl16)
                 ln = lane + t
                 j = abs(c) * n_sym + sym
-                f = np.uint64(freq[j])
-                x = state[ln]
-                # Branch-free renormalization: the word slot is written every time, kept only on emit.
-                emit = x >= f << np.uint64(32 - prob_bits)
-                p = word_pos[ln]
-                words[ln, p] = np.uint16(x & np.uint64(0xFFFF))
-                word_pos[ln] = p - np.int64(emit)
-                x >>= np.uint64(16 * emit)
-                # float64 division is correctly rounded and x < 2**32: the floor is exact.
-                q = np.uint64(np.float64(x) / np.float64(f))
-                state[ln] = (q << np.uint64(prob_bits)) + (x - q * f) + np.uint64(cum[j])
-                bp = raw_pos[ln] - nr  # a zero-width field ORs in nothing
-                raw_pos[ln] = bp
-                v = np.uint64(raw) << np.uint64(bp & 31)
-                kw = (bp >> 5) - raw_base
-                raw_words[kw] |= v & np.uint64(0xFFFFFFFF)
-                raw_words[kw + 1] |= v >> np.uint64(32)
+                state[ln] = _rans_put(state[ln], np.uint64(freq[j]), np.uint64(cum[j]), prob_bits, ln, word_pos,
+                                      words)
+                _raw_put(raw, nr, ln, raw_pos, raw_base, raw_words)
             lane += n
             i += n
             row, col = _after_segment(row, col, n, in_f)
+
+
+@njit(cache=True, nogil=True)
+def encode_packed(packed, j_bits, nr_bits, e0, e1, numel, n_lanes, freq, cum, prob_bits, state, word_pos, words,
+                  raw_pos, l0, l1, raw_base, raw_words):
+    """:func:`encode_steps` from the fields :func:`symbol_statistics` kept: the same words and raw bits,
+    without walking the base or recomputing any symbol."""
+    j_mask = (np.int64(1) << j_bits) - 1
+    nr_mask = (np.int64(1) << nr_bits) - 1
+    for e in range(e1 - 1, e0 - 1, -1):
+        i0 = e * n_lanes
+        for ln in range(l0, min(l1, numel - i0)):
+            pk = np.int64(packed[i0 + ln])
+            j = pk & j_mask
+            nr = (pk >> j_bits) & nr_mask
+            state[ln] = _rans_put(state[ln], np.uint64(freq[j]), np.uint64(cum[j]), prob_bits, ln, word_pos, words)
+            _raw_put(pk >> (j_bits + nr_bits), nr, ln, raw_pos, raw_base, raw_words)
 
 
 @njit(cache=True, nogil=True)

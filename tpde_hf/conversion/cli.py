@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 EPILOG = """\
 Environment: HF_TOKEN (token), HF_ENDPOINT (Hub address), HF_HOME / HF_HUB_CACHE (download cache),
-HF_HUB_DISABLE_PROGRESS_BARS=1 (no progress bars), HF_HUB_OFFLINE=1 (cache only).
+HF_HUB_DISABLE_PROGRESS_BARS=1 (no progress bars), HF_HUB_OFFLINE=1 (cache only),
+TPDE_LAYOUT_CACHE (where the nn.Linear layouts of converted architectures are kept; "off" disables it).
 """
 
 
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each tensor's stored dtype")
     c.add_argument("--gguf-file", default=None, metavar="NAME", help="which .gguf file of a folder or repo to convert")
     c.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes for encoding and verification (default: all cores; 1 for small models)")
+                   help="worker processes for encoding (default: 1, this process, encoding on one thread per "
+                        "core; more processes only add start-up on a small machine)")
     c.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="output shard size limit (default: 5GB)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (the old folder is removed only once the new one is complete)")
