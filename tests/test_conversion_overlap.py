@@ -219,3 +219,28 @@ def test_task_files_are_written_in_one_pass_with_their_hashes(tmp_path: Path) ->
 
     back = load_file(path)
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_shard_copies_are_checked_byte_for_byte(tmp_path: Path) -> None:
+    from tpde_hf.conversion.streaming import (
+        bytes_checksum,
+        iter_bytes,
+        verify_file_copies,
+        write_planned_shard,
+        write_tensor_file,
+    )
+
+    src = tmp_path / "src.safetensors"
+    write_tensor_file(src, {"a": torch.randn(64, 64), "b": torch.arange(100, dtype=torch.int16)})
+    infos = list(read_header(src).values())
+    shard = tmp_path / "shard.safetensors"
+    hashes = write_planned_shard(shard, infos, hashed={"b"})
+    assert set(hashes) == {"b"} and hashes["b"] == bytes_checksum(iter_bytes(read_header(src)["b"]))
+    sources = {i.name: i for i in infos}
+    assert verify_file_copies(shard, sources) == []
+    data = bytearray(shard.read_bytes())
+    data[read_header(shard)["a"].begin + 5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    assert verify_file_copies(shard, sources) == ["a"]
+    extra = dict(sources, c=sources["b"])
+    assert verify_file_copies(shard, extra) == ["c", "a"]

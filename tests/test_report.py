@@ -120,7 +120,7 @@ def test_render_cpu_results(tmp_path: Path) -> None:
     assert "| **tpde total (lossless: base + delta + metadata)** | 11.6 | 14.5 | 27.6 |" in text
     assert "| ZipNN | 10.7 | 10.7 | 10.7 |" in text
     assert "| 1024x1024 (from 4096x4096) | 11.9 | 151 |" in text
-    assert "| minilm (float32) | 86.6 | 2 | 6.25 | 14.0 |" in text
+    assert "| minilm (float32) | 86.6 | 2 x 1 | cold | 6.25 | 14.0 |" in text
     assert "| original | 1.50 | 257 | 300 | 20.0 |" in text
     assert "| base |" in text and "| no |" in text  # lossy base: greedy tokens differ from the original
     assert "failed: RuntimeError: boom" in text

@@ -258,6 +258,16 @@ class TpdeHfQuantizer(HfQuantizer):
         self._errors.append(exc)
 
     # ------------------------------------------------------------------ after loading
+    def remove_quantization_config(self, model: nn.Module) -> None:
+        """transformers (5.2x) drops the quantization config of a dequantized model, and with it the
+        weight conversions it loaded through; without them ``save_pretrained`` would not write the
+        checkpoint's original key layout (e.g. per-expert MoE weights). Keep them:
+        :meth:`_restore_converters` then takes the tpde ops out."""
+        conversions = getattr(model, "_weight_conversions", None)
+        super().remove_quantization_config(model)
+        if conversions is not None:
+            model._weight_conversions = conversions
+
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self._errors:
             raise self._errors[0]

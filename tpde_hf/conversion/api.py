@@ -57,6 +57,7 @@ from tpde_hf.conversion.sources import Source, resolve_source, stage_weights
 from tpde_hf.conversion.streaming import (
     TensorInfo,
     read_header,
+    verify_file_copies,
     verify_file_hashes,
     write_planned_shard,
 )
@@ -266,7 +267,7 @@ def convert(
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir()
-    manifest = _assemble(run, results, task_files, stage, options["max_shard_size"])
+    manifest = _assemble(run, results, task_files, stage, options["max_shard_size"], encoding.resumed_names)
     seconds["assemble"] = time.perf_counter() - t
     report.verified = verify
     report.verified_tensors = sum(r.verified for r in results.values())
@@ -436,6 +437,7 @@ class _Encoding:
         self.tasks: list[EncodeTask] = []
         self.reused: list[TaskResult] = []
         self.running: dict[Future, EncodeTask] = {}
+        self.resumed_names: set[str] = set()  # selected weights whose task an earlier run finished
         self._t0: float | None = None
         self.seconds = 0.0
 
@@ -474,6 +476,7 @@ class _Encoding:
             for tr in res.tensors:
                 if tr.name in selected:
                     results[tr.name], task_files[tr.name] = tr, Path(res.out)
+        self.resumed_names = set(results)
         run.report.resumed_tensors = len(results)
         bar = hf_tqdm(total=sum(by_name[n].nbytes for n in selected), initial=sum(r.source_bytes for r in
                       results.values()), unit="B", unit_scale=True, desc="Encoding + verifying", name="tpde_hf")
@@ -609,12 +612,15 @@ class _Pool:
 
 # ==================================================================== assemble
 def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str, Path], stage: Path,
-              max_shard: int) -> dict[str, dict]:
+              max_shard: int, resumed: set[str]) -> dict[str, dict]:
     """Copy every tensor into output shards; re-read each shard and compare bytes; return the manifest.
 
     Every size is known up front, so shards are planned first and each is written in one pass. The
-    re-read check of a shard runs on a thread while the next shard is written (hashing and file reads
-    release the GIL), which puts the second core to work.
+    re-read check of a shard (a byte comparison with what was copied) runs on a thread while the next
+    shard is written (file reads and comparisons release the GIL), which puts the second core to
+    work. Only dense tensors are hashed while copying, for the manifest; the encoded parts were
+    verified by decoding their task file, and the task files of a resumed run (``resumed``: their
+    weights) are first checked against the hashes taken when they were verified.
     """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -624,6 +630,8 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     manifest: dict[str, dict] = {}
     classes: dict[str, ClassSizes] = {}
     weight_map: dict[str, str] = {}
+
+    _check_resumed_task_files(resumed, results, task_files)
 
     # 1. Plan: which tensors (or tpde parts) go into which shard, in the source's order.
     plans: list[list[tuple[TensorInfo, list[TensorInfo]]]] = []
@@ -644,7 +652,7 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
         plans[-1].append((info, parts))
         planned_bytes += size
 
-    # 2. Write each shard in one pass; check every encoded part against the hash its worker verified.
+    # 2. Write each shard in one pass, then compare it with what it was copied from.
     shards = [stage / f"shard-{i:05d}.safetensors" for i in range(len(plans))]
     bar = hf_tqdm(total=sum(i.nbytes for i in run.infos), unit="B", unit_scale=True, desc="Writing shards",
                   name="tpde_hf")
@@ -652,8 +660,9 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpde-reread") as rereader:
         try:
             for shard, plan in zip(shards, plans, strict=True):
-                hashes = write_planned_shard(shard, [t for _, tensors in plan for t in tensors])
-                checks.append((shard, rereader.submit(verify_file_hashes, shard, hashes)))
+                parts = [t for _, tensors in plan for t in tensors]
+                hashes = write_planned_shard(shard, parts, hashed={i.name for i, _ in plan if i.name not in encoded})
+                checks.append((shard, rereader.submit(verify_file_copies, shard, {t.name: t for t in parts})))
                 for info, tensors in plan:
                     res = results[info.name] if info.name in encoded else None
                     _record_tensor(info, tensors, hashes, res, shard.name, manifest, classes, weight_map)
@@ -688,6 +697,18 @@ def _assemble(run: _Run, results: dict[str, TensorResult], task_files: dict[str,
     return manifest
 
 
+def _check_resumed_task_files(resumed: set[str], results: dict[str, TensorResult], task_files: dict[str, Path]
+                              ) -> None:
+    """The task files an earlier run verified must still hold the bytes it verified (hashes in the journal)."""
+    expected: dict[Path, dict[str, int]] = {}
+    for name in resumed:
+        expected.setdefault(task_files[name], {}).update(results[name].part_hashes)
+    for path, hashes in expected.items():
+        changed = verify_file_hashes(path, hashes)
+        if changed:
+            raise VerificationError(f"{path}: {changed} changed since verified; rerun without resume", changed)
+
+
 def _record_tensor(info: TensorInfo, tensors: list[TensorInfo], hashes: dict[str, int],
                    res: TensorResult | None, shard_name: str, manifest: dict[str, dict],
                    classes: dict[str, ClassSizes], weight_map: dict[str, str]) -> None:
@@ -699,10 +720,6 @@ def _record_tensor(info: TensorInfo, tensors: list[TensorInfo], hashes: dict[str
         classes.setdefault(tensor_class(info.name, False, len(info.shape)), ClassSizes()).add(
             info.numel, info.nbytes, info.nbytes)
         return
-    changed = [t.name for t in tensors if hashes[t.name] != res.part_hashes[t.name]]
-    if changed:
-        raise VerificationError(f"{tensors[0].file}: {changed} changed since verified; rerun without resume",
-                                changed)
     manifest[info.name] = manifest_entry(res.dtype, res.shape, res.checksum, True)
     classes.setdefault(tensor_class(info.name, True, 2), ClassSizes()).add(
         info.numel, info.nbytes, sum(t.nbytes for t in tensors), res.base_bytes, res.delta_bytes, res.meta_bytes)

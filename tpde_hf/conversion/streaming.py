@@ -250,13 +250,14 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[str, str] | None = None
-                        ) -> dict[str, int]:
+def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[str, str] | None = None,
+                        hashed: set[str] | None = None) -> dict[str, int]:
     """Write a safetensors file of ``tensors`` (stored elsewhere) in one pass: header first, then their bytes.
 
     Unlike :class:`ShardWriter`, nothing is staged in a spill file, since every size is known up
-    front. Returns the :func:`bytes_checksum` of every tensor as written. The file appears under
-    ``path`` only once complete (written to ``<path>.tmp``, synced, renamed).
+    front. Returns the :func:`bytes_checksum` of every tensor in ``hashed`` (default: all) as
+    written. The file appears under ``path`` only once complete (written to ``<path>.tmp``, synced,
+    renamed).
     """
     by_name = {t.name: t for t in tensors}
     if len(by_name) != len(tensors):
@@ -264,9 +265,16 @@ def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[st
     order = _storage_order({t.name: t.dtype for t in tensors})
     blob = _header_blob([(k, by_name[k].dtype, by_name[k].shape, by_name[k].nbytes) for k in order],
                         {"format": "pt", **(metadata or {})})
+    hashes: dict[str, int] = {}
     with _atomic_file(Path(path)) as out:
         out.write(blob)
-        return {name: bytes_checksum(_written(out, iter_bytes(by_name[name]))) for name in order}
+        for name in order:
+            if hashed is None or name in hashed:
+                hashes[name] = bytes_checksum(_written(out, iter_bytes(by_name[name])))
+            else:
+                for block in iter_bytes(by_name[name]):
+                    out.write(block)
+    return hashes
 
 
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
@@ -310,6 +318,22 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+
+def verify_file_copies(path: Path, sources: dict[str, TensorInfo]) -> list[str]:
+    """Re-read a closed file and return the names whose bytes differ from their ``sources`` (or are missing).
+
+    A byte comparison, not a hash: it proves the copy as well and costs a fraction of hashing.
+    """
+    header = read_header(path)
+    bad = [name for name in sources if name not in header]
+    for name, info in header.items():
+        src = sources.get(name)
+        if src is None:
+            continue
+        if src.nbytes != info.nbytes or any(a != b for a, b in zip(iter_bytes(info), iter_bytes(src), strict=True)):
+            bad.append(name)
+    return bad
 
 
 def verify_file_hashes(path: Path, expected: dict[str, int]) -> list[str]:
