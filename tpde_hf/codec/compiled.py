@@ -285,7 +285,7 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
 
 #: Pass 1 keeps every element's coding fields for pass 2 in weights up to this many elements (4 bytes
 #: each for 16-bit sources with the default symbols, 8 for fp32); larger weights recompute them.
-PACKED_MAX_ELEMENTS = 1 << 23
+PACKED_MAX_ELEMENTS = 1 << 24
 
 
 def _packed_fields(spec: SymbolSpec, n_contexts: int, numel: int) -> tuple[int, int, type] | None:

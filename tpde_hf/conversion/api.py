@@ -257,6 +257,9 @@ def convert(
         )
         run = _Run(src, out, partial, params, report, infos, selection, layout)
         seconds["plan"] = time.perf_counter() - t
+        # While the encoders run, this thread reads what the model card needs (imports included).
+        src.load_card_metadata()
+        import tpde_hf.conversion.card  # noqa: F401
         results, task_files = encoding.finish(run, on_tensor)
         seconds["encode_verify"] = encoding.seconds
     finally:
@@ -735,7 +738,7 @@ def _write_metadata(run: _Run, stage: Path, manifest: dict[str, dict], base_mode
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run.src.folder / rel, dst)
     (stage / MANIFEST_NAME).write_text(dump_manifest(make_manifest(manifest)))
-    card = render_card(run.report, repo_id=repo_id, source_meta=run.src.card_metadata, base_model=base_model)
+    card = render_card(run.report, repo_id=repo_id, source_meta=run.src.load_card_metadata(), base_model=base_model)
     card.save(stage / "README.md")
     cfg_path = run.src.folder / CONFIG_NAME
     try:

@@ -67,6 +67,17 @@ class Source:
     gguf_file: str | None = None
     card_metadata: dict = field(default_factory=dict)  # pipeline_tag, tags, license, language, ...
     warnings: list[str] = field(default_factory=list)
+    # The folder whose README.md metadata is still to be read into card_metadata (its values win). Read
+    # on demand: the card library's import costs a few tenths of a second that a conversion can spend
+    # while it waits for its encoders instead of before starting them.
+    card_folder: Path | None = None
+
+    def load_card_metadata(self) -> dict:
+        """Read the source card's metadata (once) and return :attr:`card_metadata`."""
+        if self.card_folder is not None:
+            self.card_metadata = {**self.card_metadata, **_local_card_metadata(self.card_folder)}
+            self.card_folder = None
+        return self.card_metadata
 
     def carried_files(self) -> list[Path]:
         """Non-weight files to copy, relative to :attr:`folder` (tokenizer, generation config, license...)."""
@@ -207,7 +218,7 @@ def _resolve_folder(spec: str, folder: Path, gguf_file: str | None) -> Source:
     if fmt != "gguf" and not (folder / CONFIG_NAME).is_file():
         raise ConversionError(f"{folder}: no {CONFIG_NAME}; a Hugging Face model folder needs one")
     src = Source(spec, "folder" if fmt != "gguf" else "gguf", folder, fmt, weight_files,
-                 gguf_file=names[0] if fmt == "gguf" else None, card_metadata=_local_card_metadata(folder))
+                 gguf_file=names[0] if fmt == "gguf" else None, card_folder=folder)
     return src
 
 
@@ -278,11 +289,9 @@ def _hub_source(spec: str, folder: Path, kind: str, names: list[str], repo_id: s
     fmt, weight_files = _folder_weights(folder, kind, names)
     if fmt != "gguf" and not (folder / CONFIG_NAME).is_file():
         raise ConversionError(f"{spec}@{commit}: the repo has no {CONFIG_NAME}")
-    meta = _local_card_metadata(folder)
-    if pipeline_tag and "pipeline_tag" not in meta:
-        meta["pipeline_tag"] = pipeline_tag
+    meta = {"pipeline_tag": pipeline_tag} if pipeline_tag else {}
     return Source(spec, "hub", folder, fmt, weight_files, repo_id=repo_id, revision=revision, commit=commit,
-                  gguf_file=names[0] if fmt == "gguf" else None, card_metadata=meta)
+                  gguf_file=names[0] if fmt == "gguf" else None, card_metadata=meta, card_folder=folder)
 
 
 # ==================================================================== staging: .bin and GGUF -> safetensors
