@@ -340,9 +340,11 @@ def conversion_section(data: dict) -> str:
     parts.append("MB/s are MB of source weights per second, timed from the call to `convert` (the interpreter and "
                  "`import torch` are done); \"plain load+save\" is loading the source and saving it again as "
                  "safetensors, the floor for any conversion. Layout `cold`: the architecture is built "
-                 "(transformers' modeling imports, about 2 s of one core), as on the first conversion of an "
-                 "architecture and config; `warm`: it comes from the layout cache, as on every later one. Each "
-                 "figure is the best of the repeats (the machine may be shared).")
+                 "(transformers' modeling imports: 2 to 4 s of one core here), as on the first conversion of an "
+                 "architecture and config; `warm`: it comes from the layout cache, as on every later one. "
+                 "Encoding starts while the architecture is built, so \"encode+verify\" runs from the first "
+                 "task to the last and, cold, spans the plan it overlaps. Each figure is the best of the repeats "
+                 "(the machine may be shared).")
     cli = [(n, m["cli_cold"]) for n, m in models.items() if isinstance(m, dict) and isinstance(m.get("cli_cold"), dict)]
     if cli:
         parts.append("The whole `tpde convert` command, cold, timed from outside (interpreter start and imports "
