@@ -244,3 +244,20 @@ def test_shard_copies_are_checked_byte_for_byte(tmp_path: Path) -> None:
     assert verify_file_copies(shard, sources) == ["a"]
     extra = dict(sources, c=sources["b"])
     assert verify_file_copies(shard, extra) == ["c", "a"]
+
+
+def test_an_unusable_layout_cache_never_stops_a_conversion(tiny_llama_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    not_a_folder = tmp_path / "cache-is-a-file"
+    not_a_folder.write_text("x")
+    monkeypatch.setenv("TPDE_LAYOUT_CACHE", str(not_a_folder))
+    report = convert(tiny_llama_dir, tmp_path / "out", workers=1)
+    assert not report.layout_cached and report.verified_tensors == 14 and not_a_folder.read_text() == "x"
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TPDE_LAYOUT_CACHE", str(cache))
+    cache.mkdir()
+    entry = cache / f"{layout_cache.layout_key(tiny_llama_dir, False)}.json"
+    entry.write_text(json.dumps({"entry": 999, "linear": []}))  # another format version: rebuilt, not trusted
+    layout, hit = layout_cache.cached_layout(tiny_llama_dir, trust_remote_code=False, build=load_layout)
+    assert not hit and len(layout.linear) == 15 and json.loads(entry.read_text())["entry"] == 1
