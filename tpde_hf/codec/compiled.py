@@ -257,19 +257,20 @@ def encode_lanes(weight: torch.Tensor, base: base_quant.BaseTensors, spec: Symbo
     freq_u32 = freq.numpy().astype(np.uint32).ravel()
     lane_jobs = list(zip(blocks, raw_bases, raw_parts, strict=True))
     if fields:
-        tables.clear()
+        tables.clear()  # pass 2 needs no prediction table
         _run_all(kernels.encode_packed, [
             (packed, j_bits, nr_bits, 0, layout.steps, layout.numel, n_lanes, freq_u32, cum, prob_bits, state,
              word_pos, word_buf, raw_pos, l0, l1, rb, part)
             for (l0, l1), rb, part in lane_jobs
         ])
-    for ch in reversed(_chunks(layout, in_f) if not fields else []):
-        pred = pred_rows(ch.r0, ch.r1)
-        _run_all(kernels.encode_steps, [
-            (bits, qweight, zeros, pred, ch.r0, ch.e0, ch.e1, layout.numel, *common, freq_u32, cum, prob_bits,
-             state, word_pos, word_buf, raw_pos, l0, l1, rb, part)
-            for (l0, l1), rb, part in lane_jobs
-        ])
+    else:
+        for ch in reversed(_chunks(layout, in_f)):
+            pred = pred_rows(ch.r0, ch.r1)
+            _run_all(kernels.encode_steps, [
+                (bits, qweight, zeros, pred, ch.r0, ch.e0, ch.e1, layout.numel, *common, freq_u32, cum,
+                 prob_bits, state, word_pos, word_buf, raw_pos, l0, l1, rb, part)
+                for (l0, l1), rb, part in lane_jobs
+            ])
     del packed
     if not np.array_equal(raw_pos, lane_start):  # the two passes must agree on every raw field
         raise AssertionError("compiled encoder: raw-bit pass out of step with the statistics pass")
