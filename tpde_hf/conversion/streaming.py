@@ -196,8 +196,7 @@ class ShardWriter:
         self._spill.close()
         order = _storage_order({k: v[0] for k, v in self._entries.items()})
         blob = _header_blob([(k, *self._entries[k][:2], self._entries[k][3]) for k in order], self.metadata)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out, open(self._spill_path, "rb") as spill:
+        with _atomic_file(self.path) as out, open(self._spill_path, "rb") as spill:
             out.write(blob)
             for name in order:
                 _, _, off, n = self._entries[name]
@@ -207,9 +206,6 @@ class ShardWriter:
                     block = spill.read(min(_CHUNK, left))
                     out.write(block)
                     left -= len(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
         self._spill_path.unlink()
 
     def abort(self) -> None:
