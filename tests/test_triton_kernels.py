@@ -372,6 +372,27 @@ def test_triton_base_linear(device, dtype, group_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_triton_base_linear_split_k_is_deterministic(device, rows):
+    """Split-K (several programs per output tile, the last one adds the partials in order): within
+    the matmul bound for every split, including splits that do not divide the 10 groups and more
+    splits than groups; the same bits on every run; the tile tickets end reset for the next launch."""
+    from tpde_hf.triton_kernels import triton_impl
+
+    _, enc = encoded((37, 300), torch.bfloat16, 32, seed=12)  # 10 groups per row, the last one partial
+    pw = PackedWeight.from_encoded(enc, device, delta=False)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 300, generator=g).to(torch.bfloat16)
+    bias = torch.randn(37, generator=g).to(torch.bfloat16)
+    xd, bd = x.to(device), bias.to(device)
+    for split in (1, 2, 3, 7, 64):
+        y = triton_impl.base_linear(xd, pw, bd, split=split)
+        assert_matmul_close(y, x, enc.base_weight(), bias)
+        assert_bit_exact(triton_impl.base_linear(xd, pw, bd, split=split), y)
+    assert all(not bool(t.any()) for t in triton_impl._TICKETS.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_base_linear_batches_and_mixed_dtype(device):
     _, enc = encoded((70, 101), torch.float32, 32, seed=4)
     pw = PackedWeight.from_encoded(enc, device, delta=False)

@@ -39,13 +39,22 @@ height of the weight, so a tile cannot be decoded alone). Reconstructing once in
 and calling cuBLAS costs one decode plus a bf16 write/read of the weight, small next to the
 ``O(M * out * in)`` matmul, and the result is bit-identical to the dense model.
 
-**Base-only 4-bit matmul** is a tiled ``tl.dot`` GEMM that dequantizes a ``[BLOCK_N, G]`` weight
-tile per K step (one group per tile: a row of the tile shares one scale and zero, so those loads
-hit the cache), rounding ``P`` to the source dtype exactly as ``base_weight`` does. Above
-``BASE_FUSED_MAX_ROWS`` rows it dequantizes once and calls cuBLAS instead.
+**Base-only 4-bit matmul** is a tiled ``tl.dot`` GEMM that dequantizes the weight tile per K step,
+rounding ``P`` to the source dtype exactly as ``base_weight`` does. A K step reads ``KB`` whole
+bytes per weight row (contiguous loads, each byte once) and splits them into the even and odd
+columns, multiplied by the even and odd columns of ``x``; it stays inside one group, so a row's
+scale and zero are loaded once per group. At batch 1 a ``[16, 32]`` tile grid alone has
+``out / 32`` programs (128 for 4096 rows): too few loads in flight to stream 4-bit weights at memory
+speed. So the groups of a tile are split over ``SPLIT`` programs (``BASE_PROGRAMS_PER_SM`` per SM in
+all); each stores a float32 partial, and the last to finish, counted with an atomic ticket, adds
+the partials in split order and writes ``y``: deterministic, one launch, and the ticket is reset for
+the next launch on the stream. Above ``BASE_FUSED_MAX_ROWS`` rows it dequantizes once and calls
+cuBLAS instead.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -68,6 +77,10 @@ _HI_MASK: tl.constexpr = tl.constexpr((1 << SYM_HI_BITS) - 1)
 BLOCK_LANES = 64
 #: Batch rows per program of the fused GEMV (more rows re-launch over row chunks).
 FUSED_BLOCK_M = 16
+#: 4-bit bytes per K step of the base matmul: 16 (32 columns, the smallest ``tl.dot`` K) keeps every
+#: default configuration free of register spills on sm_90 (tests/test_kernels_compile.py); a whole
+#: 128-group per step spilled up to 1 KB per thread.
+BASE_BLOCK_K_BYTES = 16
 
 
 def interpreting() -> bool:
@@ -285,37 +298,84 @@ def _base_weight_kernel(
 
 @triton.jit
 def _base_matmul_kernel(
-    x_ptr, y_ptr, bias_ptr, qweight_ptr, scales_ptr, zeros_ptr,
-    M, N, K, x_stride, q_stride, s_stride, z_stride,
+    x_ptr, y_ptr, bias_ptr, qweight_ptr, scales_ptr, zeros_ptr, part_ptr, ticket_ptr,
+    M, N, K, x_stride, q_stride, s_stride, z_stride, groups_per_split,
     G: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ P[N, K].T (+ bias)``; one K step per quantization group."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``y[M, N] = x[M, K] @ P[N, K].T (+ bias)``; one K step per quantization group.
+
+    Program ``(m, n, k)`` covers groups ``k * groups_per_split ..`` of one ``[BLOCK_M, BLOCK_N]``
+    tile. Its weight tile is read as whole bytes (two columns each) and split into the even and
+    odd columns, so the loads are contiguous and each byte is read once. With ``SPLIT > 1`` each
+    program stores its float32 partial sum and takes a ticket; the last of a tile's ``SPLIT``
+    programs adds the partials in split order (deterministic), writes ``y`` and resets the ticket.
+    """
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
-    rn64 = rn.to(tl.int64)
+    rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
+    H: tl.constexpr = G // 2
+    kb = tl.arange(0, KB)  # bytes of a K step: columns 2 * kb (low nibble) and 2 * kb + 1 (high)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, G):  # one group per K step: its scale and zero are shared
-        rk = k0 + tl.arange(0, G)
-        k_ok = rk < K
-        xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * x_stride + rk[None, :],
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        c, s = _level_scale(qweight_ptr, scales_ptr, zeros_ptr, rn64[:, None], rk[None, :],
-                            n_ok[:, None] & k_ok[None, :], q_stride, s_stride, z_stride, G)
-        w = _f32_from_bits(_bits_from_f32(c.to(tl.float32) * s, CODE), CODE)
-        if XCODE != CODE:
-            w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
-        w = tl.where(n_ok[:, None] & k_ok[None, :], w, 0.0)
-        if DOT_F32:  # fp32 sources, and the interpreter (its dot cannot read bfloat16)
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    g_end = tl.minimum(pid_k * groups_per_split + groups_per_split, tl.cdiv(K, G))
+    for g in range(pid_k * groups_per_split, g_end):
+        zb = tl.load(zeros_ptr + rn64 * z_stride + (g >> 1), mask=n_ok, other=0).to(tl.int32)
+        zero = ((zb >> ((g & 1) * 4)) & 15)[:, None]
+        s = tl.load(scales_ptr + rn64 * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        for j in tl.static_range(H // KB):  # K steps of KB bytes inside the group (fewer live registers)
+            byte = g * H + j * KB + kb
+            k_lo = 2 * byte
+            lo_ok, hi_ok = k_lo < K, k_lo + 1 < K
+            qb = tl.load(qweight_ptr + rn64[:, None] * q_stride + byte[None, :],
+                         mask=n_ok[:, None] & lo_ok[None, :], other=0).to(tl.int32)
+            w_lo = _base_tile(qb & 15, zero, s, n_ok[:, None] & lo_ok[None, :], CODE, XCODE)
+            w_hi = _base_tile(qb >> 4, zero, s, n_ok[:, None] & hi_ok[None, :], CODE, XCODE)
+            x_row = x_ptr + rm64[:, None] * x_stride + k_lo[None, :]
+            x_lo = tl.load(x_row, mask=m_ok[:, None] & lo_ok[None, :], other=0.0)
+            x_hi = tl.load(x_row + 1, mask=m_ok[:, None] & hi_ok[None, :], other=0.0)
+            if DOT_F32:  # fp32 sources, and the interpreter (its dot cannot read bfloat16)
+                acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
+                acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
+            else:
+                acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
+                acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT > 1:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        part = part_ptr + (pid_k * M + rm64[:, None]) * N + rn64[None, :]
+        tl.store(part, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(SPLIT):  # fixed order: the same sum on every run
+                acc += tl.load(part_ptr + (k * M + rm64[:, None]) * N + rn64[None, :], mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            _store_base_output(acc, y_ptr, bias_ptr, rm64, rn, n_ok, mask, N, XCODE, HAS_BIAS)
+            tl.atomic_xchg(ticket_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    else:
+        _store_base_output(acc, y_ptr, bias_ptr, rm64, rn, n_ok, mask, N, XCODE, HAS_BIAS)
+
+
+@triton.jit
+def _base_tile(q, zero, s, mask, CODE: tl.constexpr, XCODE: tl.constexpr):
+    """Levels ``q`` -> ``P = (q - zero) * s`` rounded to the source dtype, then to x's dtype, as float32
+    (0 where masked)."""
+    w = _f32_from_bits(_bits_from_f32((q - zero).to(tl.float32) * s, CODE), CODE)
+    if XCODE != CODE:
+        w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _store_base_output(acc, y_ptr, bias_ptr, rm64, rn, n_ok, mask, N, XCODE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     bits = _bits_from_f32(acc, XCODE)
-    dst = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
+    dst = y_ptr + rm64[:, None] * N + rn[None, :]
     if XCODE == _FP32:
         tl.store(dst, bits.to(tl.int32, bitcast=True), mask=mask)
     else:
@@ -397,23 +457,68 @@ def base_weight(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2[M, in] @ P.T + bias`` in x's dtype, dequantizing 4-bit tiles on the fly."""
+def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, split: int | None = None,
+                block_n: int = 32, block_k_bytes: int = BASE_BLOCK_K_BYTES) -> torch.Tensor:
+    """``x2[M, in] @ P.T + bias`` in x's dtype, dequantizing 4-bit tiles on the fly.
+
+    ``split`` (the programs that share a tile's groups) defaults to what fills the GPU; it, ``block_n``
+    and ``block_k_bytes`` (4-bit bytes per K step) are set by the benchmark's sweep and the tests.
+    """
     out_f, in_f = pw.shape
     m = x2.shape[0]
     y = torch.empty((m, out_f), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y
     block_m = 16 if m <= 16 else 64
-    block_n = 32 if m <= 16 else 64  # small batches: more programs over N to fill the GPU
-    grid = (triton.cdiv(m, block_m), triton.cdiv(out_f, block_n))
-    _base_matmul_kernel[grid](
-        x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros,
-        m, out_f, in_f, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
+    tiles = (triton.cdiv(m, block_m), triton.cdiv(out_f, block_n))
+    n_groups = triton.cdiv(in_f, pw.group_size)
+    split = min(split or _base_split(tiles[0] * tiles[1], n_groups, x2.device), n_groups)
+    groups_per_split = triton.cdiv(n_groups, split)
+    split = triton.cdiv(n_groups, groups_per_split)  # no program without a group
+    part = torch.empty((split, m, out_f) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    tickets = _tickets(x2.device, tiles[0] * tiles[1]) if split > 1 else part
+    _base_matmul_kernel[(*tiles, split)](
+        x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros, part,
+        tickets, m, out_f, in_f, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
+        groups_per_split,
         G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=interpreting() or x2.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, KB=min(block_k_bytes, pw.group_size // 2),
+        DOT_F32=interpreting() or x2.dtype == torch.float32, SPLIT=split,
     )
     return y
+
+
+#: Programs per multiprocessor the split-K base matmul aims for: a GEMV has too few output tiles to
+#: keep enough 4-bit weight loads in flight to stream it at memory speed.
+BASE_PROGRAMS_PER_SM = 4
+#: Fewest quantization groups one split covers (each split adds a float32 partial write and read).
+BASE_MIN_GROUPS_PER_SPLIT = 4
+
+
+def _base_split(tiles: int, n_groups: int, device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter: its cost is per program
+        return 1
+    target = BASE_PROGRAMS_PER_SM * _sm_count(device)
+    return max(1, min(-(-target // tiles), n_groups // BASE_MIN_GROUPS_PER_SPLIT))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_TICKETS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tile counters of the split-K epilogue, one buffer per device and stream (the last
+    program of a tile resets its counter, so kernels on one stream, which run in order, share it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _TICKETS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def _check_out(pw: PackedWeight, out: torch.Tensor) -> None:
