@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
         sym_lut_ptr="*i16", final_ptr="*i64", y_ptr="*fp32", out_f="i32", in_f="i32", n_lanes="i32",
         steps="i32", d_row="i32", d_col="i32", q_stride="i32", s_stride="i32", z_stride="i32",
         n_words="i32", n_raw_words="i32", M="i32", N="i32", K="i32", x_stride="i32", part_ptr="*fp32",
-        ticket_ptr="*i32", groups_per_split="i32")
+        ticket_ptr="*i32", groups_per_split="i32", k_bytes="i32")
     PTR = {1: "*bf16", 2: "*fp16", 3: "*fp32"}
     BITS = {1: "*i16", 2: "*i16", 3: "*i32"}
 

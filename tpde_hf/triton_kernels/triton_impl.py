@@ -299,7 +299,7 @@ def _base_weight_kernel(
 @triton.jit
 def _base_matmul_kernel(
     x_ptr, y_ptr, bias_ptr, qweight_ptr, scales_ptr, zeros_ptr, part_ptr, ticket_ptr,
-    M, N, K, x_stride, q_stride, s_stride, z_stride, groups_per_split,
+    M, N, K, k_bytes, x_stride, q_stride, s_stride, z_stride, groups_per_split,
     G: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -326,15 +326,17 @@ def _base_matmul_kernel(
         s = tl.load(scales_ptr + rn64 * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         for j in tl.static_range(H // KB):  # K steps of KB bytes inside the group (fewer live registers)
             byte = g * H + j * KB + kb
-            k_lo = 2 * byte
-            lo_ok, hi_ok = k_lo < K, k_lo + 1 < K
+            lo_ok = byte < k_bytes  # a mask on bytes, not columns: the loads stay 4 or 16 bytes wide
+            hi_ok = 2 * byte + 1 < K
             qb = tl.load(qweight_ptr + rn64[:, None] * q_stride + byte[None, :],
                          mask=n_ok[:, None] & lo_ok[None, :], other=0).to(tl.int32)
             w_lo = _base_tile(qb & 15, zero, s, n_ok[:, None] & lo_ok[None, :], CODE, XCODE)
             w_hi = _base_tile(qb >> 4, zero, s, n_ok[:, None] & hi_ok[None, :], CODE, XCODE)
-            x_row = x_ptr + rm64[:, None] * x_stride + k_lo[None, :]
-            x_lo = tl.load(x_row, mask=m_ok[:, None] & lo_ok[None, :], other=0.0)
-            x_hi = tl.load(x_row + 1, mask=m_ok[:, None] & hi_ok[None, :], other=0.0)
+            # x's 2 * KB columns in one contiguous load, then split into even (low nibble) and odd
+            cols = 2 * (g * H + j * KB) + tl.arange(0, 2 * KB)
+            xt = tl.load(x_ptr + rm64[:, None] * x_stride + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :],
+                         other=0.0)
+            x_lo, x_hi = tl.split(tl.reshape(xt, (BLOCK_M, KB, 2)))
             if DOT_F32:  # fp32 sources, and the interpreter (its dot cannot read bfloat16)
                 acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
                 acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
@@ -479,7 +481,7 @@ def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, s
     tickets = _tickets(x2.device, tiles[0] * tiles[1]) if split > 1 else part
     _base_matmul_kernel[(*tiles, split)](
         x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros, part,
-        tickets, m, out_f, in_f, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
+        tickets, m, out_f, in_f, (in_f + 1) // 2, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
         groups_per_split,
         G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, KB=min(block_k_bytes, pw.group_size // 2),
