@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from tpde_hf.codec import CodecParams, decode_tensor, encode_tensor
 from tpde_hf.triton_kernels import PackedWeight, base_linear, lossless_linear, reconstruct, triton_available
+from tpde_hf.triton_kernels.packed import TABLE_FORMS
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
@@ -161,7 +162,8 @@ BASE_SWEEP = [(bn, kb, sp) for bn in (16, 32, 64) for kb in (16, 32) if (bn, kb)
 
 
 def sweep_encoder(shape, pool, seed, device: str, timer, repeat: int) -> list[dict]:
-    """Per encoder choice: bits/weight, reconstruct and fused batch-1 GEMV time, against bf16."""
+    """Per encoder choice and decode-table form: bits/weight, reconstruct and fused batch-1 GEMV time,
+    against bf16."""
     w = make_weight(shape, pool, seed)
     x1 = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
     wd = w.to(device)
@@ -169,16 +171,17 @@ def sweep_encoder(shape, pool, seed, device: str, timer, repeat: int) -> list[di
     rows = []
     for lane_len, prob_bits in ENCODER_SWEEP:
         enc = encode_tensor(w, CodecParams(lane_len=lane_len, prob_bits=prob_bits), name=f"w{shape}")
-        pw = PackedWeight.from_encoded(enc, device)
-        assert torch.equal(reconstruct(pw, backend="triton").cpu().view(torch.int16), w.view(torch.int16))
-        t_rec = timer(lambda pw=pw: reconstruct(pw, backend="triton"), repeat)
-        t_fused = timer(lambda pw=pw: lossless_linear(x1, pw, backend="triton", fused=True), repeat)
-        rows.append({"shape": list(shape), "lane_len": lane_len, "prob_bits": prob_bits,
-                     "bits_per_weight": 8 * enc.nbytes()["total"] / w.numel(), "n_lanes": pw.n_lanes,
-                     "reconstruct_ms": _ms(t_rec), "reconstruct_GBps": w.numel() * 2 / t_rec / 1e9,
-                     "fused_gemv_ms": _ms(t_fused), "bf16_F_linear_ms": _ms(t_bf16),
-                     "fused_time_over_bf16": t_fused / t_bf16})
-        print("sweep encoder", json.dumps(rows[-1]))
+        for tables in TABLE_FORMS:
+            pw = PackedWeight.from_encoded(enc, device, tables=tables)
+            assert torch.equal(reconstruct(pw, backend="triton").cpu().view(torch.int16), w.view(torch.int16))
+            t_rec = timer(lambda pw=pw: reconstruct(pw, backend="triton"), repeat)
+            t_fused = timer(lambda pw=pw: lossless_linear(x1, pw, backend="triton", fused=True), repeat)
+            rows.append({"shape": list(shape), "lane_len": lane_len, "prob_bits": prob_bits, "tables": tables,
+                         "bits_per_weight": 8 * enc.nbytes()["total"] / w.numel(), "n_lanes": pw.n_lanes,
+                         "reconstruct_ms": _ms(t_rec), "reconstruct_GBps": w.numel() * 2 / t_rec / 1e9,
+                         "fused_gemv_ms": _ms(t_fused), "bf16_F_linear_ms": _ms(t_bf16),
+                         "fused_time_over_bf16": t_fused / t_bf16})
+            print("sweep encoder", json.dumps(rows[-1]))
     return rows
 
 
@@ -236,7 +239,8 @@ def summary(result: dict) -> str:
         lines.append(f"{'x'.join(map(str, shape)):>10} base sweep best: block_n {best['block_n']} block_k_bytes "
                      f"{best['block_k_bytes']} split {best['split']}: {best['time_over_bf16']:.2f} of bf16 time")
     for r in sweep.get("encoder", []):
-        lines.append(f"{'x'.join(map(str, r['shape'])):>10} lane_len {r['lane_len']:4d} prob_bits {r['prob_bits']}: "
+        lines.append(f"{'x'.join(map(str, r['shape'])):>10} lane_len {r['lane_len']:4d} prob_bits {r['prob_bits']} "
+                     f"{r['tables']:>5} tables: "
                      f"{r['bits_per_weight']:.3f} bit/w, reconstruct {r['reconstruct_GBps']:.1f} GB/s, "
                      f"fused/bf16 {r['fused_time_over_bf16']:.2f}")
     return "\n".join(lines)

@@ -50,8 +50,8 @@ def test_bench_kernels_sweep_runs_every_configuration(tmp_path, monkeypatch):
     bench.main()
     result = json.loads(out.read_text())
     assert result["cpu"]["rows"] == [] and "from pool.npy" in result["weights"]
-    encoder = {(r["lane_len"], r["prob_bits"]): r for r in result["sweep"]["encoder"]}
-    assert list(encoder) == bench.ENCODER_SWEEP
+    encoder = {(r["lane_len"], r["prob_bits"], r["tables"]): r for r in result["sweep"]["encoder"]}
+    assert list(encoder) == [(*c, t) for c in bench.ENCODER_SWEEP for t in ("fused", "split")]
     assert all(r["bits_per_weight"] > 0 and r["reconstruct_ms"] > 0 and r["fused_gemv_ms"] > 0
                for r in encoder.values())
     base = result["sweep"]["base"]

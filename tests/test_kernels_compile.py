@@ -33,11 +33,13 @@ SCRIPT = textwrap.dedent('''
     TYPES = dict(
         qweight_ptr="*u8", scales_ptr="*fp16", zeros_ptr="*u8", words_ptr="*i16", raw_ptr="*i32",
         lane_state_ptr="*i32", word_start_ptr="*i32", raw_start_ptr="*i32", step_lut_ptr="*i32",
-        sym_lut_ptr="*i16", final_ptr="*i64", y_ptr="*fp32", out_f="i32", in_f="i32", n_lanes="i32",
+        sym_lut_ptr="*i16", sym_info_ptr="*i16", final_ptr="*i64", y_ptr="*fp32", out_f="i32", in_f="i32",
+        n_lanes="i32",
         steps="i32", d_row="i32", d_col="i32", q_stride="i32", s_stride="i32", z_stride="i32",
         n_words="i32", n_raw_words="i32", M="i32", N="i32", K="i32", x_stride="i32", part_ptr="*fp32",
         ticket_ptr="*i32", groups_per_split="i32", k_bytes="i32")
     PTR = {1: "*bf16", 2: "*fp16", 3: "*fp32"}
+    SPLIT_TABLES = dict(step_lut_ptr="*i16", sym_lut_ptr="*i32")  # slot_sym, sym_step
     BITS = {1: "*i16", 2: "*i16", 3: "*i32"}
 
     CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -54,14 +56,17 @@ SCRIPT = textwrap.dedent('''
             spills[f"{fn.__name__} {sorted(consts.items())}"] = int(re.findall(r"STACK:(\\d+)", usage)[-1])
 
     for code, width in ((1, 16), (2, 16), (3, 32)):
-        build(ti._reconstruct_kernel, dict(G=128, PB=12, WIDTH=width, CODE=code, BLOCK_L=ti.BLOCK_LANES,
-                                           CHECK=True), ti.BLOCK_LANES // 32, out_ptr=BITS[code])
+        for nsym, tables in ((0, {}), (64 + (width - 6) * 32, SPLIT_TABLES)):  # fused, then split tables
+            build(ti._reconstruct_kernel, dict(G=128, PB=12, WIDTH=width, CODE=code, BLOCK_L=ti.BLOCK_LANES,
+                                               CHECK=True, NSYM=nsym), ti.BLOCK_LANES // 32, out_ptr=BITS[code],
+                  **tables)
         build(ti._base_weight_kernel, dict(G=32, CODE=code, WIDTH=width, BLOCK_R=16, BLOCK_C=128),
               out_ptr=BITS[code])
         for xcode in (1, 2, 3):
-            build(ti._fused_gemv_kernel, dict(G=64, PB=10, WIDTH=width, CODE=code, XCODE=xcode,
-                                              BLOCK_L=ti.BLOCK_LANES, BLOCK_M=16, ROWS=2), ti.BLOCK_LANES // 32,
-                  x_ptr=PTR[xcode])
+            for nsym, tables in ((0, {}), (64 + (width - 6) * 32, SPLIT_TABLES)):
+                build(ti._fused_gemv_kernel, dict(G=64, PB=10, WIDTH=width, CODE=code, XCODE=xcode,
+                                                  BLOCK_L=ti.BLOCK_LANES, BLOCK_M=16, ROWS=2, NSYM=nsym),
+                      ti.BLOCK_LANES // 32, x_ptr=PTR[xcode], **tables)
             # the launcher's configurations: 16 rows for decode, 64 above; one split and several
             for block_m, split, g in ((16, 1, 128), (16, 4, 32), (64, 4, 128)):
                 if block_m == 64 and xcode == 3:
@@ -71,7 +76,8 @@ SCRIPT = textwrap.dedent('''
                                                    SPLIT=split),
                       x_ptr=PTR[xcode], y_ptr=BITS[xcode], bias_ptr=PTR[xcode])
     # int64 offsets (tensors past 2**31 raw bits) and a one-row batch
-    build(ti._fused_gemv_kernel, dict(G=32, PB=15, WIDTH=16, CODE=1, XCODE=1, BLOCK_L=64, BLOCK_M=1, ROWS=16),
+    build(ti._fused_gemv_kernel, dict(G=32, PB=15, WIDTH=16, CODE=1, XCODE=1, BLOCK_L=64, BLOCK_M=1, ROWS=16,
+                                      NSYM=0),
           2, x_ptr="*bf16", word_start_ptr="*i64", raw_start_ptr="*i64", n_raw_words="i64")
     print("compiled")
     spilled = {k: v for k, v in spills.items() if v > 64}  # a few bytes of frame are noise

@@ -259,12 +259,34 @@ def test_triton_available_follows_the_interpreter_flag(monkeypatch):
 _SHAPES = {32: (37, 101), 64: (300, 7), 128: (5, 700)}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prob_bits", [10, 12, 15])
+def test_split_tables_are_the_fused_tables_indexed_by_symbol(dtype, prob_bits):
+    """For every context and slot, the split tables give the fused tables' step and symbol info."""
+    w = weight((40, 96), dtype, seed=prob_bits)
+    enc = encode_tensor(w, CodecParams(group_size=32, lane_len=256, prob_bits=prob_bits), name="w")
+    pw = PackedWeight.from_encoded(enc, tables="split")
+    assert pw.split_tables and not PackedWeight.from_encoded(enc).split_tables
+    n_sym = pw.sym_info.numel()
+    idx = torch.arange(pw.step_lut.numel())
+    ctx, slot = idx >> prob_bits, idx & ((1 << prob_bits) - 1)
+    sym = pw.slot_sym.to(torch.int64)
+    p = pw.sym_step.to(torch.int64)[ctx * n_sym + sym]
+    fused = pw.step_lut.to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(p & 0xFFFF, fused & 0xFFFF)
+    assert torch.equal(slot - (p >> 16), fused >> 16)
+    assert torch.equal(pw.sym_info[sym], pw.sym_lut)
+    with pytest.raises(ValueError, match="tables must be one of"):
+        PackedWeight.from_encoded(enc, tables="other")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_triton_reconstruct_is_bit_exact(device, dtype, group_size):
+@pytest.mark.parametrize("tables", ["fused", "split"])
+def test_triton_reconstruct_is_bit_exact(device, dtype, group_size, tables):
     w, enc = encoded(_SHAPES[group_size], dtype, group_size, seed=group_size)
-    pw = PackedWeight.from_encoded(enc, device)
+    pw = PackedWeight.from_encoded(enc, device, tables=tables)
     out = reconstruct(pw, backend="triton", check=True)
     assert out.device.type == device
     assert_bit_exact(out, w)
@@ -284,9 +306,10 @@ def test_triton_reconstruct_lane_layouts(device, shape, lane_len, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_reconstruct_detects_a_corrupt_stream(device):
+@pytest.mark.parametrize("tables", ["fused", "split"])
+def test_triton_reconstruct_detects_a_corrupt_stream(device, tables):
     _, enc = encoded((37, 101), torch.bfloat16, 32)
-    pw = PackedWeight.from_encoded(enc, device)
+    pw = PackedWeight.from_encoded(enc, device, tables=tables)
     pw.words[5] ^= 0x1234
     with pytest.raises(TpdeFormatError, match="lane check"):
         reconstruct(pw, backend="triton", check=True)
@@ -324,11 +347,12 @@ def test_triton_prediction_rounding_on_every_fp16_scale(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["gemv", "batched_bias", "multi_row_blocks"])
-def test_triton_fused_lossless_linear(device, dtype, case):
+@pytest.mark.parametrize("tables", ["fused", "split"])
+def test_triton_fused_lossless_linear(device, dtype, case, tables):
     shape, lead, use_bias = {"gemv": ((37, 101), (1,), False), "batched_bias": ((5, 700), (2, 3), True),
                              "multi_row_blocks": ((300, 7), (16,), True)}[case]
     w, enc = encoded(shape, dtype, {"gemv": 32, "batched_bias": 128, "multi_row_blocks": 64}[case], seed=7)
-    pw = PackedWeight.from_encoded(enc, device)
+    pw = PackedWeight.from_encoded(enc, device, tables=tables)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(*lead, shape[1], generator=g).to(dtype)
     bias = (torch.randn(shape[0], generator=g) * 0.1).to(dtype) if use_bias else None

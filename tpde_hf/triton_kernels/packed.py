@@ -21,6 +21,19 @@ step_lut      int32 [17 << pb]        ``freq | (slot - cum) << 16`` per ``ctx <<
 sym_lut       int16 [17 << pb]        ``hi | n_raw << 9``: the symbol's value is ``hi << n_raw | raw``
 ============  ======================  =============================================================
 
+``tables="split"`` adds a second, smaller form of the same tables for the Triton decode (the
+GPU sweep compares both; the torch path always reads the first):
+
+============  ======================  =============================================================
+slot_sym      int16 [17 << pb]        the symbol of each ``ctx << pb | slot``
+sym_step      int32 [17 * n_sym]      ``freq | cum << 16`` per ``ctx * n_sym + symbol``
+sym_info      int16 [n_sym]           ``hi | n_raw << 9`` per symbol
+============  ======================  =============================================================
+
+A decode step then makes two dependent gathers (``slot_sym`` then ``sym_step``) instead of one, from
+tables of 139 + 26 KB (bf16, ``prob_bits = 12``) instead of 278 KB (+ 139 KB off the chain):
+they may stay in L1 where the fused form goes to L2.
+
 Context 16 is the identity context of the format (padding positions). Offsets are int32 when the
 totals fit, int64 otherwise. The words and raw streams are the file's own payload (no expansion),
 so a ``PackedWeight`` on a device takes the size of the file plus the decode tables, 17 x 2**pb x 6
@@ -58,7 +71,10 @@ IDENTITY_CONTEXT = N_CONTEXTS
 SYM_HI_BITS = 9
 
 _BASE_FIELDS = ("qweight", "scales", "zeros")
-_DELTA_FIELDS = ("words", "raw", "lane_state", "word_start", "raw_start", "step_lut", "sym_lut")
+_DELTA_FIELDS = ("words", "raw", "lane_state", "word_start", "raw_start", "step_lut", "sym_lut", "slot_sym",
+                 "sym_step", "sym_info")
+#: Decode-table forms ``from_encoded`` builds (see the module docstring).
+TABLE_FORMS = ("fused", "split")
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,19 +109,29 @@ class PackedWeight:
     raw_start: torch.Tensor | None = None
     step_lut: torch.Tensor | None = None
     sym_lut: torch.Tensor | None = None
+    # ---- the split form of the tables (tables="split"; None otherwise)
+    slot_sym: torch.Tensor | None = None
+    sym_step: torch.Tensor | None = None
+    sym_info: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_encoded(cls, enc: EncodedTensor, device: torch.device | str = "cpu", delta: bool = True) -> PackedWeight:
+    def from_encoded(cls, enc: EncodedTensor, device: torch.device | str = "cpu", delta: bool = True,
+                     tables: str = "fused") -> PackedWeight:
         """Build from a (validated) encoded tensor; ``delta=False`` keeps only the 4-bit base.
+        ``tables="split"`` also builds the split decode tables, which the Triton kernels then read.
 
         Raises :class:`TpdeFormatError` on non-finite scales, which no encoder writes and whose
         NaN payloads would differ between CPU and GPU arithmetic.
         """
         pw = cls.from_base(enc.qweight, enc.scales, enc.zeros, enc.shape, enc.dtype, enc.params.group_size,
                            name=enc.name)
+        if tables not in TABLE_FORMS:
+            raise ValueError(f"tables must be one of {TABLE_FORMS}, got {tables!r}")
         if delta:
             pw = replace(pw, **_delta_fields(enc))
+            if tables == "split":
+                pw = replace(pw, **split_decode_tables(enc))
         return pw.to(device)
 
     @classmethod
@@ -140,6 +166,11 @@ class PackedWeight:
     @property
     def has_delta(self) -> bool:
         return self.words is not None
+
+    @property
+    def split_tables(self) -> bool:
+        """Whether the Triton decode reads the split tables (built with ``tables="split"``)."""
+        return self.slot_sym is not None
 
     @property
     def numel(self) -> int:
@@ -250,6 +281,19 @@ def decode_tables(enc: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     assert int(hi.max()) < 1 << SYM_HI_BITS and int(nraw.max()) < 32
     info = (hi | (nraw << SYM_HI_BITS))[sym]
     return step.clone(), info.to(torch.int16)
+
+
+def split_decode_tables(enc: EncodedTensor) -> dict[str, torch.Tensor]:
+    """``slot_sym``, ``sym_step`` and ``sym_info`` (see the module docstring): the same decode as
+    :func:`decode_tables`, indexed by symbol where the fused form is indexed by slot."""
+    pb = enc.params.prob_bits
+    freq = rans.with_identity_context(enc.frequencies(), pb)
+    cum = torch.where(freq > 0, torch.cumsum(freq, dim=1) - freq, 0)  # no slot reaches a zero-frequency symbol
+    _, sym = rans.decode_luts(freq, pb)
+    base_u, nraw = symbol_tables(SymbolSpec(enc.params.sym_k, enc.params.sym_m, bit_width(enc.dtype)))
+    assert freq.shape[1] < 1 << 15 and int(cum.max()) < 1 << 15 and int(freq.max()) <= 1 << 15
+    return dict(slot_sym=sym.to(torch.int16), sym_step=(freq | (cum << 16)).flatten().to(torch.int32),
+                sym_info=((base_u >> nraw) | (nraw << SYM_HI_BITS)).to(torch.int16))
 
 
 def _delta_fields(enc: EncodedTensor) -> dict:

@@ -18,7 +18,11 @@ steps (16,384 chains of 1,024 steps for 4096x4096 at the default lane length, ab
 SM on an H100), so the decode is latency-bound; and at ``prob_bits = 12`` the step table is
 17 x 4096 x 4 bytes, larger than L1, so most gathers go to L2. ``lane_len = 256`` (4x the chains,
 +0.16 bit/weight on MiniLM) and ``prob_bits = 10`` (a 70 KB table, +0.02 bit/weight) are both
-encoder choices within format version 1.
+encoder choices within format version 1. A third lever costs no bits: ``PackedWeight(tables="split")``
+replaces the two slot-indexed tables (278 + 139 KB) by a slot -> symbol table (139 KB) and
+symbol-indexed steps (26 KB) and symbol info (< 2 KB): two dependent gathers per step instead of
+one, but from tables that may stay in L1 (``NSYM > 0`` in the kernels). Which of the three wins is
+for the GPU to say: ``scripts/gpu_session.sh`` measures all of them in one run.
 
 **Reconstruct** then writes the element's source bits. The prediction ``P = c * scale`` is exact in
 float32; the cast to the source dtype is the only rounding. bf16 rounds with integer arithmetic
@@ -150,26 +154,34 @@ def _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_str
 
 
 @triton.jit
-def _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr, step_lut_ptr, sym_lut_ptr, n_words,
-                 n_raw_words, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr):
+def _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr, step_lut_ptr, sym_lut_ptr, sym_info_ptr,
+                 n_words, n_raw_words, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr,
+                 NSYM: tl.constexpr):
     """One rANS step of a block of lanes; returns the new lane registers and the element's bits.
 
     ``x`` (uint32) is the state, ``word`` the (already loaded) word at ``wptr``, ``rpos`` the next
     raw bit. Invalid elements (past the end, or lanes not owned) take the identity context, which
-    leaves the state unchanged and reads nothing.
+    leaves the state unchanged and reads nothing. ``NSYM`` is 0 for the fused tables, else the
+    alphabet size of the split tables (``PackedWeight`` module docstring).
     """
     ctx = tl.where(valid, tl.abs(c), _IDENTITY)
-    idx = (ctx << PB) | (x & ((1 << PB) - 1)).to(tl.int32)
-    # The serial chain: x -> slot -> step_lut -> x (-> renormalize with the preloaded word).
-    p = tl.load(step_lut_ptr + idx).to(tl.uint32, bitcast=True)
-    x = (x >> PB) * (p & 0xFFFF) + (p >> 16)
+    slot = (x & ((1 << PB) - 1)).to(tl.int32)
+    idx = (ctx << PB) | slot
+    if NSYM == 0:  # fused tables: x -> slot -> step_lut -> x (-> renormalize with the preloaded word)
+        p = tl.load(step_lut_ptr + idx).to(tl.uint32, bitcast=True)
+        x = (x >> PB) * (p & 0xFFFF) + (p >> 16)
+        info = tl.load(sym_lut_ptr + idx).to(tl.int32)  # off the chain
+    else:  # split tables (step_lut_ptr = slot_sym, sym_lut_ptr = sym_step): x -> slot -> symbol -> step -> x
+        sym = tl.load(step_lut_ptr + idx).to(tl.int32)
+        p = tl.load(sym_lut_ptr + ctx * NSYM + sym).to(tl.uint32, bitcast=True)
+        x = (x >> PB) * (p & 0xFFFF) + (slot.to(tl.uint32) - (p >> 16))
+        info = tl.load(sym_info_ptr + sym).to(tl.int32)  # off the chain
     need = x < 65536
     x = tl.where(need, (x << 16) | word, x)
     wptr += need.to(wptr.dtype)
     # Preload the next word now, so that its latency overlaps the next step's table lookup.
     word = tl.load(words_ptr + wptr, mask=wptr < n_words, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
     # Off the chain: the symbol's value bits and its raw low bits (64-bit window, LSB first).
-    info = tl.load(sym_lut_ptr + idx).to(tl.int32)
     hi = (info & _HI_MASK).to(tl.uint32)
     nraw = info >> _HI_BITS
     k = rpos >> 5
@@ -212,10 +224,10 @@ def _lane_setup(lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lane
 @triton.jit
 def _reconstruct_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, words_ptr, raw_ptr, lane_state_ptr, word_start_ptr, raw_start_ptr,
-    step_lut_ptr, sym_lut_ptr, out_ptr, final_ptr,
+    step_lut_ptr, sym_lut_ptr, sym_info_ptr, out_ptr, final_ptr,
     out_f, in_f, n_lanes, steps, d_row, d_col, q_stride, s_stride, z_stride, n_words, n_raw_words,
     G: tl.constexpr, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr,
-    BLOCK_L: tl.constexpr, CHECK: tl.constexpr,
+    BLOCK_L: tl.constexpr, CHECK: tl.constexpr, NSYM: tl.constexpr,
 ):
     lanes, lane_ok, x, word, wptr, rpos, row, col = _lane_setup(
         lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words, BLOCK_L)
@@ -225,7 +237,8 @@ def _reconstruct_kernel(
         row_n, col_n, c_n, s_n, valid_n = _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col,
                                                         lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G)
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
-                                                  step_lut_ptr, sym_lut_ptr, n_words, n_raw_words, PB, WIDTH, CODE)
+                                                  step_lut_ptr, sym_lut_ptr, sym_info_ptr, n_words, n_raw_words, PB,
+                                                  WIDTH, CODE, NSYM)
         dst = out_ptr + row.to(tl.int64) * in_f + col
         if WIDTH == 16:
             tl.store(dst, wbits.to(tl.uint16).to(tl.int16, bitcast=True), mask=valid)
@@ -242,10 +255,10 @@ def _reconstruct_kernel(
 def _fused_gemv_kernel(
     x_ptr, y_ptr,
     qweight_ptr, scales_ptr, zeros_ptr, words_ptr, raw_ptr, lane_state_ptr, word_start_ptr, raw_start_ptr,
-    step_lut_ptr, sym_lut_ptr,
+    step_lut_ptr, sym_lut_ptr, sym_info_ptr,
     M, x_stride, out_f, in_f, n_lanes, steps, d_row, d_col, q_stride, s_stride, z_stride, n_words, n_raw_words,
     G: tl.constexpr, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, NSYM: tl.constexpr,
 ):
     lanes, lane_ok, x, word, wptr, rpos, row, col = _lane_setup(
         lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words, BLOCK_L)
@@ -260,7 +273,8 @@ def _fused_gemv_kernel(
         xv = tl.load(x_ptr + m[:, None].to(tl.int64) * x_stride + col[None, :],
                      mask=m_ok[:, None] & valid[None, :], other=0.0).to(tl.float32)
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
-                                                  step_lut_ptr, sym_lut_ptr, n_words, n_raw_words, PB, WIDTH, CODE)
+                                                  step_lut_ptr, sym_lut_ptr, sym_info_ptr, n_words, n_raw_words, PB,
+                                                  WIDTH, CODE, NSYM)
         w = _f32_from_bits(wbits, CODE)
         if XCODE != CODE:  # the weight in x's dtype, as F.linear(x, W.to(x.dtype)) sees it
             w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
@@ -388,12 +402,17 @@ def _store_base_output(acc, y_ptr, bias_ptr, rm64, rn, n_ok, mask, N, XCODE: tl.
 def _lane_args(pw: PackedWeight) -> tuple:
     """Tensor and scalar arguments shared by the decode kernels."""
     out_f, in_f = pw.shape
+    tables = (pw.slot_sym, pw.sym_step, pw.sym_info) if pw.split_tables else (pw.step_lut, pw.sym_lut, pw.sym_lut)
     return (
-        (pw.qweight, pw.scales, pw.zeros, pw.words, pw.raw, pw.lane_state, pw.word_start, pw.raw_start,
-         pw.step_lut, pw.sym_lut),
+        (pw.qweight, pw.scales, pw.zeros, pw.words, pw.raw, pw.lane_state, pw.word_start, pw.raw_start, *tables),
         (out_f, in_f, pw.n_lanes, pw.steps, pw.n_lanes // in_f, pw.n_lanes % in_f,
          pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0), pw.words.numel(), pw.raw.numel()),
     )
+
+
+def _nsym(pw: PackedWeight) -> int:
+    """The decode kernels' ``NSYM``: 0 for the fused tables, else the split tables' alphabet size."""
+    return pw.sym_info.numel() if pw.split_tables else 0
 
 
 def _check_final(pw: PackedWeight, final: torch.Tensor) -> None:
@@ -416,7 +435,7 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, check: bool =
     _reconstruct_kernel[grid](
         *tensors, out.view(INT_VIEW[pw.dtype]), final, *scalars,
         G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype],
-        BLOCK_L=BLOCK_LANES, CHECK=check, num_warps=BLOCK_LANES // 32,
+        BLOCK_L=BLOCK_LANES, CHECK=check, NSYM=_nsym(pw), num_warps=BLOCK_LANES // 32,
     )
     if check:
         _check_final(pw, final)
@@ -438,7 +457,7 @@ def fused_linear(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     _fused_gemv_kernel[grid](
         x2, y, *tensors, m, x2.stride(0), *scalars,
         G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype],
-        BLOCK_L=BLOCK_LANES, BLOCK_M=block_m, ROWS=rows, num_warps=BLOCK_LANES // 32,
+        BLOCK_L=BLOCK_LANES, BLOCK_M=block_m, ROWS=rows, NSYM=_nsym(pw), num_warps=BLOCK_LANES // 32,
     )
     return y
 
@@ -481,8 +500,8 @@ def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, s
     tickets = _tickets(x2.device, tiles[0] * tiles[1]) if split > 1 else part
     _base_matmul_kernel[(*tiles, split)](
         x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros, part,
-        tickets, m, out_f, in_f, (in_f + 1) // 2, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
-        groups_per_split,
+        tickets, m, out_f, in_f, (in_f + 1) // 2, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0),
+        pw.zeros.stride(0), groups_per_split,
         G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, KB=min(block_k_bytes, pw.group_size // 2),
         DOT_F32=interpreting() or x2.dtype == torch.float32, SPLIT=split,
