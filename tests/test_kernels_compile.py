@@ -57,15 +57,17 @@ SCRIPT = textwrap.dedent('''
 
     for code, width in ((1, 16), (2, 16), (3, 32)):
         for nsym, tables in ((0, {}), (64 + (width - 6) * 32, SPLIT_TABLES)):  # fused, then split tables
-            build(ti._reconstruct_kernel, dict(G=128, PB=12, WIDTH=width, CODE=code, BLOCK_L=ti.BLOCK_LANES,
-                                               CHECK=True, NSYM=nsym), ti.BLOCK_LANES // 32, out_ptr=BITS[code],
-                  **tables)
+            for off64 in (False, True):
+                build(ti._reconstruct_kernel, dict(G=128, PB=12, WIDTH=width, CODE=code, BLOCK_L=ti.BLOCK_LANES,
+                                                   CHECK=True, NSYM=nsym, OFF64=off64), ti.BLOCK_LANES // 32,
+                      out_ptr=BITS[code], **tables)
         build(ti._base_weight_kernel, dict(G=32, CODE=code, WIDTH=width, BLOCK_R=16, BLOCK_C=128),
               out_ptr=BITS[code])
         for xcode in (1, 2, 3):
             for nsym, tables in ((0, {}), (64 + (width - 6) * 32, SPLIT_TABLES)):
                 build(ti._fused_gemv_kernel, dict(G=64, PB=10, WIDTH=width, CODE=code, XCODE=xcode,
-                                                  BLOCK_L=ti.BLOCK_LANES, BLOCK_M=16, ROWS=2, NSYM=nsym),
+                                                  BLOCK_L=ti.BLOCK_LANES, BLOCK_M=16, ROWS=2, NSYM=nsym,
+                                                  OFF64=False),
                       ti.BLOCK_LANES // 32, x_ptr=PTR[xcode], **tables)
             # the launcher's configurations: 16 rows for decode, 64 above; one split and several
             for block_m, split, g in ((16, 1, 128), (16, 4, 32), (64, 4, 128)):
@@ -77,7 +79,7 @@ SCRIPT = textwrap.dedent('''
                       x_ptr=PTR[xcode], y_ptr=BITS[xcode], bias_ptr=PTR[xcode])
     # int64 offsets (tensors past 2**31 raw bits) and a one-row batch
     build(ti._fused_gemv_kernel, dict(G=32, PB=15, WIDTH=16, CODE=1, XCODE=1, BLOCK_L=64, BLOCK_M=1, ROWS=16,
-                                      NSYM=0),
+                                      NSYM=0, OFF64=True),
           2, x_ptr="*bf16", word_start_ptr="*i64", raw_start_ptr="*i64", n_raw_words="i64")
     print("compiled")
     spilled = {k: v for k, v in spills.items() if v > 64}  # a few bytes of frame are noise

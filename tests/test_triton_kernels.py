@@ -306,6 +306,19 @@ def test_triton_reconstruct_lane_layouts(device, shape, lane_len, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_triton_decode_with_64_bit_offsets(device, monkeypatch):
+    """The int64-offset variant (weights past 2**31 elements, too big to test) decodes the same bits."""
+    from tpde_hf.triton_kernels import triton_impl
+
+    w, enc = encoded((37, 101), torch.float16, 32, seed=21)
+    pw = PackedWeight.from_encoded(enc, device)
+    monkeypatch.setattr(triton_impl, "_needs_off64", lambda *tensors: True)
+    assert_bit_exact(reconstruct(pw, backend="triton", check=True), w)
+    x = torch.randn(3, 101, generator=torch.Generator().manual_seed(21)).to(torch.float16)
+    assert_matmul_close(lossless_linear(x.to(device), pw, backend="triton", fused=True), x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tables", ["fused", "split"])
 def test_triton_reconstruct_detects_a_corrupt_stream(device, tables):
     _, enc = encoded((37, 101), torch.bfloat16, 32)

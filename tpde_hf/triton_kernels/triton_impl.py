@@ -123,15 +123,24 @@ def _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row64, col, mask, q_stride,
                  G: tl.constexpr):
     """``(c = q - zero, scale as float32)`` of the elements at ``(row, col)`` (nibbles low first)."""
     qb = tl.load(qweight_ptr + row64 * q_stride + (col >> 1), mask=mask, other=0).to(tl.int32)
-    g = col // G
+    g = (col.to(tl.uint32) // G).to(tl.int32)  # col >= 0: a shift, without a signed division's fix-ups
     zb = tl.load(zeros_ptr + row64 * z_stride + (g >> 1), mask=mask, other=0).to(tl.int32)
     s = tl.load(scales_ptr + row64 * s_stride + g, mask=mask, other=0.0).to(tl.float32)
     return ((qb >> ((col & 1) * 4)) & 15) - ((zb >> ((g & 1) * 4)) & 15), s
 
 
 @triton.jit
+def _wide(v, OFF64: tl.constexpr):
+    """``v`` as an offset: int64 where the tensors need it, else left int32."""
+    if OFF64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
 def _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col, lane_ok, out_f, in_f, q_stride,
-                  s_stride, z_stride, G: tl.constexpr):
+                  s_stride, z_stride, G: tl.constexpr, OFF64: tl.constexpr):
     """Each lane's next element (``n_lanes`` further on, i.e. ``d_row`` rows and ``d_col`` columns), and
     its level, scale and validity: loaded one step ahead so the loads overlap the current step."""
     col_n = col + d_col
@@ -139,16 +148,16 @@ def _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col, la
     col_n = tl.where(wrapped, col_n - in_f, col_n)
     row_n = row + d_row + wrapped.to(tl.int32)
     c_n, s_n, valid_n = _element(qweight_ptr, scales_ptr, zeros_ptr, row_n, col_n, lane_ok, out_f, q_stride,
-                                 s_stride, z_stride, G)
+                                 s_stride, z_stride, G, OFF64)
     return row_n, col_n, c_n, s_n, valid_n
 
 
 @triton.jit
 def _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride, z_stride,
-             G: tl.constexpr):
+             G: tl.constexpr, OFF64: tl.constexpr):
     """``(c, scale, valid)`` of the element each lane decodes next: its context and prediction inputs."""
     valid = lane_ok & (row < out_f)
-    c, s = _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row.to(tl.int64), col, valid, q_stride, s_stride,
+    c, s = _level_scale(qweight_ptr, scales_ptr, zeros_ptr, _wide(row, OFF64), col, valid, q_stride, s_stride,
                         z_stride, G)
     return c, s, valid
 
@@ -227,19 +236,20 @@ def _reconstruct_kernel(
     step_lut_ptr, sym_lut_ptr, sym_info_ptr, out_ptr, final_ptr,
     out_f, in_f, n_lanes, steps, d_row, d_col, q_stride, s_stride, z_stride, n_words, n_raw_words,
     G: tl.constexpr, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr,
-    BLOCK_L: tl.constexpr, CHECK: tl.constexpr, NSYM: tl.constexpr,
+    BLOCK_L: tl.constexpr, CHECK: tl.constexpr, NSYM: tl.constexpr, OFF64: tl.constexpr,
 ):
     lanes, lane_ok, x, word, wptr, rpos, row, col = _lane_setup(
         lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words, BLOCK_L)
     c, s, valid = _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride,
-                           z_stride, G)
+                           z_stride, G, OFF64)
     for _ in range(steps):
         row_n, col_n, c_n, s_n, valid_n = _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col,
-                                                        lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G)
+                                                        lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G,
+                                                        OFF64)
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
                                                   step_lut_ptr, sym_lut_ptr, sym_info_ptr, n_words, n_raw_words, PB,
                                                   WIDTH, CODE, NSYM)
-        dst = out_ptr + row.to(tl.int64) * in_f + col
+        dst = out_ptr + _wide(row, OFF64) * in_f + col
         if WIDTH == 16:
             tl.store(dst, wbits.to(tl.uint16).to(tl.int16, bitcast=True), mask=valid)
         else:
@@ -258,19 +268,20 @@ def _fused_gemv_kernel(
     step_lut_ptr, sym_lut_ptr, sym_info_ptr,
     M, x_stride, out_f, in_f, n_lanes, steps, d_row, d_col, q_stride, s_stride, z_stride, n_words, n_raw_words,
     G: tl.constexpr, PB: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, NSYM: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, NSYM: tl.constexpr, OFF64: tl.constexpr,
 ):
     lanes, lane_ok, x, word, wptr, rpos, row, col = _lane_setup(
         lane_state_ptr, word_start_ptr, raw_start_ptr, words_ptr, n_lanes, in_f, n_words, BLOCK_L)
     c, s, valid = _element(qweight_ptr, scales_ptr, zeros_ptr, row, col, lane_ok, out_f, q_stride, s_stride,
-                           z_stride, G)
+                           z_stride, G, OFF64)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     r_idx = tl.arange(0, ROWS)
     for _ in range(steps):
         row_n, col_n, c_n, s_n, valid_n = _next_element(qweight_ptr, scales_ptr, zeros_ptr, row, col, d_row, d_col,
-                                                        lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G)
-        xv = tl.load(x_ptr + m[:, None].to(tl.int64) * x_stride + col[None, :],
+                                                        lane_ok, out_f, in_f, q_stride, s_stride, z_stride, G,
+                                                        OFF64)
+        xv = tl.load(x_ptr + _wide(m, OFF64)[:, None] * x_stride + col[None, :],
                      mask=m_ok[:, None] & valid[None, :], other=0.0).to(tl.float32)
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
                                                   step_lut_ptr, sym_lut_ptr, sym_info_ptr, n_words, n_raw_words, PB,
@@ -286,7 +297,7 @@ def _fused_gemv_kernel(
         sel = (rel[:, None] == r_idx[None, :]) & valid[:, None]  # [BLOCK_L, ROWS]
         part = tl.sum(tl.where(sel[None, :, :], prod[:, :, None], 0.0), axis=1)  # [BLOCK_M, ROWS]
         used = tl.max(tl.where(valid, rel, -1), axis=0)
-        dst = y_ptr + m[:, None].to(tl.int64) * out_f + first_row + r_idx[None, :]
+        dst = y_ptr + _wide(m, OFF64)[:, None] * out_f + first_row + r_idx[None, :]
         tl.atomic_add(dst, part, mask=m_ok[:, None] & (r_idx[None, :] <= used), sem="relaxed")
         row, col, c, s, valid = row_n, col_n, c_n, s_n, valid_n
 
@@ -410,6 +421,13 @@ def _lane_args(pw: PackedWeight) -> tuple:
     )
 
 
+def _needs_off64(pw: PackedWeight, *tensors: torch.Tensor) -> bool:
+    """Whether an element offset can pass 2**31 (the decode kernels' ``OFF64``): int32 offsets save
+    the 64-bit address arithmetic of every load and store of every step."""
+    sizes = (pw.numel, pw.qweight.numel(), pw.scales.numel(), pw.zeros.numel(), *(t.numel() for t in tensors))
+    return max(sizes) >= 2**31
+
+
 def _nsym(pw: PackedWeight) -> int:
     """The decode kernels' ``NSYM``: 0 for the fused tables, else the split tables' alphabet size."""
     return pw.sym_info.numel() if pw.split_tables else 0
@@ -435,7 +453,7 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, check: bool =
     _reconstruct_kernel[grid](
         *tensors, out.view(INT_VIEW[pw.dtype]), final, *scalars,
         G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype],
-        BLOCK_L=BLOCK_LANES, CHECK=check, NSYM=_nsym(pw), num_warps=BLOCK_LANES // 32,
+        BLOCK_L=BLOCK_LANES, CHECK=check, NSYM=_nsym(pw), OFF64=_needs_off64(pw), num_warps=BLOCK_LANES // 32,
     )
     if check:
         _check_final(pw, final)
@@ -457,7 +475,8 @@ def fused_linear(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     _fused_gemv_kernel[grid](
         x2, y, *tensors, m, x2.stride(0), *scalars,
         G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype],
-        BLOCK_L=BLOCK_LANES, BLOCK_M=block_m, ROWS=rows, NSYM=_nsym(pw), num_warps=BLOCK_LANES // 32,
+        BLOCK_L=BLOCK_LANES, BLOCK_M=block_m, ROWS=rows, NSYM=_nsym(pw), OFF64=_needs_off64(pw, x2, y),
+        num_warps=BLOCK_LANES // 32,
     )
     return y
 
