@@ -162,8 +162,10 @@ BASE_SWEEP = [(bn, kb, sp) for bn in (16, 32, 64) for kb in (16, 32) if (bn, kb)
 
 
 def sweep_encoder(shape, pool, seed, device: str, timer, repeat: int) -> list[dict]:
-    """Per encoder choice and decode-table form: bits/weight, reconstruct and fused batch-1 GEMV time,
-    against bf16."""
+    """Per encoder choice and decode-table form: bits/weight, reconstruct and fused batch-1 GEMV time
+    (one warp per program, the default, and two), against bf16."""
+    from tpde_hf.triton_kernels import triton_impl
+
     w = make_weight(shape, pool, seed)
     x1 = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
     wd = w.to(device)
@@ -176,10 +178,12 @@ def sweep_encoder(shape, pool, seed, device: str, timer, repeat: int) -> list[di
             assert torch.equal(reconstruct(pw, backend="triton").cpu().view(torch.int16), w.view(torch.int16))
             t_rec = timer(lambda pw=pw: reconstruct(pw, backend="triton"), repeat)
             t_fused = timer(lambda pw=pw: lossless_linear(x1, pw, backend="triton", fused=True), repeat)
+            t_fused64 = timer(lambda pw=pw: triton_impl.fused_linear(x1, pw, block_lanes=64), repeat)
             rows.append({"shape": list(shape), "lane_len": lane_len, "prob_bits": prob_bits, "tables": tables,
                          "bits_per_weight": 8 * enc.nbytes()["total"] / w.numel(), "n_lanes": pw.n_lanes,
                          "reconstruct_ms": _ms(t_rec), "reconstruct_GBps": w.numel() * 2 / t_rec / 1e9,
-                         "fused_gemv_ms": _ms(t_fused), "bf16_F_linear_ms": _ms(t_bf16),
+                         "fused_gemv_ms": _ms(t_fused), "fused_gemv_64_lanes_per_program_ms": _ms(t_fused64),
+                         "bf16_F_linear_ms": _ms(t_bf16),
                          "fused_time_over_bf16": t_fused / t_bf16})
             print("sweep encoder", json.dumps(rows[-1]))
     return rows

@@ -66,9 +66,9 @@ SCRIPT = textwrap.dedent('''
         for xcode in (1, 2, 3):
             for nsym, tables in ((0, {}), (64 + (width - 6) * 32, SPLIT_TABLES)):
                 build(ti._fused_gemv_kernel, dict(G=64, PB=10, WIDTH=width, CODE=code, XCODE=xcode,
-                                                  BLOCK_L=ti.BLOCK_LANES, BLOCK_M=16, ROWS=2, NSYM=nsym,
+                                                  BLOCK_L=ti.FUSED_BLOCK_LANES, BLOCK_M=16, ROWS=2, NSYM=nsym,
                                                   OFF64=False),
-                      ti.BLOCK_LANES // 32, x_ptr=PTR[xcode], **tables)
+                      ti.FUSED_BLOCK_LANES // 32, x_ptr=PTR[xcode], **tables)
             # the launcher's configurations: 16 rows for decode, 64 above; one split and several
             for block_m, split, g in ((16, 1, 128), (16, 4, 32), (64, 4, 128)):
                 if block_m == 64 and xcode == 3:

@@ -375,6 +375,18 @@ def test_triton_fused_lossless_linear(device, dtype, case, tables):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_lanes", [64, 128])
+def test_triton_fused_lossless_linear_wider_programs(device, block_lanes):
+    """The benchmark's other program widths (2 and 4 warps, reduced through shared memory)."""
+    from tpde_hf.triton_kernels import triton_impl
+
+    w, enc = encoded((70, 101), torch.bfloat16, 32, seed=8)
+    x = torch.randn(2, 101, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    y = triton_impl.fused_linear(x.to(device), PackedWeight.from_encoded(enc, device), block_lanes=block_lanes)
+    assert_matmul_close(y.to(torch.bfloat16), x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_fused_lossless_linear_row_chunks_and_mixed_dtype(device):
     """17 rows: two programs over the batch; a float32 weight used by bfloat16 activations."""
     w, enc = encoded((37, 101), torch.float32, 32, seed=5)

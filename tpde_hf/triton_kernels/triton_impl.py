@@ -31,7 +31,8 @@ rounds: written out, both give the CPU's bits.
 
 **Fused GEMV (decode, batch 1..16)** multiplies each decoded element by ``x[:, col]`` and reduces
 the block per output row (a block spans at most ``ROWS`` rows), then adds the per-row partial sums
-into a float32 ``[M, out]`` buffer with atomics. The split over lanes is a split-K: a row's
+into a float32 ``[M, out]`` buffer with atomics. A program is one warp (``FUSED_BLOCK_LANES``), so
+the per-step reduction needs no block barrier. The split over lanes is a split-K: a row's
 ``in`` elements are decoded by ``in / BLOCK_L`` programs. A deterministic partial-sum buffer would
 cost ``8 / BLOCK_L`` bytes per weight per batch row of extra traffic; atomics keep it in L2.
 Float32 atomics make the summation order (and so the last bits of ``y``) vary between runs: this
@@ -76,9 +77,14 @@ _IDENTITY: tl.constexpr = tl.constexpr(IDENTITY_CONTEXT)
 _HI_BITS: tl.constexpr = tl.constexpr(SYM_HI_BITS)
 _HI_MASK: tl.constexpr = tl.constexpr((1 << SYM_HI_BITS) - 1)
 
-#: Lanes per program. 64 lanes = 2 warps of one lane per thread: enough programs to spread over
-#: the SMs for a 4096x4096 weight (16,384 lanes -> 256 programs) with the default lane length.
+#: Lanes per program of the reconstruct kernel. 64 lanes = 2 warps of one lane per thread: enough
+#: programs to spread over the SMs for a 4096x4096 weight (16,384 lanes -> 256 programs) with the
+#: default lane length.
 BLOCK_LANES = 64
+#: Lanes per program of the fused GEMV: one warp, so that the per-step reduction over the block is
+#: warp shuffles alone. With 64 lanes (2 warps) the compiled loop held 8 block barriers per step
+#: (sm_90, Triton 3.9), each one exposing the other warp's latency.
+FUSED_BLOCK_LANES = 32
 #: Batch rows per program of the fused GEMV (more rows re-launch over row chunks).
 FUSED_BLOCK_M = 16
 #: 4-bit bytes per K step of the base matmul: 16 (32 columns, the smallest ``tl.dot`` K) keeps every
@@ -460,8 +466,9 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, check: bool =
     return out
 
 
-def fused_linear(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """``x2[M, in] @ W.T`` in float32 (no bias, not rounded), ``W`` decoded in registers only."""
+def fused_linear(x2: torch.Tensor, pw: PackedWeight, block_lanes: int = FUSED_BLOCK_LANES) -> torch.Tensor:
+    """``x2[M, in] @ W.T`` in float32 (no bias, not rounded), ``W`` decoded in registers only.
+    ``block_lanes`` (a power of two, 32 or more) is set by the benchmark's sweep."""
     pw.require_delta()
     out_f, in_f = pw.shape
     m = x2.shape[0]
@@ -469,14 +476,14 @@ def fused_linear(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     if m == 0:
         return y
     tensors, scalars = _lane_args(pw)
-    rows = triton.next_power_of_2((BLOCK_LANES - 1) // in_f + 2)  # rows a block of elements can span
+    rows = triton.next_power_of_2((block_lanes - 1) // in_f + 2)  # rows a block of elements can span
     block_m = min(FUSED_BLOCK_M, triton.next_power_of_2(m))
-    grid = (triton.cdiv(pw.n_lanes, BLOCK_LANES), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(pw.n_lanes, block_lanes), triton.cdiv(m, block_m))
     _fused_gemv_kernel[grid](
         x2, y, *tensors, m, x2.stride(0), *scalars,
         G=pw.group_size, PB=pw.prob_bits, WIDTH=pw.width, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype],
-        BLOCK_L=BLOCK_LANES, BLOCK_M=block_m, ROWS=rows, NSYM=_nsym(pw), OFF64=_needs_off64(pw, x2, y),
-        num_warps=BLOCK_LANES // 32,
+        BLOCK_L=block_lanes, BLOCK_M=block_m, ROWS=rows, NSYM=_nsym(pw), OFF64=_needs_off64(pw, x2, y),
+        num_warps=block_lanes // 32,
     )
     return y
 
