@@ -71,11 +71,9 @@ SCRIPT = textwrap.dedent('''
                       ti.FUSED_BLOCK_LANES // 32, x_ptr=PTR[xcode], **tables)
             # the launcher's configurations: 16 rows for decode, 64 above; one split and several
             for block_m, split, g in ((16, 1, 128), (16, 4, 32), (64, 4, 128)):
-                if block_m == 64 and xcode == 3:
-                    continue  # float32 activations at 64 rows spill about 90 bytes: accepted (rare on a GPU)
                 build(ti._base_matmul_kernel, dict(G=g, CODE=code, XCODE=xcode, HAS_BIAS=True, BLOCK_M=block_m,
-                                                   BLOCK_N=32, KB=ti.BASE_BLOCK_K_BYTES, DOT_F32=xcode == 3,
-                                                   SPLIT=split),
+                                                   BLOCK_N=32 if xcode == 3 else 64, KB=ti.BASE_BLOCK_K_BYTES,
+                                                   DOT_F32=xcode == 3, SPLIT=split),
                       x_ptr=PTR[xcode], y_ptr=BITS[xcode], bias_ptr=PTR[xcode])
     # int64 offsets (tensors past 2**31 raw bits) and a one-row batch
     build(ti._fused_gemv_kernel, dict(G=32, PB=15, WIDTH=16, CODE=1, XCODE=1, BLOCK_L=64, BLOCK_M=1, ROWS=16,
