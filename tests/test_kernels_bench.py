@@ -31,6 +31,31 @@ def test_bench_kernels_quick_run_writes_json(tmp_path, monkeypatch):
         assert all(v == "not measured" for r in result["gpu"]["rows"] for k, v in r.items() if k != "shape")
 
 
+def test_merge_gpu_keeps_the_cpu_section_and_refuses_a_run_without_gpu_figures(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu_file = tmp_path / "kernels.json"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--quick", "--out", str(cpu_file)])
+    bench.main()
+    cpu_run = json.loads(cpu_file.read_text())
+    if not torch.cuda.is_available():  # a CPU run has no GPU figures: merging it is refused, nothing written
+        with pytest.raises(SystemExit, match="holds no GPU figures"):
+            bench.merge_gpu(cpu_file, cpu_file)
+        assert json.loads(cpu_file.read_text()) == cpu_run
+    # The merge plumbing, with a GPU-shaped section (the CPU rows stand in for GPU rows here).
+    gpu_run = {**cpu_run, "date": "2030-01-01", "machine": {"gpu": "a GPU"},
+               "gpu": {"backend": "triton", "device": "a GPU", "rows": cpu_run["cpu"]["rows"]},
+               "sweep": {"device": "cuda", "encoder": [], "base": []}}
+    gpu_file = tmp_path / "gpu.json"
+    gpu_file.write_text(json.dumps(gpu_run))
+    bench.merge_gpu(gpu_file, cpu_file)
+    merged = json.loads(cpu_file.read_text())
+    assert merged["cpu"] == cpu_run["cpu"] and merged["machine"] == cpu_run["machine"]
+    assert merged["gpu"]["device"] == "a GPU" and merged["gpu"]["date"] == "2030-01-01"
+    assert merged["gpu"]["machine"] == {"gpu": "a GPU"} and merged["sweep"] == gpu_run["sweep"]
+
+
 def test_bench_kernels_sweep_runs_every_configuration(tmp_path, monkeypatch):
     """The GPU sweep's code (encoder choices, base-matmul launches) runs under the interpreter, with
     bit-exact reconstruction for every encoder choice (asserted by the benchmark itself)."""

@@ -276,11 +276,15 @@ def decode_tables(enc: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     pb = enc.params.prob_bits
     step, sym = rans.decode_luts(rans.with_identity_context(enc.frequencies(), pb), pb)
     step = torch.from_numpy(np.ascontiguousarray(step.numpy()).view(np.int32))  # < 2**31: freq <= 2**15
+    return step.clone(), _symbol_info(enc)[sym]
+
+
+def _symbol_info(enc: EncodedTensor) -> torch.Tensor:
+    """``hi | n_raw << SYM_HI_BITS`` per symbol of ``enc``'s alphabet, int16."""
     base_u, nraw = symbol_tables(SymbolSpec(enc.params.sym_k, enc.params.sym_m, bit_width(enc.dtype)))
     hi = base_u >> nraw
     assert int(hi.max()) < 1 << SYM_HI_BITS and int(nraw.max()) < 32
-    info = (hi | (nraw << SYM_HI_BITS))[sym]
-    return step.clone(), info.to(torch.int16)
+    return (hi | (nraw << SYM_HI_BITS)).to(torch.int16)
 
 
 def split_decode_tables(enc: EncodedTensor) -> dict[str, torch.Tensor]:
@@ -290,10 +294,9 @@ def split_decode_tables(enc: EncodedTensor) -> dict[str, torch.Tensor]:
     freq = rans.with_identity_context(enc.frequencies(), pb)
     cum = torch.where(freq > 0, torch.cumsum(freq, dim=1) - freq, 0)  # no slot reaches a zero-frequency symbol
     _, sym = rans.decode_luts(freq, pb)
-    base_u, nraw = symbol_tables(SymbolSpec(enc.params.sym_k, enc.params.sym_m, bit_width(enc.dtype)))
     assert freq.shape[1] < 1 << 15 and int(cum.max()) < 1 << 15 and int(freq.max()) <= 1 << 15
     return dict(slot_sym=sym.to(torch.int16), sym_step=(freq | (cum << 16)).flatten().to(torch.int32),
-                sym_info=((base_u >> nraw) | (nraw << SYM_HI_BITS)).to(torch.int16))
+                sym_info=_symbol_info(enc))
 
 
 def _delta_fields(enc: EncodedTensor) -> dict:

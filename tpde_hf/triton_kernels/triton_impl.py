@@ -53,8 +53,8 @@ and calling cuBLAS costs one decode plus a bf16 write/read of the weight, small 
 rounding ``P`` to the source dtype exactly as ``base_weight`` does. A K step reads ``KB`` whole
 bytes per weight row (contiguous loads, each byte once) and splits them into the even and odd
 columns, multiplied by the even and odd columns of ``x``; it stays inside one group, so a row's
-scale and zero are loaded once per group. At batch 1 a ``[16, 32]`` tile grid alone has
-``out / 32`` programs (128 for 4096 rows): too few loads in flight to stream 4-bit weights at memory
+scale and zero are loaded once per group. At batch 1 a ``[16, 64]`` tile grid alone has
+``out / 64`` programs (64 for 4096 rows): too few loads in flight to stream 4-bit weights at memory
 speed. So the groups of a tile are split over ``SPLIT`` programs (``BASE_PROGRAMS_PER_SM`` per SM in
 all); each stores a float32 partial, and the last to finish, counted with an atomic ticket, adds
 the partials in split order and writes ``y``: deterministic, one launch, and the ticket is reset for
@@ -351,7 +351,7 @@ def _base_matmul_kernel(
     G: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ P[N, K].T (+ bias)``; one K step per quantization group.
+    """``y[M, N] = x[M, K] @ P[N, K].T (+ bias)``; K steps of ``KB`` bytes inside each group.
 
     Program ``(m, n, k)`` covers groups ``k * groups_per_split ..`` of one ``[BLOCK_M, BLOCK_N]``
     tile. Its weight tile is read as whole bytes (two columns each) and split into the even and
@@ -414,8 +414,8 @@ def _base_tile(q, zero, s, mask, CODE: tl.constexpr, XCODE: tl.constexpr):
 
     The product is exact in float32, so when x has the source's 16-bit dtype one conversion to it is
     the whole rounding (the interpreter's bfloat16 conversion truncates: it takes the other path).
-    Padding (``mask`` false) needs no zeroing where ``P`` is finite, since x is 0 there; only an fp16
-    ``P`` can overflow (to inf, and inf * 0 is NaN), so only fp16 sources apply the mask.
+    Padding (``mask`` false) needs no zeroing where the weight is finite, since x is 0 there; only a
+    weight that is or becomes fp16 can overflow (to inf, and inf * 0 is NaN): those apply the mask.
     """
     p = (q - zero).to(tl.float32) * s
     if XCODE == CODE and (CODE == _FP16 or (CODE == _BF16 and _HW_BF16_ROUND)):
@@ -424,7 +424,7 @@ def _base_tile(q, zero, s, mask, CODE: tl.constexpr, XCODE: tl.constexpr):
         w = _f32_from_bits(_bits_from_f32(p, CODE), CODE)
         if XCODE != CODE:
             w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
-    if CODE == _FP16:
+    if CODE == _FP16 or XCODE == _FP16:
         w = tl.where(mask, w, 0.0)
     return w
 
@@ -446,6 +446,7 @@ def _store_base_output(acc, y_ptr, bias_ptr, rm64, rn, n_ok, mask, N, XCODE: tl.
 def _lane_args(pw: PackedWeight) -> tuple:
     """Tensor and scalar arguments shared by the decode kernels."""
     out_f, in_f = pw.shape
+    # The fused form has no third table: sym_lut stands in for the unread sym_info pointer.
     tables = (pw.slot_sym, pw.sym_step, pw.sym_info) if pw.split_tables else (pw.step_lut, pw.sym_lut, pw.sym_lut)
     return (
         (pw.qweight, pw.scales, pw.zeros, pw.words, pw.raw, pw.lane_state, pw.word_start, pw.raw_start, *tables),
