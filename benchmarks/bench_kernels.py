@@ -156,9 +156,9 @@ def bench_shape(shape, pool, seed, device: str, timer, repeat: int, prefill_batc
 #: bits make the step table 70 KB (L1-sized) instead of 278 KB. Each costs bits: measured here too.
 ENCODER_SWEEP = [(1024, 12), (256, 12), (1024, 10), (512, 10), (256, 10)]
 #: Base-matmul launch configurations at batch 1: ``(block_n, block_k_bytes, split)``, split None = the
-#: launcher's choice. ``(32, 64, 1)`` is the launch before split-K (a whole 128-group per K step).
-BASE_SWEEP = [(bn, kb, sp) for bn in (16, 32, 64) for kb in (16, 32) if (bn, kb) != (64, 32)
-              for sp in (None, 1, 16, 64)] + [(32, 64, 1)]
+#: launcher's choice. The default is ``triton_impl.BASE_BLOCKS`` (128, 32); 64 bytes is a whole
+#: 128-group per K step; ``(32, 16)`` is the smallest tile.
+BASE_SWEEP = [(bn, kb, sp) for bn in (64, 128) for kb in (16, 32, 64) for sp in (None, 1, 16, 64)] + [(32, 16, None)]
 
 
 def _sweep_inputs(shape, pool, seed, device: str, timer, repeat: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -41,6 +41,9 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
                    "conversion of whole models: time, throughput, peak memory, size"),
     "modes": ("modes.json", "bench_modes.py",
               "runtime modes of a loaded model: load time, resident memory, tokens/s, exactness"),
+    "sass": ("sass_counts.json", "sass_counts.py",
+             "static SASS of each Triton kernel's hot loop (compiled for sm_90, nothing run): instructions per "
+             "weight and the issue ceiling they set"),
 }
 NO_GPU = "not measured (no GPU lent in this session)"
 NA = "n/a"
@@ -455,7 +458,23 @@ def _details(data: dict) -> str:
     return f"<details><summary>all figures in the JSON file</summary>\n\n{generic_tables(data)}\n\n</details>"
 
 
+def sass_section(data: dict) -> str:
+    """Instructions per element of each kernel's hot loop, registers, spills (``sass_counts.json``)."""
+    kernels = data.get("kernels")
+    if not isinstance(kernels, dict) or not kernels:
+        return generic_tables(data)
+    rows = [[name, num(k.get("instructions_per_element")), num(k.get("elements_per_cycle_per_sm")),
+             k.get("registers"), k.get("stack")] for name, k in kernels.items() if isinstance(k, dict)]
+    head = (f"Static figures, Triton {data.get('triton', '?')}, target {data.get('target', '?')}: an SM issues "
+            "4 warp-instructions per cycle, so N instructions per element allow at most 128 / N elements per "
+            "cycle per SM with every latency hidden. A ceiling, not a measurement of speed.")
+    return "\n\n".join([head, md_table(["kernel (launch default)", "instructions / element",
+                                         "elements / cycle / SM (ceiling)", "registers", "stack bytes (spills)"],
+                                        rows), _details(data)])
+
+
 SECTIONS: dict[str, Callable[[dict], str]] = {
+    "sass": sass_section,
     "codec": codec_section,
     "conversion": conversion_section,
     "modes": modes_section,

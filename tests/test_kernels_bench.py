@@ -13,10 +13,16 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
 
 
-def test_bench_kernels_quick_run_writes_json(tmp_path, monkeypatch):
+@pytest.fixture
+def bench():
+    """benchmarks/bench_kernels.py as a module (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kernels_quick_run_writes_json(bench, tmp_path, monkeypatch):
     out = tmp_path / "kernels.json"
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--quick", "--out", str(out)])
     bench.main()
@@ -31,10 +37,7 @@ def test_bench_kernels_quick_run_writes_json(tmp_path, monkeypatch):
         assert all(v == "not measured" for r in result["gpu"]["rows"] for k, v in r.items() if k != "shape")
 
 
-def test_merge_gpu_keeps_the_cpu_section_and_refuses_a_run_without_gpu_figures(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_merge_gpu_keeps_the_cpu_section_and_refuses_a_run_without_gpu_figures(bench, tmp_path, monkeypatch):
     cpu_file = tmp_path / "kernels.json"
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--quick", "--out", str(cpu_file)])
     bench.main()
@@ -56,16 +59,13 @@ def test_merge_gpu_keeps_the_cpu_section_and_refuses_a_run_without_gpu_figures(t
     assert merged["gpu"]["machine"] == {"gpu": "a GPU"} and merged["sweep"] == gpu_run["sweep"]
 
 
-def test_bench_kernels_sweep_runs_every_configuration(tmp_path, monkeypatch):
+def test_bench_kernels_sweep_runs_every_configuration(bench, tmp_path, monkeypatch):
     """The GPU sweep's code (encoder choices, base-matmul launches) runs under the interpreter, with
     bit-exact reconstruction for every encoder choice (asserted by the benchmark itself)."""
     from tpde_hf.triton_kernels import triton_available
 
     if torch.cuda.is_available() or not triton_available("cpu"):
         pytest.skip("runs the sweep under TRITON_INTERPRET=1 on a machine without a GPU")
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     pool = tmp_path / "pool.npy"
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--write-value-pool", str(pool)])
     bench.main()

@@ -442,6 +442,71 @@ def test_triton_base_linear_split_k_is_deterministic(device, rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_base_linear_dequantizes_bit_exactly(device, dtype):
+    """With x = I (one-hot rows) every output is one weight times 1, so ``y.T`` is the kernel's own
+    dequantized weight in x's dtype: bit for bit ``base_weight``'s, through the word unpacking and the
+    fused ``q * s - zero * s``. 45 columns: a partial last group (masked padding)."""
+    _, enc = encoded((37, 45), dtype, 32, seed=24, adversarial=False)
+    pw = PackedWeight.from_encoded(enc, device, delta=False)
+    eye = torch.eye(45, dtype=dtype, device=pw.device)
+    y = base_linear(eye, pw, backend="triton", fused=True)
+    assert_bit_exact(y.T.contiguous(), enc.base_weight().to(pw.device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("block_n", "block_k_bytes"), [(32, 16), (64, 4), (128, 32), (128, 64)])
+def test_triton_base_linear_launch_configs(device, block_n, block_k_bytes):
+    """Every tile the benchmark sweeps (64 bytes = a whole 128-group per K step; 4 = one word), on
+    rows and columns that fill no tile and a last group that is partial."""
+    from tpde_hf.triton_kernels import triton_impl
+
+    _, enc = encoded((150, 333), torch.bfloat16, 128, seed=21)
+    pw = PackedWeight.from_encoded(enc, device, delta=False)
+    x = torch.randn(2, 333, generator=torch.Generator().manual_seed(21)).to(torch.bfloat16)
+    y = triton_impl.base_linear(x.to(device), pw, None, block_n=block_n, block_k_bytes=block_k_bytes)
+    assert_matmul_close(y, x, enc.base_weight())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_base_linear_reads_words_of_any_alignment(device):
+    """The codes are read as int32 words: a qweight that starts off a 4-byte boundary (a view into a
+    larger buffer, as from a file) gives the same result; a K step of part of a word is refused."""
+    from tpde_hf.triton_kernels import triton_impl
+
+    _, enc = encoded((20, 64), torch.float16, 32, seed=22)
+    pw = PackedWeight.from_encoded(enc, device, delta=False)
+    buf = torch.zeros(pw.qweight.numel() + 1, dtype=torch.uint8, device=pw.device)
+    buf[1:].copy_(pw.qweight.flatten())
+    shifted = dataclasses.replace(pw, qweight=buf[1:].view(pw.qweight.shape))
+    assert shifted.qweight.data_ptr() % 4 == 1
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(22)).to(torch.float16).to(device)
+    assert_bit_exact(triton_impl.base_linear(x, shifted, None), triton_impl.base_linear(x, pw, None))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        triton_impl.base_linear(x, pw, None, block_k_bytes=6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_base_linear_ignores_crafted_padding_codes(device):
+    """Columns past ``in_features`` hold the zero point in every file this package writes (P = 0).
+    Other codes there, with an fp16 scale large enough to overflow, must not turn the output into
+    NaN (inf * 0): the kernel masks the padding of a partial last group."""
+    _, enc = encoded((9, 40), torch.float16, 32, seed=23)  # the second group has 8 real columns
+    pw = PackedWeight.from_encoded(enc, device, delta=False)
+    q = pw.qweight.clone()
+    q[:, 16:20] = 0x11  # columns 32..39, the real part of group 1: code 1, P = 60000
+    q[:, 20:] = 0xFF  # columns 40..63, its padding: code 15, P = 15 * 60000 = inf in fp16
+    scales = pw.scales.clone()
+    scales[:, 1] = 60000.0
+    zeros = torch.zeros_like(pw.zeros)
+    crafted = dataclasses.replace(pw, qweight=q, scales=scales, zeros=zeros)
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(23)).to(torch.float16)
+    y = base_linear(x.to(device), crafted, backend="triton", fused=True)
+    ref = torch_ref.base_weight(crafted.to("cpu"))  # sliced to the 40 real columns
+    assert_matmul_close(y, x, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_base_linear_batches_and_mixed_dtype(device):
     _, enc = encoded((70, 101), torch.float32, 32, seed=4)
     pw = PackedWeight.from_encoded(enc, device, delta=False)

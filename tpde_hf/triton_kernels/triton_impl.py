@@ -30,9 +30,9 @@ Compiled, bf16 uses the hardware conversion (``cvt.rn``); under the interpreter,
 float32 -> bfloat16, the same rounding is written out in integer arithmetic (``_HW_BF16_ROUND``).
 
 Instruction counts per step (SASS, sm_90, Triton 3.9, bf16, int32 offsets; read with cuobjdump, no
-GPU needed): reconstruct 117 (127 with split tables), fused GEMV 174; the base matmul 8.8 per weight
-at its default 16 x 64 tile. At 4 warp-instructions per cycle per SM those are ceilings of about
-1.1, 0.7 and 14.5 weights per cycle per SM even with every latency hidden.
+GPU needed; ``benchmarks/sass_counts.py``): reconstruct 117 (127 with split tables), fused GEMV 174;
+the base matmul 5.9 per weight at its default 16 x 128 tile. At 4 warp-instructions per cycle per SM
+those are ceilings of about 1.1, 0.7 and 21.6 weights per cycle per SM even with every latency hidden.
 
 **Fused GEMV (decode, batch 1..16)** multiplies each decoded element by ``x[:, col]`` and reduces
 the block per output row (a block spans at most ``ROWS`` rows), then adds the per-row partial sums
@@ -50,11 +50,14 @@ and calling cuBLAS costs one decode plus a bf16 write/read of the weight, small 
 ``O(M * out * in)`` matmul, and the result is bit-identical to the dense model.
 
 **Base-only 4-bit matmul** is a tiled ``tl.dot`` GEMM that dequantizes the weight tile per K step,
-rounding ``P`` to the source dtype exactly as ``base_weight`` does. A K step reads ``KB`` whole
-bytes per weight row (contiguous loads, each byte once) and splits them into the even and odd
-columns, multiplied by the even and odd columns of ``x``; it stays inside one group, so a row's
-scale and zero are loaded once per group. At batch 1 a ``[16, 64]`` tile grid alone has
-``out / 64`` programs (64 for 4096 rows): too few loads in flight to stream 4-bit weights at memory
+rounding ``P`` to the source dtype exactly as ``base_weight`` does. A K step reads ``KB`` bytes per
+weight row as int32 words; each word's eight nibbles become eight tiles that ``tl.join`` puts back in
+column order inside the thread that loaded the word, so ``x`` is read as it lies. ``P`` is one exact
+FMA, ``q * s + (-zero * s)`` (every term fits float32's 24 bits), then one rounding. A K step stays
+inside one group, so a row's scale and zero are loaded once per group. Codes past ``in`` are the
+zero point (``P = 0``); they are masked too when the last group is partial (``K_TAIL``), so that a
+crafted file cannot make ``inf * 0``. At batch 1 a ``[16, 128]`` tile grid alone has
+``out / 128`` programs (32 for 4096 rows): too few loads in flight to stream 4-bit weights at memory
 speed. So the groups of a tile are split over ``SPLIT`` programs (``BASE_PROGRAMS_PER_SM`` per SM in
 all); each stores a float32 partial, and the last to finish, counted with an atomic ticket, adds
 the partials in split order and writes ``y``: deterministic, one launch, and the ticket is reset for
@@ -92,10 +95,12 @@ BLOCK_LANES = 64
 FUSED_BLOCK_LANES = 32
 #: Batch rows per program of the fused GEMV (more rows re-launch over row chunks).
 FUSED_BLOCK_M = 16
-#: 4-bit bytes per K step of the base matmul: 16 (32 columns, the smallest ``tl.dot`` K) keeps every
-#: default configuration free of register spills on sm_90 (tests/test_kernels_compile.py); a whole
-#: 128-group per step spilled up to 1 KB per thread.
-BASE_BLOCK_K_BYTES = 16
+#: Base-matmul launch defaults by activation dtype: ``(block_n, block_k_bytes)``, weight rows per
+#: program and 4-bit bytes per K step. The fewest SASS instructions per weight without register spills
+#: on sm_90 (Triton 3.9; ``benchmarks/sass_counts.py``): 5.9 per weight for 16-bit activations at
+#: 128 x 32 (the byte-wise kernel before it took 8.8 at its best, 64 x 16). float32 activations use the
+#: exact float32 dot, whose registers allow only 32 x 16.
+BASE_BLOCKS = {torch.bfloat16: (128, 32), torch.float16: (128, 32), torch.float32: (32, 16)}
 
 
 def interpreting() -> bool:
@@ -347,15 +352,16 @@ def _base_weight_kernel(
 @triton.jit
 def _base_matmul_kernel(
     x_ptr, y_ptr, bias_ptr, qweight_ptr, scales_ptr, zeros_ptr, part_ptr, ticket_ptr,
-    M, N, K, k_bytes, x_stride, q_stride, s_stride, z_stride, groups_per_split,
+    M, N, K, x_stride, q_stride, s_stride, z_stride, groups_per_split,
     G: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
+    K_TAIL: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ P[N, K].T (+ bias)``; K steps of ``KB`` bytes inside each group.
 
     Program ``(m, n, k)`` covers groups ``k * groups_per_split ..`` of one ``[BLOCK_M, BLOCK_N]``
-    tile. Its weight tile is read as whole bytes (two columns each) and split into the even and
-    odd columns, so the loads are contiguous and each byte is read once. With ``SPLIT > 1`` each
+    tile. Its weight tile is read as int32 words (eight columns each) and rebuilt in column order in
+    the thread that loaded it, so x is read contiguously and in natural order. With ``SPLIT > 1`` each
     program stores its float32 partial sum and takes a ticket; the last of a tile's ``SPLIT``
     programs adds the partials in split order (deterministic), writes ``y`` and resets the ticket.
     """
@@ -364,32 +370,26 @@ def _base_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
     rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
-    H: tl.constexpr = G // 2
-    kb = tl.arange(0, KB)  # bytes of a K step: columns 2 * kb (low nibble) and 2 * kb + 1 (high)
+    KW: tl.constexpr = KB // 4  # int32 words of a K step, 8 columns each (nibble i = column 8 * word + i)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     g_end = tl.minimum(pid_k * groups_per_split + groups_per_split, tl.cdiv(K, G))
     for g in range(pid_k * groups_per_split, g_end):
         zb = tl.load(zeros_ptr + rn64 * z_stride + (g >> 1), mask=n_ok, other=0).to(tl.int32)
-        zero = ((zb >> ((g & 1) * 4)) & 15)[:, None]
         s = tl.load(scales_ptr + rn64 * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        for j in tl.static_range(H // KB):  # K steps of KB bytes inside the group (fewer live registers)
-            byte = g * H + j * KB + kb
-            lo_ok = byte < k_bytes  # a mask on bytes, not columns: the loads stay 4 or 16 bytes wide
-            qb = tl.load(qweight_ptr + rn64[:, None] * q_stride + byte[None, :],
-                         mask=n_ok[:, None] & lo_ok[None, :], other=0).to(tl.int32)
-            w_lo = _base_tile(qb & 15, zero, s, n_ok[:, None] & lo_ok[None, :], CODE, XCODE)
-            w_hi = _base_tile(qb >> 4, zero, s, n_ok[:, None] & (2 * byte + 1 < K)[None, :], CODE, XCODE)
-            # x's 2 * KB columns in one contiguous load, then split into even (low nibble) and odd
-            cols = 2 * (g * H + j * KB) + tl.arange(0, 2 * KB)
+        zs = -((zb >> ((g & 1) * 4)) & 15).to(tl.float32)[:, None] * s
+        for j in tl.static_range(G // 8 // KW):
+            word = g * (G // 8) + j * KW + tl.arange(0, KW)
+            qw = tl.load(qweight_ptr + rn64[:, None] * q_stride + word[None, :], mask=n_ok[:, None], other=0)
+            w = _word_tile(qw.to(tl.uint32, bitcast=True), zs, s, BLOCK_N, KW, CODE, XCODE)
+            cols = g * G + j * 8 * KW + tl.arange(0, 8 * KW)
+            if K_TAIL:  # padding codes are the zero point (P = 0): masked anyway, against a crafted file
+                w = tl.where((cols < K)[None, :], w, 0.0)
             xt = tl.load(x_ptr + rm64[:, None] * x_stride + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :],
                          other=0.0)
-            x_lo, x_hi = tl.split(tl.reshape(xt, (BLOCK_M, KB, 2)))
             if DOT_F32:  # fp32 sources, and the interpreter (its dot cannot read bfloat16)
-                acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo.to(tl.float32)), input_precision="ieee")
-                acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi.to(tl.float32)), input_precision="ieee")
+                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
-                acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
-                acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT > 1:
         tile = pid_m * tl.num_programs(1) + pid_n
@@ -409,23 +409,38 @@ def _base_matmul_kernel(
 
 
 @triton.jit
-def _base_tile(q, zero, s, mask, CODE: tl.constexpr, XCODE: tl.constexpr):
+def _word_tile(qw, zs, s, BLOCK_N: tl.constexpr, KW: tl.constexpr, CODE: tl.constexpr, XCODE: tl.constexpr):
+    """Words ``[BLOCK_N, KW]`` -> weights ``[BLOCK_N, 8 * KW]`` in column order (nibble i = column 8w + i).
+
+    Each nibble is its own tile; joins nest so that the last join picks bit 0 of the nibble index
+    (``tl.join`` adds a minor dimension), which keeps all eight in the thread that loaded the word."""
+    p0 = _base_tile(qw & 15, zs, s, CODE, XCODE)
+    p1 = _base_tile((qw >> 4) & 15, zs, s, CODE, XCODE)
+    p2 = _base_tile((qw >> 8) & 15, zs, s, CODE, XCODE)
+    p3 = _base_tile((qw >> 12) & 15, zs, s, CODE, XCODE)
+    p4 = _base_tile((qw >> 16) & 15, zs, s, CODE, XCODE)
+    p5 = _base_tile((qw >> 20) & 15, zs, s, CODE, XCODE)
+    p6 = _base_tile((qw >> 24) & 15, zs, s, CODE, XCODE)
+    p7 = _base_tile(qw >> 28, zs, s, CODE, XCODE)
+    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tl.reshape(w, (BLOCK_N, 8 * KW))
+
+
+@triton.jit
+def _base_tile(q, zs, s, CODE: tl.constexpr, XCODE: tl.constexpr):
     """Levels ``q`` -> ``P = (q - zero) * s`` rounded to the source dtype, then to x's dtype.
 
-    The product is exact in float32, so when x has the source's 16-bit dtype one conversion to it is
-    the whole rounding (the interpreter's bfloat16 conversion truncates: it takes the other path).
-    Padding (``mask`` false) needs no zeroing where the weight is finite, since x is 0 there; only a
-    weight that is or becomes fp16 can overflow (to inf, and inf * 0 is NaN): those apply the mask.
+    ``zs = -zero * s``. ``q * s + zs`` in one fused multiply-add is exact in float32: both products and
+    their sum need at most 15 significant bits. When x has the source's 16-bit dtype one conversion to
+    it is the whole rounding (the interpreter's bfloat16 conversion truncates: it takes the other path).
     """
-    p = (q - zero).to(tl.float32) * s
+    p = tl.fma(q.to(tl.float32), s, zs)
     if XCODE == CODE and (CODE == _FP16 or (CODE == _BF16 and _HW_BF16_ROUND)):
         w = p.to(tl.float16 if CODE == _FP16 else tl.bfloat16)
     else:
         w = _f32_from_bits(_bits_from_f32(p, CODE), CODE)
         if XCODE != CODE:
             w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
-    if CODE == _FP16 or XCODE == _FP16:
-        w = tl.where(mask, w, 0.0)
     return w
 
 
@@ -533,21 +548,23 @@ def base_weight(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tens
 
 
 def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, split: int | None = None,
-                block_n: int | None = None, block_k_bytes: int = BASE_BLOCK_K_BYTES) -> torch.Tensor:
+                block_n: int | None = None, block_k_bytes: int | None = None) -> torch.Tensor:
     """``x2[M, in] @ P.T + bias`` in x's dtype, dequantizing 4-bit tiles on the fly.
 
     ``split`` (the programs that share a tile's groups) defaults to what fills the GPU; it, ``block_n``
-    and ``block_k_bytes`` (4-bit bytes per K step) are set by the benchmark's sweep and the tests.
-    ``block_n`` defaults to 64 rows (fewest instructions per weight on sm_90: 8.8 for bf16) for 16-bit
-    activations and 32 for float32 ones (whose exact float32 dot needs the registers).
+    (weight rows per program) and ``block_k_bytes`` (4-bit bytes per K step, a multiple of 4) default
+    to :data:`BASE_BLOCKS` and are set by the benchmark's sweep and the tests.
     """
     out_f, in_f = pw.shape
     m = x2.shape[0]
     y = torch.empty((m, out_f), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y
+    default_n, default_kb = BASE_BLOCKS[x2.dtype]
+    block_n, block_k_bytes = block_n or default_n, min(block_k_bytes or default_kb, pw.group_size // 2)
+    if block_k_bytes % 4:
+        raise ValueError(f"block_k_bytes must be a multiple of 4 (whole int32 words), got {block_k_bytes}")
     block_m = 16 if m <= 16 else 64
-    block_n = block_n or (32 if x2.dtype == torch.float32 else 64)
     tiles = (triton.cdiv(m, block_m), triton.cdiv(out_f, block_n))
     n_groups = triton.cdiv(in_f, pw.group_size)
     split = min(split or _base_split(tiles[0] * tiles[1], n_groups, x2.device), n_groups)
@@ -555,22 +572,31 @@ def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, s
     split = triton.cdiv(n_groups, groups_per_split)  # no program without a group
     part = torch.empty((split, m, out_f) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
     tickets = _tickets(x2.device, tiles[0] * tiles[1]) if split > 1 else part
+    words = _qweight_words(pw.qweight)
     _base_matmul_kernel[(*tiles, split)](
-        x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, pw.qweight, pw.scales, pw.zeros, part,
-        tickets, m, out_f, in_f, (in_f + 1) // 2, x2.stride(0), pw.qweight.stride(0), pw.scales.stride(0),
-        pw.zeros.stride(0), groups_per_split,
+        x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, words, pw.scales, pw.zeros, part,
+        tickets, m, out_f, in_f, x2.stride(0), words.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
+        groups_per_split,
         G=pw.group_size, CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, KB=min(block_k_bytes, pw.group_size // 2),
-        DOT_F32=interpreting() or x2.dtype == torch.float32, SPLIT=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, KB=block_k_bytes, DOT_F32=interpreting() or x2.dtype == torch.float32,
+        SPLIT=split, K_TAIL=in_f % pw.group_size != 0,
     )
     return y
+
+
+def _qweight_words(qweight: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes as int32 words ``[out, in_pad / 8]`` (rows are whole groups: a multiple of 16
+    bytes). A tensor that does not start on a 4-byte boundary (a view into a file) is copied once."""
+    if qweight.data_ptr() % 4:
+        qweight = qweight.clone()
+    return qweight.view(torch.int32)
 
 
 #: Programs per multiprocessor the split-K base matmul aims for: a GEMV has too few output tiles to
 #: keep enough 4-bit weight loads in flight to stream it at memory speed.
 BASE_PROGRAMS_PER_SM = 4
 #: Fewest quantization groups one split covers (each split adds a float32 partial write and read).
-BASE_MIN_GROUPS_PER_SPLIT = 4
+BASE_MIN_GROUPS_PER_SPLIT = 2
 
 
 def _base_split(tiles: int, n_groups: int, device: torch.device) -> int:
