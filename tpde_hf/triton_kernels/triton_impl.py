@@ -31,8 +31,8 @@ float32 -> bfloat16, the same rounding is written out in integer arithmetic (``_
 
 Instruction counts per step (SASS, sm_90, Triton 3.9, bf16, int32 offsets; read with cuobjdump, no
 GPU needed; ``benchmarks/sass_counts.py``): reconstruct 117 (127 with split tables), fused GEMV 174;
-the base matmul 5.9 per weight at its default 16 x 128 tile. At 4 warp-instructions per cycle per SM
-those are ceilings of about 1.1, 0.7 and 21.6 weights per cycle per SM even with every latency hidden.
+the base matmul 5.7 per weight at its default 16 x 128 tile. At 4 warp-instructions per cycle per SM
+those are ceilings of about 1.1, 0.7 and 22.4 weights per cycle per SM even with every latency hidden.
 
 **Fused GEMV (decode, batch 1..16)** multiplies each decoded element by ``x[:, col]`` and reduces
 the block per output row (a block spans at most ``ROWS`` rows), then adds the per-row partial sums
@@ -97,7 +97,7 @@ FUSED_BLOCK_LANES = 32
 FUSED_BLOCK_M = 16
 #: Base-matmul launch defaults by activation dtype: ``(block_n, block_k_bytes)``, weight rows per
 #: program and 4-bit bytes per K step. The fewest SASS instructions per weight without register spills
-#: on sm_90 (Triton 3.9; ``benchmarks/sass_counts.py``): 5.9 per weight for 16-bit activations at
+#: on sm_90 (Triton 3.9; ``benchmarks/sass_counts.py``): 5.7 per weight for 16-bit activations at
 #: 128 x 32 (the byte-wise kernel before it took 8.8 at its best, 64 x 16). float32 activations use the
 #: exact float32 dot, whose registers allow only 32 x 16.
 BASE_BLOCKS = {torch.bfloat16: (128, 32), torch.float16: (128, 32), torch.float32: (32, 16)}
@@ -371,7 +371,11 @@ def _base_matmul_kernel(
     m_ok, n_ok = rm < M, rn < N
     rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
     KW: tl.constexpr = KB // 4  # int32 words of a K step, 8 columns each (nibble i = column 8 * word + i)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Decode batches (BLOCK_M = 16) put the weight on the left of the dot (acc = W @ x.T, transposed
+    # once at the end): the tensor cores then reuse x's fragments with no register moves (5.7 SASS
+    # instructions per weight instead of 5.9); for prefill tiles x on the left is the cheaper (5.7 vs 6.1).
+    W_LEFT: tl.constexpr = BLOCK_M <= 16
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if W_LEFT else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     g_end = tl.minimum(pid_k * groups_per_split + groups_per_split, tl.cdiv(K, G))
     for g in range(pid_k * groups_per_split, g_end):
         zb = tl.load(zeros_ptr + rn64 * z_stride + (g >> 1), mask=n_ok, other=0).to(tl.int32)
@@ -387,9 +391,15 @@ def _base_matmul_kernel(
             xt = tl.load(x_ptr + rm64[:, None] * x_stride + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :],
                          other=0.0)
             if DOT_F32:  # fp32 sources, and the interpreter (its dot cannot read bfloat16)
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                xt, w = xt.to(tl.float32), w.to(tl.float32)
             else:
-                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+                w = w.to(xt.dtype)
+            if W_LEFT:
+                acc += tl.dot(w, tl.trans(xt), input_precision="ieee" if DOT_F32 else None)
+            else:
+                acc += tl.dot(xt, tl.trans(w), input_precision="ieee" if DOT_F32 else None)
+    if W_LEFT:
+        acc = tl.trans(acc)
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT > 1:
         tile = pid_m * tl.num_programs(1) + pid_n
