@@ -200,8 +200,9 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help=f"also compile the whole matrix; exit 1 on a spill over {SPILL_LIMIT} bytes")
     args = parser.parse_args()
-    if not CUOBJDUMP.exists():
-        parser.error(f"{CUOBJDUMP} is missing (it comes with triton's NVIDIA backend)")
+    if not CUOBJDUMP.exists():  # e.g. a triton without its NVIDIA backend: nothing to count, not a failure
+        print(f"skipped: {CUOBJDUMP} is missing (it comes with triton's NVIDIA backend); {args.out} left as it is")
+        return
     figures = {name: count(build) for name, build in default_builds().items()}
     for name, f in figures.items():
         print(f"{name:45s} {f['instructions_per_element']:7.2f} instr/element  {f['registers']:3d} regs  "
