@@ -30,9 +30,9 @@ Compiled, bf16 uses the hardware conversion (``cvt.rn``); under the interpreter,
 float32 -> bfloat16, the same rounding is written out in integer arithmetic (``_HW_BF16_ROUND``).
 
 Instruction counts per step (SASS, sm_90, Triton 3.9, bf16, int32 offsets; read with cuobjdump, no
-GPU needed; ``benchmarks/sass_counts.py``): reconstruct 117 (127 with split tables), fused GEMV 174;
+GPU needed; ``benchmarks/sass_counts.py``): reconstruct 108 (118 with split tables), fused GEMV 170;
 the base matmul 5.7 per weight at its default 16 x 128 tile. At 4 warp-instructions per cycle per SM
-those are ceilings of about 1.1, 0.7 and 22.4 weights per cycle per SM even with every latency hidden.
+those are ceilings of about 1.2, 0.75 and 22.4 weights per cycle per SM even with every latency hidden.
 
 **Fused GEMV (decode, batch 1..16)** multiplies each decoded element by ``x[:, col]`` and reduces
 the block per output row (a block spans at most ``ROWS`` rows), then adds the per-row partial sums
@@ -150,11 +150,21 @@ def _f32_from_bits(b, CODE: tl.constexpr):
 def _level_scale(qweight_ptr, scales_ptr, zeros_ptr, row64, col, mask, q_stride, s_stride, z_stride,
                  G: tl.constexpr):
     """``(c = q - zero, scale as float32)`` of the elements at ``(row, col)`` (nibbles low first)."""
-    qb = tl.load(qweight_ptr + row64 * q_stride + (col >> 1), mask=mask, other=0).to(tl.int32)
+    qb = tl.load(qweight_ptr + _offset(row64 * q_stride + (col >> 1)), mask=mask, other=0).to(tl.int32)
     g = (col.to(tl.uint32) // G).to(tl.int32)  # col >= 0: a shift, without a signed division's fix-ups
-    zb = tl.load(zeros_ptr + row64 * z_stride + (g >> 1), mask=mask, other=0).to(tl.int32)
-    s = tl.load(scales_ptr + row64 * s_stride + g, mask=mask, other=0.0).to(tl.float32)
+    zb = tl.load(zeros_ptr + _offset(row64 * z_stride + (g >> 1)), mask=mask, other=0).to(tl.int32)
+    s = tl.load(scales_ptr + _offset(row64 * s_stride + g), mask=mask, other=0.0).to(tl.float32)
     return ((qb >> ((col & 1) * 4)) & 15) - ((zb >> ((g & 1) * 4)) & 15), s
+
+
+@triton.jit
+def _offset(v):
+    """A non-negative element offset as the pointer arithmetic should see it: int32 ones as uint32,
+    which the compiler zero-extends once, where it spreads a signed one's extension over each term."""
+    if v.dtype == tl.int32:
+        return v.to(tl.uint32, bitcast=True)
+    else:
+        return v
 
 
 @triton.jit
@@ -277,7 +287,7 @@ def _reconstruct_kernel(
         x, word, wptr, rpos, wbits = _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr,
                                                   step_lut_ptr, sym_lut_ptr, sym_info_ptr, n_words, n_raw_words, PB,
                                                   WIDTH, CODE, NSYM)
-        dst = out_ptr + _wide(row, OFF64) * in_f + col
+        dst = out_ptr + _offset(_wide(row, OFF64) * in_f + col)
         if WIDTH == 16:
             tl.store(dst, wbits.to(tl.uint16).to(tl.int16, bitcast=True), mask=valid)
         else:
