@@ -471,15 +471,18 @@ def test_triton_base_linear_launch_configs(device, block_n, block_k_bytes):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_base_linear_reads_words_of_any_alignment(device):
     """The codes are read as int32 words: a qweight that starts off a 4-byte boundary (a view into a
-    larger buffer, as from a file) gives the same result; a K step of part of a word is refused."""
+    larger buffer, as from a file) is aligned once by ``PackedWeight`` and gives the same result; a K
+    step of part of a word is refused."""
     from tpde_hf.triton_kernels import triton_impl
 
     _, enc = encoded((20, 64), torch.float16, 32, seed=22)
     pw = PackedWeight.from_encoded(enc, device, delta=False)
     buf = torch.zeros(pw.qweight.numel() + 1, dtype=torch.uint8, device=pw.device)
     buf[1:].copy_(pw.qweight.flatten())
-    shifted = dataclasses.replace(pw, qweight=buf[1:].view(pw.qweight.shape))
-    assert shifted.qweight.data_ptr() % 4 == 1
+    view = buf[1:].view(pw.qweight.shape)
+    assert view.data_ptr() % 4 == 1
+    shifted = PackedWeight.from_base(view, pw.scales, pw.zeros, pw.shape, pw.dtype, pw.group_size)
+    assert shifted.qweight.data_ptr() % 4 == 0 and torch.equal(shifted.qweight, view)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(22)).to(torch.float16).to(device)
     assert_bit_exact(triton_impl.base_linear(x, shifted, None), triton_impl.base_linear(x, pw, None))
     with pytest.raises(ValueError, match="multiple of 4"):

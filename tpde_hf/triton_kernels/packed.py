@@ -156,7 +156,7 @@ class PackedWeight:
         if not bool(torch.isfinite(scales).all()):
             raise TpdeFormatError(name, "scales hold inf or NaN (corrupt base)")
         return cls(name=name, shape=(out_f, in_f), dtype=dtype, group_size=group_size,
-                   qweight=qweight.contiguous(), scales=scales.contiguous(), zeros=zeros.contiguous())
+                   qweight=_word_aligned(qweight.contiguous()), scales=scales.contiguous(), zeros=zeros.contiguous())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -249,6 +249,12 @@ class PackedWeight:
         kind = "base+delta" if self.has_delta else "base only"
         return (f"PackedWeight({self.name!r}, shape={self.shape}, dtype={self.dtype}, G={self.group_size}, "
                 f"{kind}, {self.nbytes} bytes on {self.device})")
+
+
+def _word_aligned(qweight: torch.Tensor) -> torch.Tensor:
+    """``qweight`` starting on a 4-byte boundary, copied once if it does not (a view into a file): the
+    base matmul reads the codes as int32 words (rows are whole groups, a multiple of 16 bytes)."""
+    return qweight.clone() if qweight.data_ptr() % 4 else qweight
 
 
 def _nbytes(t: torch.Tensor | None) -> int:

@@ -592,7 +592,7 @@ def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, s
     split = triton.cdiv(n_groups, groups_per_split)  # no program without a group
     part = torch.empty((split, m, out_f) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
     tickets = _tickets(x2.device, tiles[0] * tiles[1]) if split > 1 else part
-    words = _qweight_words(pw.qweight)
+    words = pw.qweight.view(torch.int32)  # [out, in_pad / 8]; PackedWeight keeps it 4-byte aligned
     _base_matmul_kernel[(*tiles, split)](
         x2, y.view(INT_VIEW[x2.dtype]), bias if bias is not None else y, words, pw.scales, pw.zeros, part,
         tickets, m, out_f, in_f, x2.stride(0), words.stride(0), pw.scales.stride(0), pw.zeros.stride(0),
@@ -602,14 +602,6 @@ def base_linear(x2: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, s
         SPLIT=split, K_TAIL=in_f % pw.group_size != 0,
     )
     return y
-
-
-def _qweight_words(qweight: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes as int32 words ``[out, in_pad / 8]`` (rows are whole groups: a multiple of 16
-    bytes). A tensor that does not start on a 4-byte boundary (a view into a file) is copied once."""
-    if qweight.data_ptr() % 4:
-        qweight = qweight.clone()
-    return qweight.view(torch.int32)
 
 
 #: Programs per multiprocessor the split-K base matmul aims for: a GEMV has too few output tiles to
