@@ -140,6 +140,8 @@ def bench_shape(shape, pool, seed, device: str, timer, repeat: int, prefill_batc
         "lossless_time_over_bf16": t_lossless / t_bf16,
         "base4bit_time_over_bf16": t_base / t_bf16,
     }
+    if device == "cuda":
+        row["class_width"] = _class_width_figures(w, x1, t_bf16, timer, repeat)
     row["prefill"] = []
     for batch in prefill_batches:
         xb = torch.randn(batch, shape[1], generator=gen).to(torch.bfloat16).to(device)
@@ -148,6 +150,24 @@ def bench_shape(shape, pool, seed, device: str, timer, repeat: int, prefill_batc
         row["prefill"].append({"batch": batch, "bf16_F_linear_ms": _ms(tb), "lossless_ms": _ms(tl_),
                                "lossless_time_over_bf16": tl_ / tb})
     return row
+
+
+def _class_width_figures(w: torch.Tensor, x1: torch.Tensor, t_bf16: float, timer, repeat: int) -> dict:
+    """The class-width delta study (GPU_NOTES.md): its size, reconstruct and fused batch-1 GEMV times."""
+    from tpde_hf.codec import base_quant, class_width
+    from tpde_hf.triton_kernels.class_width_kernels import ClassWidthPacked, cw_fused_linear, cw_reconstruct
+
+    base = base_quant.quantize(w, 128)
+    code = class_width.encode(w, base, 128)
+    pw = ClassWidthPacked.from_code(code, base, x1.device)
+    assert torch.equal(cw_reconstruct(pw).cpu().view(torch.int16), w.view(torch.int16))
+    t_rec = timer(lambda: cw_reconstruct(pw), repeat)
+    t_fused = timer(lambda: cw_fused_linear(x1, pw), repeat)
+    x16 = x1.repeat(16, 1)
+    t_fused16 = timer(lambda: cw_fused_linear(x16, pw), repeat)
+    return {"delta_bits_per_weight": 8 * code.stored_bytes / w.numel(), "reconstruct_ms": _ms(t_rec),
+            "reconstruct_GBps_dense_bf16_written": w.numel() * 2 / t_rec / 1e9, "fused_gemv_ms": _ms(t_fused),
+            "fused_gemv_time_over_bf16": t_fused / t_bf16, "fused_gemv_batch16_ms": _ms(t_fused16)}
 
 
 # ------------------------------------------------------------------------------------ sweeps (--sweep)

@@ -1,11 +1,11 @@
 """Render ``BENCHMARKS.md`` and its plots from the JSON files in ``benchmarks/results/``.
 
-Every benchmark script writes one JSON file (``codec.json``, ``kernels.json``, ``conversion.json``,
-``modes.json``). This module turns whatever is there into Markdown:
+Every benchmark script writes one JSON file (``codec.json``, ``delta_codes.json``, ``kernels.json``,
+``conversion.json``, ``modes.json``). This module turns whatever is there into Markdown:
 
 * a status table (which benchmark was measured, when, on what machine, on CPU or GPU);
 * one section per result file: a dedicated table of the key figures for the files whose layout
-  is known (codec, conversion, modes, kernels), and a generic flattening of every number for any
+  is known (codec, delta_codes, conversion, modes, kernels), and a generic flattening of every number for any
   other file or any layout it does not recognise, so a new or changed benchmark still shows up;
 * GPU rows read "not measured (no GPU lent in this session)" unless the JSON says it was measured
   on a GPU;
@@ -35,6 +35,9 @@ from typing import Any
 BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "codec": ("codec.json", "bench_codec.py",
               "bits per weight of the format on real weights, against general-purpose and model-specific coders"),
+    "delta_codes": ("delta_codes.json", "bench_delta_codes.py",
+                    "the rANS delta against the class-width delta code (a GPU candidate) on real weights: "
+                    "exact bits per weight, per-class widths, CPU encode and decode time"),
     "kernels": ("kernels.json", "bench_kernels.py",
                 "decode / fused matmul kernels: throughput and speed against a dense bf16 matmul"),
     "conversion": ("conversion.json", "bench_conversion.py",
@@ -308,6 +311,102 @@ def codec_section(data: dict) -> str:
     ])
 
 
+def delta_codes_section(data: dict) -> str:
+    """rANS against class-width delta, per model, dtype and group size (``delta_codes.json``)."""
+    runs = [r for r in data.get("runs", []) if isinstance(r, dict)]
+    if not runs:
+        return generic_tables(data)
+    cols = [_run_label(r, i) for i, r in enumerate(runs)]
+
+    def row(label: str, fn: Callable[[dict], Any]) -> list[Any]:
+        return [label, *(fn(r) for r in runs)]
+
+    def b(*path: str) -> Callable[[dict], Any]:
+        return lambda r: num(get(r, "bits_per_weight", *path))
+
+    sizes = [
+        row("source dtype (uncompressed)", lambda r: r.get("source_bits")),
+        row("weights (tensors)", lambda r: f"{fmt(r.get('weights'))} ({fmt(r.get('tensors'))})"),
+        row("**rANS delta, as stored** (format v1)", b("rans_delta")),
+        row("\u2003rANS payload + lanes + tables + meta",
+            lambda r: " + ".join(fmt(num(get(r, "bits_per_weight", "rans_parts", k)))
+                                 for k in ("delta", "lanes", "tables", "meta"))),
+        row("**class-width delta, as it would be stored**", b("class_width_delta")),
+        row("\u2003class-width header + offsets + payload + meta",
+            lambda r: " + ".join(fmt(num(get(r, "bits_per_weight", "class_width_parts", k)))
+                                 for k in ("header", "offsets", "payload", "meta"))),
+        row("bound for the delta, H(r given context), per tensor", b("bound")),
+        row("class-width delta over rANS delta", lambda r: _pct(r.get("class_width_over_rans"))),
+        row("rANS delta over the bound", lambda r: _pct(r.get("rans_over_bound"))),
+        row("class-width delta over the bound", lambda r: _pct(r.get("class_width_over_bound"))),
+        row("base (4-bit, shared by both codes)", b("base")),
+        row("**total, rANS** (base + delta)", b("total_rans")),
+        row("**total, class-width** (base + delta)", b("total_class_width")),
+        row("total / source, rANS", lambda r: num(get(r, "ratio_to_source", "rans"))),
+        row("total / source, class-width", lambda r: num(get(r, "ratio_to_source", "class_width"))),
+        row("bit-exact round trips (rANS, class-width)",
+            lambda r: f"{fmt(get(r, 'verified_bit_exact', 'rans'))}, {fmt(get(r, 'verified_bit_exact', 'class_width'))}"
+            if isinstance(r.get("verified_bit_exact"), dict) else NA),
+    ]
+    n_classes = max((len(r.get("classes") or []) for r in runs), default=0)
+    classes = []
+    for k in range(n_classes):
+        levels = next((get(r, "classes", k, "levels") for r in runs if get(r, "classes", k, "levels")), str(k))
+        share = [_class_figure(r, k, "share") for r in runs]
+        width = [_class_figure(r, k, "mean_width") for r in runs]
+        payload = [_class_figure(r, k, "payload_bits_per_weight") for r in runs]
+        bound = [_class_figure(r, k, "bound_bits_per_weight") for r in runs]
+        classes += [
+            [f"class {k} (levels {levels}): share of elements", *(_pct_plain(v) for v in share)],
+            [f"class {k}: mean field width, bits", *width],
+            [f"class {k}: payload bits per weight (bound)",
+             *(None if p is None else f"{fmt(p)} ({fmt(q)})" for p, q in zip(payload, bound, strict=True))],
+        ]
+
+    def t(*path: str) -> Callable[[dict], Any]:
+        return lambda r: num(get(r, "timing", *path))
+
+    threads = get(runs[0], "timing", "rans", "threads")
+    speed = [
+        row(f"rANS encode (compiled, {fmt(threads)} threads, incl. its quantization), MB/s of source",
+            t("rans", "encode_MBps")),
+        row("rANS decode (compiled, `decode_tensor`), MB/s", t("rans", "decode_MBps")),
+        row("class-width encode (torch reference, given the base), MB/s", t("class_width", "encode_MBps")),
+        row("class-width encode incl. the torch base quantizer, MB/s", t("class_width", "encode_with_base_MBps")),
+        row("class-width decode (torch reference), MB/s", t("class_width", "decode_MBps")),
+        row("base quantizer alone (torch), MB/s", t("base_quantize_MBps")),
+        row("load average, 1 min (before, after)", lambda r: r.get("load_avg_1min")),
+    ]
+    if measured_on_gpu(data):
+        speed.append(row("class-width decode on GPU, MB/s", t("class_width", "gpu_decode_MBps")))
+    else:
+        speed.append(["class-width decode on GPU", NO_GPU, *(["\u2014"] * (len(runs) - 1))])
+    edges = get(data, "class_width", "class_edges")
+    intro = (f"{data.get('model', 'the model')}. Both delta codes sit on the same 4-bit base (checked bit for bit in "
+             f"the run){'; class edges ' + fmt(edges) if edges else ''}. Bits per weight, lower is better"
+             f"{'; quick smoke run, figures not representative' if data.get('quick') else ''}.")
+    return "\n\n".join([
+        intro,
+        md_table(["bits per weight", *cols], sizes),
+        "Per context class of the class-width code: every field of a class in a group has the width of that "
+        "class's widest field there. Payload and bound are in bits per weight of all the weights, so the classes "
+        "add up to the payload and to the bound above:",
+        md_table(["class", *cols], classes),
+        md_table(["CPU time (best of the repeats)", *cols], speed),
+        _details(data),
+    ])
+
+
+def _class_figure(run: dict, k: int, key: str) -> float | None:
+    entries = run.get("classes")
+    return num(get(entries[k], key)) if isinstance(entries, list) and k < len(entries) else None
+
+
+def _pct_plain(value: Any) -> str | None:
+    v = num(value)
+    return None if v is None else f"{100 * v:.1f}%"
+
+
 def conversion_section(data: dict) -> str:
     """Whole-model conversions: per model and worker count, time, throughput, memory, size (``conversion.json``)."""
     models = data.get("models")
@@ -476,6 +575,7 @@ def sass_section(data: dict) -> str:
 SECTIONS: dict[str, Callable[[dict], str]] = {
     "sass": sass_section,
     "codec": codec_section,
+    "delta_codes": delta_codes_section,
     "conversion": conversion_section,
     "modes": modes_section,
     "kernels": kernels_section,

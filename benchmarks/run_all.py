@@ -1,7 +1,7 @@
 """Run every benchmark script present, then render ``BENCHMARKS.md`` and its plots from the results.
 
-Each benchmark (``bench_codec.py``, ``bench_kernels.py``, ``bench_conversion.py``,
-``bench_modes.py``) runs as its own subprocess with its output streamed, and writes its JSON file
+Each benchmark (``bench_codec.py``, ``bench_delta_codes.py``, ``bench_kernels.py``, ``bench_conversion.py``,
+``bench_modes.py``, ``sass_counts.py``) runs as its own subprocess with its output streamed, and writes its JSON file
 into ``benchmarks/results/``; a missing script is skipped with a note, a failing one is reported
 and the others still run. The report (``benchmarks/report.py``) is then rendered from whatever
 JSON files are there, including those of earlier runs.

@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from tpde_hf.triton_kernels import class_width_kernels as cwk  # noqa: E402
 from tpde_hf.triton_kernels import triton_impl as ti  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -49,7 +50,7 @@ TYPES = dict(
     sym_lut_ptr="*i16", sym_info_ptr="*i16", final_ptr="*i64", y_ptr="*fp32", out_f="i32", in_f="i32",
     n_lanes="i32", steps="i32", d_row="i32", d_col="i32", q_stride="i32", s_stride="i32", z_stride="i32",
     n_words="i32", n_raw_words="i32", M="i32", N="i32", K="i32", x_stride="i32", part_ptr="*fp32",
-    ticket_ptr="*i32", groups_per_split="i32")
+    ticket_ptr="*i32", groups_per_split="i32", header_ptr="*i32", offsets_ptr="*i64", ng="i32", n_spans="i32")
 #: What the JIT specializes at model shapes (4096, 11008, ...): 16-byte aligned pointers, and sizes and
 #: strides that are multiples of 16. Register allocation, and so spilling, depends on them.
 ALIGNED = {"N", "K", "in_f", "out_f", "x_stride", "q_stride", "s_stride", "z_stride"}
@@ -135,7 +136,33 @@ def default_builds() -> dict[str, Build]:
                                          KB=kb, DOT_F32=False, SPLIT=4, K_TAIL=False),
             4, dict(x_ptr=PTR[code], y_ptr=BITS[code], bias_ptr=PTR[code], qweight_ptr="*i32"),
             elements=block_n * 128 / (4 * 32))  # one 128-group of BLOCK_N rows per iteration, 128 threads
+    cw_elements = cwk.CW_BLOCK_R * 128 / (cwk.CW_NUM_WARPS * 32)  # one [BLOCK_R, G] tile per iteration
+    builds["class-width reconstruct (study)"] = Build(
+        cwk._cw_reconstruct_kernel, dict(G=128, WIDTH=16, CODE=1, BLOCK_R=cwk.CW_BLOCK_R, K_TAIL=False),
+        cwk.CW_NUM_WARPS,
+        dict(words_ptr="*i32", out_ptr="*i16"), elements=cw_elements)
+    for m in (1, 16):
+        builds[f"class-width fused GEMV, batch {m} (study)"] = Build(
+            cwk._cw_fused_gemv_kernel, dict(G=128, WIDTH=16, CODE=1, XCODE=1, BLOCK_R=cwk.CW_BLOCK_R, BLOCK_M=m,
+                                            K_TAIL=False),
+            cwk.CW_NUM_WARPS, dict(words_ptr="*i32", x_ptr="*bf16"), elements=cw_elements)
     return builds
+
+
+def _class_width_matrix() -> list[Build]:
+    out = []
+    for code in (1, 2, 3):
+        width = WIDTH[code]
+        out.append(Build(cwk._cw_reconstruct_kernel,
+                         dict(G=64, WIDTH=width, CODE=code, BLOCK_R=cwk.CW_BLOCK_R, K_TAIL=True),
+                         cwk.CW_NUM_WARPS, dict(words_ptr="*i32", out_ptr=BITS[code])))
+        for xcode in (1, 2, 3):
+            for block_m in (1, cwk.CW_FUSED_MAX_M[width]):
+                out.append(Build(cwk._cw_fused_gemv_kernel,
+                                 dict(G=128, WIDTH=width, CODE=code, XCODE=xcode, BLOCK_R=cwk.CW_BLOCK_R,
+                                      BLOCK_M=block_m, K_TAIL=block_m == 1),
+                                 cwk.CW_NUM_WARPS, dict(words_ptr="*i32", x_ptr=PTR[xcode])))
+    return out
 
 
 def matrix() -> list[Build]:
@@ -169,7 +196,7 @@ def matrix() -> list[Build]:
     out.append(Build(ti._fused_gemv_kernel, dict(G=32, PB=15, WIDTH=16, CODE=1, XCODE=1, BLOCK_L=64, BLOCK_M=1,
                                                   ROWS=16, NSYM=0, OFF64=True),
                      2, dict(x_ptr="*bf16", word_start_ptr="*i64", raw_start_ptr="*i64", n_raw_words="i64")))
-    return out
+    return out + _class_width_matrix()
 
 
 def count(build: Build) -> dict:

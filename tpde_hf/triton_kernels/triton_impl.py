@@ -242,12 +242,23 @@ def _decode_step(x, word, wptr, rpos, c, s, valid, words_ptr, raw_ptr, step_lut_
     # r = unzigzag(u); W = ord^-1(ord(P) + r), all modulo 2**WIDTH (ord is an involution on bits).
     r = (u >> 1) ^ (0 - (u & 1))
     pbits = _bits_from_f32(c.to(tl.float32) * s, CODE)
+    return x, word, wptr, rpos, ordinal_add(pbits, r, WIDTH)
+
+
+@triton.jit
+def ordinal_add(pbits, r, WIDTH: tl.constexpr):
+    """``ord^-1(ord(P) + r)`` on uint32 bit patterns, modulo ``2**WIDTH`` (ord is an involution on bits)."""
     MAG: tl.constexpr = (1 << (WIDTH - 1)) - 1
-    o = (pbits ^ ((pbits >> (WIDTH - 1)) * MAG)) + r
+    return bits_of_ordinal((pbits ^ ((pbits >> (WIDTH - 1)) * MAG)) + r, WIDTH)
+
+
+@triton.jit
+def bits_of_ordinal(o, WIDTH: tl.constexpr):
+    """The bit pattern (uint32) whose ordinal is ``o`` modulo ``2**WIDTH``."""
+    MAG: tl.constexpr = (1 << (WIDTH - 1)) - 1
     if WIDTH == 16:
         o = o & 0xFFFF
-    wbits = o ^ ((o >> (WIDTH - 1)) * MAG)
-    return x, word, wptr, rpos, wbits
+    return o ^ ((o >> (WIDTH - 1)) * MAG)
 
 
 @triton.jit
