@@ -542,6 +542,10 @@ def kernels_section(data: dict) -> str:
     if measured_on_gpu(data) and isinstance(gpu_rows, list) and gpu_rows:
         parts.append(f"GPU {get(gpu, 'device', default='')}, backend {get(gpu, 'backend', default='?')}:")
         parts.append(md_table(_KERNEL_HEADERS, _kernel_rows(gpu_rows)))
+        cw_rows = [r for r in gpu_rows if isinstance(r, dict) and isinstance(r.get("class_width"), dict)]
+        if cw_rows:
+            parts.append("Class-width delta code (the study in benchmarks/GPU_NOTES.md), same shapes and run:")
+            parts.append(md_table(_CLASS_WIDTH_HEADERS, [_class_width_row(r) for r in cw_rows]))
     else:
         shapes = ["x".join(str(v) for v in (r.get("shape") or [])) for r in gpu_rows or [] if isinstance(r, dict)]
         parts.append("GPU (Triton):\n\n" + md_table(["shape", "fused decode + GEMV, reconstruct, prefill"],
@@ -550,6 +554,18 @@ def kernels_section(data: dict) -> str:
         return generic_tables(data)
     parts.append(_details(data))
     return "\n\n".join(parts)
+
+
+_CLASS_WIDTH_HEADERS = ["shape", "delta bits/weight", "reconstruct ms", "reconstruct GB/s (bf16 written)",
+                        "fused GEMV batch 1 ms", "fused GEMV / bf16 time", "fused GEMV batch 16 ms"]
+
+
+def _class_width_row(row: dict) -> list:
+    cw = row["class_width"]
+    return ["x".join(str(v) for v in row.get("shape") or []), num(cw.get("delta_bits_per_weight")),
+            num(cw.get("reconstruct_ms")), num(cw.get("reconstruct_GBps_dense_bf16_written")),
+            num(cw.get("fused_gemv_ms")), num(cw.get("fused_gemv_time_over_bf16")),
+            num(cw.get("fused_gemv_batch16_ms"))]
 
 
 def _details(data: dict) -> str:
