@@ -50,11 +50,12 @@ TYPES = dict(
     sym_lut_ptr="*i16", sym_info_ptr="*i16", final_ptr="*i64", y_ptr="*fp32", out_f="i32", in_f="i32",
     n_lanes="i32", steps="i32", d_row="i32", d_col="i32", q_stride="i32", s_stride="i32", z_stride="i32",
     n_words="i32", n_raw_words="i32", M="i32", N="i32", K="i32", x_stride="i32", part_ptr="*fp32",
-    ticket_ptr="*i32", groups_per_split="i32", header_ptr="*i32", offsets_ptr="*i64", ng="i32", n_spans="i32")
+    ticket_ptr="*i32", groups_per_split="i32", header_ptr="*i32", offsets_ptr="*i32", ng="i32", n_spans="i32")
 #: What the JIT specializes at model shapes (4096, 11008, ...): 16-byte aligned pointers, and sizes and
 #: strides that are multiples of 16. Register allocation, and so spilling, depends on them.
 ALIGNED = {"N", "K", "in_f", "out_f", "x_stride", "q_stride", "s_stride", "z_stride"}
 CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+DTYPES = {v: k for k, v in CODES.items()}
 PTR = {1: "*bf16", 2: "*fp16", 3: "*fp32"}
 BITS = {1: "*i16", 2: "*i16", 3: "*i32"}
 WIDTH = {1: 16, 2: 16, 3: 32}
@@ -153,11 +154,12 @@ def _class_width_matrix() -> list[Build]:
     out = []
     for code in (1, 2, 3):
         width = WIDTH[code]
-        out.append(Build(cwk._cw_reconstruct_kernel,
-                         dict(G=64, WIDTH=width, CODE=code, BLOCK_R=cwk.CW_BLOCK_R, K_TAIL=True),
-                         cwk.CW_NUM_WARPS, dict(words_ptr="*i32", out_ptr=BITS[code])))
-        for xcode in (1, 2, 3):
-            for block_m in (1, cwk.CW_FUSED_MAX_M[width]):
+        for offsets in ("*i32", "*i64"):  # payloads under and over 2**31 bits
+            out.append(Build(cwk._cw_reconstruct_kernel,
+                             dict(G=64, WIDTH=width, CODE=code, BLOCK_R=cwk.CW_BLOCK_R, K_TAIL=True),
+                             cwk.CW_NUM_WARPS, dict(words_ptr="*i32", out_ptr=BITS[code], offsets_ptr=offsets)))
+        for xcode, xdtype in ((1, torch.bfloat16), (2, torch.float16), (3, torch.float32)):
+            for block_m in (1, cwk.fused_max_m(DTYPES[code], xdtype)):
                 out.append(Build(cwk._cw_fused_gemv_kernel,
                                  dict(G=128, WIDTH=width, CODE=code, XCODE=xcode, BLOCK_R=cwk.CW_BLOCK_R,
                                       BLOCK_M=block_m, K_TAIL=block_m == 1),

@@ -72,7 +72,7 @@ def reference_decode(code: class_width.ClassWidthDelta, base: base_quant.BaseTen
     ng = base_quant.n_groups(in_f, g)
     w16 = bit_width(code.dtype) == 16
     assert code.header.dtype == torch.int32 and tuple(code.header.shape) == (out_f, ng, 1 if w16 else 2)
-    assert code.offsets.dtype == torch.int64
+    assert code.offsets.dtype == torch.int32  # the payload is far under 2**31 bits
     assert tuple(code.offsets.shape) == (out_f, -(-in_f // class_width.OFFSET_SPAN))
     assert code.words.dtype == torch.int32
     header = [[[v & 0xFFFFFFFF for v in grp] for grp in row] for row in code.header.tolist()]
@@ -303,7 +303,8 @@ def test_stored_bytes_and_widths_bound(dtype: torch.dtype, g: int) -> None:
                                  + code.offsets.numel() * code.offsets.element_size()
                                  + code.words.numel() * code.words.element_size())
     h = 1 if src == 16 else 2
-    assert code.stored_bytes == 16 + 4 * w.shape[0] * ng * h + 8 * w.shape[0] * 3 + 4 * code.words.numel()
+    # int32 offsets: three spans per row
+    assert code.stored_bytes == 16 + 4 * w.shape[0] * ng * h + 4 * w.shape[0] * 3 + 4 * code.words.numel()
 
 
 # ==================================================================== one base for both delta codes
@@ -419,3 +420,13 @@ def test_malformed_header_shape_raises_format_error(coded) -> None:
     for header in (code.header[:, :-1], code.header[:-1], code.header.to(torch.int64)):
         with pytest.raises(TpdeFormatError):
             class_width.decode(dataclasses.replace(code, header=header), base)
+
+
+def test_offsets_widen_to_int64_only_past_2_31_bits() -> None:
+    assert class_width.offset_dtype(2**31 - 1) == torch.int32
+    assert class_width.offset_dtype(2**31) == torch.int64
+    w = weight((4, 300), torch.bfloat16, seed=5)
+    base = base_quant.quantize(w, 128)
+    code = class_width.encode(w, base, 128)
+    with pytest.raises(TpdeFormatError, match="offsets"):  # an int64 copy of small offsets is malformed
+        class_width.decode(dataclasses.replace(code, offsets=code.offsets.to(torch.int64)), base)

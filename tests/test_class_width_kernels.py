@@ -96,3 +96,13 @@ def test_a_corrupt_header_is_refused_before_any_kernel_reads():
     header[-1, -1, 0] ^= 0x0F00  # the width code of class 2 in the very last group
     with pytest.raises(TpdeFormatError):
         ClassWidthPacked.from_code(dataclasses.replace(code, header=header), base, "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reconstruct_reads_int64_offsets(device):
+    """Payloads past 2**31 bits store int64 span offsets; the kernel reads either width (built directly here:
+    a real one would take a 256 MB payload)."""
+    w = weight((17, 2100), torch.bfloat16, seed=4)
+    pw, code, base = packed(w, 128, device)
+    wide = ClassWidthPacked(dataclasses.replace(pw.code, offsets=pw.code.offsets.to(torch.int64)), pw.base)
+    assert_bit_exact(cw_reconstruct(wide), w)

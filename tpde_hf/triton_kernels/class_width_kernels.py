@@ -21,7 +21,7 @@ keeps the decode's layout. The fused GEMV is therefore deterministic, but it is 
 ``F.linear`` within matmul tolerance; reconstruct is bit-exact.
 
 Static cost (sm_90, Triton 3.9, ``benchmarks/sass_counts.py``), in SASS instructions per weight:
-reconstruct 51, fused GEMV 55 at batch 1 and 126 at batch 16. The rANS kernels take 108 and 170 (at
+reconstruct 48.5, fused GEMV 52 at batch 1 and 125 at batch 16. The rANS kernels take 108 and 170 (at
 batch 1), and they are also latency-bound. ``benchmarks/GPU_NOTES.md`` has what these figures predict.
 """
 
@@ -46,9 +46,15 @@ from tpde_hf.triton_kernels.triton_impl import (
 #: Rows per program. 16 rows x 128 columns = 16 weights per thread at 4 warps.
 CW_BLOCK_R = 16
 CW_NUM_WARPS = 4
-#: Batch rows per program of the fused GEMV, at most, by source width (more rows re-launch over row
-#: blocks): 16 rows of an fp32 weight spill registers (sm_90, Triton 3.9).
-CW_FUSED_MAX_M = {16: 16, 32: 8}
+#: Batch rows per program of the fused GEMV, at most (more rows re-launch over row blocks). With an
+#: fp32 weight or fp32 activations, 16 rows spill registers (sm_90, Triton 3.9): 8 there.
+CW_FUSED_MAX_M = 16
+CW_FUSED_MAX_M_FP32 = 8
+
+
+def fused_max_m(dtype: torch.dtype, x_dtype: torch.dtype) -> int:
+    """Batch rows per program of the fused GEMV for a weight of ``dtype`` and activations of ``x_dtype``."""
+    return CW_FUSED_MAX_M_FP32 if torch.float32 in (dtype, x_dtype) else CW_FUSED_MAX_M
 _SPAN: tl.constexpr = tl.constexpr(OFFSET_SPAN)
 
 
@@ -157,7 +163,7 @@ def _width_of_code(code):
 
 @triton.jit
 def _cw_span_start(offsets_ptr, rows, n_spans, span):
-    """Word index and bit of each row's first field in the span (the stored offsets are int64)."""
+    """Word index and bit of each row's first field in the span (the offsets are int32 or int64)."""
     bit = tl.load(offsets_ptr + rows.to(tl.int64) * n_spans + span)
     return bit >> 5, (bit & 31).to(tl.int32)
 
@@ -271,8 +277,8 @@ def cw_fused_linear(x2: torch.Tensor, pw: ClassWidthPacked, bias: torch.Tensor |
     tensors, sizes = pw.kernel_args()
     part = torch.empty((n_spans, M, out_f), dtype=torch.float32, device=x2.device)
     # The tensor cores (tl.dot) were tried for batches above 1: the dot's operand layout reached back
-    # into the decode and cost about 150 instructions per weight, against 61 (2 rows) to 126 (16) here.
-    block_m = 1 if M == 1 else min(CW_FUSED_MAX_M[bit_width(pw.dtype)], triton.next_power_of_2(M))
+    # into the decode and cost about 150 instructions per weight, against 61 (2 rows) to 125 (16) here.
+    block_m = 1 if M == 1 else min(fused_max_m(pw.dtype, x2.dtype), triton.next_power_of_2(M))
     grid = (triton.cdiv(out_f, CW_BLOCK_R), n_spans, triton.cdiv(M, block_m))
     _cw_fused_gemv_kernel[grid](x2, part, *tensors, M, x2.stride(0), *sizes, G=pw.group_size, WIDTH=bit_width(pw.dtype),
                                 CODE=DTYPE_CODES[pw.dtype], XCODE=DTYPE_CODES[x2.dtype], BLOCK_R=CW_BLOCK_R,
@@ -283,4 +289,5 @@ def cw_fused_linear(x2: torch.Tensor, pw: ClassWidthPacked, bias: torch.Tensor |
     return y.to(x2.dtype)
 
 
-__all__ = ["CW_BLOCK_R", "CW_FUSED_MAX_M", "CW_NUM_WARPS", "ClassWidthPacked", "cw_fused_linear", "cw_reconstruct"]
+__all__ = ["CW_BLOCK_R", "CW_FUSED_MAX_M", "CW_FUSED_MAX_M_FP32", "CW_NUM_WARPS", "ClassWidthPacked", "cw_fused_linear",
+           "cw_reconstruct", "fused_max_m"]
