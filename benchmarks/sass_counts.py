@@ -140,8 +140,7 @@ def default_builds() -> dict[str, Build]:
     cw_elements = cwk.CW_BLOCK_R * 128 / (cwk.CW_NUM_WARPS * 32)  # one [BLOCK_R, G] tile per iteration
     builds["class-width reconstruct (study)"] = Build(
         cwk._cw_reconstruct_kernel, dict(G=128, WIDTH=16, CODE=1, BLOCK_R=cwk.CW_BLOCK_R, K_TAIL=False),
-        cwk.CW_NUM_WARPS,
-        dict(words_ptr="*i32", out_ptr="*i16"), elements=cw_elements)
+        cwk.CW_NUM_WARPS, dict(words_ptr="*i32", out_ptr="*i16"), elements=cw_elements)
     for m in (1, 16):
         builds[f"class-width fused GEMV, batch {m} (study)"] = Build(
             cwk._cw_fused_gemv_kernel, dict(G=128, WIDTH=16, CODE=1, XCODE=1, BLOCK_R=cwk.CW_BLOCK_R, BLOCK_M=m,
@@ -158,7 +157,7 @@ def _class_width_matrix() -> list[Build]:
             out.append(Build(cwk._cw_reconstruct_kernel,
                              dict(G=64, WIDTH=width, CODE=code, BLOCK_R=cwk.CW_BLOCK_R, K_TAIL=True),
                              cwk.CW_NUM_WARPS, dict(words_ptr="*i32", out_ptr=BITS[code], offsets_ptr=offsets)))
-        for xcode, xdtype in ((1, torch.bfloat16), (2, torch.float16), (3, torch.float32)):
+        for xdtype, xcode in CODES.items():
             for block_m in (1, cwk.fused_max_m(DTYPES[code], xdtype)):
                 out.append(Build(cwk._cw_fused_gemv_kernel,
                                  dict(G=128, WIDTH=width, CODE=code, XCODE=xcode, BLOCK_R=cwk.CW_BLOCK_R,
@@ -180,7 +179,7 @@ def matrix() -> list[Build]:
                                  ti.BLOCK_LANES // 32, dict(out_ptr=BITS[code], **tables)))
         out.append(Build(ti._base_weight_kernel, dict(G=32, CODE=code, WIDTH=width, BLOCK_R=16, BLOCK_C=128),
                          types=dict(out_ptr=BITS[code])))
-        for xcode, xdtype in ((1, torch.bfloat16), (2, torch.float16), (3, torch.float32)):
+        for xdtype, xcode in CODES.items():
             for nsym, tables in ((0, {}), (64 + (width - 6) * 32, SPLIT_TABLES)):
                 out.append(Build(ti._fused_gemv_kernel, dict(G=64, PB=10, WIDTH=width, CODE=code, XCODE=xcode,
                                                               BLOCK_L=ti.FUSED_BLOCK_LANES, BLOCK_M=16, ROWS=2,

@@ -117,6 +117,18 @@ def _grouped(x: torch.Tensor, group_size: int, fill: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, ng * group_size - in_f), value=fill).view(out_f, ng, group_size)
 
 
+def _per_column(x: torch.Tensor, group_size: int, in_f: int) -> torch.Tensor:
+    """Per-group values ``[out, n_groups, ...]`` repeated over each group's columns: ``[out, in, ...]``."""
+    return x.repeat_interleave(group_size, 1)[:, :in_f]
+
+
+def _field_positions(widths: torch.Tensor, cls: torch.Tensor, group_size: int):
+    """``(width, start bit)`` of every element's field (flat, int64) and the payload's total bits."""
+    elem_w = _per_column(widths, group_size, cls.shape[1]).gather(2, cls[..., None]).squeeze(-1).flatten()
+    ends = torch.cumsum(elem_w, 0)
+    return elem_w, ends - elem_w, int(ends[-1])
+
+
 def _bit_length(x: torch.Tensor) -> torch.Tensor:
     """Bits needed for non-negative int64 ``x`` (0 for 0); exact since ``x < 2**32``."""
     _, e = torch.frexp(x.to(torch.float64))
@@ -142,8 +154,7 @@ def _fields_and_widths(r: torch.Tensor, cls: torch.Tensor, group_size: int, dtyp
     big = 1 << 40
     min0 = torch.where(in_c0, g_mag, big).amin(-1)
     min0 = torch.where(min0 == big, 0, min0)
-    min0_per_col = min0.repeat_interleave(group_size, 1)[:, : r.shape[1]]
-    fields = torch.where(cls == 0, ((mag - min0_per_col) << 1) | neg, zigzag(r))
+    fields = torch.where(cls == 0, ((mag - _per_column(min0, group_size, r.shape[1])) << 1) | neg, zigzag(r))
     g_fields = _grouped(fields, group_size, 0)
     widths = torch.stack([_bit_length(torch.where(g_cls == k, g_fields, 0).amax(-1)) for k in range(N_CLASSES)], -1)
     present = torch.stack([(g_cls == k).any(-1) for k in range(N_CLASSES)], -1)
@@ -151,12 +162,6 @@ def _fields_and_widths(r: torch.Tensor, cls: torch.Tensor, group_size: int, dtyp
     if bit_width(dtype) == 16:
         widths = torch.where(widths == 15, 16, widths)  # width code 15 means 16 bits
     return fields, widths, min0
-
-
-def _element_widths(widths: torch.Tensor, cls: torch.Tensor, group_size: int) -> torch.Tensor:
-    in_f = cls.shape[1]
-    per_col = widths.repeat_interleave(group_size, 1)[:, :in_f]
-    return per_col.gather(2, cls[..., None]).squeeze(-1)
 
 
 def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) -> ClassWidthDelta:
@@ -168,10 +173,7 @@ def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) 
     pred = base_quant.predict_from_levels(levels, base.scales, group_size, weight.dtype)
     r = wrap(to_ordinal(weight) - to_ordinal(pred), width)
     fields, widths, min0 = _fields_and_widths(r, cls, group_size, weight.dtype)
-    elem_w = _element_widths(widths, cls, group_size).flatten()
-    ends = torch.cumsum(elem_w, 0)
-    starts = ends - elem_w
-    total = int(ends[-1])
+    elem_w, starts, total = _field_positions(widths, cls, group_size)
     words = bitpack.pack_fields(fields.flatten(), elem_w, starts, total)
     words = torch.cat((words, torch.zeros(1, dtype=torch.int64)))
     return ClassWidthDelta(
@@ -214,13 +216,11 @@ def _checked_layout(code: ClassWidthDelta, base: base_quant.BaseTensors):
     give exactly the stored span offsets and payload length (so no read can leave the payload)."""
     validate(code, base)
     levels, cls = _element_classes(base, code.shape, code.group_size)
-    elem_w = _element_widths(code.widths(), cls, code.group_size).flatten()
-    ends = torch.cumsum(elem_w, 0)
-    starts = ends - elem_w
+    elem_w, starts, total = _field_positions(code.widths(), cls, code.group_size)
     if not torch.equal(starts.view(code.shape)[:, ::OFFSET_SPAN], code.offsets.to(torch.int64)):
         raise TpdeFormatError(None, "class-width delta: stored span offsets disagree with the header's widths")
-    if int(ends[-1]) != code.total_bits:
-        raise TpdeFormatError(None, f"class-width delta: the header's widths add up to {int(ends[-1])} bits, "
+    if total != code.total_bits:
+        raise TpdeFormatError(None, f"class-width delta: the header's widths add up to {total} bits, "
                                     f"the payload holds {code.total_bits}")
     return levels, cls, elem_w, starts
 
@@ -240,8 +240,7 @@ def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = F
     width = bit_width(code.dtype)
     words = code.words.to(torch.int64) & 0xFFFFFFFF
     fields = bitpack.read_fields(words, elem_w, starts).view(out_f, in_f)
-    min0 = code.min0().repeat_interleave(code.group_size, 1)[:, :in_f]
-    mag = (fields >> 1) + min0
+    mag = (fields >> 1) + _per_column(code.min0(), code.group_size, in_f)
     r = torch.where(cls == 0, torch.where((fields & 1) == 1, -1 - mag, mag), unzigzag(fields))
     pred = base_quant.predict_from_levels(levels, base.scales, code.group_size, code.dtype)
     weight = from_ordinal(wrap(to_ordinal(pred) + r, width), code.dtype)

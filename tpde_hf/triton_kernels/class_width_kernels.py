@@ -43,6 +43,7 @@ from tpde_hf.triton_kernels.triton_impl import (
     bits_of_ordinal,
 )
 
+_SPAN: tl.constexpr = tl.constexpr(OFFSET_SPAN)
 #: Rows per program. 16 rows x 128 columns = 16 weights per thread at 4 warps.
 CW_BLOCK_R = 16
 CW_NUM_WARPS = 4
@@ -55,7 +56,6 @@ CW_FUSED_MAX_M_FP32 = 8
 def fused_max_m(dtype: torch.dtype, x_dtype: torch.dtype) -> int:
     """Batch rows per program of the fused GEMV for a weight of ``dtype`` and activations of ``x_dtype``."""
     return CW_FUSED_MAX_M_FP32 if torch.float32 in (dtype, x_dtype) else CW_FUSED_MAX_M
-_SPAN: tl.constexpr = tl.constexpr(OFFSET_SPAN)
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,12 @@ class ClassWidthPacked:
 def _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, row_ok, g, cols, ok, word0, sh0,
              q_stride, s_stride, z_stride, ng, G: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr,
              K_TAIL: tl.constexpr):
-    """The source bits (uint32) of group ``g`` of ``rows`` (a ``[BLOCK_R, G]`` tile), and the bits it used per row.
+    """The source bits (uint32) of group ``g`` of ``rows`` (a ``[BLOCK_R, G]`` tile), and where the next
+    group's fields start.
 
-    ``word0``/``sh0`` (per row) are the word and bit where the group's first field starts. What is
-    per row (scale, zero, header) is loaded once per group.
+    ``word0``/``sh0`` (per row) are the word and bit where this group's first field starts; the result
+    carries them past the bits the group used. What is per row (scale, zero, header) is loaded once per
+    group.
     """
     r64 = rows.to(tl.int64)
     zb = tl.load(zeros_ptr + r64 * z_stride + (g >> 1), mask=row_ok, other=0).to(tl.int32)
@@ -138,8 +140,8 @@ def _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, ro
     w = ((tab[:, None] >> (a * FB)) & ((1 << FB) - 1)).to(tl.int32)
     if K_TAIL:  # the padding of a partial last group takes no bits
         w = tl.where(ok, w, 0)
-    pos = tl.cumsum(w, axis=1) - w + sh0  # bit position from word0, < 2**31
-    widx = word0 + (pos >> 5)
+    pos = tl.cumsum(w, axis=1) - w + sh0[:, None]  # bit position from word0, < 2**31
+    widx = word0[:, None] + (pos >> 5)
     lo = tl.load(words_ptr + widx, mask=ok, other=0).to(tl.uint32, bitcast=True)
     hi = tl.load(words_ptr + widx + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)
     window = (lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)) >> (pos & 31).to(tl.uint64)
@@ -152,7 +154,9 @@ def _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, ro
     # ord(P) = bits(|P|) ^ (all ones if P < 0): the sign of P is the sign of c (scales are positive), and
     # rounding commutes with it; this skips reading the sign back from the rounded bits.
     pabs = _bits_from_f32(tl.abs(c).to(tl.float32) * s, CODE)
-    return bits_of_ordinal((pabs ^ (c >> 31).to(tl.uint32, bitcast=True)) + r, WIDTH), tl.sum(w, axis=1)
+    bits = bits_of_ordinal((pabs ^ (c >> 31).to(tl.uint32, bitcast=True)) + r, WIDTH)
+    sh_next = sh0 + tl.sum(w, axis=1)
+    return bits, word0 + (sh_next >> 5), sh_next & 31
 
 
 @triton.jit
@@ -162,10 +166,16 @@ def _width_of_code(code):
 
 
 @triton.jit
-def _cw_span_start(offsets_ptr, rows, n_spans, span):
-    """Word index and bit of each row's first field in the span (the offsets are int32 or int64)."""
+def _cw_program(offsets_ptr, out_f, in_f, n_spans, G: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's rows (clamped, so that loads stay in bounds) and which are real, the word and bit
+    where each row's first field in the span starts (the offsets are int32 or int64), the span's first
+    column and its number of groups."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.minimum(r, out_f - 1)
+    span = tl.program_id(1)
     bit = tl.load(offsets_ptr + rows.to(tl.int64) * n_spans + span)
-    return bit >> 5, (bit & 31).to(tl.int32)
+    k0 = span * _SPAN
+    return rows, r < out_f, bit >> 5, (bit & 31).to(tl.int32), k0, (tl.minimum(in_f - k0, _SPAN) + G - 1) // G
 
 
 # ============================================================================ kernels
@@ -174,26 +184,18 @@ def _cw_reconstruct_kernel(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, offse
                            out_f, in_f, q_stride, s_stride, z_stride, ng, n_spans,
                            G: tl.constexpr, WIDTH: tl.constexpr, CODE: tl.constexpr, BLOCK_R: tl.constexpr,
                            K_TAIL: tl.constexpr):
-    span = tl.program_id(1)
-    rows = tl.minimum(tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), out_f - 1)  # clamped: loads stay in bounds
-    row_ok = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)) < out_f
-    word0, sh = _cw_span_start(offsets_ptr, rows, n_spans, span)
-    k0 = span * _SPAN
-    n_steps = (tl.minimum(in_f - k0, _SPAN) + G - 1) // G
+    rows, row_ok, word0, sh, k0, n_steps = _cw_program(offsets_ptr, out_f, in_f, n_spans, G, BLOCK_R)
     for step in range(n_steps):
         cols = k0 + step * G + tl.arange(0, G)
         ok = row_ok[:, None] & (cols < in_f)[None, :]
-        bits, used = _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, row_ok,
-                              k0 // G + step, cols[None, :], ok, word0[:, None], sh[:, None], q_stride, s_stride,
-                              z_stride, ng, G, WIDTH, CODE, K_TAIL)
+        bits, word0, sh = _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, row_ok,
+                                   k0 // G + step, cols[None, :], ok, word0, sh, q_stride, s_stride, z_stride, ng,
+                                   G, WIDTH, CODE, K_TAIL)
         dst = out_ptr + rows.to(tl.int64)[:, None] * in_f + cols[None, :]
         if WIDTH == 16:
             tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=ok)
         else:
             tl.store(dst, bits.to(tl.int32, bitcast=True), mask=ok)
-        sh += used
-        word0 += sh >> 5
-        sh = sh & 31
 
 
 @triton.jit
@@ -207,14 +209,9 @@ def _cw_fused_gemv_kernel(x_ptr, part_ptr, qweight_ptr, scales_ptr, zeros_ptr, h
     Loaded as a ``[G]`` vector broadcast over the rows, it gave the whole tile its layout, and the scan of
     the widths took 80 shuffles per iteration (145 instructions per weight against 55).
     """
-    span = tl.program_id(1)
-    rows = tl.minimum(tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), out_f - 1)
-    row_ok = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)) < out_f
+    rows, row_ok, word0, sh, k0, n_steps = _cw_program(offsets_ptr, out_f, in_f, n_spans, G, BLOCK_R)
     m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
-    word0, sh = _cw_span_start(offsets_ptr, rows, n_spans, span)
-    k0 = span * _SPAN
-    n_steps = (tl.minimum(in_f - k0, _SPAN) + G - 1) // G
     if BLOCK_M == 1:  # batch 1: one FMA per weight into a [BLOCK_R, G] accumulator, reduced once at the end
         acc2 = tl.zeros((BLOCK_R, G), dtype=tl.float32)
     else:
@@ -223,12 +220,9 @@ def _cw_fused_gemv_kernel(x_ptr, part_ptr, qweight_ptr, scales_ptr, zeros_ptr, h
         cols = k0 + step * G + tl.arange(0, G)
         col_ok = cols < in_f
         ok = row_ok[:, None] & col_ok[None, :]
-        bits, used = _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, row_ok,
-                              k0 // G + step, cols[None, :], ok, word0[:, None], sh[:, None], q_stride, s_stride,
-                              z_stride, ng, G, WIDTH, CODE, K_TAIL)
-        sh += used
-        word0 += sh >> 5
-        sh = sh & 31
+        bits, word0, sh = _cw_tile(qweight_ptr, scales_ptr, zeros_ptr, header_ptr, words_ptr, rows, row_ok,
+                                   k0 // G + step, cols[None, :], ok, word0, sh, q_stride, s_stride, z_stride, ng,
+                                   G, WIDTH, CODE, K_TAIL)
         w = _f32_from_bits(bits, CODE)
         if XCODE != CODE:  # the weight in x's dtype, as F.linear(x, W.to(x.dtype)) sees it
             w = _f32_from_bits(_bits_from_f32(w, XCODE), XCODE)
@@ -246,7 +240,7 @@ def _cw_fused_gemv_kernel(x_ptr, part_ptr, qweight_ptr, scales_ptr, zeros_ptr, h
                 acc += tl.where(tl.arange(0, BLOCK_M)[None, :] == j, part[:, None], 0.0)
     if BLOCK_M == 1:
         acc = tl.sum(acc2, axis=1)[:, None]
-    dst = part_ptr + (span * M + m.to(tl.int64))[None, :] * out_f + rows[:, None]
+    dst = part_ptr + (tl.program_id(1) * M + m.to(tl.int64))[None, :] * out_f + rows[:, None]
     tl.store(dst, acc, mask=row_ok[:, None] & m_ok[None, :])
 
 
