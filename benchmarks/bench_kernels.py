@@ -153,7 +153,7 @@ def bench_shape(shape, pool, seed, device: str, timer, repeat: int, prefill_batc
 
 
 def _class_width_figures(w: torch.Tensor, x1: torch.Tensor, t_bf16: float, timer, repeat: int) -> dict:
-    """The class-width delta study (GPU_NOTES.md): its size, reconstruct and fused batch-1 GEMV times."""
+    """The class-width delta code (GPU_NOTES.md): its size, reconstruct and fused batch-1 GEMV times."""
     from tpde_hf.codec import base_quant, class_width
     from tpde_hf.triton_kernels.class_width_kernels import ClassWidthPacked, cw_fused_linear, cw_reconstruct
 

@@ -36,7 +36,7 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "codec": ("codec.json", "bench_codec.py",
               "bits per weight of the format on real weights, against general-purpose and model-specific coders"),
     "delta_codes": ("delta_codes.json", "bench_delta_codes.py",
-                    "the rANS delta against the class-width delta code (a GPU candidate) on real weights: "
+                    "the rANS delta against the class-width delta code (the GPU-oriented option) on real weights: "
                     "exact bits per weight, per-class widths, CPU encode and decode time"),
     "kernels": ("kernels.json", "bench_kernels.py",
                 "decode / fused matmul kernels: throughput and speed against a dense bf16 matmul"),
@@ -331,7 +331,7 @@ def delta_codes_section(data: dict) -> str:
         row("\u2003rANS payload + lanes + tables + meta",
             lambda r: " + ".join(fmt(num(get(r, "bits_per_weight", "rans_parts", k)))
                                  for k in ("delta", "lanes", "tables", "meta"))),
-        row("**class-width delta, as it would be stored**", b("class_width_delta")),
+        row("**class-width delta, as stored** (format v2)", b("class_width_delta")),
         row("\u2003class-width header + offsets + payload + meta",
             lambda r: " + ".join(fmt(num(get(r, "bits_per_weight", "class_width_parts", k)))
                                  for k in ("header", "offsets", "payload", "meta"))),
@@ -544,7 +544,7 @@ def kernels_section(data: dict) -> str:
         parts.append(md_table(_KERNEL_HEADERS, _kernel_rows(gpu_rows)))
         cw_rows = [r for r in gpu_rows if isinstance(r, dict) and isinstance(r.get("class_width"), dict)]
         if cw_rows:
-            parts.append("Class-width delta code (the study in benchmarks/GPU_NOTES.md), same shapes and run:")
+            parts.append("Class-width delta code (`--delta-code class-width`, GPU_NOTES.md), same shapes and run:")
             parts.append(md_table(_CLASS_WIDTH_HEADERS, [_class_width_row(r) for r in cw_rows]))
     else:
         shapes = ["x".join(str(v) for v in (r.get("shape") or [])) for r in gpu_rows or [] if isinstance(r, dict)]

@@ -31,7 +31,7 @@ triton.__version__, '| transformers', transformers.__version__, '| numba', numba
 
 # Most of the tests' time is Triton compiling each kernel variant: spread it over the CPU cores.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout "${GPU_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider $parallel -m gpu tests/test_triton_kernels.py tests/test_class_width_kernels.py \
+timeout "${GPU_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider $parallel -m gpu tests/test_triton_kernels.py tests/test_class_width_kernels.py tests/test_delta_code.py \
   > "$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 tail -n 20 "$OUT/gpu_tests.log"

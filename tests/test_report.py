@@ -223,7 +223,7 @@ def test_delta_codes_quick_run_renders(tmp_path: Path, monkeypatch: pytest.Monke
     assert "| delta_codes | measured |" in text and "| codec | not run (no result file) |" in text
     assert "| bits per weight | MiniLM bf16 G=128 | MiniLM fp16 G=128 | MiniLM fp32 G=128 |" in text
     bf16 = runs[0]["bits_per_weight"]
-    assert (f"| **class-width delta, as it would be stored** | {fmt(bf16['class_width_delta'])} |") in text
+    assert (f"| **class-width delta, as stored** (format v2) | {fmt(bf16['class_width_delta'])} |") in text
     assert f"| **rANS delta, as stored** (format v1) | {fmt(bf16['rans_delta'])} |" in text
     assert "| class 0 (levels 0): share of elements |" in text and "| class 3: mean field width, bits |" in text
     assert "| class-width decode on GPU | " + NO_GPU in text

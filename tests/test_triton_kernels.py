@@ -159,7 +159,7 @@ def test_packed_weight_groups_moves_and_sizes():
     with pytest.raises(ValueError, match="only the 4-bit base"):
         reconstruct(base_only)
     assert_bit_exact(base_weight(base_only), enc.base_weight())
-    assert "base+delta" in repr(pw)
+    assert "base+rans delta" in repr(pw)
 
 
 def test_packed_weight_rejects_bad_base():
@@ -176,8 +176,10 @@ def test_packed_weight_rejects_bad_base():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_offload_pinned_delta_moves_per_layer():
-    w, enc = encoded((64, 96), torch.bfloat16, 64)
+@pytest.mark.parametrize("delta_code", ["rans", "class-width"])
+def test_offload_pinned_delta_moves_per_layer(delta_code):
+    w = weight((64, 1100), torch.bfloat16, seed=0)
+    enc = encode_tensor(w, CodecParams(group_size=64, lane_len=256, delta_code=delta_code), name="w")
     host = PackedWeight.from_encoded(enc).pin_memory()
     assert all(t.is_pinned() for t in host.delta_tensors().values())
     resident = host.base_to("cuda")
@@ -186,7 +188,7 @@ def test_offload_pinned_delta_moves_per_layer():
         ready = resident.delta_to("cuda", non_blocking=True)
     torch.cuda.current_stream().wait_stream(side)
     ready.record_stream(torch.cuda.current_stream())
-    assert ready.device.type == "cuda" and ready.words.device.type == "cuda"
+    assert ready.device.type == "cuda" and all(t.device.type == "cuda" for t in ready.delta_tensors().values())
     assert_bit_exact(reconstruct(ready, check=True), w)
     with pytest.raises(ValueError, match="move one group first"):
         reconstruct(host.base_to("cuda"))  # delta still on the host

@@ -6,7 +6,7 @@ from tpde_hf import _autoregister
 from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensor, decode_tensors, encode_tensor, inspect_tensor
 from tpde_hf.errors import TpdeFormatError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CodecParams",

@@ -2,7 +2,8 @@
 
 A tpde repo's ``config.json`` carries the *format* fields written by the converter
 (:func:`tpde_hf.format.quantization_config_dict`): ``format_version``, ``bits``, ``group_size``,
-``lane_len``, ``prob_bits``, ``sym_k``, ``sym_m``, ``source_dtype``, ``modules_to_not_convert``.
+``delta_code`` (``"rans"``, or ``"class-width"`` from format version 2; absent means rANS), ``lane_len``,
+``prob_bits``, ``sym_k``, ``sym_m``, ``source_dtype``, ``modules_to_not_convert``.
 They describe the bytes on disk and cannot be changed at load time.
 
 The *runtime* fields choose how a load uses those bytes; pass them in a ``TpdeConfig`` to
@@ -34,6 +35,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from tpde_hf.codec import FORMAT_VERSION
+from tpde_hf.codec.tensor_codec import DELTA_CODES
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import QUANT_METHOD, RUNTIME_MODES
 
@@ -42,6 +44,7 @@ FORMAT_FIELDS = (
     "format_version",
     "bits",
     "group_size",
+    "delta_code",
     "lane_len",
     "prob_bits",
     "sym_k",
@@ -120,6 +123,12 @@ class TpdeConfig(QuantizationConfigMixin):
                 f"tpde format version {version} is newer than this tpde-hf supports ({FORMAT_VERSION}); "
                 "upgrade tpde-hf (pip install -U tpde-hf)",
             )
+        if self.delta_code is not None and self.delta_code not in DELTA_CODES:
+            raise TpdeFormatError(
+                source, f"quantization_config delta_code={self.delta_code!r} is unknown to this tpde-hf "
+                        f"(it reads {list(DELTA_CODES)}); upgrade tpde-hf (pip install -U tpde-hf)")
+        if self.delta_code == "class-width" and version < 2:
+            raise TpdeFormatError(source, "quantization_config: delta_code 'class-width' needs format_version 2")
         if self.bits not in (None, 4):
             raise TpdeFormatError(source, f"quantization_config bits={self.bits!r} unsupported (only 4)")
 

@@ -4,7 +4,8 @@ A tpde repo is an ordinary Hugging Face model folder:
 
 * ``config.json`` carries ``quantization_config`` (see :func:`quantization_config_dict`);
 * safetensors shards hold, for every converted linear ``X`` (weight ``X.weight``), the tensors
-  ``X.qweight, X.scales, X.zeros, X.delta, X.lanes, X.tables, X.meta`` (see ``codec.tensor_codec``),
+  ``X.qweight, X.scales, X.zeros, X.delta, X.lanes, X.tables, X.meta`` (see ``codec.tensor_codec``;
+  what ``delta, lanes, tables`` hold depends on the delta code, ``rans`` or ``class-width``),
   and every other tensor unchanged (biases, norms, embeddings, a dense lm_head);
 * ``tpde_manifest.json`` records, for every *original* tensor, its dtype, shape and checksum,
   so a load or ``tpde verify`` can prove bit-exactness.
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-from tpde_hf.codec import FORMAT_VERSION, SUFFIXES, CodecParams, EncodedTensor, encode_tensor
+from tpde_hf.codec import SUFFIXES, CodecParams, EncodedTensor, encode_tensor
 
 QUANT_METHOD = "tpde"
 MANIFEST_NAME = "tpde_manifest.json"
@@ -76,12 +77,14 @@ def convertible_weights(model: torch.nn.Module, keep_dense: Iterable[str] = DEFA
 
 def quantization_config_dict(params: CodecParams, source_dtype: torch.dtype,
                              modules_to_not_convert: list[str]) -> dict:
-    """The ``quantization_config`` entry written to ``config.json``."""
+    """The ``quantization_config`` entry written to ``config.json``: ``format_version`` is the oldest
+    version that holds ``params`` (1 for a rANS delta, 2 for class-width), as for each tensor's meta."""
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": params.format_version,
         "bits": 4,
         "group_size": params.group_size,
+        "delta_code": params.delta_code,
         "lane_len": params.lane_len,
         "prob_bits": params.prob_bits,
         "sym_k": params.sym_k,

@@ -1,9 +1,9 @@
 """The class-width delta code: a fixed bit width per (group, context class), decoded without a chain.
 
-A candidate for the GPU (issue #3), measured against the rANS delta by ``benchmarks/bench_delta_codes.py``.
-It is **not yet a format option**: no file this package writes uses it. It exists so that its size
-(exact, on real weights) and its decode cost (static SASS of ``triton_kernels/class_width_kernels.py``)
-can be compared with the rANS code before the format changes.
+The delta code of ``CodecParams(delta_code="class-width")`` (format version 2), chosen at conversion
+with ``tpde convert --delta-code class-width``. ``benchmarks/bench_delta_codes.py`` measures its size
+against the rANS delta; its kernels are ``triton_kernels/class_width_kernels.py``. In a file, ``delta``
+holds ``words``, ``lanes`` holds ``offsets`` and ``tables`` holds ``header`` (``tensor_codec``).
 
 Why: an rANS lane is a chain of dependent steps (about 110 SASS instructions per weight), so the
 fused lossless GEMV cannot approach bf16 speed. Here every element's bit position is a prefix sum
@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import torch
 
 from tpde_hf.codec import base_quant, bitpack
+from tpde_hf.codec.checksum import tensor_checksum
 from tpde_hf.codec.ordinal import bit_width, check_dtype, from_ordinal, to_ordinal, wrap
 from tpde_hf.codec.symbols import unzigzag, zigzag
-from tpde_hf.codec.tensor_codec import tensor_checksum
 from tpde_hf.errors import TpdeFormatError
 
 #: Lower edges of the context classes over ``|q - zero|``.
@@ -164,22 +164,49 @@ def _fields_and_widths(r: torch.Tensor, cls: torch.Tensor, group_size: int, dtyp
     return fields, widths, min0
 
 
+#: Rows are coded in chunks of about this many elements, so that the int64 temporaries of a large
+#: weight (about 80 bytes per element) never exist all at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(shape: tuple[int, int]) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // shape[1])
+    return [slice(r0, min(r0 + rows, shape[0])) for r0 in range(0, shape[0], rows)]
+
+
+def _base_rows(base: base_quant.BaseTensors, rows: slice) -> base_quant.BaseTensors:
+    return base_quant.BaseTensors(base.qweight[rows], base.scales[rows], base.zeros[rows])
+
+
 def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) -> ClassWidthDelta:
     """The class-width delta of ``weight`` against ``base`` (bf16, fp16 or fp32, any bit pattern)."""
     check_dtype(weight.dtype)
     shape = tuple(weight.shape)
     width = bit_width(weight.dtype)
-    levels, cls = _element_classes(base, shape, group_size)
-    pred = base_quant.predict_from_levels(levels, base.scales, group_size, weight.dtype)
-    r = wrap(to_ordinal(weight) - to_ordinal(pred), width)
-    fields, widths, min0 = _fields_and_widths(r, cls, group_size, weight.dtype)
-    elem_w, starts, total = _field_positions(widths, cls, group_size)
-    words = bitpack.pack_fields(fields.flatten(), elem_w, starts, total)
-    words = torch.cat((words, torch.zeros(1, dtype=torch.int64)))
+    headers, offsets, pieces = [], [], []
+    total = 0
+    for rows in _row_chunks(shape):
+        w = weight[rows]
+        chunk_shape = tuple(w.shape)
+        levels, cls = _element_classes(_base_rows(base, rows), chunk_shape, group_size)
+        pred = base_quant.predict_from_levels(levels, base.scales[rows], group_size, weight.dtype)
+        r = wrap(to_ordinal(w) - to_ordinal(pred), width)
+        del pred, levels
+        fields, widths, min0 = _fields_and_widths(r, cls, group_size, weight.dtype)
+        elem_w, starts, chunk_bits = _field_positions(widths, cls, group_size)
+        # The chunk's fields land at bit ``total`` of the stream: pack them from word ``total // 32``.
+        shift = total & 31
+        pieces.append((total >> 5, bitpack.pack_fields(fields.flatten(), elem_w, starts + shift, chunk_bits + shift)))
+        headers.append(_pack_header(widths, min0, weight.dtype))
+        offsets.append(starts.view(chunk_shape)[:, ::OFFSET_SPAN] + total)
+        total += chunk_bits
+    words = torch.zeros(bitpack.n_words(total) + 1, dtype=torch.int64)  # + the zero word of padding
+    for first, piece in pieces:
+        words[first : first + piece.numel()] |= piece  # chunks share at most their boundary word's bits
     return ClassWidthDelta(
         shape=shape, dtype=weight.dtype, group_size=group_size,
-        header=_pack_header(widths, min0, weight.dtype),
-        offsets=starts.view(shape)[:, ::OFFSET_SPAN].to(offset_dtype(total)).contiguous(),
+        header=torch.cat(headers),
+        offsets=torch.cat(offsets).to(offset_dtype(total)).contiguous(),
         words=wrap(words, 32).to(torch.int32),
         total_bits=total,
         checksum=tensor_checksum(weight),
@@ -211,23 +238,32 @@ def validate(code: ClassWidthDelta, base: base_quant.BaseTensors) -> None:
         raise TpdeFormatError(None, f"class-width delta: a width exceeds the {bit_width(code.dtype)}-bit source")
 
 
-def _checked_layout(code: ClassWidthDelta, base: base_quant.BaseTensors):
-    """``(levels, classes, element widths, element bit offsets)``, after checking that the header's widths
-    give exactly the stored span offsets and payload length (so no read can leave the payload)."""
+def _checked_chunks(code: ClassWidthDelta, base: base_quant.BaseTensors):
+    """Per row chunk: ``(rows, levels, classes, element widths, element bit offsets)``, checking that
+    the header's widths give exactly the stored span offsets and, after the last chunk, the payload's
+    length (so no read can leave the payload)."""
     validate(code, base)
-    levels, cls = _element_classes(base, code.shape, code.group_size)
-    elem_w, starts, total = _field_positions(code.widths(), cls, code.group_size)
-    if not torch.equal(starts.view(code.shape)[:, ::OFFSET_SPAN], code.offsets.to(torch.int64)):
-        raise TpdeFormatError(None, "class-width delta: stored span offsets disagree with the header's widths")
+    widths = code.widths()
+    offsets = code.offsets.to(torch.int64)
+    total = 0
+    for rows in _row_chunks(code.shape):
+        chunk_shape = (rows.stop - rows.start, code.shape[1])
+        levels, cls = _element_classes(_base_rows(base, rows), chunk_shape, code.group_size)
+        elem_w, starts, chunk_bits = _field_positions(widths[rows], cls, code.group_size)
+        starts += total
+        if not torch.equal(starts.view(chunk_shape)[:, ::OFFSET_SPAN], offsets[rows]):
+            raise TpdeFormatError(None, "class-width delta: stored span offsets disagree with the header's widths")
+        total += chunk_bits
+        yield rows, levels, cls, elem_w, starts
     if total != code.total_bits:
         raise TpdeFormatError(None, f"class-width delta: the header's widths add up to {total} bits, "
                                     f"the payload holds {code.total_bits}")
-    return levels, cls, elem_w, starts
 
 
 def check_layout(code: ClassWidthDelta, base: base_quant.BaseTensors) -> None:
     """Raise :class:`TpdeFormatError` unless the delta is consistent with itself and its base (no decode)."""
-    _checked_layout(code, base)
+    for _ in _checked_chunks(code, base):
+        pass
 
 
 def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = False) -> torch.Tensor:
@@ -235,15 +271,17 @@ def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = F
 
     ``verify`` also checks the rebuilt weight against the stored checksum.
     """
-    levels, cls, elem_w, starts = _checked_layout(code, base)
-    out_f, in_f = code.shape
     width = bit_width(code.dtype)
     words = code.words.to(torch.int64) & 0xFFFFFFFF
-    fields = bitpack.read_fields(words, elem_w, starts).view(out_f, in_f)
-    mag = (fields >> 1) + _per_column(code.min0(), code.group_size, in_f)
-    r = torch.where(cls == 0, torch.where((fields & 1) == 1, -1 - mag, mag), unzigzag(fields))
-    pred = base_quant.predict_from_levels(levels, base.scales, code.group_size, code.dtype)
-    weight = from_ordinal(wrap(to_ordinal(pred) + r, width), code.dtype)
+    min0 = code.min0()
+    weight = torch.empty(code.shape, dtype=code.dtype)
+    for rows, levels, cls, elem_w, starts in _checked_chunks(code, base):
+        in_f = code.shape[1]
+        fields = bitpack.read_fields(words, elem_w, starts).view(cls.shape)
+        mag = (fields >> 1) + _per_column(min0[rows], code.group_size, in_f)
+        r = torch.where(cls == 0, torch.where((fields & 1) == 1, -1 - mag, mag), unzigzag(fields))
+        pred = base_quant.predict_from_levels(levels, base.scales[rows], code.group_size, code.dtype)
+        weight[rows] = from_ordinal(wrap(to_ordinal(pred) + r, width), code.dtype)
     if verify and tensor_checksum(weight) != code.checksum:
         raise TpdeFormatError(None, "class-width delta: checksum mismatch, the delta or its base is corrupt")
     return weight

@@ -130,6 +130,7 @@ def convert(
     revision: str | None = None,
     token: str | bool | None = None,
     group_size: int = 128,
+    delta_code: str = "rans",
     keep_dense: Iterable[str] = ("lm_head",),
     include: str | None = None,
     exclude: str | None = None,
@@ -160,6 +161,8 @@ def convert(
         output_dir: the repo folder to create. Refused if it exists, unless ``overwrite``.
         revision, token: Hub revision and token of the source (token: default lookup when None).
         group_size: 4-bit group size (32, 64 or 128).
+        delta_code: the delta's code, ``"rans"`` (smallest) or ``"class-width"`` (a little larger,
+            decoded without a dependent chain; see :mod:`tpde_hf.codec.tensor_codec`).
         keep_dense: module names (or dotted suffixes) never converted. A tied ``lm_head`` always stays dense.
         include, exclude: regular expressions on module names, to narrow the conversion.
         workers: worker processes. The default, 1, encodes in this process on one thread per core,
@@ -174,7 +177,7 @@ def convert(
         max_shard_size: output shard size limit (``"5GB"``).
         base_model: the Hub id written as ``base_model`` in the card (default: the source repo id).
         trust_remote_code: allow custom-code architectures (only built on the meta device, never run).
-        codec_params: full codec parameters (overrides ``group_size``).
+        codec_params: full codec parameters (overrides ``group_size`` and ``delta_code``).
         endpoint, cache_dir: Hub endpoint and cache for the source download.
         on_tensor: called in this process after each tensor is encoded and verified (progress hook;
             raising from it aborts the run, which ``resume=True`` can continue).
@@ -195,7 +198,7 @@ def convert(
     reset_peak()
     out = Path(output_dir).expanduser().absolute()
     partial = partial_dir(out)
-    params = codec_params or CodecParams(group_size=group_size)
+    params = codec_params or CodecParams(group_size=group_size, delta_code=delta_code)
     try:
         params.validate()
     except TpdeFormatError as exc:

@@ -34,6 +34,13 @@ MODES = [
     ("base", "Fastest and smallest: only the 4-bit base is loaded; the delta is never read from disk. Lossy."),
     ("dequantize", "The original dense weights are rebuilt once at load: use this repo as a smaller download."),
 ]
+#: Per delta code: how the card's summary names the delta, and what its Format section says of it.
+DELTA_DESCRIPTIONS = {
+    "rans": ("an entropy-coded (rANS) delta", "entropy-coded in independently decodable lanes"),
+    "class-width": ("a class-width coded delta (fixed-width fields, decoded in parallel on a GPU)",
+                    "one field width per group and class, with a bit offset per 1024 columns; format version 2, "
+                    "read by tpde-hf 0.2 and later"),
+}
 _PIPELINES = {  # architecture suffix -> (Auto class, pipeline tag) when the source card names none
     "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
     "ForConditionalGeneration": ("AutoModelForSeq2SeqLM", "text2text-generation"),
@@ -88,7 +95,7 @@ def render_card(report: ConversionReport, *, repo_id: str | None = None, source_
                 base_model: str | None = None, template: str | Path | None = None) -> ModelCard:
     """Render the card for ``report``; ``repo_id`` is used in the snippets (a placeholder when None)."""
     from tpde_hf import __version__
-    from tpde_hf.codec import FORMAT_VERSION
+    from tpde_hf.codec import CodecParams
 
     source_meta = source_meta or {}
     if base_model is None and report.source_kind == "hub" and report.repo_id and _REPO_ID_RE.match(report.repo_id):
@@ -105,6 +112,7 @@ def render_card(report: ConversionReport, *, repo_id: str | None = None, source_
     dense = [m for m in report.modules_to_not_convert if m]
     dense_linears = [n[: -len(".weight")] for n in report.dense_linears]
     name = (repo_id or Path(report.output).name).split("/")[-1]
+    delta_code = report.codec.get("delta_code", "rans")
     card = ModelCard.from_template(
         card_data(report, source_meta, base_model),
         template_path=str(template or template_path()),
@@ -123,7 +131,10 @@ def render_card(report: ConversionReport, *, repo_id: str | None = None, source_
         modes=[{"name": n, "description": d.format(linear_pct=f"{100 * report.ratio_to_source()['linear']:.0f}")}
                for n, d in MODES],
         auto_class=cls,
-        format_version=FORMAT_VERSION,
+        format_version=CodecParams(delta_code=delta_code).format_version,
+        delta_code=delta_code,
+        delta_description=DELTA_DESCRIPTIONS[delta_code][0],
+        delta_layout=DELTA_DESCRIPTIONS[delta_code][1],
         modules_to_not_convert=", ".join(f"`{m}`" for m in dense) or "none",
         license=source_meta.get("license"),
     )

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_args(c, "source revision on the Hub: branch, tag or commit (default: main)")
     c.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
                    help="weights per 4-bit group of the base (default: 128; smaller = better base, bigger base)")
+    c.add_argument("--delta-code", default="rans", choices=("rans", "class-width"),
+                   help="the lossless delta's code: rans (default, smallest) or class-width (about 0.5 bit per "
+                        "weight larger on bf16, decoded without a dependent chain: built for GPU decode)")
     c.add_argument("--keep-dense", default="lm_head", metavar="NAMES",
                    help="comma-separated module names (or dotted suffixes) to leave uncompressed (default: lm_head; "
                         "'' converts lm_head too, unless it is tied to the embeddings)")
@@ -151,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         keep = tuple(k.strip() for k in args.keep_dense.split(",") if k.strip())
         report = convert(
             args.source, args.output, revision=args.revision, token=args.token, group_size=args.group_size,
+            delta_code=args.delta_code,
             keep_dense=keep, include=args.include, exclude=args.exclude, workers=args.workers,
             overwrite=args.overwrite, resume=args.resume, verify=args.verify, push_to_hub=args.push_to_hub,
             private=args.private, push_revision=args.push_revision, create_pr=args.create_pr,

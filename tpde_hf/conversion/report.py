@@ -178,7 +178,9 @@ class ConversionReport:
             mem += f", {self.worker_peak_rss_bytes / MB:.0f} MB per worker"
         facts = [
             ("bits per converted weight", f"base {bpw['base']:.2f} + delta {bpw['delta']:.2f} = "
-                                          f"{bpw['total']:.2f} (source {bpw['source']:.0f})"),
+                                          f"{bpw['total']:.2f} (source {bpw['source']:.0f}; "
+                                          f"group size {self.group_size}, "
+                                          f"{self.codec.get('delta_code', 'rans')} delta)"),
             ("ratio to source", f"converted linears {self.ratio_to_source()['linear']:.3f}, "
                                 f"whole model {self.ratio_to_source()['model']:.3f}"),
             ("time", f"{sec.get('total', 0):.1f} s total (encode+verify {sec.get('encode_verify', 0):.1f} s, "

@@ -183,19 +183,17 @@ def meta_values(holder: nn.Module) -> list[int]:
 
 def validate_holder(holder: nn.Module) -> None:
     """Check the loaded parts (everything the format allows to check without decoding)."""
-    from tpde_hf.codec.tensor_codec import _check_meta
+    from tpde_hf.codec.tensor_codec import parse_meta
 
     name = holder.__dict__.get("_tpde_name", "tpde weight")
     meta = holder._parameters["meta"]
     if meta.device.type == "meta":
         return  # offloaded to disk by accelerate: checked when it is loaded for a forward
-    vals = _check_meta(meta.detach().to("cpu"), name)
+    stored = parse_meta(meta.detach().to("cpu"), name)
     if has_delta(holder):
         encoded_of(holder)  # validates every part against every other
         return
-    params = CodecParams(group_size=vals[4], lane_len=vals[5], prob_bits=vals[6], sym_k=vals[7], sym_m=vals[8])
-    params.validate(name)
-    out_f, in_f, g = vals[2], vals[3], vals[4]
+    (out_f, in_f), g = stored.shape, stored.params.group_size
     ng = -(-in_f // g)
     expect = {"qweight": (torch.uint8, (out_f, ng * g // 2)), "scales": (torch.float16, (out_f, ng)),
               "zeros": (torch.uint8, (out_f, -(-ng // 2)))}

@@ -1,10 +1,9 @@
-"""Triton kernels for the class-width delta code (:mod:`tpde_hf.codec.class_width`): a study for issue #3.
+"""Triton kernels for the class-width delta code (:mod:`tpde_hf.codec.class_width`, ``delta_code="class-width"``).
 
 They read the code that ``class_width.encode`` writes and rebuild exactly the weight that
-``class_width.decode`` rebuilds. That holds on every path, including the interpreter. They are not
-yet wired into the loaded layers, because no file uses the code yet. They exist to measure the code's
-decode cost on a GPU: the static SASS counts in ``benchmarks/sass_counts.py``, and GPU timings in the
-first session that has one.
+``class_width.decode`` rebuilds. That holds on every path, including the interpreter. The public
+entry points (``tpde_hf.triton_kernels.reconstruct`` and ``lossless_linear``) call them for a
+``PackedWeight`` whose delta is class-width, so a loaded layer uses them on CUDA.
 
 A program owns ``BLOCK_R`` rows and one span of ``OFFSET_SPAN`` columns. It starts at the span's stored
 bit offset and walks the span one group (``G`` columns) at a time. Per group and row:
@@ -245,19 +244,21 @@ def _cw_fused_gemv_kernel(x_ptr, part_ptr, qweight_ptr, scales_ptr, zeros_ptr, h
 
 
 # ============================================================================ launchers
-def cw_reconstruct(pw: ClassWidthPacked) -> torch.Tensor:
-    """The exact weight (``pw.dtype``, ``pw.shape``) on ``pw``'s device: one launch.
+def cw_reconstruct(pw: ClassWidthPacked, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact weight (``pw.dtype``, ``pw.shape``) on ``pw``'s device: one launch. ``out`` (contiguous,
+    that shape and dtype) is filled in place.
 
     Example: ``w = cw_reconstruct(ClassWidthPacked.from_code(code, base, "cuda"))``.
     """
     out_f, in_f = pw.shape
     tensors, sizes = pw.kernel_args()
-    out = torch.empty(pw.shape, dtype=INT_VIEW[pw.dtype], device=pw.code.words.device)
+    result = torch.empty(pw.shape, dtype=pw.dtype, device=pw.code.words.device) if out is None else out
+    out = result.view(INT_VIEW[pw.dtype])
     grid = (triton.cdiv(out_f, CW_BLOCK_R), pw.code.offsets.shape[1])
     _cw_reconstruct_kernel[grid](*tensors, out, *sizes, G=pw.group_size, WIDTH=bit_width(pw.dtype),
                                  CODE=DTYPE_CODES[pw.dtype], BLOCK_R=CW_BLOCK_R,
                                  K_TAIL=in_f % pw.group_size != 0, num_warps=CW_NUM_WARPS)
-    return out.view(pw.dtype)
+    return result
 
 
 def cw_fused_linear(x2: torch.Tensor, pw: ClassWidthPacked, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,6 +60,13 @@ def _impl():
     return triton_impl
 
 
+def _class_width_packed(pw: PackedWeight):
+    """The class-width kernels' view of ``pw`` (imports triton; only when a kernel runs)."""
+    from tpde_hf.triton_kernels import class_width_kernels
+
+    return class_width_kernels, class_width_kernels.ClassWidthPacked(*pw.class_width_parts())
+
+
 def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, *, backend: str = "auto",
                 check: bool = False) -> torch.Tensor:
     """The exact original weight ``[out, in]`` in the source dtype, on ``pw``'s device.
@@ -74,11 +81,15 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, *, backend: s
         W = reconstruct(PackedWeight.from_encoded(enc, "cuda"))
         assert torch.equal(W.cpu().view(torch.int16), decode_tensor(enc).view(torch.int16))
     """
-    if _use_triton(pw.device, backend):
-        return _impl().reconstruct(pw, out, check=check)
-    if out is not None and (out.shape != pw.shape or out.dtype != pw.dtype):
-        raise ValueError(f"out must be a {pw.dtype} tensor of shape {list(pw.shape)}")
-    return torch_ref.reconstruct(pw, out)
+    if out is not None and (out.shape != pw.shape or out.dtype != pw.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {pw.dtype} tensor of shape {list(pw.shape)}")
+    if not _use_triton(pw.device, backend):
+        return torch_ref.reconstruct(pw, out)
+    if pw.delta_code == "class-width":  # its layout was checked when pw was built
+        pw.require_delta()
+        kernels, cw = _class_width_packed(pw)
+        return kernels.cw_reconstruct(cw, out)
+    return _impl().reconstruct(pw, out, check=check)
 
 
 def base_weight(pw: PackedWeight, *, backend: str = "auto") -> torch.Tensor:
@@ -108,7 +119,10 @@ def lossless_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None
     if fused is None:
         fused = x2.shape[0] <= FUSED_MAX_ROWS
     if not fused:
-        return F.linear(x, _impl().reconstruct(pw).to(x.dtype), bias)
+        return F.linear(x, reconstruct(pw, backend=backend).to(x.dtype), bias)
+    if pw.delta_code == "class-width":
+        kernels, cw = _class_width_packed(pw)
+        return kernels.cw_fused_linear(x2, cw, bias).view(*x.shape[:-1], pw.shape[0])
     y = _impl().fused_linear(x2.contiguous(), pw)
     if bias is not None:
         y += bias.to(torch.float32)

@@ -30,6 +30,15 @@ sym_step      int32 [17 * n_sym]      ``freq | cum << 16`` per ``ctx * n_sym + s
 sym_info      int16 [n_sym]           ``hi | n_raw << 9`` per symbol
 ============  ======================  =============================================================
 
+A **class-width** delta (``delta_code="class-width"``, see :mod:`tpde_hf.codec.class_width`) is held
+as the file stores it instead, after its layout was checked once at construction:
+
+============  ======================  =============================================================
+cw_words      int32 [n_words + 1]     the payload, LSB first, one zero word of padding
+cw_offsets    int32|int64 [out, S]    bit offset of each span of 1024 columns (S = ceil(in / 1024))
+cw_header     int32 [out, ng, H]      per-group widths (and the class-0 minimum); H = 1, or 2 for fp32
+============  ======================  =============================================================
+
 A decode step then makes two dependent gathers (``slot_sym`` then ``sym_step``) instead of one, from
 tables of 139 + 26 KB (bf16, ``prob_bits = 12``) instead of 278 KB (+ 139 KB off the chain):
 they may stay in L1 where the fused form goes to L2.
@@ -72,7 +81,7 @@ SYM_HI_BITS = 9
 
 _BASE_FIELDS = ("qweight", "scales", "zeros")
 _DELTA_FIELDS = ("words", "raw", "lane_state", "word_start", "raw_start", "step_lut", "sym_lut", "slot_sym",
-                 "sym_step", "sym_info")
+                 "sym_step", "sym_info", "cw_words", "cw_offsets", "cw_header")
 #: Decode-table forms ``from_encoded`` builds (see the module docstring).
 TABLE_FORMS = ("fused", "split")
 
@@ -113,22 +122,32 @@ class PackedWeight:
     slot_sym: torch.Tensor | None = None
     sym_step: torch.Tensor | None = None
     sym_info: torch.Tensor | None = None
+    # ---- a class-width delta (delta_code="class-width"; None otherwise)
+    delta_code: str = "rans"
+    cw_words: torch.Tensor | None = None
+    cw_offsets: torch.Tensor | None = None
+    cw_header: torch.Tensor | None = None
+    cw_total_bits: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_encoded(cls, enc: EncodedTensor, device: torch.device | str = "cpu", delta: bool = True,
                      tables: str = "fused") -> PackedWeight:
         """Build from a (validated) encoded tensor; ``delta=False`` keeps only the 4-bit base.
-        ``tables="split"`` also builds the split decode tables, which the Triton kernels then read.
+        ``tables="split"`` also builds the split decode tables of a rANS delta, which the Triton kernels
+        then read (a class-width delta has no tables).
 
         Raises :class:`TpdeFormatError` on non-finite scales, which no encoder writes and whose
-        NaN payloads would differ between CPU and GPU arithmetic.
+        NaN payloads would differ between CPU and GPU arithmetic, and on a class-width delta whose
+        layout is inconsistent (its kernels trust the widths to keep every read inside the payload).
         """
         pw = cls.from_base(enc.qweight, enc.scales, enc.zeros, enc.shape, enc.dtype, enc.params.group_size,
                            name=enc.name)
         if tables not in TABLE_FORMS:
             raise ValueError(f"tables must be one of {TABLE_FORMS}, got {tables!r}")
-        if delta:
+        if delta and enc.delta_code == "class-width":
+            pw = replace(pw, **_class_width_fields(enc))
+        elif delta:
             pw = replace(pw, **_delta_fields(enc))
             if tables == "split":
                 pw = replace(pw, **split_decode_tables(enc))
@@ -165,7 +184,18 @@ class PackedWeight:
 
     @property
     def has_delta(self) -> bool:
-        return self.words is not None
+        return self.words is not None or self.cw_words is not None
+
+    def class_width_parts(self):
+        """``(ClassWidthDelta, BaseTensors)`` over this weight's tensors (no copy): what the class-width
+        kernels and reference decoder read."""
+        from tpde_hf.codec.base_quant import BaseTensors
+        from tpde_hf.codec.class_width import ClassWidthDelta
+
+        code = ClassWidthDelta(shape=self.shape, dtype=self.dtype, group_size=self.group_size,
+                               header=self.cw_header, offsets=self.cw_offsets, words=self.cw_words,
+                               total_bits=self.cw_total_bits, checksum=0)
+        return code, BaseTensors(self.qweight, self.scales, self.zeros)
 
     @property
     def split_tables(self) -> bool:
@@ -205,8 +235,9 @@ class PackedWeight:
         """Raise unless the delta is present and on the base's device (what every decode needs)."""
         if not self.has_delta:
             raise ValueError(f"{self.name}: this PackedWeight holds only the 4-bit base (built with delta=False)")
-        if self.words.device != self.device:
-            raise ValueError(f"{self.name}: the delta is on {self.words.device}, the base on {self.device}; "
+        delta_device = (self.words if self.words is not None else self.cw_words).device
+        if delta_device != self.device:
+            raise ValueError(f"{self.name}: the delta is on {delta_device}, the base on {self.device}; "
                              "move one group first (delta_to / base_to)")
 
     # ------------------------------------------------------------------ moves
@@ -246,7 +277,7 @@ class PackedWeight:
         return replace(self, **changes)
 
     def __repr__(self) -> str:
-        kind = "base+delta" if self.has_delta else "base only"
+        kind = f"base+{self.delta_code} delta" if self.has_delta else "base only"
         return (f"PackedWeight({self.name!r}, shape={self.shape}, dtype={self.dtype}, G={self.group_size}, "
                 f"{kind}, {self.nbytes} bytes on {self.device})")
 
@@ -303,6 +334,18 @@ def split_decode_tables(enc: EncodedTensor) -> dict[str, torch.Tensor]:
     assert freq.shape[1] < 1 << 15 and int(cum.max()) < 1 << 15 and int(freq.max()) <= 1 << 15
     return dict(slot_sym=sym.to(torch.int16), sym_step=(freq | (cum << 16)).flatten().to(torch.int32),
                 sym_info=_symbol_info(enc))
+
+
+def _class_width_fields(enc: EncodedTensor) -> dict:
+    """The class-width delta group of ``enc`` on the CPU, after the full layout check."""
+    from tpde_hf.codec import class_width
+    from tpde_hf.codec.tensor_codec import named_errors
+
+    code = enc.class_width_code()
+    with named_errors(enc.name):
+        class_width.check_layout(code, enc.base)
+    return dict(delta_code="class-width", cw_words=code.words.contiguous(), cw_offsets=code.offsets.contiguous(),
+                cw_header=code.header.contiguous(), cw_total_bits=code.total_bits)
 
 
 def _delta_fields(enc: EncodedTensor) -> dict:

@@ -11,6 +11,8 @@ is a fraction of torch's at these sizes); elsewhere it runs in torch on the weig
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,8 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tens
     Example: ``torch.equal(reconstruct(pw).view(torch.int16), decode_tensor(enc).view(torch.int16))``.
     """
     pw.require_delta()
+    if pw.delta_code == "class-width":
+        return _reconstruct_class_width(pw, out)
     grouped = _grouped_levels(pw)
     lut_index = _rans_lut_index(pw, grouped.flatten(1)[:, : pw.shape[1]].abs().flatten())
     info = pw.sym_lut[lut_index].to(torch.int32)  # [steps, lanes]
@@ -69,6 +73,23 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tens
     u[has] |= raw.to(acc)
     u = u[: pw.numel]
     w = _add_to_ordinal(base_weight(pw, grouped).flatten(), (u >> 1) ^ -(u & 1), pw.width).view(pw.shape)
+    if out is None:
+        return w
+    out.copy_(w)
+    return out
+
+
+def _reconstruct_class_width(pw: PackedWeight, out: torch.Tensor | None) -> torch.Tensor:
+    """The class-width reference decoder (:func:`tpde_hf.codec.class_width.decode`, on the CPU)."""
+    from tpde_hf.codec import base_quant, class_width
+    from tpde_hf.codec.tensor_codec import named_errors
+
+    code, base = pw.class_width_parts()
+    if pw.device.type != "cpu":
+        code = dataclasses.replace(code, header=code.header.cpu(), offsets=code.offsets.cpu(), words=code.words.cpu())
+        base = base_quant.BaseTensors(base.qweight.cpu(), base.scales.cpu(), base.zeros.cpu())
+    with named_errors(pw.name):
+        w = class_width.decode(code, base).to(pw.device)
     if out is None:
         return w
     out.copy_(w)
