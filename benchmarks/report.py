@@ -374,6 +374,8 @@ def delta_codes_section(data: dict) -> str:
         row("class-width encode (torch reference, given the base), MB/s", t("class_width", "encode_MBps")),
         row("class-width encode incl. the torch base quantizer, MB/s", t("class_width", "encode_with_base_MBps")),
         row("class-width decode (torch reference), MB/s", t("class_width", "decode_MBps")),
+        row("class-width encode (compiled, given the base), MB/s", t("class_width_compiled", "encode_MBps")),
+        row("class-width decode (compiled, what `decode_tensor` runs), MB/s", t("class_width_compiled", "decode_MBps")),
         row("base quantizer alone (torch), MB/s", t("base_quantize_MBps")),
         row("load average, 1 min (before, after)", lambda r: r.get("load_avg_1min")),
     ]

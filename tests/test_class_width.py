@@ -1,8 +1,10 @@
 """The class-width delta code (``tpde_hf.codec.class_width``): bit-exact round trips, header and layout.
 
-Every comparison is on bit patterns (``view`` as int16/int32), never on values. Besides the round trips, a
-pure-Python reader written from the module docstring checks the stored layout (header packing, field
-order, span offsets) that a GPU kernel relies on, independently of the module's own decoder.
+Every test runs twice: on the torch reference and on the compiled twin (``class_width_compiled``), which
+must write the same bytes and reject the same corruptions. Every comparison is on bit patterns (``view``
+as int16/int32), never on values. Besides the round trips, a pure-Python reader written from the module
+docstring checks the stored layout (header packing, field order, span offsets) that a GPU kernel relies
+on, independently of the module's own decoder.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import pytest
 import torch
 
-from tpde_hf.codec import CodecParams, base_quant, class_width, encode_tensor
+from tpde_hf.codec import CodecParams, base_quant, class_width, class_width_compiled, encode_tensor
 from tpde_hf.codec.ordinal import INT_VIEW, bit_width, to_ordinal, wrap
 from tpde_hf.errors import TpdeFormatError
 
@@ -21,6 +23,46 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUPS = (32, 64, 128)
 # Not multiples of 32/64/128 nor of OFFSET_SPAN (1024); 2x2100 spans three offsets per row.
 SHAPES = ((3, 1500), (7, 33), (2, 2100), (5, 128), (1, 1))
+
+
+IMPLEMENTATIONS = {"reference": class_width, "compiled": class_width_compiled}
+_impl = class_width  # the implementation under test, set per test by `implementation`
+
+
+@pytest.fixture(autouse=True, params=list(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest):
+    global _impl
+    _impl = IMPLEMENTATIONS[request.param]
+    yield request.param
+    _impl = class_width
+
+
+def encode(w: torch.Tensor, base: base_quant.BaseTensors, g: int) -> class_width.ClassWidthDelta:
+    """The implementation under test's encode, checked byte for byte against the reference's."""
+    code = _impl.encode(w, base, g)
+    if _impl is not class_width:
+        ref = class_width.encode(w, base, g)
+        for part in ("header", "offsets", "words"):
+            a, b = getattr(code, part), getattr(ref, part)
+            assert torch.equal(a, b) and a.stride() == b.stride(), part  # a view's strides reach the file
+        assert (code.total_bits, code.checksum) == (ref.total_bits, ref.checksum)
+    return code
+
+
+def decode(code: class_width.ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = False) -> torch.Tensor:
+    return _impl.decode(code, base, verify=verify)
+
+
+def check_layout(code: class_width.ClassWidthDelta, base: base_quant.BaseTensors) -> None:
+    _impl.check_layout(code, base)
+
+
+def assert_layout_rejected(code: class_width.ClassWidthDelta, base: base_quant.BaseTensors) -> None:
+    """Both the layout check (what runs before a GPU kernel reads) and the decoder refuse ``code``."""
+    with pytest.raises(TpdeFormatError):
+        check_layout(code, base)
+    with pytest.raises(TpdeFormatError):
+        decode(code, base)
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -34,8 +76,8 @@ def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def round_trip(w: torch.Tensor, g: int) -> class_width.ClassWidthDelta:
     base = base_quant.quantize(w, g)
-    code = class_width.encode(w, base, g)
-    assert_bit_equal(class_width.decode(code, base), w)
+    code = encode(w, base, g)
+    assert_bit_equal(decode(code, base), w)
     return code
 
 
@@ -250,7 +292,7 @@ def test_layout_matches_the_documented_format(dtype: torch.dtype, shape: tuple[i
     w.view(-1)[::97] = float("nan")
     w.view(-1)[5::131] = -0.0
     base = base_quant.quantize(w, g)
-    code = class_width.encode(w, base, g)
+    code = encode(w, base, g)
     widths, rs = reference_decode(code, base)
     assert torch.equal(torch.tensor(rs, dtype=torch.int64), true_deltas(w, base, g))
     assert widths == code.widths().tolist()
@@ -266,14 +308,14 @@ def test_width_15_is_stored_as_16(dtype: torch.dtype) -> None:
     w[:, 2] = 10.0
     w[1, 40:] = weight((1, 24), dtype, seed=2)  # a second group of ordinary values
     base = base_quant.quantize(w, 32)
-    code = class_width.encode(w, base, 32)
+    code = encode(w, base, 32)
     natural = torch.tensor(natural_widths(w, base, 32))
     stored = code.widths()
     assert bool((natural[:, 0, 0] == 15).all())
     assert torch.equal(stored, torch.where(natural == 15, 16, natural))
     nibbles = (code.header[..., 0].to(torch.int64)[..., None] >> (4 * torch.arange(4))) & 0xF
     assert torch.equal(nibbles, torch.where(natural >= 15, 15, natural))
-    assert_bit_equal(class_width.decode(code, base), w)
+    assert_bit_equal(decode(code, base), w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -282,7 +324,7 @@ def test_stored_bytes_and_widths_bound(dtype: torch.dtype, g: int) -> None:
     w = weight((9, 2100), dtype, seed=g)
     w.view(-1)[::301] = float("inf")
     base = base_quant.quantize(w, g)
-    code = class_width.encode(w, base, g)
+    code = encode(w, base, g)
     widths = code.widths()
     src = bit_width(dtype)
     assert int(widths.min()) >= 0 and int(widths.max()) <= src
@@ -321,8 +363,8 @@ def test_shares_its_base_with_the_rans_codec(dtype: torch.dtype, g: int) -> None
     assert torch.equal(enc.zeros, base.zeros) and enc.zeros.dtype == torch.uint8
     assert enc.scales.dtype == base.scales.dtype == torch.float16
     assert torch.equal(enc.scales.view(torch.int16), base.scales.view(torch.int16))
-    code = class_width.encode(w, enc.base, g)  # the rANS file's own base
-    assert_bit_equal(class_width.decode(code, enc.base), w)
+    code = encode(w, enc.base, g)  # the rANS file's own base
+    assert_bit_equal(decode(code, enc.base), w)
 
 
 # ==================================================================== corrupt input
@@ -349,7 +391,7 @@ def _present_class(base: base_quant.BaseTensors, shape: tuple[int, int], g: int,
 def coded(request: pytest.FixtureRequest) -> tuple[torch.Tensor, base_quant.BaseTensors, class_width.ClassWidthDelta]:
     w = weight((6, 1300), request.param, seed=31)
     base = base_quant.quantize(w, 128)
-    return w, base, class_width.encode(w, base, 128)
+    return w, base, encode(w, base, 128)
 
 
 @pytest.mark.parametrize("delta", (-1, 1, 3))
@@ -362,16 +404,13 @@ def test_corrupt_width_code_is_detected(coded, delta: int) -> None:
         src = bit_width(code.dtype)
         storable = [v for v in range(src + 1) if v != old and not (src == 16 and v == 15)]
         new = min(storable, key=lambda v: abs(v - (old + delta)))
-        bad = dataclasses.replace(code, header=_set_width(code, row, grp, k, new))
-        with pytest.raises(TpdeFormatError):
-            class_width.decode(bad, base)
+        assert_layout_rejected(dataclasses.replace(code, header=_set_width(code, row, grp, k, new)), base)
 
 
 def test_truncated_or_missing_payload_is_detected(coded) -> None:
     w, base, code = coded
     for keep in (code.words.numel() - 1, code.words.numel() // 2, 1, 0):
-        with pytest.raises(TpdeFormatError):
-            class_width.decode(dataclasses.replace(code, words=code.words[:keep]), base)
+        assert_layout_rejected(dataclasses.replace(code, words=code.words[:keep]), base)
 
 
 def test_corrupt_offsets_are_detected(coded) -> None:
@@ -379,10 +418,8 @@ def test_corrupt_offsets_are_detected(coded) -> None:
     for row, span in ((0, 1), (3, 0), (5, 1)):
         off = code.offsets.clone()
         off[row, span] += 1
-        with pytest.raises(TpdeFormatError):
-            class_width.decode(dataclasses.replace(code, offsets=off), base)
-    with pytest.raises(TpdeFormatError):
-        class_width.decode(dataclasses.replace(code, offsets=code.offsets[:, :1]), base)
+        assert_layout_rejected(dataclasses.replace(code, offsets=off), base)
+    assert_layout_rejected(dataclasses.replace(code, offsets=code.offsets[:, :1]), base)
 
 
 def test_corrupt_width_in_the_last_span_is_detected(coded) -> None:
@@ -390,9 +427,7 @@ def test_corrupt_width_in_the_last_span_is_detected(coded) -> None:
     row, grp = code.shape[0] - 1, base_quant.n_groups(code.shape[1], 128) - 1
     k = _present_class(base, code.shape, 128, row, grp)
     old = int(code.widths()[row, grp, k])
-    bad = dataclasses.replace(code, header=_set_width(code, row, grp, k, old - 1))
-    with pytest.raises(TpdeFormatError):
-        class_width.decode(bad, base)
+    assert_layout_rejected(dataclasses.replace(code, header=_set_width(code, row, grp, k, old - 1)), base)
 
 
 def test_corrupt_min0_is_detected(coded) -> None:
@@ -404,7 +439,7 @@ def test_corrupt_min0_is_detected(coded) -> None:
     else:
         h[0, grp, 1] += 1
     with pytest.raises(TpdeFormatError):
-        class_width.decode(dataclasses.replace(code, header=h), base, verify=True)  # only the checksum sees it
+        decode(dataclasses.replace(code, header=h), base, verify=True)  # only the checksum sees it
 
 
 def test_corrupt_payload_is_detected(coded) -> None:
@@ -412,14 +447,14 @@ def test_corrupt_payload_is_detected(coded) -> None:
     words = code.words.clone()
     words[words.numel() // 2] ^= 1 << 7
     with pytest.raises(TpdeFormatError):
-        class_width.decode(dataclasses.replace(code, words=words), base, verify=True)  # only the checksum
+        decode(dataclasses.replace(code, words=words), base, verify=True)  # only the checksum
 
 
 def test_malformed_header_shape_raises_format_error(coded) -> None:
     w, base, code = coded
     for header in (code.header[:, :-1], code.header[:-1], code.header.to(torch.int64)):
         with pytest.raises(TpdeFormatError):
-            class_width.decode(dataclasses.replace(code, header=header), base)
+            decode(dataclasses.replace(code, header=header), base)
 
 
 def test_offsets_widen_to_int64_only_past_2_31_bits() -> None:
@@ -427,6 +462,6 @@ def test_offsets_widen_to_int64_only_past_2_31_bits() -> None:
     assert class_width.offset_dtype(2**31) == torch.int64
     w = weight((4, 300), torch.bfloat16, seed=5)
     base = base_quant.quantize(w, 128)
-    code = class_width.encode(w, base, 128)
+    code = encode(w, base, 128)
     with pytest.raises(TpdeFormatError, match="offsets"):  # an int64 copy of small offsets is malformed
-        class_width.decode(dataclasses.replace(code, offsets=code.offsets.to(torch.int64)), base)
+        decode(dataclasses.replace(code, offsets=code.offsets.to(torch.int64)), base)

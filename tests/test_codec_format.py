@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpde_hf.codec import FORMAT_VERSION, EncodedTensor, decode_tensor, encode_tensor
+from tpde_hf.codec import FORMAT_VERSION, CodecParams, EncodedTensor, decode_tensor, encode_tensor
 from tpde_hf.codec.backend import use_backend
 from tpde_hf.errors import TpdeFormatError
 
@@ -121,27 +121,48 @@ def test_unsupported_source_dtype_is_refused():
         encode_tensor(torch.zeros(4, dtype=torch.bfloat16), name="x.weight")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
-@given(
-    key=st.sampled_from(["delta", "lanes", "tables", "qweight", "zeros", "scales"]),
-    flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 7)), min_size=1, max_size=8),
-    cut=st.one_of(st.none(), st.integers(0, 64)),
-)
-def test_fuzzed_payloads_fail_cleanly_or_decode_exactly(stored, weight, key, flips, cut):
-    """Random bit flips and truncations: either TpdeFormatError or the exact original weight."""
-    t = stored[f"p.{key}"].clone()
+def _mutated(t: torch.Tensor, flips: list[tuple[int, int]], cut: int | None) -> torch.Tensor:
+    """``t`` with bits flipped (byte position, bit) and, for a 1-D tensor, ``cut`` elements dropped."""
     raw = t.view(torch.uint8).flatten() if t.dtype != torch.uint8 else t.flatten()
     data = raw.numpy().copy()
     for pos, bit in flips:
         data[pos % data.size] ^= np.uint8(1 << bit)
-    if cut is not None and key in ("delta", "tables"):
-        data = data[: max(0, data.size - cut)]
+    if cut is not None and t.dim() == 1:
+        data = data[: max(0, data.size - cut * t.element_size())]
     mutated = torch.from_numpy(data).view(t.dtype)
-    if key not in ("delta", "tables"):
-        mutated = mutated.view(t.shape)
+    return mutated if t.dim() == 1 else mutated.view(t.shape)
+
+
+def _fails_cleanly_or_decodes_exactly(sd: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
     try:
-        out = load(with_(stored, key, mutated))
+        out = load(sd)
     except TpdeFormatError:
         return
     assert torch.equal(out.view(torch.int16), weight.view(torch.int16))
+
+
+_FLIPS = st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 7)), min_size=1, max_size=8)
+_FUZZ = settings(max_examples=150, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@_FUZZ
+@given(key=st.sampled_from(["delta", "lanes", "tables", "qweight", "zeros", "scales"]), flips=_FLIPS,
+       cut=st.one_of(st.none(), st.integers(0, 64)))
+def test_fuzzed_payloads_fail_cleanly_or_decode_exactly(stored, weight, key, flips, cut):
+    """Random bit flips and truncations: either TpdeFormatError or the exact original weight."""
+    _fails_cleanly_or_decodes_exactly(with_(stored, key, _mutated(stored[f"p.{key}"], flips, cut)), weight)
+
+
+@pytest.fixture(scope="module")
+def stored_class_width(weight) -> dict[str, torch.Tensor]:
+    return encode_tensor(weight, CodecParams(delta_code="class-width"), name=NAME).to_state_dict("p")
+
+
+@_FUZZ
+@given(key=st.sampled_from(["delta", "lanes", "tables", "meta", "qweight", "zeros", "scales"]), flips=_FLIPS,
+       cut=st.one_of(st.none(), st.integers(0, 16)))
+def test_fuzzed_class_width_tensors_fail_cleanly_or_decode_exactly(stored_class_width, weight, key, flips, cut):
+    """The same for a class-width delta (format version 2), its meta included."""
+    sd = stored_class_width
+    _fails_cleanly_or_decodes_exactly(with_(sd, key, _mutated(sd[f"p.{key}"], flips, cut)), weight)

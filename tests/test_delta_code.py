@@ -339,6 +339,7 @@ def test_convert_with_class_width_is_verified_and_documented(tiny_llama_dir: Pat
     assert verify_repo(out).ok
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["delta_code"] == CW and qc["format_version"] == 2
+    assert not {"lane_len", "prob_bits", "sym_k", "sym_m"} & set(qc)  # rANS parameters mean nothing here
     card = ModelCard.load(out / "README.md")
     assert "class-width" in card.text and "format version 2" in card.text
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

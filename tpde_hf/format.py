@@ -79,16 +79,15 @@ def quantization_config_dict(params: CodecParams, source_dtype: torch.dtype,
                              modules_to_not_convert: list[str]) -> dict:
     """The ``quantization_config`` entry written to ``config.json``: ``format_version`` is the oldest
     version that holds ``params`` (1 for a rANS delta, 2 for class-width), as for each tensor's meta."""
+    rans_fields = ({"lane_len": params.lane_len, "prob_bits": params.prob_bits, "sym_k": params.sym_k,
+                    "sym_m": params.sym_m} if params.delta_code == "rans" else {})  # class-width has none
     return {
         "quant_method": QUANT_METHOD,
         "format_version": params.format_version,
         "bits": 4,
         "group_size": params.group_size,
         "delta_code": params.delta_code,
-        "lane_len": params.lane_len,
-        "prob_bits": params.prob_bits,
-        "sym_k": params.sym_k,
-        "sym_m": params.sym_m,
+        **rans_fields,
         "source_dtype": str(source_dtype).replace("torch.", ""),
         "modules_to_not_convert": list(modules_to_not_convert),
     }

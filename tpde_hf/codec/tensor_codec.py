@@ -41,7 +41,9 @@ crafted file can neither make the decoder index out of bounds nor return wrong w
 
 Two CPU implementations sit behind :func:`encode_tensors` / :func:`decode_tensors`: the numpy
 reference in this module (vectorized over lanes) and the compiled one in :mod:`.compiled` (the
-default); :mod:`.backend` chooses, and the tests hold them to identical bytes and bits.
+default); for a class-width delta, the torch reference :mod:`.class_width` and the compiled
+:mod:`.class_width_compiled`. :mod:`.backend` chooses, and the tests hold each pair to identical
+bytes and bits.
 
 Example::
 
@@ -458,12 +460,22 @@ def _quantize(weight: torch.Tensor, group_size: int) -> base_quant.BaseTensors:
                           for r0 in range(0, weight.shape[0], rows)])
 
 
-def _encode_class_width(weight: torch.Tensor, params: CodecParams, name: str) -> EncodedTensor:
+def class_width_impl():
+    """The class-width codec of the active backend: :mod:`.class_width_compiled` or the torch reference
+    :mod:`.class_width` (both have ``encode``, ``decode`` and ``check_layout``, with identical results)."""
+    if active_backend() == "compiled":
+        from tpde_hf.codec import class_width_compiled
+
+        return class_width_compiled
     from tpde_hf.codec import class_width
 
+    return class_width
+
+
+def _encode_class_width(weight: torch.Tensor, params: CodecParams, name: str) -> EncodedTensor:
     weight = _checked_weight(weight, params, name)
     base = _quantize(weight, params.group_size)
-    code = class_width.encode(weight, base, params.group_size)
+    code = class_width_impl().encode(weight, base, params.group_size)
     return EncodedTensor(
         name=name, dtype=weight.dtype, shape=tuple(weight.shape), params=params, checksum=code.checksum,
         qweight=base.qweight, scales=base.scales, zeros=base.zeros,
@@ -626,10 +638,8 @@ def decode_tensors(encs: list[EncodedTensor], verify: bool = False) -> list[torc
 
 
 def _decode_class_width(enc: EncodedTensor, verify: bool) -> torch.Tensor:
-    from tpde_hf.codec import class_width
-
     with named_errors(enc.name):
-        return class_width.decode(enc.class_width_code(), enc.base, verify=verify)
+        return class_width_impl().decode(enc.class_width_code(), enc.base, verify=verify)
 
 
 def _decode_compiled(enc: EncodedTensor, verify: bool) -> torch.Tensor:

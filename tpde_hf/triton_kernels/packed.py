@@ -338,12 +338,11 @@ def split_decode_tables(enc: EncodedTensor) -> dict[str, torch.Tensor]:
 
 def _class_width_fields(enc: EncodedTensor) -> dict:
     """The class-width delta group of ``enc`` on the CPU, after the full layout check."""
-    from tpde_hf.codec import class_width
-    from tpde_hf.codec.tensor_codec import named_errors
+    from tpde_hf.codec.tensor_codec import class_width_impl, named_errors
 
     code = enc.class_width_code()
     with named_errors(enc.name):
-        class_width.check_layout(code, enc.base)
+        class_width_impl().check_layout(code, enc.base)
     return dict(delta_code="class-width", cw_words=code.words.contiguous(), cw_offsets=code.offsets.contiguous(),
                 cw_header=code.header.contiguous(), cw_total_bits=code.total_bits)
 
