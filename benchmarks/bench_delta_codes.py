@@ -309,8 +309,7 @@ def main(argv: list[str] | None = None) -> None:
                  "meta (version 2 adds the delta code and the payload's bit count).")
     notes.append("fp32: most deltas occur once per tensor and context, so the plug-in estimate H(r | |c|) per tensor "
                  "is far below what any code reaches there; compare the two codes with each other.")
-    notes.append("Times: rANS = compiled CPU codec (encode includes its own quantization); class-width = torch "
-                 "reference, encode given the base (encode_with_base adds the torch quantizer).")
+    notes.append(NOTE_TIMES)
     result = {
         "benchmark": "delta_codes",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -326,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+NOTE_TIMES = ("Times: rANS = compiled CPU codec (encode includes its own quantization); class-width = the torch "
+              "reference (encode given the base; encode_with_base adds the torch quantizer) and the compiled codec "
+              "that encode_tensors / decode_tensor run (class_width_compiled, given the base).")
 
 
 def _print(r: dict) -> None:

@@ -141,7 +141,7 @@ def bench_shape(shape, pool, seed, device: str, timer, repeat: int, prefill_batc
         "base4bit_time_over_bf16": t_base / t_bf16,
     }
     if device == "cuda":
-        row["class_width"] = _class_width_figures(w, x1, t_bf16, timer, repeat)
+        row["class_width"] = _class_width_figures(w, x1, t_bf16, timer, repeat, prefill_batches)
     row["prefill"] = []
     for batch in prefill_batches:
         xb = torch.randn(batch, shape[1], generator=gen).to(torch.bfloat16).to(device)
@@ -152,22 +152,28 @@ def bench_shape(shape, pool, seed, device: str, timer, repeat: int, prefill_batc
     return row
 
 
-def _class_width_figures(w: torch.Tensor, x1: torch.Tensor, t_bf16: float, timer, repeat: int) -> dict:
-    """The class-width delta code (GPU_NOTES.md): its size, reconstruct and fused batch-1 GEMV times."""
-    from tpde_hf.codec import base_quant, class_width
-    from tpde_hf.triton_kernels.class_width_kernels import ClassWidthPacked, cw_fused_linear, cw_reconstruct
-
-    base = base_quant.quantize(w, 128)
-    code = class_width.encode(w, base, 128)
-    pw = ClassWidthPacked.from_code(code, base, x1.device)
-    assert torch.equal(cw_reconstruct(pw).cpu().view(torch.int16), w.view(torch.int16))
-    t_rec = timer(lambda: cw_reconstruct(pw), repeat)
-    t_fused = timer(lambda: cw_fused_linear(x1, pw), repeat)
+def _class_width_figures(w: torch.Tensor, x1: torch.Tensor, t_bf16: float, timer, repeat: int,
+                         prefill_batches: list[int]) -> dict:
+    """The class-width delta code (``delta_code="class-width"``, GPU_NOTES.md) through the same entry points
+    as a loaded layer: its size, reconstruct, the fused GEMV at batches 1 and 16, and prefill."""
+    enc = encode_tensor(w, CodecParams(delta_code="class-width"), name="class-width")
+    pw = PackedWeight.from_encoded(enc, x1.device)
+    assert torch.equal(reconstruct(pw).cpu().view(torch.int16), w.view(torch.int16))
+    t_rec = timer(lambda: reconstruct(pw), repeat)
+    t_fused = timer(lambda: lossless_linear(x1, pw, fused=True), repeat)
     x16 = x1.repeat(16, 1)
-    t_fused16 = timer(lambda: cw_fused_linear(x16, pw), repeat)
-    return {"delta_bits_per_weight": 8 * code.stored_bytes / w.numel(), "reconstruct_ms": _ms(t_rec),
+    t_fused16 = timer(lambda: lossless_linear(x16, pw, fused=True), repeat)
+    wd = w.to(x1.device)
+    prefill = []
+    for batch in prefill_batches:  # reconstruct + cuBLAS: bit-identical to the dense matmul
+        xb = x1.repeat(batch, 1)
+        tb = timer(lambda xb=xb: F.linear(xb, wd), max(1, repeat // 2))
+        tl_ = timer(lambda xb=xb: lossless_linear(xb, pw), max(1, repeat // 2))
+        prefill.append({"batch": batch, "lossless_ms": _ms(tl_), "lossless_time_over_bf16": tl_ / tb})
+    return {"delta_bits_per_weight": 8 * enc.nbytes()["delta"] / w.numel(), "reconstruct_ms": _ms(t_rec),
             "reconstruct_GBps_dense_bf16_written": w.numel() * 2 / t_rec / 1e9, "fused_gemv_ms": _ms(t_fused),
-            "fused_gemv_time_over_bf16": t_fused / t_bf16, "fused_gemv_batch16_ms": _ms(t_fused16)}
+            "fused_gemv_time_over_bf16": t_fused / t_bf16, "fused_gemv_batch16_ms": _ms(t_fused16),
+            "prefill": prefill}
 
 
 # ------------------------------------------------------------------------------------ sweeps (--sweep)

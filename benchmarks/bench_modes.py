@@ -1,7 +1,8 @@
 """Runtime modes vs the original bf16 model, measured in one run on one machine.
 
 For each mode (the original dense bf16 checkpoint, then tpde ``dequantize``, ``base``, ``lossless``
-and, on CUDA, ``lossless-offload``), in a fresh subprocess each:
+and, on CUDA, ``lossless-offload``; then ``dequantize`` and ``lossless`` of a second repo whose delta
+is class-width coded, named ``<mode>@class-width``), in a fresh subprocess each:
 
 * resident weight memory: bytes of the model's parameters and buffers (``model_bytes``) and the
   process RSS growth over the load (``rss_load_mb``, CPU) or ``torch.cuda.memory_allocated`` (GPU);
@@ -52,8 +53,14 @@ PROMPTS = [
 
 
 # ==================================================================== preparing the checkpoints
+def repo_for(mode_spec: str, work: Path) -> tuple[str, Path]:
+    """``"lossless@class-width"`` -> ``("lossless", work / "tpde-class-width")``; ``"base"`` -> the rANS repo."""
+    mode, _, code = mode_spec.partition("@")
+    return mode, work / ("tpde" if code in ("", "rans") else f"tpde-{code}")
+
+
 def prepare(work: Path) -> tuple[Path, Path]:
-    """The dense bf16 SmolLM2 folder and its tpde repo (built once, then reused)."""
+    """The dense bf16 SmolLM2 folder and its tpde repos, one per delta code (built once, then reused)."""
     dense, tpde = work / "dense", work / "tpde"
     if not (dense / "model.safetensors").exists():
         import torch
@@ -69,10 +76,12 @@ def prepare(work: Path) -> tuple[Path, Path]:
         tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
         model.save_pretrained(dense)
         tok.save_pretrained(dense)
-    if not (tpde / "tpde_manifest.json").exists():
-        from tpde_hf.conversion import convert
+    from tpde_hf.conversion import convert
 
-        convert(dense, tpde, overwrite=True)
+    for code in ("rans", "class-width"):
+        _, repo = repo_for(f"lossless@{code}", work)
+        if not (repo / "tpde_manifest.json").exists():
+            convert(dense, repo, overwrite=True, delta_code=code)
     return dense, tpde
 
 
@@ -143,12 +152,13 @@ def _generate(model, tok, batch: int, new_tokens: int, budget: float, device: st
     }
 
 
-def run_mode(mode: str, dense: Path, tpde: Path, device: str, new_tokens: int, budget: float) -> dict:
+def run_mode(mode_spec: str, dense: Path, work: Path, device: str, new_tokens: int, budget: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tpde_hf
 
+    mode, tpde = repo_for(mode_spec, work)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(dense)
     device_map = "cuda" if device == "cuda" else None
@@ -172,7 +182,7 @@ def run_mode(mode: str, dense: Path, tpde: Path, device: str, new_tokens: int, b
     model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
     host_bytes = sum(t.numel() * t.element_size() for t in extra)
     result = {
-        "mode": mode,
+        "mode": mode_spec,
         "load_s": round(load_s, 3),
         "model_bytes": model_bytes,
         "model_mb": round(model_bytes / 2**20, 2),
@@ -182,6 +192,10 @@ def run_mode(mode: str, dense: Path, tpde: Path, device: str, new_tokens: int, b
         "runs": [_generate(model, tok, b, new_tokens, budget, device) for b in (1, 8)],
     }
     return result
+
+
+NOTE_DENSE_SPREAD = ("original, dequantize and dequantize@class-width run the same dense bf16 model after the "
+                     "load: the spread of their tokens/s is this machine's noise, not a difference between them")
 
 
 # ==================================================================== driver
@@ -215,13 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     work = Path(args.work)
     if args.worker:
-        dense, tpde = work / "dense", work / "tpde"
-        res = run_mode(args.worker, dense, tpde, args.device, args.new_tokens, args.budget)
+        res = run_mode(args.worker, work / "dense", work, args.device, args.new_tokens, args.budget)
         print("RESULT " + json.dumps(res))
         return
     dense, tpde = prepare(work)
     modes = args.modes.split(",") if args.modes else (
-        ["original", "dequantize", "base", "lossless"] + (["lossless-offload"] if args.device == "cuda" else []))
+        ["original", "dequantize", "base", "lossless"] + (["lossless-offload"] if args.device == "cuda" else [])
+        + ["dequantize@class-width", "lossless@class-width"])
     results = {}
     for mode in modes:
         print(f"== {mode}", flush=True)
@@ -261,7 +275,9 @@ def _finish(results: dict, dense: Path, tpde: Path, args) -> None:
         "machine": _machine(args.device),
         "new_tokens_requested": args.new_tokens,
         "budget_s_per_generate": args.budget,
-        "checkpoint_mb": {"original": round(size(dense) / 2**20, 2), "tpde": round(size(tpde) / 2**20, 2)},
+        "checkpoint_mb": {"original": round(size(dense) / 2**20, 2), "tpde": round(size(tpde) / 2**20, 2),
+                          "tpde_class_width": round(size(repo_for("lossless@class-width", tpde.parent)[1]) / 2**20,
+                                                    2)},
         "modes": results,
         "notes": [
             "model_mb: bytes of the loaded model's parameters and buffers (embeddings and norms included; "
@@ -270,6 +286,7 @@ def _finish(results: dict, dense: Path, tpde: Path, args) -> None:
             "first, times the batch, per second",
             "a run that exceeded the time budget stops early: new_tokens < requested, complete=false",
             "tokens_equal_original: the greedy tokens equal the original model's, over the tokens both produced",
+            NOTE_DENSE_SPREAD,
         ],
     }
     if args.device == "cpu":

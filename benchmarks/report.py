@@ -559,15 +559,18 @@ def kernels_section(data: dict) -> str:
 
 
 _CLASS_WIDTH_HEADERS = ["shape", "delta bits/weight", "reconstruct ms", "reconstruct GB/s (bf16 written)",
-                        "fused GEMV batch 1 ms", "fused GEMV / bf16 time", "fused GEMV batch 16 ms"]
+                        "fused GEMV batch 1 ms", "fused GEMV / bf16 time", "fused GEMV batch 16 ms",
+                        "prefill / bf16 time (batch)"]
 
 
 def _class_width_row(row: dict) -> list:
     cw = row["class_width"]
+    prefill = [p for p in cw.get("prefill") or [] if isinstance(p, dict)]
     return ["x".join(str(v) for v in row.get("shape") or []), num(cw.get("delta_bits_per_weight")),
             num(cw.get("reconstruct_ms")), num(cw.get("reconstruct_GBps_dense_bf16_written")),
             num(cw.get("fused_gemv_ms")), num(cw.get("fused_gemv_time_over_bf16")),
-            num(cw.get("fused_gemv_batch16_ms"))]
+            num(cw.get("fused_gemv_batch16_ms")),
+            ", ".join(f"{fmt(p.get('lossless_time_over_bf16'))} ({p.get('batch')})" for p in prefill) or None]
 
 
 def _details(data: dict) -> str:

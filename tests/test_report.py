@@ -68,7 +68,9 @@ def write_fixtures(folder: Path, *, gpu: bool = False) -> None:
                              "rows": [_kernel_row(s) for s in shapes]}
         gpu_section["rows"][0]["class_width"] = {
             "delta_bits_per_weight": 8.07, "reconstruct_ms": 0.031, "reconstruct_GBps_dense_bf16_written": 1082.0,
-            "fused_gemv_ms": 0.042, "fused_gemv_time_over_bf16": 3.4, "fused_gemv_batch16_ms": 0.09}
+            "fused_gemv_ms": 0.042, "fused_gemv_time_over_bf16": 3.4, "fused_gemv_batch16_ms": 0.09,
+            "prefill": [{"batch": 512, "lossless_ms": 0.1, "lossless_time_over_bf16": 1.31},
+                        {"batch": 2048, "lossless_ms": 0.3, "lossless_time_over_bf16": 1.12}]}
     else:
         gpu_section = {"status": "not measured", "reason": "no CUDA GPU in this run",
                        "rows": [{"shape": s, "reconstruct_GBps": "not measured"} for s in shapes]}
@@ -150,7 +152,8 @@ def test_render_gpu_results(tmp_path: Path) -> None:
     text = render_report(tmp_path / "results", tmp_path / "BENCHMARKS.md").markdown
     assert "GPU NVIDIA H100 80GB HBM3, backend triton:" in text
     assert "| 4096x4096 | 11.9 | 151 |" in text  # the GPU rows carry their numbers
-    assert "| 4096x4096 | 8.07 | 0.0310 | 1,082 | 0.0420 | 3.40 | 0.0900 |" in text  # class-width, one row only
+    assert ("| 4096x4096 | 8.07 | 0.0310 | 1,082 | 0.0420 | 3.40 | 0.0900 | 1.31 (512), 1.12 (2048) |"
+            in text)  # class-width, one row only
     assert "| 4096x11008 | 8.07 |" not in text
     assert "| lossless-offload | " + NO_GPU not in text
 
