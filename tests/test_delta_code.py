@@ -46,6 +46,7 @@ from tpde_hf.codec import (  # noqa: E402
 from tpde_hf.codec.tensor_codec import DELTA_CODES, parse_meta  # noqa: E402
 from tpde_hf.conversion import convert, verify_repo  # noqa: E402
 from tpde_hf.conversion.cli import build_parser  # noqa: E402
+from tpde_hf.conversion.streaming import read_header  # noqa: E402
 from tpde_hf.errors import TpdeFormatError  # noqa: E402
 from tpde_hf.triton_kernels import PackedWeight, lossless_linear, reconstruct  # noqa: E402
 
@@ -260,9 +261,11 @@ def test_triton_reconstruct_is_bit_exact(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("dtype", "rows"), [(torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 17)])
+@pytest.mark.parametrize(("dtype", "rows"), [(torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 13),
+                                             (torch.float32, 17)])
 def test_triton_lossless_linear(device, dtype, rows):
-    """Fused (up to 16 rows: within the ``F.linear`` bound) and unfused (bit-identical to the dense matmul)."""
+    """Fused (up to 16 rows: within the ``F.linear`` bound; fp32 at 13 rows takes two programs of 8 batch rows)
+    and unfused (bit-identical to the dense matmul)."""
     w = weight((21, 300), dtype, seed=rows, adversarial=False)
     pw = PackedWeight.from_encoded(encode_tensor(w, cw_params(64)), device)
     x = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows)).to(dtype).to(device)
@@ -284,10 +287,12 @@ def test_tpde_linear_from_dense_is_bit_exact():
     assert parse_meta(layer.meta, "w").params.delta_code == CW
 
 
-@pytest.fixture(scope="module")
-def cw_repo(tmp_path_factory) -> tuple[Path, Path]:
-    model = tiny_model("llama-untied")
-    return save_pair(model, tmp_path_factory.mktemp("cw"), keep_dense=(), params=cw_params(32))
+@pytest.fixture(scope="module", params=["llama-untied", "gpt2", "mixtral"])
+def cw_repo(request, tmp_path_factory) -> tuple[Path, Path]:
+    """A dense family with its lm_head converted, GPT-2's transposed Conv1D, and fused MoE experts."""
+    keep = () if request.param == "llama-untied" else ("lm_head",)
+    model = tiny_model(request.param)
+    return save_pair(model, tmp_path_factory.mktemp(request.param), keep_dense=keep, params=cw_params(32))
 
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 77, 120, 8, 61, 33, 150, 12]])
@@ -312,7 +317,8 @@ def test_repo_base_mode_is_the_rans_repos_base(cw_repo, tmp_path):
     dense, tpde = cw_repo
     from tpde_repo_helpers import make_tpde_repo
 
-    rans = make_tpde_repo(dense, tmp_path / "rans", keep_dense=(), params=CodecParams(group_size=32))
+    keep = () if "llama" in dense.parent.name else ("lm_head",)
+    rans = make_tpde_repo(dense, tmp_path / "rans", keep_dense=keep, params=CodecParams(group_size=32))
     cfg = TpdeConfig(mode="base")
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(tpde, quantization_config=cfg)(IDS).logits
@@ -349,6 +355,15 @@ def test_convert_with_class_width_is_verified_and_documented(tiny_llama_dir: Pat
         assert_bit_equal(model(ids).logits, ref(ids).logits, "converted class-width logits")
     rans = convert(tiny_llama_dir, tmp_path / "rans", workers=1)
     assert rans.bits_per_weight()["total"] < report.bits_per_weight()["total"]
+
+    # a corrupt class-width delta: verification names the tensor
+    shard = out / "model.safetensors"
+    info = read_header(shard)["model.layers.0.mlp.down_proj.delta"]
+    data = bytearray(shard.read_bytes())
+    data[(info.begin + info.end) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    result = verify_repo(out, raise_on_error=False)
+    assert not result.ok and any(f.startswith("model.layers.0.mlp.down_proj.weight") for f in result.failures)
 
 
 def test_cli_takes_the_delta_code():
