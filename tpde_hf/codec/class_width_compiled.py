@@ -124,7 +124,7 @@ def span_bit_counts(qweight, zeros, r0, r1, in_f, gshift, class_of_level, widths
 @njit(cache=True, nogil=True)
 def encode_fields(bits, qweight, zeros, pred, row0, r0, r1, in_f, gshift, width, class_of_level, widths, min0s,
                   row_start, first_word, out):
-    """Pass 2: write the fields of rows ``[r0, r1)`` into ``out`` (uint64 words from ``first_word``)."""
+    """Pass 2: write the fields of rows ``[r0, r1)`` into ``out`` (uint32 words from ``first_word``)."""
     g = np.int64(1) << gshift
     for row in range(r0, r1):
         qrow = qweight[row]
@@ -140,8 +140,8 @@ def encode_fields(bits, qweight, zeros, pred, row0, r0, r1, in_f, gshift, width,
                     f = np.uint64(_field(_residual(bits[row * in_f + c0 + t], prow, c, width), k, m0))
                     v = f << np.uint64(pos & 31)  # < 2**63: a field has at most 32 bits
                     kw = (pos >> 5) - first_word
-                    out[kw] |= v & np.uint64(0xFFFFFFFF)
-                    out[kw + 1] |= v >> np.uint64(32)
+                    out[kw] |= np.uint32(v & np.uint64(0xFFFFFFFF))
+                    out[kw + 1] |= np.uint32(v >> np.uint64(32))
                     pos += w
 
 
@@ -214,7 +214,7 @@ def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) 
     ends = np.cumsum(span_bits.ravel())
     total = int(ends[-1])
     starts = (ends - span_bits.ravel()).reshape(out_f, n_spans)
-    words = np.zeros(bitpack.n_words(total) + 1, dtype=np.uint64)
+    words = np.zeros(bitpack.n_words(total) + 1, dtype=np.uint32)
     for r0, r1 in _row_chunks(out_f, in_f):
         pred = prediction_ordinals(base.scales[r0:r1], weight.dtype)
         jobs = []
@@ -222,7 +222,7 @@ def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) 
             first = int(starts[r0 + b0, 0]) >> 5
             end = int(starts[r0 + b1, 0]) if r0 + b1 < out_f else total
             jobs.append((bits, qweight, zeros, pred, r0, r0 + b0, r0 + b1, in_f, gshift, width, _CLASS_OF_LEVEL,
-                         widths, min0s, starts[:, 0], first, np.zeros((end >> 5) - first + 2, dtype=np.uint64)))
+                         widths, min0s, starts[:, 0], first, np.zeros((end >> 5) - first + 2, dtype=np.uint32)))
         _run_all(encode_fields, jobs)
         for job in jobs:  # blocks share at most their boundary word: OR them in
             or_into(words, job[14], job[15])
@@ -230,7 +230,7 @@ def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) 
         shape=(out_f, in_f), dtype=weight.dtype, group_size=group_size,
         header=_header_fields(widths, min0s, weight.dtype),
         offsets=torch.from_numpy(starts.astype(np.int64)).to(offset_dtype(total)),
-        words=torch.from_numpy(words.astype(np.uint32).view(np.int32)),
+        words=torch.from_numpy(words.view(np.int32)),
         total_bits=total, checksum=tensor_checksum(weight),
     )
 

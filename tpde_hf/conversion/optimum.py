@@ -29,7 +29,7 @@ from tpde_hf.conversion.report import ConversionReport
 class TpdeOptimumQuantizer(OptimumQuantizer):
     """Converts a model to tpde (4-bit base + lossless delta) with optimum's quantizer interface.
 
-    Keyword options given to :meth:`from_pretrained` (``group_size``, ``keep_dense``, ``include``,
+    Keyword options given to :meth:`from_pretrained` (``group_size``, ``delta_code``, ``keep_dense``, ``include``,
     ``exclude``, ``workers``, ``revision``, ``token``...) are passed on to ``convert``; options given
     to :meth:`quantize` override them for that call.
     """
