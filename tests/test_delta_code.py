@@ -258,6 +258,10 @@ def test_triton_reconstruct_is_bit_exact(device, dtype):
     out = torch.empty(w.shape, dtype=dtype, device=device)
     assert reconstruct(pw, out, backend="triton") is out
     assert_bit_exact(out, w)
+    for bad in (torch.empty(w.shape[::-1], dtype=dtype, device=device), out.t().contiguous().t(),
+                torch.empty(w.shape, dtype=dtype, device="meta")):
+        with pytest.raises(ValueError, match="out must be"):
+            reconstruct(pw, bad, backend="triton")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -26,8 +26,17 @@ from numba import njit
 
 from tpde_hf.codec import base_quant, bitpack
 from tpde_hf.codec.checksum import tensor_checksum
-from tpde_hf.codec.class_width import CLASS_OF_LEVEL, N_CLASSES, OFFSET_SPAN, ClassWidthDelta, offset_dtype, validate
+from tpde_hf.codec.class_width import (
+    CLASS_OF_LEVEL,
+    N_CLASSES,
+    OFFSET_SPAN,
+    ClassWidthDelta,
+    _pack_header,
+    offset_dtype,
+    validate,
+)
 from tpde_hf.codec.compiled import (
+    _BIT_LENGTH_16,
     _blocks,
     _group_shift,
     _np_int,
@@ -42,7 +51,6 @@ from tpde_hf.errors import TpdeFormatError
 
 assert OFFSET_SPAN == 1 << 10  # the loops find span starts with `col & 1023` and `col >> 10`
 _CLASS_OF_LEVEL = CLASS_OF_LEVEL.numpy().astype(np.int64)
-_BIT_LENGTH_16 = np.array([int(v).bit_length() for v in range(1 << 16)], dtype=np.uint8)
 
 
 # ============================================================================ loops
@@ -184,17 +192,6 @@ def decode_rows(qweight, zeros, pred, row0, r0, r1, in_f, gshift, width, class_o
 
 
 # ============================================================================ drivers
-def _header_fields(widths: np.ndarray, min0s: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The stored int32 header from per-group widths and ``min0`` (the layout of ``class_width``)."""
-    shifts = np.arange(N_CLASSES, dtype=np.int64)
-    if bit_width(dtype) == 32:
-        word0 = (widths << (8 * shifts)).sum(-1)
-        return torch.from_numpy(np.stack((word0, min0s), -1).astype(np.uint32).view(np.int32))
-    codes = np.minimum(widths, 15)
-    h = (codes << (4 * shifts)).sum(-1) | (min0s << 16)
-    return torch.from_numpy(h.astype(np.uint32).view(np.int32)).unsqueeze(-1)  # (numpy's [..., None] has stride 0)
-
-
 def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) -> ClassWidthDelta:
     """:func:`class_width.encode` in compiled loops, byte for byte."""
     out_f, in_f = weight.shape
@@ -228,7 +225,7 @@ def encode(weight: torch.Tensor, base: base_quant.BaseTensors, group_size: int) 
             or_into(words, job[14], job[15])
     return ClassWidthDelta(
         shape=(out_f, in_f), dtype=weight.dtype, group_size=group_size,
-        header=_header_fields(widths, min0s, weight.dtype),
+        header=_pack_header(torch.from_numpy(widths), torch.from_numpy(min0s), weight.dtype),
         offsets=torch.from_numpy(starts.astype(np.int64)).to(offset_dtype(total)),
         words=torch.from_numpy(words.view(np.int32)),
         total_bits=total, checksum=tensor_checksum(weight),

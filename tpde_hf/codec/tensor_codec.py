@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import zstandard
 
-from tpde_hf.codec import base_quant, bitpack, rans
+from tpde_hf.codec import base_quant, bitpack, class_width, rans
 from tpde_hf.codec.backend import active_backend
 from tpde_hf.codec.checksum import tensor_checksum
 from tpde_hf.codec.ordinal import CODE_DTYPES, DTYPE_CODES, bit_width, check_dtype, from_ordinal, to_ordinal, wrap
@@ -167,13 +167,11 @@ class EncodedTensor:
         """``"rans"`` or ``"class-width"`` (see the module docstring)."""
         return self.params.delta_code
 
-    def class_width_code(self):
+    def class_width_code(self) -> class_width.ClassWidthDelta:
         """The delta as a :class:`~tpde_hf.codec.class_width.ClassWidthDelta` (views, no copy)."""
-        from tpde_hf.codec.class_width import ClassWidthDelta
-
         if self.delta_code != "class-width":
             raise ValueError(f"{self.name}: its delta is {self.delta_code}, not class-width")
-        return ClassWidthDelta(shape=self.shape, dtype=self.dtype, group_size=self.params.group_size,
+        return class_width.ClassWidthDelta(shape=self.shape, dtype=self.dtype, group_size=self.params.group_size,
                                header=self.tables, offsets=self.lanes, words=self.delta,
                                total_bits=self.total_bits, checksum=self.checksum)
 
@@ -236,7 +234,7 @@ class EncodedTensor:
         p = self.params
         version = p.format_version
         code_fields = ([p.lane_len, p.prob_bits, p.sym_k, p.sym_m] if p.delta_code == "rans"
-                       else [CLASS_WIDTH_SPAN, 0, 0, 0])
+                       else [class_width.OFFSET_SPAN, 0, 0, 0])
         values = [version, DTYPE_CODES[self.dtype], self.shape[0], self.shape[1], p.group_size, *code_fields,
                   self.checksum]
         if version >= 2:
@@ -293,8 +291,6 @@ class EncodedTensor:
             # The encoder never writes one; a crafted inf/NaN scale would decode to device-dependent NaN bits.
             raise TpdeFormatError(name, "scales contain inf or NaN")
         if self.delta_code == "class-width":
-            from tpde_hf.codec import class_width
-
             with named_errors(name):
                 class_width.validate(self.class_width_code(), self.base)
             return
@@ -317,10 +313,6 @@ class EncodedTensor:
                 name, f"delta payload has {self.delta.numel()} bytes, the lane table says {want} (truncated or corrupt)"
             )
         self.frequencies()
-
-
-#: The span of columns per stored class-width bit offset (``class_width.OFFSET_SPAN``), recorded in meta.
-CLASS_WIDTH_SPAN = 1024
 
 
 @dataclass(frozen=True)
@@ -364,9 +356,9 @@ def parse_meta(meta: torch.Tensor, name: str | None) -> StoredMeta:
             raise TpdeFormatError(name, f"a rANS meta holds a payload bit count ({total_bits})")
     else:
         params = CodecParams(group_size=v[4], delta_code=code)
-        if v[5:9] != [CLASS_WIDTH_SPAN, 0, 0, 0]:
+        if v[5:9] != [class_width.OFFSET_SPAN, 0, 0, 0]:
             raise TpdeFormatError(name, f"class-width meta fields {v[5:9]} unsupported "
-                                        f"(expected [{CLASS_WIDTH_SPAN}, 0, 0, 0])")
+                                        f"(expected [{class_width.OFFSET_SPAN}, 0, 0, 0])")
         if not 0 <= total_bits < 1 << 48:
             raise TpdeFormatError(name, f"invalid payload bit count {total_bits}")
     params.validate(name)
@@ -464,11 +456,9 @@ def class_width_impl():
     """The class-width codec of the active backend: :mod:`.class_width_compiled` or the torch reference
     :mod:`.class_width` (both have ``encode``, ``decode`` and ``check_layout``, with identical results)."""
     if active_backend() == "compiled":
-        from tpde_hf.codec import class_width_compiled
+        from tpde_hf.codec import class_width_compiled  # numba: only when the compiled codec runs
 
         return class_width_compiled
-    from tpde_hf.codec import class_width
-
     return class_width
 
 

@@ -38,6 +38,7 @@ from tpde_hf.codec.class_width import OFFSET_SPAN, ClassWidthDelta
 from tpde_hf.codec.ordinal import DTYPE_CODES, INT_VIEW, bit_width
 from tpde_hf.triton_kernels.triton_impl import (
     _bits_from_f32,
+    _check_out,
     _f32_from_bits,
     bits_of_ordinal,
 )
@@ -91,6 +92,10 @@ class ClassWidthPacked:
     @property
     def group_size(self) -> int:
         return self.code.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.code.words.device
 
     def kernel_args(self) -> tuple:
         """The tensors and sizes both kernels take, in their order (``qweight_ptr`` ... ``n_spans``)."""
@@ -252,8 +257,10 @@ def cw_reconstruct(pw: ClassWidthPacked, out: torch.Tensor | None = None) -> tor
     """
     out_f, in_f = pw.shape
     tensors, sizes = pw.kernel_args()
-    result = torch.empty(pw.shape, dtype=pw.dtype, device=pw.code.words.device) if out is None else out
-    out = result.view(INT_VIEW[pw.dtype])
+    if out is None:
+        out = torch.empty(pw.shape, dtype=pw.dtype, device=pw.device)
+    _check_out(pw, out)
+    result, out = out, out.view(INT_VIEW[pw.dtype])
     grid = (triton.cdiv(out_f, CW_BLOCK_R), pw.code.offsets.shape[1])
     _cw_reconstruct_kernel[grid](*tensors, out, *sizes, G=pw.group_size, WIDTH=bit_width(pw.dtype),
                                  CODE=DTYPE_CODES[pw.dtype], BLOCK_R=CW_BLOCK_R,

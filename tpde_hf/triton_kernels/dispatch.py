@@ -81,15 +81,15 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None, *, backend: s
         W = reconstruct(PackedWeight.from_encoded(enc, "cuda"))
         assert torch.equal(W.cpu().view(torch.int16), decode_tensor(enc).view(torch.int16))
     """
+    if _use_triton(pw.device, backend):  # each launcher checks its `out`
+        if pw.delta_code == "class-width":  # its layout was checked when pw was built
+            pw.require_delta()
+            kernels, cw = _class_width_packed(pw)
+            return kernels.cw_reconstruct(cw, out)
+        return _impl().reconstruct(pw, out, check=check)
     if out is not None and (out.shape != pw.shape or out.dtype != pw.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {pw.dtype} tensor of shape {list(pw.shape)}")
-    if not _use_triton(pw.device, backend):
-        return torch_ref.reconstruct(pw, out)
-    if pw.delta_code == "class-width":  # its layout was checked when pw was built
-        pw.require_delta()
-        kernels, cw = _class_width_packed(pw)
-        return kernels.cw_reconstruct(cw, out)
-    return _impl().reconstruct(pw, out, check=check)
+    return torch_ref.reconstruct(pw, out)
 
 
 def base_weight(pw: PackedWeight, *, backend: str = "auto") -> torch.Tensor:
