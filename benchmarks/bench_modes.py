@@ -2,7 +2,8 @@
 
 For each mode (the original dense bf16 checkpoint, then tpde ``dequantize``, ``base``, ``lossless``
 and, on CUDA, ``lossless-offload``; then ``dequantize`` and ``lossless`` of a second repo whose delta
-is class-width coded, named ``<mode>@class-width``), in a fresh subprocess each:
+is class-width coded, named ``<mode>@class-width``; on CPU, ``original`` and both ``lossless`` again with
+``OMP_WAIT_POLICY=PASSIVE``, named ``<mode>+omp-passive``), in a fresh subprocess each:
 
 * resident weight memory: bytes of the model's parameters and buffers (``model_bytes``) and the
   process RSS growth over the load (``rss_load_mb``, CPU) or ``torch.cuda.memory_allocated`` (GPU);
@@ -10,8 +11,9 @@ is class-width coded, named ``<mode>@class-width``), in a fresh subprocess each:
 * time to first token (prefill of the prompt + first sampled token) and decode tokens/s for greedy
   generation of 128 new tokens at batch 1 and batch 8 (8 different prompts, left-padded).
 
-Per-forward CPU decoding of the delta rebuilds every layer at every token (about a second per token for
-SmolLM2 on 2 cores), so a ``lossless`` CPU run stops generating when it exceeds ``--budget`` seconds and reports the
+Per-forward CPU decoding of the delta rebuilds every layer at every token (a quarter to one second per
+token for SmolLM2 on 2 cores, by delta code and OpenMP policy), so a ``lossless`` CPU run stops generating
+when it exceeds ``--budget`` seconds and reports the
 tokens it produced (``new_tokens`` says how many); tokens/s is measured on those.
 
 The model on CPU is SmolLM2-135M-Instruct: its bf16 checkpoint is built from the Q4_1 GGUF of the
@@ -52,10 +54,24 @@ PROMPTS = [
 ]
 
 
+#: Mode-name suffixes that run the mode's subprocess with extra environment variables. Passive
+#: OpenMP waiting: torch's OpenMP threads otherwise spin for milliseconds after each op, on the cores
+#: that the CPU lossless decode needs (the ``+omp-passive`` rows measure what that costs).
+ENV_SUFFIXES = {"+omp-passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def split_env(mode_spec: str) -> tuple[str, dict[str, str]]:
+    """``"lossless+omp-passive"`` -> ``("lossless", {"OMP_WAIT_POLICY": "PASSIVE"})``."""
+    for suffix, env in ENV_SUFFIXES.items():
+        if mode_spec.endswith(suffix):
+            return mode_spec[: -len(suffix)], env
+    return mode_spec, {}
+
+
 # ==================================================================== preparing the checkpoints
 def repo_for(mode_spec: str, work: Path) -> tuple[str, Path]:
     """``"lossless@class-width"`` -> ``("lossless", work / "tpde-class-width")``; ``"base"`` -> the rANS repo."""
-    mode, _, code = mode_spec.partition("@")
+    mode, _, code = split_env(mode_spec)[0].partition("@")
     return mode, work / ("tpde" if code in ("", "rans") else f"tpde-{code}")
 
 
@@ -183,6 +199,7 @@ def run_mode(mode_spec: str, dense: Path, work: Path, device: str, new_tokens: i
     host_bytes = sum(t.numel() * t.element_size() for t in extra)
     result = {
         "mode": mode_spec,
+        "env": split_env(mode_spec)[1],
         "load_s": round(load_s, 3),
         "model_bytes": model_bytes,
         "model_mb": round(model_bytes / 2**20, 2),
@@ -235,13 +252,16 @@ def main(argv: list[str] | None = None) -> None:
     dense, tpde = prepare(work)
     modes = args.modes.split(",") if args.modes else (
         ["original", "dequantize", "base", "lossless"] + (["lossless-offload"] if args.device == "cuda" else [])
-        + ["dequantize@class-width", "lossless@class-width"])
+        + ["dequantize@class-width", "lossless@class-width"]
+        + (["original+omp-passive", "lossless+omp-passive", "lossless@class-width+omp-passive"]
+           if args.device == "cpu" else []))
     results = {}
     for mode in modes:
         print(f"== {mode}", flush=True)
         cmd = [sys.executable, __file__, "--worker", mode, "--device", args.device, "--work", str(work),
                "--new-tokens", str(args.new_tokens), "--budget", str(args.budget)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **split_env(mode)[1])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -287,13 +307,15 @@ def _finish(results: dict, dense: Path, tpde: Path, args) -> None:
             "a run that exceeded the time budget stops early: new_tokens < requested, complete=false",
             "tokens_equal_original: the greedy tokens equal the original model's, over the tokens both produced",
             NOTE_DENSE_SPREAD,
+            "<mode>+omp-passive: the same mode with OMP_WAIT_POLICY=PASSIVE in its environment (torch's OpenMP "
+            "threads sleep at once after each op instead of spinning on the cores the CPU decode uses)",
         ],
     }
     if args.device == "cpu":
         out["cpu_default_mode"] = "dequantize"
         out["cpu_default_reason"] = (
-            "On CPU, lossless rebuilds every weight from the delta at every forward (a few MB/s), which is "
-            "orders of magnitude slower per token than a dense matmul; dequantize pays that decode once at "
+            "On CPU, lossless rebuilds every weight from the delta at every forward, which is several times "
+            "slower per token than a dense matmul (see the lossless rows); dequantize pays that decode once at "
             "load and then runs at the original model's speed with bit-identical outputs. base keeps the "
             "least memory but is lossy and slower than dense per token."
         )

@@ -407,6 +407,20 @@ def test_corrupt_width_code_is_detected(coded, delta: int) -> None:
         assert_layout_rejected(dataclasses.replace(code, header=_set_width(code, row, grp, k, new)), base)
 
 
+def test_fp32_width_past_32_bits_is_refused() -> None:
+    """An fp32 header stores widths as bytes: one past 32 bits is refused before any field is read
+    (the decoders' masks and shifts assume at most 32). A 16-bit header's codes cannot exceed 16."""
+    w = weight((3, 300), torch.float32, seed=5)
+    base = base_quant.quantize(w, 128)
+    code = encode(w, base, 128)
+    for new in (33, 64, 255):
+        bad = dataclasses.replace(code, header=_set_width(code, 1, 1, 0, new))
+        with pytest.raises(TpdeFormatError, match="exceeds"):
+            check_layout(bad, base)
+        with pytest.raises(TpdeFormatError, match="exceeds"):
+            decode(bad, base)
+
+
 def test_truncated_or_missing_payload_is_detected(coded) -> None:
     w, base, code = coded
     for keep in (code.words.numel() - 1, code.words.numel() // 2, 1, 0):

@@ -231,3 +231,17 @@ def test_delta_codes_quick_run_renders(tmp_path: Path, monkeypatch: pytest.Monke
     assert "| class 0 (levels 0): share of elements |" in text and "| class 3: mean field width, bits |" in text
     assert "| class-width decode on GPU | " + NO_GPU in text
     assert "dedicated table failed" not in text and "quick smoke run" in text
+
+
+def test_bench_modes_mode_names(tmp_path: Path) -> None:
+    """``<mode>[@code][+omp-passive]``: the repo comes from the code, the environment from the suffix."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_modes.py"
+    spec = importlib.util.spec_from_file_location("bench_modes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.split_env("lossless@class-width+omp-passive") == ("lossless@class-width",
+                                                                  {"OMP_WAIT_POLICY": "PASSIVE"})
+    assert bench.split_env("original") == ("original", {})
+    assert bench.repo_for("lossless@class-width+omp-passive", tmp_path) == ("lossless", tmp_path / "tpde-class-width")
+    assert bench.repo_for("lossless+omp-passive", tmp_path) == ("lossless", tmp_path / "tpde")
+    assert bench.repo_for("base", tmp_path) == ("base", tmp_path / "tpde")

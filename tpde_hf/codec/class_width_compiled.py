@@ -153,40 +153,72 @@ def encode_fields(bits, qweight, zeros, pred, row0, r0, r1, in_f, gshift, width,
                     pos += w
 
 
+@njit(cache=True, inline="always")
+def _unpack_header(h, width, class_widths):
+    """One group's header (``class_width._pack_header``): its four widths into ``class_widths``; returns ``min0``."""
+    h0 = np.int64(h[0]) & 0xFFFFFFFF
+    if width == 32:  # the widths as bytes, min0 in the second word
+        for k in range(4):
+            class_widths[k] = (h0 >> (8 * k)) & 0xFF
+        return np.int64(h[1]) & 0xFFFFFFFF
+    for k in range(4):  # 4-bit width codes, 15 meaning 16 bits; min0 in bits 16-31
+        w = (h0 >> (4 * k)) & 15
+        class_widths[k] = w + (w == 15)
+    return h0 >> 16
+
+
 @njit(cache=True, nogil=True)
-def decode_rows(qweight, zeros, pred, row0, r0, r1, in_f, gshift, width, class_of_level, widths, min0s, offsets,
+def decode_rows(qweight, zeros, pred, row0, r0, r1, in_f, gshift, width, class_of_level, header, offsets,
                 words, out, row_end):
     """Rebuild rows ``[r0, r1)`` into ``out`` (flat bit patterns); ``row_end[row]`` gets each row's last bit.
 
     Returns the number of span offsets that disagreed with the widths (0 for a sound delta). Reads are
     clamped into ``words``, which ends with one zero word of padding.
+
+    Per group, three 16-entry tables indexed by the raw 4-bit code hold its field width, its
+    prediction's ordinal and its class-0 frame, so the inner loop has no class logic: a class-0
+    field is ``((mag - min0) << 1) | sign`` and any other is ``zigzag(r)``, and both decode to
+    ``r = ((f >> 1) + frame) ^ -(f & 1)`` with ``frame`` = ``min0`` in class 0, else 0.
     """
     g = np.int64(1) << gshift
     last = words.size - 2
     bad = 0
+    t_width = np.empty(16, dtype=np.int64)
+    t_pred = np.empty(16, dtype=np.int64)
+    t_frame = np.empty(16, dtype=np.int64)
+    class_widths = np.empty(4, dtype=np.int64)
     for row in range(r0, r1):
         qrow = qweight[row]
         pos = np.int64(offsets[row, 0])
+        kw = max(min(pos >> 5, last), 0)  # a crafted offset may point anywhere
+        buf = (np.uint64(words[kw]) | (np.uint64(words[kw + 1]) << np.uint64(32))) >> np.uint64(pos & 31)
+        avail = 64 - (pos & 31)  # valid bits in buf; the bits above them are 0
+        nxt = kw + 2
         for gi in range((in_f + g - 1) >> gshift):
             c0 = gi << gshift
-            z, prow, m0 = _zero_point(zeros, row, gi), pred[row - row0, gi], min0s[row, gi]
+            if (c0 & 1023) == 0 and pos != offsets[row, c0 >> 10]:  # a span holds whole groups
+                bad += 1
+            z, prow = _zero_point(zeros, row, gi), pred[row - row0, gi]
+            m0 = _unpack_header(header[row, gi], width, class_widths)
+            for q in range(16):
+                k = class_of_level[abs(q - z)]
+                t_width[q] = class_widths[k]
+                t_pred[q] = prow[q - z + 15]
+                t_frame[q] = m0 if k == 0 else 0
+            base = row * in_f + c0
             for t in range(min(g, in_f - c0)):
-                col = c0 + t
-                if (col & 1023) == 0 and pos != offsets[row, col >> 10]:
-                    bad += 1
-                c = _code(qrow, col) - z
-                k = class_of_level[abs(c)]
-                w = widths[row, gi, k]
-                kw = max(min(pos >> 5, last), 0)  # a crafted offset may point anywhere
-                window = np.uint64(words[kw]) | (np.uint64(words[kw + 1]) << np.uint64(32))
-                f = np.int64((window >> np.uint64(pos & 31)) & ((np.uint64(1) << np.uint64(w)) - np.uint64(1)))
+                q = _code(qrow, c0 + t)
+                w = t_width[q]
+                if avail < 32:  # a field has at most 32 bits
+                    buf |= np.uint64(words[min(nxt, last + 1)]) << np.uint64(avail)
+                    nxt += 1
+                    avail += 32
+                f = np.int64(buf & ((np.uint64(1) << np.uint64(w)) - np.uint64(1)))
+                buf >>= np.uint64(w)
+                avail -= w
                 pos += w
-                if k == 0:
-                    mag = (f >> 1) + m0
-                    r = -1 - mag if (f & 1) == 1 else mag
-                else:
-                    r = (f >> 1) ^ -(f & 1)
-                out[row * in_f + col] = _ordinal(_wrap(np.int64(prow[c + 15]) + r, width), width)
+                r = ((f >> 1) + t_frame[q]) ^ -(f & 1)
+                out[base + t] = _ordinal(_wrap(t_pred[q] + r, width), width)
         row_end[row] = pos
     return bad
 
@@ -259,8 +291,6 @@ def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = F
     validate(code, base)
     out_f, in_f = code.shape
     width, gshift = bit_width(code.dtype), _group_shift(code.group_size)
-    widths = code.widths().numpy()
-    min0s = code.min0().numpy()
     offsets = code.offsets.numpy()
     words = code.words.numpy().view(np.uint32)
     if words.size < 2:  # the loop reads a two-word window, clamped into the array
@@ -272,7 +302,7 @@ def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = F
     for r0, r1 in _row_chunks(out_f, in_f):
         pred = prediction_ordinals(base.scales[r0:r1], code.dtype)
         bad += sum(_run_all(decode_rows, [
-            (qweight, zeros, pred, r0, r0 + b0, r0 + b1, in_f, gshift, width, _CLASS_OF_LEVEL, widths, min0s,
+            (qweight, zeros, pred, r0, r0 + b0, r0 + b1, in_f, gshift, width, _CLASS_OF_LEVEL, code.header.numpy(),
              offsets, words, out, row_end) for b0, b1 in _blocks(r1 - r0, (r1 - r0) * in_f)]))
     if bad or not np.array_equal(row_end[:-1], offsets[1:, 0].astype(np.int64)):
         raise TpdeFormatError(None, "class-width delta: stored span offsets disagree with the header's widths")

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 #: About this many elements per chunk: bounds the prediction table (4 * 32 / G bytes per element).
 CHUNK_ELEMENTS = 1 << 22
-_LEVELS_F32 = np.arange(-15, 17, dtype=np.float32)
 _BIT_LENGTH_16 = np.array([int(v).bit_length() for v in range(1 << 16)], dtype=np.uint8)
 
 
@@ -41,23 +40,18 @@ def prediction_ordinals(scales: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """int32 ``[rows, n_groups, 32]``: ``ord(dtype(float32(c) * float32(scale)))`` at index ``c + 15``.
 
     The same value as :func:`base_quant.predict_from_levels`: the float32 product is exact (an fp16
-    scale times ``|c| <= 15``), so only the cast rounds, to nearest even, and numpy's casts agree
-    with torch's (a test checks every fp16 scale). Computed in numpy on purpose: a torch op here
-    would leave its OpenMP threads spinning against the codec's own threads. Index 31 is unused.
+    scale times ``|c| <= 15``), so only the cast rounds, to nearest even (a test checks every fp16
+    scale against torch). One compiled pass over row blocks on the codec's threads: the table is
+    rebuilt at every decode, and numpy's ten passes over it cost a fifth of a layer's decode.
+    Index 31 is unused (0).
     """
     s32 = scales.numpy().astype(np.float32)
-    prod = s32[..., None] * _LEVELS_F32  # exact
-    if dtype == torch.float32:
-        bits = prod.view(np.int32)
-    elif dtype == torch.float16:
-        with np.errstate(over="ignore"):  # products past 65504 become inf, as in torch
-            bits = prod.astype(np.float16).view(np.int16).astype(np.int32)
-    else:  # bfloat16: round the float32 bits to nearest even (the products are finite, never NaN)
-        u = prod.view(np.uint32)
-        bits = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.int32)
-        bits = (bits ^ 0x8000) - 0x8000  # sign-extend the 16-bit pattern
+    rows = s32.shape[0]
+    out = np.empty((rows, s32.shape[1], 32), dtype=np.int32)
     width = bit_width(dtype)
-    return bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+    _run_all(kernels.prediction_rows, [(s32, r0, r1, width, dtype == torch.float16, out)
+                                       for r0, r1 in _blocks(rows, out.size)])
+    return out
 
 
 @dataclass(frozen=True)

@@ -230,17 +230,22 @@ def decode_steps(qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lane
     mask = np.uint64((1 << prob_bits) - 1)
     last_word = max(words.size - 1, 0)
     last_raw = raw_words.size - 2  # raw_words ends with one padding word
+    t_ctx = np.empty(16, dtype=np.int64)  # per run, by raw 4-bit code: the LUT row and the prediction
+    t_pred = np.empty(16, dtype=np.int64)
     for e in range(e0, e1):
         i = e * n_lanes + l0
         lane = l0
         row, col = _row_col(i, in_f)
         while lane < l1 and i < numel:
             n, z, prow, qrow = _segment(qweight, zeros, pred, row0, row, col, in_f, gshift, min(l1 - lane, numel - i))
+            for q in range(16):
+                t_ctx[q] = abs(q - z) << prob_bits
+                t_pred[q] = prow[q - z + 15]
             for t in range(n):
-                c = _code(qrow, col + t) - z
+                q = _code(qrow, col + t)
                 ln = lane + t
                 x = state[ln]
-                ent = lut[(abs(c) << prob_bits) | np.int64(x & mask)]
+                ent = lut[t_ctx[q] | np.int64(x & mask)]
                 bias = (ent >> np.uint64(16)) & np.uint64(0xFFFF)
                 x = (ent & np.uint64(0xFFFF)) * (x >> np.uint64(prob_bits)) + bias
                 # Branch-free: renormalization is close to a coin flip. Reads are clamped into the
@@ -259,7 +264,7 @@ def decode_steps(qweight, zeros, pred, row0, e0, e1, numel, in_f, gshift, n_lane
                 u |= np.int64((w >> np.uint64(bp & 31)) & ((np.uint64(1) << np.uint64(nr)) - np.uint64(1)))
                 raw_ptr[ln] = bp + nr
                 r = (u >> 1) ^ -(u & 1)
-                out[i + t] = _ordinal(_wrap(np.int64(prow[c + 15]) + r, width), width)
+                out[i + t] = _ordinal(_wrap(t_pred[q] + r, width), width)
             lane += n
             i += n
             row, col = _after_segment(row, col, n, in_f)
@@ -326,3 +331,58 @@ def fill_decode_table(freq, prob_bits, lead, n_raw, out):
             for j in range(min(np.int64(f), total - slot)):
                 out[(ctx << prob_bits) | (slot + j)] = tag | (np.uint64(j) << np.uint64(16))
             slot += np.int64(f)
+
+
+@njit(cache=True, inline="always")
+def _f32_bits_to_f16(u):
+    """The fp16 pattern nearest (ties to even) to the finite float32 with bits ``u``, as numpy's cast.
+
+    Integer math, because numba has no float16 on the CPU: past the fp16 range the result is inf,
+    below it a subnormal or a signed zero.
+    """
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x477FF000:  # 65520 and up round to inf
+        return sign | 0x7C00
+    if a >= 0x38800000:  # normal: rebias the exponent, round the mantissa to 10 bits
+        r = a - 0x38000000
+        q = r >> 13
+        rem = r & 0x1FFF
+        return sign | (q + ((rem > 0x1000) | ((rem == 0x1000) & (q & 1))))
+    shift = 126 - (a >> 23)  # subnormal: the value in units of 2**-24 is m >> shift
+    if shift >= 25:
+        return sign
+    m = (a & 0x7FFFFF) | 0x800000
+    q = m >> shift
+    rem = m & ((np.int64(1) << shift) - 1)
+    half = np.int64(1) << (shift - 1)
+    return sign | (q + ((rem > half) | ((rem == half) & (q & 1))))
+
+
+@njit(cache=True, nogil=True)
+def prediction_rows(scale32, r0, r1, width, is_fp16, out):
+    """Rows ``[r0, r1)`` of the prediction table (see ``compiled.prediction_ordinals``).
+
+    ``out[row, g, c + 15] = ord(dtype(scale32[row, g] * c))``: the float32 product is exact, so
+    the rounding to the source dtype (integer math on its bits) is the only one.
+    """
+    prod = np.empty(31, dtype=np.float32)
+    bits = prod.view(np.uint32)
+    mag = (np.int64(1) << (width - 1)) - 1
+    for row in range(r0, r1):
+        for g in range(scale32.shape[1]):
+            s = scale32[row, g]
+            for j in range(31):
+                prod[j] = s * np.float32(j - 15)
+            for j in range(31):
+                u = np.int64(bits[j])
+                if width == 32:
+                    v = u - ((u & 0x80000000) << 1)  # sign-extend
+                else:
+                    if is_fp16:
+                        p = _f32_bits_to_f16(u)
+                    else:  # bfloat16: round the float32 bits to nearest even
+                        p = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+                    v = (p ^ 0x8000) - 0x8000
+                out[row, g, j] = v ^ ((v >> (width - 1)) & mag)
+            out[row, g, 31] = 0
