@@ -291,7 +291,7 @@ def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = F
     validate(code, base)
     out_f, in_f = code.shape
     width, gshift = bit_width(code.dtype), _group_shift(code.group_size)
-    offsets = code.offsets.numpy()
+    header, offsets = code.header.numpy(), code.offsets.numpy()
     words = code.words.numpy().view(np.uint32)
     if words.size < 2:  # the loop reads a two-word window, clamped into the array
         words = np.concatenate((words, np.zeros(2 - words.size, dtype=np.uint32)))
@@ -302,7 +302,7 @@ def decode(code: ClassWidthDelta, base: base_quant.BaseTensors, verify: bool = F
     for r0, r1 in _row_chunks(out_f, in_f):
         pred = prediction_ordinals(base.scales[r0:r1], code.dtype)
         bad += sum(_run_all(decode_rows, [
-            (qweight, zeros, pred, r0, r0 + b0, r0 + b1, in_f, gshift, width, _CLASS_OF_LEVEL, code.header.numpy(),
+            (qweight, zeros, pred, r0, r0 + b0, r0 + b1, in_f, gshift, width, _CLASS_OF_LEVEL, header,
              offsets, words, out, row_end) for b0, b1 in _blocks(r1 - r0, (r1 - r0) * in_f)]))
     if bad or not np.array_equal(row_end[:-1], offsets[1:, 0].astype(np.int64)):
         raise TpdeFormatError(None, "class-width delta: stored span offsets disagree with the header's widths")

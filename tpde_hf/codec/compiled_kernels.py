@@ -368,7 +368,6 @@ def prediction_rows(scale32, r0, r1, width, is_fp16, out):
     """
     prod = np.empty(31, dtype=np.float32)
     bits = prod.view(np.uint32)
-    mag = (np.int64(1) << (width - 1)) - 1
     for row in range(r0, r1):
         for g in range(scale32.shape[1]):
             s = scale32[row, g]
@@ -384,5 +383,5 @@ def prediction_rows(scale32, r0, r1, width, is_fp16, out):
                     else:  # bfloat16: round the float32 bits to nearest even
                         p = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
                     v = (p ^ 0x8000) - 0x8000
-                out[row, g, j] = v ^ ((v >> (width - 1)) & mag)
+                out[row, g, j] = _ordinal(v, width)
             out[row, g, 31] = 0
