@@ -44,6 +44,12 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
                    "conversion of whole models: time, throughput, peak memory, size"),
     "modes": ("modes.json", "bench_modes.py",
               "runtime modes of a loaded model: load time, resident memory, tokens/s, exactness"),
+    "integrity": ("integrity.json", "bench_integrity.py",
+                  "load time with the default integrity checks (xxh3 of every stored byte) against the opt-out, "
+                  "in the same run"),
+    "peers": ("peers.json", "bench_peers.py",
+              "tpde against the other lossless tools (ZipNN, lmzip, glyd, bigsmall plain and dual, DFloat11's "
+              "encoder, zstd) on the same bytes in the same run: bits per weight, MB/s both ways, bit-exact check"),
     "sass": ("sass_counts.json", "sass_counts.py",
              "static SASS of each Triton kernel's hot loop (compiled for sm_90, nothing run): instructions per "
              "weight and the issue ceiling they set"),
@@ -593,7 +599,69 @@ def sass_section(data: dict) -> str:
                                         rows), _details(data)])
 
 
+def _percent(value: Any) -> str | None:
+    """A figure already in percent: ``2.34`` -> ``'2.3%'``."""
+    v = num(value)
+    return None if v is None else f"{v:.1f}%"
+
+
+def integrity_section(data: dict) -> str:
+    """Load time with and without the integrity checks, per model and mode (``integrity.json``)."""
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        return generic_tables(data)
+    rows = []
+    for name, m in models.items():
+        for mode, r in (get(m, "modes", default={}) or {}).items():
+            if not isinstance(r, dict):
+                continue
+            rows.append([name, mode, num(m.get("repo_mb")), num(r.get("median_on_s")), num(r.get("median_off_s")),
+                         num(r.get("overhead_s")), _percent(r.get("overhead_pct_of_cpu_default_load")),
+                         _percent(r.get("overhead_pct_of_mode_load")), num(r.get("median_check_in_load_s")),
+                         _percent(r.get("check_in_load_pct_of_cpu_default_load")), num(r.get("check_alone_s")),
+                         num(r.get("hash_gb_per_s")), len(r.get("on_s") or [])])
+    if not rows:
+        return generic_tables(data)
+    parts = []
+    if isinstance(data.get("goal"), str):
+        parts.append(f"Goal: {data['goal']}.")
+    parts.append(md_table(
+        ["model", "mode", "repo MB", "load s, checks on (median)", "load s, check_integrity=False (median)",
+         "overhead s", "overhead / CPU default-mode load", "overhead / this mode's load",
+         "check inside the load s (median)", "check inside the load / CPU default-mode load", "check alone s (best)",
+         "hash GB/s (check alone)", "pairs"], rows))
+    parts.append("Each pair loads the repo twice in one process, with the checks and with "
+                 "`TpdeConfig(check_integrity=False)`, alternating which goes first, after a discarded warm-up load "
+                 "(warm page cache). The overhead is the difference of the medians. \"Check inside the load\" is "
+                 "the time the checked loads spent in `tpde_hf.integrity.check_checkpoint`, the whole of what the "
+                 "checks add; \"check alone\" times it again outside any load on the same files. The CPU default "
+                 "mode is `dequantize`. On a shared machine the load times of a pair vary by more than the check "
+                 "costs, so the difference of medians is noisy (even negative): the check-inside-the-load column "
+                 "is the steady figure.")
+    notes = [f"{n}: {m['note']}." for n, m in models.items() if isinstance(m, dict) and isinstance(m.get("note"), str)]
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes))
+    parts.append(_details(data))
+    return "\n\n".join(parts)
+
+
+def peers_section(data: dict) -> str:
+    """The peers benchmark's own tables (``peers.json``), rendered by the script that measured them."""
+    import importlib.util
+    import sys
+
+    module = sys.modules.get("bench_peers")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("bench_peers", Path(__file__).with_name("bench_peers.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_peers"] = module  # its dataclasses look their module up while being defined
+        spec.loader.exec_module(module)
+    return module.render_markdown(data)
+
+
 SECTIONS: dict[str, Callable[[dict], str]] = {
+    "peers": peers_section,
+    "integrity": integrity_section,
     "sass": sass_section,
     "codec": codec_section,
     "delta_codes": delta_codes_section,

@@ -7,7 +7,9 @@ Steps (each says what it does as it runs; the whole demo takes a few minutes on 
    checkpoint with its tokenizer in ``demo_out/smollm2-bf16`` (reusing the conversion package's
    GGUF staging helper; skipped when the folder exists);
 2. ``tpde convert demo_out/smollm2-bf16 demo_out/smollm2-tpde`` runs as a subprocess, so its
-   progress bar and summary table are shown as a user would see them;
+   progress bar and summary table are shown as a user would see them; then the representative figure:
+   the bundled all-MiniLM-L6-v2 (real fp32 weights) converted with ``--dtype bfloat16`` (an exact copy
+   of the model cast to bf16, as most people run it), into ``demo_out/minilm-bf16-tpde``;
 3. the original and the tpde repo are loaded with ``AutoModelForCausalLM.from_pretrained``: the
    tpde repo in the CPU default mode, in ``base`` mode (4-bit only, lossy) and in ``dequantize``
    mode; each generates greedily for 3 chat prompts through ``pipeline("text-generation")``;
@@ -146,15 +148,16 @@ def tpde_command() -> list[str]:
     return [sys.executable, "-m", "tpde_hf.conversion"]
 
 
-def run_conversion(src: Path, out: Path) -> float:
-    """Run ``tpde convert SRC OUT`` in a subprocess (output straight to the terminal); returns seconds taken."""
-    cmd = [*tpde_command(), "convert", str(src), str(out)]
-    shown = "tpde" if len(cmd) == 1 + 3 else "python -m tpde_hf.conversion"
+def run_conversion(src: Path, out: Path, *options: str) -> float:
+    """Run ``tpde convert SRC OUT [OPTIONS]`` in a subprocess (output straight to the terminal); returns seconds
+    taken. Example: ``run_conversion(minilm, out / "minilm-bf16-tpde", "--dtype", "bfloat16")``."""
+    cmd = [*tpde_command(), "convert", str(src), str(out), *options]
+    shown = "tpde" if cmd[0].endswith("tpde") else "python -m tpde_hf.conversion"
 
     def rel(p: Path) -> str:
         return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
 
-    say(f"$ {shown} convert {rel(src)} {rel(out)}")
+    say(f"$ {shown} convert {rel(src)} {rel(out)}{''.join(' ' + o for o in options)}")
     env = dict(os.environ)
     if Path(sys.path[0]) == REPO_ROOT:  # source-tree fallback (see top): the subprocess needs it too
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -163,6 +166,27 @@ def run_conversion(src: Path, out: Path) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"demo: the conversion failed (exit status {proc.returncode}); see its message above")
     return time.perf_counter() - t0
+
+
+def minilm_bf16_figure(tpde_dir: Path, reconvert: bool, timings: dict[str, float]) -> dict:
+    """Convert the bundled fp32 MiniLM with ``--dtype bfloat16`` (skipped when not installed; reused when done);
+    return its conversion report (``tpde_conversion.json``), or ``{}``."""
+    from tpde_hf.examples import example_path
+
+    heading("2b. The representative figure: all-MiniLM-L6-v2 (real fp32 weights), cast to bf16")
+    try:
+        minilm = example_path("minilm")
+    except LookupError as exc:
+        say(f"skipped: {exc}")
+        return {}
+    report_path = tpde_dir / "tpde_conversion.json"
+    if report_path.is_file() and not reconvert:
+        say(f"{tpde_dir} exists: reusing it (--reconvert to convert again).")
+    else:
+        if tpde_dir.is_dir():
+            shutil.rmtree(tpde_dir)
+        timings["convert_minilm_bf16_s"] = run_conversion(minilm, tpde_dir, "--dtype", "bfloat16")
+    return json.loads(report_path.read_text())
 
 
 # ==================================================================== step 3/4: load, generate, compare
@@ -414,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     report_path = tpde_dir / "tpde_conversion.json"
     if report_path.is_file():
         conversion = json.loads(report_path.read_text())
+    minilm = minilm_bf16_figure(out / "minilm-bf16-tpde", args.reconvert, timings)
 
     heading("3. Load (AutoModelForCausalLM.from_pretrained) and generate (pipeline, greedy)")
     from transformers import AutoTokenizer
@@ -470,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{bpw.get('base', float('nan')):.2f} + delta {bpw.get('delta', float('nan')):.2f}, source 16); "
             f"whole model {conversion.get('ratio_to_source', {}).get('model', float('nan')):.1%} of bf16. "
             "(Q4_1-derived weights: not representative, see the note in step 1 and BENCHMARKS.md.)")
+    if minilm:
+        say(f"Representative figure: all-MiniLM-L6-v2 (real fp32 weights) cast to bf16 (--dtype bfloat16): "
+            f"{minilm['bits_per_weight']['total']:.2f} bits per converted weight, "
+            f"{minilm['ratio_to_source']['linear']:.1%} of bf16 for the converted linears, exact for the cast model.")
     total_s = time.monotonic() - t_start
     verdict = ("PASS: the tpde repo gives bit-identical logits in the default mode and in dequantize mode."
                if ok else "FAIL: logits are NOT bit-identical in " +
@@ -495,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "output_bytes", "verified", "seconds")} if conversion else None,
         "variants": {v.key: {**asdict(v), "tokens_per_s": v.tokens_per_s, "best_tokens_per_s": v.best_tokens_per_s}
                      for v in variant_list},
+        "minilm_bf16": {k: minilm.get(k) for k in ("bits_per_weight", "ratio_to_source", "cast", "verified")}
+        if minilm else None,
         "logits_comparison": exact,
         "bit_exact": ok,
     }

@@ -6,3 +6,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 python scripts/demo.py "$@"
+echo
+echo "Next: run '. .venv/bin/activate' (it puts tpde and this Python on your PATH), then README.md's Quickstart."

@@ -28,7 +28,7 @@ from tpde_hf.conversion import (
     convert,
     verify_repo,
 )
-from tpde_hf.conversion import api as conversion_api
+from tpde_hf.conversion import encoding as conversion_encoding
 from tpde_hf.conversion.api import parse_size, partial_dir
 from tpde_hf.conversion.cli import build_parser, main
 from tpde_hf.conversion.streaming import (
@@ -213,7 +213,7 @@ def test_fp16_and_fp32_sources_keep_their_dtype(make_tiny, tmp_path: Path, dtype
 
 def test_parallel_workers_give_identical_repo(tiny_llama_dir: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conversion_api, "TASK_ELEMENTS", 40_000)  # several tasks to share out
+    monkeypatch.setattr(conversion_encoding, "TASK_ELEMENTS", 40_000)  # several tasks to share out
     one = convert(tiny_llama_dir, tmp_path / "one", workers=1)
     two = convert(tiny_llama_dir, tmp_path / "two", workers=2)
     assert two.workers == 2 and two.worker_peak_rss_bytes > 0 and one.worker_peak_rss_bytes == 0
@@ -326,7 +326,7 @@ def test_existing_output_is_refused_then_replaced_atomically(tiny_llama_dir: Pat
 def test_interrupted_run_leaves_nothing_complete_and_resume_finishes(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(conversion_api, "TASK_ELEMENTS", 40_000)  # about 8 tasks, so there is a middle
+    monkeypatch.setattr(conversion_encoding, "TASK_ELEMENTS", 40_000)  # about 8 tasks, so there is a middle
     out = tmp_path / "out"
     seen: list[str] = []
 
@@ -356,7 +356,7 @@ def test_interrupted_run_leaves_nothing_complete_and_resume_finishes(
 def test_resume_refuses_a_task_file_changed_after_its_verification(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(conversion_api, "TASK_ELEMENTS", 40_000)
+    monkeypatch.setattr(conversion_encoding, "TASK_ELEMENTS", 40_000)
     out = tmp_path / "out"
 
     def crash_after_three(result, seen=[]):  # noqa: B006 - a counter local to this test
@@ -420,8 +420,8 @@ def test_bad_sources_give_clear_errors(tiny_llama_dir: Path, tmp_path: Path) -> 
 
     with pytest.raises(ConversionError, match="exclude regex"):
         convert(tiny_llama_dir, tmp_path / "o6", exclude="(")
-    with pytest.raises(ConversionError, match="dtype= only applies to GGUF"):
-        convert(tiny_llama_dir, tmp_path / "o7", dtype="float16")
+    with pytest.raises(ConversionError, match="dtype 'int8' not supported"):
+        convert(tiny_llama_dir, tmp_path / "o7", dtype="int8")
     with pytest.raises(ConversionError, match="group size"):
         convert(tiny_llama_dir, tmp_path / "o8", group_size=100)
     with pytest.raises(ConversionError, match="would replace the source"):
@@ -516,7 +516,7 @@ def test_parse_size() -> None:
 def test_cli_help_documents_every_option() -> None:
     parser = build_parser()
     sub = {a.dest: a for a in parser._actions}["command"].choices
-    assert set(sub) == {"convert", "verify", "push"}
+    assert set(sub) == {"convert", "verify", "push", "examples"}
     for name, p in sub.items():
         for action in p._actions:
             assert action.help, f"tpde {name}: {action.option_strings or action.dest} has no help"

@@ -17,7 +17,9 @@ from tpde_hf.codec import CodecParams, encode_tensor, limit_codec_threads
 from tpde_hf.codec.backend import thread_limit
 from tpde_hf.conversion import api as conversion_api
 from tpde_hf.conversion import convert, layout_cache, verify_repo
-from tpde_hf.conversion.api import _read_headers, _TaskThreads
+from tpde_hf.conversion import encoding as conversion_encoding
+from tpde_hf.conversion.api import _read_headers
+from tpde_hf.conversion.encoding import _TaskThreads
 from tpde_hf.conversion.selection import config_vocab_sizes, likely_linear_weights, load_layout, select_tensors
 from tpde_hf.conversion.streaming import read_header
 
@@ -100,7 +102,7 @@ def test_task_threads_run_one_task_during_the_plan_then_one_per_core(monkeypatch
             running[0] -= 1
         return task
 
-    monkeypatch.setattr(conversion_api, "run_task", fake_task)
+    monkeypatch.setattr(conversion_encoding, "run_task", fake_task)
     runner = _TaskThreads(3)
     try:
         early = [runner.submit(i) for i in range(4)]
@@ -260,4 +262,5 @@ def test_an_unusable_layout_cache_never_stops_a_conversion(tiny_llama_dir: Path,
     entry = cache / f"{layout_cache.layout_key(tiny_llama_dir, False)}.json"
     entry.write_text(json.dumps({"entry": 999, "linear": []}))  # another format version: rebuilt, not trusted
     layout, hit = layout_cache.cached_layout(tiny_llama_dir, trust_remote_code=False, build=load_layout)
-    assert not hit and len(layout.linear) == 15 and json.loads(entry.read_text())["entry"] == 1
+    assert not hit and len(layout.linear) == 15
+    assert json.loads(entry.read_text())["entry"] == layout_cache._ENTRY_VERSION

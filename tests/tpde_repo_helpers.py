@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tpde_hf.codec import CodecParams
 from tpde_hf.format import encode_state_dict, quantization_config_dict
+from tpde_hf.integrity import add_checksums
 
 _COMMON = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 
@@ -123,6 +124,8 @@ def make_tpde_repo(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, mod
     source_dtype = next(sd[n].dtype for n in names)
     enc = encode_state_dict(sd, names, params)
     _write_shards(enc, out_dir, max_shard_bytes)
+    for shard in out_dir.glob("*.safetensors"):
+        add_checksums(shard)  # per-tensor checksums in each header, as `tpde convert` writes them
     for extra in dense_dir.iterdir():
         if extra.suffix != ".safetensors" and extra.name != "model.safetensors.index.json" and extra.is_file():
             shutil.copy(extra, out_dir / extra.name)

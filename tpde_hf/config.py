@@ -3,7 +3,11 @@
 A tpde repo's ``config.json`` carries the *format* fields written by the converter
 (:func:`tpde_hf.format.quantization_config_dict`): ``format_version``, ``bits``, ``group_size``,
 ``delta_code`` (``"rans"``, or ``"class-width"`` from format version 2; absent means rANS), ``lane_len``,
-``prob_bits``, ``sym_k``, ``sym_m``, ``source_dtype``, ``modules_to_not_convert``.
+``prob_bits``, ``sym_k``, ``sym_m``, ``source_dtype``, ``modules_to_not_convert``, ``integrity`` (``"xxh3_64"``:
+every shard carries per-tensor checksums, see :mod:`tpde_hf.integrity`; absent in repos written before them),
+``cast_from`` (only in a repo converted with ``--dtype``: the source's floating dtypes, e.g. ``"float32"``, that
+were cast to ``source_dtype``; the repo is exact with respect to the cast model, not the original). A field this
+tpde-hf does not know is kept as it is, so a repo written by a newer one still loads.
 They describe the bytes on disk and cannot be changed at load time.
 
 The *runtime* fields choose how a load uses those bytes; pass them in a ``TpdeConfig`` to
@@ -15,6 +19,11 @@ The *runtime* fields choose how a load uses those bytes; pass them in a ``TpdeCo
   token than decoding the delta at every forward: see ``benchmarks/results/modes.json``).
 * ``verify``: decode every converted weight once at load and compare it with the checksum of the
   original tensor (raises :class:`~tpde_hf.errors.TpdeFormatError` naming the tensor on mismatch).
+* ``check_integrity`` (default ``True``): before transformers reads a weight, hash every stored byte the
+  load will use (xxh3, a small fraction of the load time) and compare it with the checksum written at
+  conversion; a damaged file raises :class:`~tpde_hf.errors.TpdeFormatError` naming the tensor and the
+  file. ``False`` skips the check, for those who know their files are intact (e.g. checked by
+  ``tpde verify``) and want the last bit of load time; a damaged file may then load wrong weights.
 * ``fused_gemv`` (CUDA only): allow the fused decode+GEMV Triton kernel for small batches. Off by
   default, because it is equal to the original only within float32-accumulation tolerance; by
   default every GPU matmul uses the exact reconstructed weight, so outputs stay bit-identical.
@@ -38,6 +47,7 @@ from tpde_hf.codec import FORMAT_VERSION
 from tpde_hf.codec.tensor_codec import DELTA_CODES
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import QUANT_METHOD, RUNTIME_MODES
+from tpde_hf.integrity import ALGO as INTEGRITY_ALGO
 
 #: Fields written by the converter; they describe the stored bytes and cannot be overridden.
 FORMAT_FIELDS = (
@@ -51,9 +61,11 @@ FORMAT_FIELDS = (
     "sym_m",
     "source_dtype",
     "modules_to_not_convert",
+    "integrity",
+    "cast_from",
 )
 #: Fields a load may choose; they are never written back to ``config.json``.
-RUNTIME_FIELDS = ("mode", "verify", "fused_gemv")
+RUNTIME_FIELDS = ("mode", "verify", "fused_gemv", "check_integrity")
 #: ``mode=None`` resolves to one of these, by the device the model is loaded onto.
 DEFAULT_GPU_MODE = "lossless"
 DEFAULT_CPU_MODE = "dequantize"
@@ -71,6 +83,8 @@ class TpdeConfig(QuantizationConfigMixin):
         verify: check every decoded weight against the original checksum at load.
         fused_gemv: on CUDA, let small batches (decode) use the fused decode+GEMV kernel: faster, and
             equal to the original within float32-accumulation tolerance instead of bit for bit.
+        check_integrity: compare every stored byte the load reads with its shard's checksum (default).
+            ``False`` is for people who know what they are doing: a damaged file then loads silently.
         **kwargs: format fields (normally only read from ``config.json``) and any future fields,
             which are kept so that a repo written by a newer tpde-hf round-trips.
 
@@ -80,17 +94,21 @@ class TpdeConfig(QuantizationConfigMixin):
         cfg.mode  # 'lossless'
     """
 
-    def __init__(self, mode: str | None = None, verify: bool = False, fused_gemv: bool = False, **kwargs: Any):
+    def __init__(self, mode: str | None = None, verify: bool = False, fused_gemv: bool = False,
+                 check_integrity: bool = True, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.mode = mode
         self.verify = bool(verify)
         self.fused_gemv = bool(fused_gemv)
+        self.check_integrity = bool(check_integrity)
         kwargs.pop("quant_method", None)
         self._explicit_runtime = {"mode"} if mode is not None else set()
         if verify:
             self._explicit_runtime.add("verify")
         if fused_gemv:
             self._explicit_runtime.add("fused_gemv")
+        if not check_integrity:
+            self._explicit_runtime.add("check_integrity")
         for field in FORMAT_FIELDS:
             setattr(self, field, kwargs.pop(field, None))
         self._explicit_format = {f for f in FORMAT_FIELDS if getattr(self, f) is not None}
@@ -129,6 +147,10 @@ class TpdeConfig(QuantizationConfigMixin):
                         f"(it reads {list(DELTA_CODES)}); upgrade tpde-hf (pip install -U tpde-hf)")
         if self.delta_code == "class-width" and version < 2:
             raise TpdeFormatError(source, "quantization_config: delta_code 'class-width' needs format_version 2")
+        if self.integrity is not None and self.integrity != INTEGRITY_ALGO:
+            raise TpdeFormatError(
+                source, f"quantization_config integrity={self.integrity!r} is unknown to this tpde-hf (it checks "
+                        f"{INTEGRITY_ALGO!r}): the config is damaged, or upgrade tpde-hf (pip install -U tpde-hf)")
         if self.bits not in (None, 4):
             raise TpdeFormatError(source, f"quantization_config bits={self.bits!r} unsupported (only 4)")
 
@@ -164,11 +186,16 @@ class TpdeConfig(QuantizationConfigMixin):
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        """The stored form: ``quant_method`` and the format fields (runtime options are not saved)."""
+        """The stored form: ``quant_method`` and the format fields (runtime options are not saved).
+
+        ``integrity`` is left out: it promises checksums in every shard, so only what writes them sets it
+        (the converter, :func:`tpde_hf.integrity.add_repo_checksums`). ``save_pretrained`` writes shards
+        without them, and ``push_to_hub`` uploads before tpde can add them.
+        """
         out: dict[str, Any] = {"quant_method": QUANT_METHOD}
         for field in FORMAT_FIELDS:
             value = getattr(self, field)
-            if value is not None:
+            if value is not None and field != "integrity":
                 out[field] = copy.deepcopy(value)
         out.update(copy.deepcopy(self._extra))
         return out

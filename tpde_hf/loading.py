@@ -4,9 +4,11 @@
   data) and checks every shard is complete, naming the file that is not;
 * :func:`build_load_plan` maps every weight stored in tpde form to its place in the model, through
   the model's own key renamings and weight converters (e.g. per-expert MoE weights that
-  transformers 5.x fuses into 3-D parameters);
+  transformers 5.x fuses into 3-D parameters), and gathers the per-expert slices of expert
+  tensors stored natively as 3-D (:class:`ExpertStack`);
 * :class:`TpdeDequantize` is the conversion op of ``mode="dequantize"``: it decodes each weight
   (or each group of per-expert weights) as it is read, so the dense model is never held twice;
+  :class:`StackExperts` rebuilds a 3-D expert tensor from its decoded slices (in every mode);
 * :func:`write_manifest` writes ``tpde_manifest.json`` for a saved repo.
 
 Example::
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,11 +38,20 @@ from transformers.core_model_loading import (
 
 from tpde_hf.codec import SUFFIXES, EncodedTensor, decode_tensors, tensor_checksum
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.format import MANIFEST_NAME, SAFETENSORS_DTYPES, encoded_prefixes, make_manifest, manifest_entry
+from tpde_hf.format import (
+    MANIFEST_NAME,
+    SAFETENSORS_DTYPES,
+    decode_expert_tensor,
+    encoded_prefixes,
+    expert_slice_prefix,
+    make_manifest,
+    manifest_entry,
+    parse_expert_slice,
+    stack_expert_slices,
+)
 
 DELTA_SUFFIXES = ("delta", "lanes", "tables")
 BASE_SUFFIXES = tuple(s for s in SUFFIXES if s not in DELTA_SUFFIXES)
-_MAX_HEADER = 512 * 1024 * 1024
 
 
 # ==================================================================== checkpoint headers
@@ -56,43 +67,17 @@ class TensorInfo:
 def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
     """Parse one shard's header and check that the file holds every byte it announces.
 
+    The parse is :func:`tpde_hf.integrity.read_shard_header`'s (one parser for the load and its checks).
     Raises :class:`TpdeFormatError` naming ``path`` for a truncated or corrupt shard.
     """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise TpdeFormatError(path, "corrupt safetensors shard: file too short for a header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                raise TpdeFormatError(path, f"corrupt safetensors shard: header length {n} exceeds file size {size}")
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TpdeFormatError(path, f"corrupt safetensors shard: unreadable header ({exc})") from None
-    if not isinstance(header, dict):
-        raise TpdeFormatError(path, "corrupt safetensors shard: header is not a JSON object")
-    data_len = size - 8 - n
+    from tpde_hf.integrity import read_shard_header
+
     out: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
-            shape = tuple(int(s) for s in entry["shape"])
-            start, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise TpdeFormatError(path, f"corrupt safetensors shard: bad header entry for {name!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * torch.empty((), dtype=dtype).element_size() or start < 0:
-            raise TpdeFormatError(path, f"corrupt safetensors shard: {name} has inconsistent data offsets")
-        if end > data_len:
-            raise TpdeFormatError(
-                path, f"truncated safetensors shard: {name} ends at byte {end} but the file holds {data_len} data bytes"
-            )
-        out[name] = TensorInfo(path, dtype, shape)
+    for name, t in read_shard_header(path).tensors.items():
+        dtype = getattr(torch, SAFETENSORS_DTYPES.get(t.dtype, ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise TpdeFormatError(path, f"corrupt safetensors shard: unknown dtype {t.dtype!r} for {name!r}")
+        out[name] = TensorInfo(path, dtype, t.shape)
     return out
 
 
@@ -113,11 +98,13 @@ class EncodedWeight:
 
     prefix: str
     parts: dict[str, TensorInfo]
+    label: str | None = None  # an expert slice: ``'<3-D tensor> [expert 3]'``
 
     @property
     def name(self) -> str:
-        """The original tensor name, used in every error message (``'...up_proj.weight'``)."""
-        return f"{self.prefix}.weight"
+        """The original tensor name, used in every error message (``'...up_proj.weight'``; an expert slice:
+        ``'...experts.gate_up_proj [expert 3]'``)."""
+        return self.label or f"{self.prefix}.weight"
 
     @property
     def file(self) -> str:
@@ -149,6 +136,33 @@ class FusedTarget:
     converter: WeightConverter
     sources: dict[str, list[EncodedWeight]] = field(default_factory=dict)
     storage_paths: dict[str, str] = field(default_factory=dict)
+    error: TpdeFormatError | None = None  # why the parts cannot be placed (only ``dequantize`` can load them)
+
+
+@dataclass
+class ExpertStack:
+    """A 3-D expert tensor stored as one tpde weight per expert (:func:`tpde_hf.format.expert_slice_prefix`).
+
+    ``key``: its checkpoint name; ``target``: the model parameter; ``renamed``: ``key`` after the model's
+    renamings (what transformers' converters see); ``weights``: the slices, in expert order.
+    """
+
+    key: str
+    target: str
+    renamed: str
+    transposed: bool
+    weights: list[EncodedWeight]
+
+    def stack_op(self) -> StackExperts:
+        return StackExperts(self.key, len(self.weights), self.transposed)
+
+    def dequantize_converter(self, hf_quantizer: Any) -> WeightConverter:
+        """``mode="dequantize"``: decode the slices as transformers reads them, then stack them into ``target``."""
+        token = expert_slice_prefix(self.renamed, 0, self.transposed)[: -len("0")]
+        sources = [re.escape(token) + r"\d+\." + s for s in SUFFIXES]  # exactly this tensor's slices
+        labels = [w.name for w in self.weights]
+        return WeightConverter(sources, self.target, [TpdeDequantize(hf_quantizer, labels), self.stack_op()],
+                               force_cpu=True)
 
 
 @dataclass
@@ -157,6 +171,7 @@ class LoadPlan:
     fused: list[FusedTarget]
     weights: dict[str, EncodedWeight]
     dense_fused_targets: set[str]
+    stacks: list[ExpertStack] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -172,6 +187,105 @@ def _model_transforms(model) -> tuple[list[WeightRenaming], list[WeightConverter
     return renamings, converters
 
 
+@dataclass(frozen=True)
+class KeyTarget:
+    """Where one checkpoint key loads: the model parameter, and the converter that builds it (if any).
+
+    ``pattern`` is the converter's source pattern that matched (``None``: a plain, possibly renamed, key);
+    ``storage`` is where the tpde parts of a ``X.weight`` key (``X.qweight``, ...) land in the model
+    after the same renamings (``None`` for a key that does not end in ``.weight``, or whose parts would
+    land in different places).
+    """
+
+    key: str
+    target: str
+    pattern: str | None
+    converter: WeightConverter | None
+    storage: str | None
+
+    @property
+    def host_path(self) -> str:
+        return self.target.rpartition(".")[0]
+
+    @property
+    def param_name(self) -> str:
+        return self.target.rpartition(".")[2]
+
+    def parts_follow(self) -> bool:
+        """Whether the tpde parts of this key land next to the parameter they rebuild.
+
+        A direct weight's parts must land in the weight's own module; a converter's inputs anywhere
+        under the module that holds the fused parameter (e.g. ``experts.3.w1`` under ``experts``).
+        A renaming that names ``.weight`` itself (``router.layer.weight`` -> ``router.weight``) does not
+        carry over to ``router.layer.qweight``.
+        """
+        if self.pattern is None:
+            return self.storage is not None and self.param_name == "weight" and self.storage == self.host_path
+        return self.storage_under_host() is not None
+
+    def storage_under_host(self) -> str | None:
+        """``storage`` relative to the module holding the parameter (``'3.w1'`` under ``...experts``), or None."""
+        if self.storage is None:
+            return None
+        if not self.host_path:
+            return self.storage
+        return self.storage[len(self.host_path) + 1 :] if self.storage.startswith(self.host_path + ".") else None
+
+
+class KeyMap:
+    """The model's own load-time key mapping (transformers' renamings and converters), shared by the
+    converter (to decide what to encode) and the loader (to place what was encoded).
+
+    ``model`` is a skeleton (the meta device is enough). Keys must be resolved in checkpoint order
+    (:func:`dot_natural_key`), as transformers does: some renamings are stateful.
+
+    Example::
+
+        km = KeyMap(model)
+        km.resolve("encoder.layer.0.attention.attention.query.weight").target
+        # 'layers.0.attention.q_proj.weight' (ViT as saved by transformers 5.x)
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.renamings, self.converters = _model_transforms(model)
+        self.meta_state = model.state_dict()
+        self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
+        self._by_pattern = {pat: c for c in self.converters for pat in c.source_patterns}
+
+    def resolve(self, key: str) -> KeyTarget:
+        target, pattern = rename_source_key(key, self.renamings, self.converters, self.base_model_prefix,
+                                            self.meta_state)
+        storage = None
+        if key.endswith(".weight"):  # every part must land in the same place (transformers renames each key)
+            places = {self.renamed_prefix(key[: -len(".weight")], target, s) for s in SUFFIXES}
+            storage = places.pop() if len(places) == 1 else None
+        return KeyTarget(key, target, pattern, self._by_pattern.get(pattern) if pattern else None, storage)
+
+    def slice_storage(self, prefix: str, target: str) -> str | None:
+        """Where every tpde part of ``prefix`` lands (a 3-D expert tensor's slice, ``K.tpde_expert.3``), the
+        base-model prefix fixed like ``target``; None if the parts land in different places or one of the
+        model's converters takes them (it would try to build its own parameter from them)."""
+        places = set()
+        for s in SUFFIXES:
+            _, pattern = rename_source_key(f"{prefix}.{s}", self.renamings, self.converters)
+            if pattern is not None:
+                return None
+            places.add(self.renamed_prefix(prefix, target, s))
+        return places.pop() if len(places) == 1 else None
+
+    def renamed_prefix(self, prefix: str, target: str, suffix: str = "qweight") -> str:
+        """Where ``prefix.<suffix>`` lands after the model's renamings, the base-model prefix fixed like ``target``."""
+        renamed, _ = rename_source_key(f"{prefix}.{suffix}", self.renamings, [])
+        renamed = renamed[: -len(suffix) - 1]
+        bmp = self.base_model_prefix
+        if bmp:
+            if target.startswith(bmp + ".") and not renamed.startswith(bmp + "."):
+                renamed = f"{bmp}.{renamed}"
+            elif not target.startswith(bmp + ".") and renamed.startswith(bmp + "."):
+                renamed = renamed[len(bmp) + 1 :]
+        return renamed
+
+
 def build_load_plan(model: torch.nn.Module, index: dict[str, TensorInfo]) -> LoadPlan:
     """Map every tpde-stored weight of ``index`` to the module or fused parameter it loads into.
 
@@ -180,34 +294,40 @@ def build_load_plan(model: torch.nn.Module, index: dict[str, TensorInfo]) -> Loa
     keys = sorted(index, key=dot_natural_key)
     prefixes = encoded_prefixes(keys)
     weights = {p: EncodedWeight(p, {s: index[f"{p}.{s}"] for s in SUFFIXES}) for p in prefixes}
-    renamings, converters = _model_transforms(model)
-    meta_sd = model.state_dict()
-    bmp = model.base_model_prefix
-    pattern_to_converter = {pat: c for c in converters for pat in c.source_patterns}
+    keymap = KeyMap(model)
+    meta_sd = keymap.meta_state
 
     direct: list[DirectTarget] = []
     fused: dict[str, FusedTarget] = {}
+    slices: dict[str, list[tuple[int, bool, str]]] = {}
     for prefix in sorted(prefixes, key=dot_natural_key):
+        if (parsed := parse_expert_slice(prefix)) is not None:
+            slices.setdefault(parsed[0], []).append((parsed[1], parsed[2], prefix))
+            continue
         w = weights[prefix]
-        target, pattern = rename_source_key(w.name, renamings, converters, bmp, meta_sd)
-        if pattern is None:
+        kt = keymap.resolve(w.name)
+        target = kt.target
+        if kt.pattern is None:
             if target not in meta_sd or not target.endswith(".weight"):
                 continue  # the model has no such weight: transformers reports the keys as unexpected
             direct.append(DirectTarget(target[: -len(".weight")], w))
             continue
         if target not in meta_sd:
             continue
-        converter = pattern_to_converter[pattern]
-        host_path, _, param_name = target.rpartition(".")
-        ft = fused.setdefault(target, FusedTarget(host_path, param_name, converter))
-        ft.sources.setdefault(pattern, []).append(w)
-        storage = _renamed_prefix(prefix, renamings, bmp, target)
-        if not storage.startswith(host_path + "."):
+        ft = fused.setdefault(target, FusedTarget(kt.host_path, kt.param_name, kt.converter))
+        ft.sources.setdefault(kt.pattern, []).append(w)
+        relative = kt.storage_under_host()
+        if relative is None:
             raise TpdeFormatError(
                 w.name,
-                f"cannot place this tpde weight under {host_path} (it renames to {storage}); use mode='dequantize'",
+                f"cannot place this tpde weight under {kt.host_path} (it renames to {kt.storage}); "
+                "use mode='dequantize'",
             )
-        ft.storage_paths[prefix] = storage[len(host_path) + 1 :]
+        ft.storage_paths[prefix] = relative
+    stacks = [st for key in sorted(slices, key=dot_natural_key)
+              if (st := _expert_stack(keymap, key, slices[key], weights, index)) is not None]
+    for st in stacks:
+        fused[st.target] = _stack_target(keymap, st)
 
     # Fused parameters that also collect dense (non-tpde) tensors cannot be held in tpde form.
     dense_fused: set[str] = set()
@@ -215,22 +335,61 @@ def build_load_plan(model: torch.nn.Module, index: dict[str, TensorInfo]) -> Loa
     for key in keys:
         if key in encoded_keys or not key.endswith(".weight"):
             continue
-        target, pattern = rename_source_key(key, renamings, converters, bmp, meta_sd)
-        if pattern is not None and target in fused:
-            dense_fused.add(target)
-    return LoadPlan(direct, list(fused.values()), weights, dense_fused)
+        kt = keymap.resolve(key)
+        if kt.pattern is not None and kt.target in fused:
+            dense_fused.add(kt.target)
+    return LoadPlan(direct, list(fused.values()), weights, dense_fused, stacks)
 
 
-def _renamed_prefix(prefix: str, renamings: list[WeightRenaming], bmp: str, target: str) -> str:
-    """Where ``prefix.qweight`` lands after the model's renamings, with the base-model prefix fixed like ``target``."""
-    renamed, _ = rename_source_key(f"{prefix}.qweight", renamings, [])
-    renamed = renamed[: -len(".qweight")]
-    if bmp:
-        if target.startswith(bmp + ".") and not renamed.startswith(bmp + "."):
-            renamed = f"{bmp}.{renamed}"
-        elif not target.startswith(bmp + ".") and renamed.startswith(bmp + "."):
-            renamed = renamed[len(bmp) + 1 :]
-    return renamed
+def _expert_stack(keymap: KeyMap, key: str, found: list[tuple[int, bool, str]], weights: dict[str, EncodedWeight],
+                  index: dict[str, TensorInfo]) -> ExpertStack | None:
+    """The :class:`ExpertStack` of the 3-D tensor ``key`` from its stored slices ``(expert, transposed, prefix)``;
+    None when the model has no such 3-D parameter (transformers then reports the parts as unexpected).
+
+    Raises :class:`TpdeFormatError` naming the tensor and its file when a slice is missing or the slices
+    disagree on their orientation: a 3-D tensor is rebuilt whole or not at all.
+    """
+    kt = keymap.resolve(key)
+    param = keymap.meta_state.get(kt.target)
+    if kt.pattern is not None or param is None or param.dim() != 3:
+        return None
+    n = int(param.shape[0])
+    file = weights[found[0][2]].file
+    orientations = {t for _, t, _ in found}
+    if len(orientations) != 1:
+        raise TpdeFormatError(key, f"its expert slices are stored both transposed and not (in {file})")
+    transposed = orientations.pop()
+    by_index = {e: p for e, _, p in found}
+    missing = [e for e in range(n) if e not in by_index]
+    extra = sorted(e for e in by_index if e >= n)
+    if missing or extra:
+        what = f"expert slice(s) {missing} missing" if missing else f"expert slice(s) {extra} beyond the model's {n}"
+        raise TpdeFormatError(key, f"{what} (in {file}); the model has {n} experts")
+    stored = [weights[by_index[e]] for e in range(n)]
+    for e, w in enumerate(stored):
+        w.label = f"{key} [expert {e}]"
+    # what transformers' converters will see: the slices' keys after the model's renamings
+    first, _ = rename_source_key(f"{stored[0].prefix}.qweight", keymap.renamings, [])
+    tail = expert_slice_prefix("", 0, transposed) + ".qweight"
+    renamed = first[: -len(tail)] if first.endswith(tail) else rename_source_key(key, keymap.renamings, [])[0]
+    return ExpertStack(key, kt.target, renamed, transposed, stored)
+
+
+def _stack_target(keymap: KeyMap, st: ExpertStack) -> FusedTarget:
+    """The experts module's hooked parameter for ``st``: each slice's parts are loaded under the parameter's
+    name (``gate_up_proj.tpde_expert.3``), where the model's renamings put them."""
+    host, _, param = st.target.rpartition(".")
+    token = expert_slice_prefix(param, 0, st.transposed)[: -len(".0")]
+    conv = WeightConverter([f"{token}.*"], param, [st.stack_op()])
+    ft = FusedTarget(host, param, conv, {f"{token}.*": list(st.weights)})
+    for e, w in enumerate(st.weights):
+        place = keymap.slice_storage(w.prefix, st.target)
+        want = expert_slice_prefix(st.target, e, st.transposed)
+        if place != want and ft.error is None:  # raised where the parts are placed (not in dequantize mode)
+            ft.error = TpdeFormatError(w.name, f"cannot place this tpde weight at {want} (it loads into {place}); "
+                                               "use mode='dequantize'")
+        ft.storage_paths[w.prefix] = want[len(host) + 1 :] if host else want
+    return ft
 
 
 # ==================================================================== dequantize-mode op
@@ -245,14 +404,17 @@ class TpdeDequantize(ConversionOps):
     key, e.g. one per expert), optionally with dense ``{stem + 'weight': [...]}`` entries, which pass
     through. Output: ``{stem + 'weight': [decoded, ...]}``, cast to the target parameter's dtype.
     A corrupt tensor is recorded on the quantizer and raised, naming the tensor, after loading.
+    ``labels``: the names of the weights it reads, in order, for error messages (the slices of an
+    :class:`ExpertStack`); by default they are derived from the parameter's name.
     """
 
-    def __init__(self, hf_quantizer: Any):
+    def __init__(self, hf_quantizer: Any, labels: list[str] | None = None):
         self.hf_quantizer = hf_quantizer
+        self.labels = labels
 
     def __deepcopy__(self, memo: dict) -> TpdeDequantize:
         # transformers deep-copies a converter for every weight: keep one shared quantizer (errors go to it)
-        return TpdeDequantize(self.hf_quantizer)
+        return TpdeDequantize(self.hf_quantizer, self.labels)
 
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: list[str] | None = None,
@@ -279,7 +441,9 @@ class TpdeDequantize(ConversionOps):
             counts = {len(v) for v in parts.values()}
             if len(counts) != 1:
                 raise TpdeFormatError(label, "tpde tensors of this weight come in mismatched numbers (bad shard?)")
-            names = _source_names(full_layer_name, stem, counts.pop())
+            n = counts.pop()
+            names = self.labels if self.labels is not None and len(self.labels) == n else \
+                _source_names(full_layer_name, stem, n)
             try:
                 encs = [
                     EncodedTensor.from_parts(name, **{s: parts[s][i].detach().to("cpu") for s in SUFFIXES})
@@ -298,6 +462,42 @@ class TpdeDequantize(ConversionOps):
                 dense = [d.to(out_dtype) for d in dense]
             result[f"{stem}weight"] = dense
         return result
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        from transformers.core_model_loading import _IdentityOp
+
+        return _IdentityOp()
+
+
+class StackExperts(ConversionOps):
+    """Rebuild a 3-D expert tensor ``[E, A, B]`` from its ``E`` decoded slices (``[A, B]``, or ``[B, A]`` when
+    stored transposed), bit for bit: in ``dequantize`` mode after :class:`TpdeDequantize`, in the other modes in
+    the experts' forward hook (:mod:`tpde_hf.nn.fused`, which decodes only the experts the router picked).
+
+    Input: one ``{pattern: [slice, ...]}`` entry; output: ``{target_patterns[0]: tensor}``.
+
+    Example::
+
+        StackExperts("mlp.experts.down_proj", 4, True).convert({"x": slices}, target_patterns=["down_proj"])
+    """
+
+    merges_experts = True  # the forward hook may leave the experts the router did not pick as zeros
+
+    def __init__(self, name: str, n_experts: int, transposed: bool):
+        self.name, self.n_experts, self.transposed = name, n_experts, transposed
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str] | None = None,
+                target_patterns: list[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if len(input_dict) != 1:
+            raise TpdeFormatError(self.name, f"expected the expert slices of one tensor, got {sorted(input_dict)}")
+        slices = next(iter(input_dict.values()))
+        slices = slices if isinstance(slices, list) else [slices]
+        if len(slices) != self.n_experts:
+            raise TpdeFormatError(self.name, f"{len(slices)} expert slices loaded, expected {self.n_experts}")
+        target = target_patterns[0] if target_patterns else self.name
+        return {target: stack_expert_slices(slices, self.transposed)}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -336,12 +536,15 @@ def _target_dtype(model: torch.nn.Module | None, full_layer_name: str | None) ->
 def write_manifest(folder: str) -> dict:
     """Write ``tpde_manifest.json`` for the safetensors shards in ``folder`` and return it.
 
-    Encoded weights take dtype, shape and checksum from their ``meta``; every other tensor is
-    hashed as stored. Example::
+    Encoded weights take dtype, shape and checksum from their ``meta``; a 3-D expert tensor stored one
+    weight per expert is decoded and hashed whole (its entry describes the original 3-D tensor); every
+    other tensor is hashed as stored. Example::
 
         model.save_pretrained(out)   # a tpde model saves its parts; the manifest is added
         write_manifest(out)
     """
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
     from tpde_hf.codec.ordinal import CODE_DTYPES
@@ -349,22 +552,27 @@ def write_manifest(folder: str) -> dict:
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     entries: dict[str, dict] = {}
-    for fname in files:
-        path = os.path.join(folder, fname)
-        with safe_open(path, framework="pt") as fh:
-            keys = list(fh.keys())
-            prefixes = set(encoded_prefixes(keys))
-            part_keys = {f"{p}.{s}" for p in prefixes for s in SUFFIXES}
-            for p in prefixes:
-                meta = fh.get_tensor(f"{p}.meta")
-                if meta.numel() < 10:
-                    raise TpdeFormatError(f"{p}.weight", "malformed meta tensor")
-                _, dcode, out_f, in_f = (int(v) for v in meta[:4])
-                dtype = dtype_name(CODE_DTYPES[dcode])
-                entries[f"{p}.weight"] = manifest_entry(dtype, (out_f, in_f), int(meta[9]), True)
-            for k in keys:
-                if k in part_keys:
-                    continue
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(os.path.join(folder, f), framework="pt")) for f in files}
+        where = {k: fh for fh in handles.values() for k in fh.keys()}
+        prefixes = encoded_prefixes(where)
+        part_keys = {f"{p}.{s}" for p in prefixes for s in SUFFIXES}
+        n_experts: dict[str, int] = {}  # 3-D expert tensor -> 1 + its highest expert index stored
+        for p in prefixes:
+            if (parsed := parse_expert_slice(p)) is not None:
+                n_experts[parsed[0]] = max(n_experts.get(parsed[0], 0), parsed[1] + 1)
+                continue
+            meta = where[f"{p}.meta"].get_tensor(f"{p}.meta")
+            if meta.numel() < 10:
+                raise TpdeFormatError(f"{p}.weight", "malformed meta tensor")
+            _, dcode, out_f, in_f = (int(v) for v in meta[:4])
+            dtype = dtype_name(CODE_DTYPES[dcode])
+            entries[f"{p}.weight"] = manifest_entry(dtype, (out_f, in_f), int(meta[9]), True)
+        for key, n in n_experts.items():
+            tensor = decode_expert_tensor(key, n, lambda k: where[k].get_tensor(k), where.keys())
+            entries[key] = manifest_entry(dtype_name(tensor.dtype), tensor.shape, tensor_checksum(tensor), True)
+        for k, fh in where.items():
+            if k not in part_keys:
                 t = fh.get_tensor(k)
                 entries[k] = manifest_entry(dtype_name(t.dtype), t.shape, tensor_checksum(t), False)
     manifest = make_manifest(entries)

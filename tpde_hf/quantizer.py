@@ -8,7 +8,8 @@ transformers is imported, see :mod:`tpde_hf._autoregister`). The loading uses th
 2. ``preprocess_model`` reads the safetensors headers (no tensor data), maps every stored tpde
    weight to the model through the model's own renamings and converters, and replaces the
    layers: ``nn.Linear`` / ``Conv1D`` -> :class:`~tpde_hf.nn.TpdeLinear`; fused MoE expert
-   parameters and other modules' weights -> per-weight storage plus a forward hook
+   parameters (per-expert checkpoint weights, or 3-D expert tensors stored one tpde weight per
+   expert) and other modules' weights -> per-weight storage plus a forward hook
    (:mod:`tpde_hf.nn.fused`). Every part gets its exact stored shape, so accelerate's
    ``device_map="auto"`` and ``max_memory`` plan with the real sizes;
 3. transformers loads the parts as ordinary parameters (``mode="dequantize"``: a conversion op,
@@ -132,13 +133,21 @@ class TpdeHfQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ before loading: replace modules
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
+        from tpde_hf.load_messages import watch_load
         from tpde_hf.loading import read_checkpoint_index
+
+        watch_load(self, model)  # a recorded error hides transformers' load report of this load
 
         files = [str(f) for f in (checkpoint_files or [])]
         if not files:
             raise TpdeFormatError("config.json", "tpde repo without safetensors weights (model.safetensors missing)")
         index = read_checkpoint_index(files)
-        from tpde_hf.loading import build_load_plan
+        from tpde_hf.integrity import check_checkpoint
+        from tpde_hf.loading import DELTA_SUFFIXES, build_load_plan
+
+        cfg = self.quantization_config  # every stored byte this load reads must match its checksum (base: no delta)
+        check_checkpoint(files, integrity=cfg.integrity, enabled=getattr(cfg, "check_integrity", True),
+                         skip_suffixes=DELTA_SUFFIXES if cfg.mode == "base" else ())
 
         plan = build_load_plan(model, index)
         if plan.empty:
@@ -169,6 +178,7 @@ class TpdeHfQuantizer(HfQuantizer):
         from tpde_hf.loading import BASE_SUFFIXES
         from tpde_hf.nn.fused import HookTarget, attach_param_hook
         from tpde_hf.nn.linear import TpdeLinear, TpdeWeightStore, register_parts, set_tpde_attrs
+        from tpde_hf.nn.weight_access import remember_parent
 
         suffixes = SUFFIXES if mode == "lossless" else BASE_SUFFIXES
         tied = set()
@@ -187,8 +197,8 @@ class TpdeHfQuantizer(HfQuantizer):
             specs = d.weight.specs(suffixes)
             parent_path, _, child = d.module_path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            if type(module) is nn.Linear or type(module) is Conv1D:
-                transposed = type(module) is Conv1D
+            if _computes_as_linear(module, Conv1D):
+                transposed = isinstance(module, Conv1D)
                 w = module.weight
                 in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
                 bias = module.bias
@@ -198,6 +208,7 @@ class TpdeHfQuantizer(HfQuantizer):
                     new.bias = bias
                 new.train(module.training)
                 parent._modules[child] = new
+                remember_parent(new, parent)  # where model code reads `.weight` (T5's wo, MHA's out_proj)
                 _mark_initialized(new, parent)
                 self._holders[d.weight.prefix] = new
             else:  # any other module: its weight is rebuilt by a forward hook
@@ -208,6 +219,8 @@ class TpdeHfQuantizer(HfQuantizer):
                 _mark_initialized(module, parent)
                 self._holders[d.weight.prefix] = module
         for f in plan.fused:
+            if f.error is not None:
+                raise f.error
             host = model.get_submodule(f.host_path)
             pdtype = host._parameters[f.param_name].dtype
             sources = []
@@ -251,10 +264,17 @@ class TpdeHfQuantizer(HfQuantizer):
                             operations=[TpdeDequantize(self), *conv.operations])
             self._original_converters[id(new)] = conv
             updated.append(new)
-        return updated + self.get_weight_conversions()
+        # 3-D expert tensors stored as one tpde weight per expert: first, so that no other converter takes their
+        # parts; the longest names first, so that one tensor's name inside another's never takes the other's slices
+        stacks = sorted(self._plan.stacks if self._plan is not None else [], key=lambda st: -len(st.renamed))
+        return [st.dequantize_converter(self) for st in stacks] + updated + self.get_weight_conversions()
 
     def record_error(self, exc: Exception) -> None:
-        """Called by the load ops: the first error is raised after loading, with its own message."""
+        """Called by the load ops: the first error is raised after loading, with its own message.
+
+        Until then transformers' load report of this load is not printed (it would list the damaged
+        weight as "MISSING ... newly initialized"): see :mod:`tpde_hf.load_messages`.
+        """
         self._errors.append(exc)
 
     # ------------------------------------------------------------------ after loading
@@ -269,6 +289,9 @@ class TpdeHfQuantizer(HfQuantizer):
             model._weight_conversions = conversions
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from tpde_hf.load_messages import end_watch
+
+        end_watch(self)
         if self._errors:
             raise self._errors[0]
         cfg = self.quantization_config
@@ -412,6 +435,16 @@ def _own_cpu_parts(holder: nn.Module) -> None:
                                                     requires_grad=False)
 
 
+def _computes_as_linear(module: nn.Module, conv1d: type) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` / ``Conv1D``, or a subclass that computes exactly as one (it keeps
+    their ``forward``), e.g. ``nn.MultiheadAttention``'s ``out_proj`` (``NonDynamicallyQuantizableLinear``).
+
+    Such a module becomes a :class:`~tpde_hf.nn.TpdeLinear`, whose ``weight`` model code can read; a subclass
+    with its own ``forward`` keeps its class, and a forward hook rebuilds its weight.
+    """
+    return any(isinstance(module, base) and type(module).forward is base.forward for base in (nn.Linear, conv1d))
+
+
 def _mark_initialized(*modules: nn.Module) -> None:
     """Keep transformers' weight init (run after loading) away from modules whose weights are tpde parts.
 
@@ -436,7 +469,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _wrap_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` also write ``tpde_manifest.json`` (checksums of the original tensors)."""
+    """Make ``model.save_pretrained`` also write ``tpde_manifest.json`` (checksums of the original tensors) and
+    the per-tensor checksums of :mod:`tpde_hf.integrity` into the saved shards."""
     if "save_pretrained" in model.__dict__:
         return
     original = model.save_pretrained
@@ -454,6 +488,9 @@ def _wrap_save_pretrained(model: nn.Module) -> None:
         result = original(save_directory, *args, **kwargs)
         if getattr(model, "hf_quantizer", None) is not None:
             write_manifest(os.fspath(save_directory))
+            from tpde_hf.integrity import add_repo_checksums
+
+            add_repo_checksums(save_directory)  # the shards transformers wrote carry no tpde checksums
         return result
 
     model.__dict__["save_pretrained"] = save_pretrained
@@ -478,6 +515,12 @@ def register() -> None:
         auto.register_quantizer(QUANT_METHOD)(TpdeHfQuantizer)
     if TpdeConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
         auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, TpdeConfig)
+    from tpde_hf.load_messages import install
+
+    install(auto)  # merge a passed TpdeConfig without transformers' "will be overwritten" warning
+    from tpde_hf import load_guard
+
+    load_guard.install()  # a tpde checkpoint read without this quantizer (damaged config.json) raises
 
 
 def is_registered() -> bool:

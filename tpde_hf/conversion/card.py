@@ -104,13 +104,13 @@ def render_card(report: ConversionReport, *, repo_id: str | None = None, source_
     bpw = report.bits_per_weight()
     verification = (
         f"All {report.verified_tensors} converted tensors were decoded after writing and compared bit for bit "
-        f"with the source before this repo was declared complete; the other {report.n_dense} tensors are stored "
-        "unchanged and checksummed."
+        f"with the {'cast ' if report.cast else ''}source before this repo was declared complete; the other "
+        f"{report.n_dense} tensors are stored {'as cast' if report.cast else 'unchanged'} and checksummed."
         if report.verified
         else "Verification was **skipped** during conversion (`verify=False`). Run `tpde verify` before relying on it."
     )
     dense = [m for m in report.modules_to_not_convert if m]
-    dense_linears = [n[: -len(".weight")] for n in report.dense_linears]
+    dense_linears = [n.removesuffix(".weight") for n in report.dense_linears]  # 3-D expert tensors have no suffix
     name = (repo_id or Path(report.output).name).split("/")[-1]
     delta_code = report.codec.get("delta_code", "rans")
     card = ModelCard.from_template(
@@ -137,5 +137,9 @@ def render_card(report: ConversionReport, *, repo_id: str | None = None, source_
         delta_layout=DELTA_DESCRIPTIONS[delta_code][1],
         modules_to_not_convert=", ".join(f"`{m}`" for m in dense) or "none",
         license=source_meta.get("license"),
+        cast=bool(report.cast),
+        cast_from=", ".join(report.cast["cast_from"]) if report.cast else None,
+        cast_tensors=report.cast["tensors"] if report.cast else 0,
+        gguf=report.source_kind == "gguf",
     )
     return card

@@ -4,11 +4,14 @@ Examples::
 
     tpde convert HuggingFaceTB/SmolLM2-135M ./smollm2-tpde --push-to-hub me/smollm2-tpde --private
     tpde convert ./model.Q4_1.gguf ./out --dtype bfloat16
+    tpde convert ./fp32-model ./out --dtype bfloat16   # exact with respect to the model cast to bf16
     tpde verify me/smollm2-tpde
     tpde push ./smollm2-tpde me/smollm2-tpde --create-pr
+    tpde examples minilm        # path of an example model installed by scripts/setup.sh
 
-Exit status: 0 success, 1 conversion / verification / Hub error (message on stderr), 2 usage error,
-130 interrupted (``--resume`` continues a conversion).
+Exit status: 0 success, 1 conversion / verification / Hub error, or bad input (one line on stderr
+naming the file and the problem), 2 usage error, 130 interrupted (the message says whether
+``--resume`` can continue the conversion).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 EPILOG = """\
 Environment: HF_TOKEN (token), HF_ENDPOINT (Hub address), HF_HOME / HF_HUB_CACHE (download cache),
 HF_HUB_DISABLE_PROGRESS_BARS=1 (no progress bars), HF_HUB_OFFLINE=1 (cache only),
-TPDE_LAYOUT_CACHE (where the nn.Linear layouts of converted architectures are kept; "off" disables it).
+TPDE_LAYOUT_CACHE (where the linear-weight layouts of converted architectures are kept; "off" disables it).
 """
 
 
@@ -65,15 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lossless delta's code: rans (default, smallest) or class-width (about 0.5 bit per "
                         "weight larger on bf16, decoded without a dependent chain: built for GPU decode)")
     c.add_argument("--keep-dense", default="lm_head", metavar="NAMES",
-                   help="comma-separated module names (or dotted suffixes) to leave uncompressed (default: lm_head; "
-                        "'' converts lm_head too, unless it is tied to the embeddings)")
+                   help="comma-separated checkpoint or module names (or dotted suffixes) to leave dense "
+                        "(default: lm_head; '' converts lm_head too, unless it is tied to the embeddings)")
     c.add_argument("--include", default=None, metavar="REGEX",
-                   help="convert only linear modules whose name matches this regular expression")
+                   help="convert only the linear-like weights whose checkpoint name (without .weight) or model "
+                        "module name matches this regular expression")
     c.add_argument("--exclude", default=None, metavar="REGEX",
-                   help="leave dense the linear modules whose name matches this regular expression")
+                   help="leave dense the linear-like weights whose checkpoint name (without .weight) or model "
+                        "module name matches this regular expression")
     c.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                   help="GGUF sources only: dtype to dequantize to (default: float32, exact). Other sources keep "
-                        "each tensor's stored dtype")
+                   help="cast every floating tensor of the source to this dtype first (as from_pretrained(dtype=) "
+                        "does); the repo is then exact with respect to the cast model, and its config, report and "
+                        "card say so. Refused if a finite value would become inf (float32 beyond float16's range). "
+                        "Default: every tensor keeps its stored dtype (GGUF: dequantized to float32, exact)")
     c.add_argument("--gguf-file", default=None, metavar="NAME", help="which .gguf file of a folder or repo to convert")
     c.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes for encoding (default: 1, this process, encoding on one thread per "
@@ -104,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_args(v, "revision of a Hub repo (default: main)")
     v.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes (default: all cores)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument("--write-checksums", action="store_true",
+                   help="for a local REPO written by an earlier tpde-hf: after a full verification, add per-tensor "
+                        "checksums to every shard header (each shard rewritten atomically), so that every load "
+                        "checks the stored bytes")
 
     p = sub.add_parser("push", help="push an already converted folder to the Hub",
                        description="Upload OUT (made by `tpde convert`) to REPO_ID in one commit. Only files that "
@@ -116,35 +128,105 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branch to push to (created if missing), or the target of --create-pr (default: main)")
     p.add_argument("--token", default=None, help="Hugging Face token with write access (default: HF_TOKEN / login)")
     _add_push_args(p)
+
+    e = sub.add_parser("examples", help="print where the example models installed by scripts/setup.sh are",
+                       description="Print the path of the example models that scripts/setup.sh installs "
+                                   "(minilm: a model folder; smollm2: a GGUF file), e.g. "
+                                   '`tpde convert "$(tpde examples minilm)" minilm-tpde`.')
+    e.add_argument("name", nargs="?", default=None, metavar="NAME",
+                   help="print only this example's path (minilm or smollm2)")
     return parser
 
 
-def _setup(quiet: bool) -> None:
+@contextmanager
+def _output(quiet: bool) -> Iterator[None]:
+    """Logging to stderr; with ``quiet``, no progress bars for the length of the command.
+
+    The bar settings are put back afterwards, so that ``main`` called in-process (tests, a
+    notebook) does not silence the caller's later progress bars.
+    """
     import os
 
     logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    if quiet:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        from huggingface_hub.utils import disable_progress_bars
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-        disable_progress_bars()
+    was_disabled, old_env = are_progress_bars_disabled(), os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # worker processes read it
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = old_env
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tpde`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    _setup(args.quiet)
-    from tpde_hf.conversion.errors import ConversionError
+    with _output(args.quiet):
+        return _main(args)
 
+
+def _main(args: argparse.Namespace) -> int:
+    from tpde_hf.conversion.errors import ConversionError
+    from tpde_hf.conversion.partial import kept_partial
+    from tpde_hf.errors import TpdeFormatError
+
+    # Bad input and file-system trouble are the user's to fix: one line naming the file, no traceback.
+    # Anything else is a bug in tpde-hf, whose traceback is worth reporting: it is not caught.
     try:
-        return _run(args)
-    except ConversionError as exc:
-        print(f"tpde {args.command}: error: {exc}", file=sys.stderr)
+        with _kill_as_interrupt():
+            return _run(args)
+    except (ConversionError, TpdeFormatError, OSError) as exc:
+        print(f"tpde {args.command}: error: {_one_line(exc)}{_resume_hint(kept_partial(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.command == "convert":
-            print("tpde convert: interrupted; run the same command with --resume to continue", file=sys.stderr)
+            kept = kept_partial(exc)
+            hint = _resume_hint(kept) if kept else " (nothing finished yet was kept; rerun to start over)"
+            print(f"tpde convert: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def _kill_as_interrupt() -> Iterator[None]:
+    """``kill`` (SIGTERM) stops a command the way Ctrl-C does: a conversion keeps what ``--resume`` can use and says so.
+
+    Only the main thread can set a signal handler; the previous handler is put back afterwards.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (a wrapped library message may hold newlines)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _resume_hint(kept: object) -> str:
+    if kept is None:
+        return ""
+    return f"; the finished part is kept in {kept}: run the same command with --resume to continue"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -163,11 +245,16 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(report.to_json() if args.json else f"{report.output}\n\n{report.summary_table()}")
         return 0
+    if args.command == "examples":
+        return _examples(args.name)
     if args.command == "verify":
-        from tpde_hf.conversion.verify import verify_repo
+        from tpde_hf.conversion.verify import verify_repo, write_checksums
 
-        result = verify_repo(args.repo, revision=args.revision, token=args.token, workers=args.workers,
-                             raise_on_error=False)
+        if args.write_checksums:
+            result = write_checksums(args.repo, workers=args.workers)
+        else:
+            result = verify_repo(args.repo, revision=args.revision, token=args.token, workers=args.workers,
+                                 raise_on_error=False)
         print(result.to_json() if args.json else result.summary())
         return 0 if result.ok else 1
     from tpde_hf.conversion.hub import push_to_hub
@@ -179,6 +266,26 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(f"pushed {res.files_uploaded} files to {res.pr_url or res.url} (revision {res.revision}, "
               f"commit {res.commit})")
+    return 0
+
+
+def _examples(name: str | None) -> int:
+    from tpde_hf.examples import example_path, installed_examples
+
+    try:
+        path = example_path(name) if name is not None else None
+    except LookupError as exc:  # unknown, or not installed: the message says what to run
+        print(f"tpde examples: error: {exc}", file=sys.stderr)
+        return 1
+    if path is not None:
+        print(path)
+        return 0
+    found = installed_examples()
+    if not found:
+        print("tpde examples: error: no example model is installed: run ./scripts/setup.sh", file=sys.stderr)
+        return 1
+    for key, path in found.items():
+        print(f"{key:<8} {path}")
     return 0
 
 

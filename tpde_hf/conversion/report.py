@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 MB = 1e6
@@ -61,7 +62,10 @@ class ConversionReport:
     repo_id: str | None = None
     commit: str | None = None
     architecture: str | None = None
-    source_dtype: str | None = None
+    source_dtype: str | None = None  # the dtype of the stored weights (after a ``dtype=`` cast, the cast dtype)
+    # A ``dtype=`` cast (:class:`~tpde_hf.conversion.cast.Cast` as a dict: dtype, cast_from, tensors, floating);
+    # None when every tensor kept its stored dtype.
+    cast: dict | None = None
     group_size: int = 128
     codec: dict = field(default_factory=dict)
     n_tensors: int = 0
@@ -69,7 +73,8 @@ class ConversionReport:
     n_dense: int = 0
     dense_reasons: dict[str, int] = field(default_factory=dict)
     modules_to_not_convert: list[str] = field(default_factory=list)
-    dense_linears: list[str] = field(default_factory=list)  # stored nn.Linear weights left dense
+    dense_linears: list[str] = field(default_factory=list)  # stored linear-like weights left dense
+    dense_linear_reasons: dict[str, str] = field(default_factory=dict)  # each of them -> why it stays dense
     classes: dict[str, ClassSizes] = field(default_factory=dict)
     source_bytes: int = 0  # every stored tensor of the source
     output_bytes: int = 0  # every stored tensor of the output (shards, excluding headers)
@@ -79,7 +84,7 @@ class ConversionReport:
     largest_tensor: str | None = None
     workers: int = 1  # processes encoding (1: this one)
     threads: int = 1  # encode tasks at once per process
-    layout_cached: bool = False  # the nn.Linear layout came from the layout cache (no modeling import)
+    layout_cached: bool = False  # the layout came from the layout cache (no modeling import)
     seconds: dict[str, float] = field(default_factory=dict)
     plan_peak_rss_bytes: int = 0  # main process peak while fetching and staging (GGUF, .bin)
     baseline_rss_bytes: int = 0  # main process RSS when encoding starts (torch imported, headers read)
@@ -150,6 +155,14 @@ class ConversionReport:
         known["classes"] = {k: ClassSizes(**v) for k, v in known.get("classes", {}).items()}
         return cls(**known)
 
+    def cast_note(self) -> str | None:
+        """``'exact copy of the source cast to bfloat16 (the source is float32)'``; None without a cast."""
+        if not self.cast:
+            return None
+        from tpde_hf.conversion.cast import Cast  # torch: only for a report that has a cast
+
+        return Cast(**self.cast).describe()
+
     # ---------------------------------------------------------------- rendering
     def summary_table(self) -> str:
         """A plain-text table (also used, as markdown, in the model card)."""
@@ -176,12 +189,14 @@ class ConversionReport:
         )
         if self.worker_peak_rss_bytes:
             mem += f", {self.worker_peak_rss_bytes / MB:.0f} MB per worker"
+        after_cast = " after the cast" if self.cast else ""  # "source" below is then the cast source
         facts = [
+            *([("weights", self.cast_note() or "")] if self.cast else []),
             ("bits per converted weight", f"base {bpw['base']:.2f} + delta {bpw['delta']:.2f} = "
-                                          f"{bpw['total']:.2f} (source {bpw['source']:.0f}; "
+                                          f"{bpw['total']:.2f} (source {bpw['source']:.0f}{after_cast}; "
                                           f"group size {self.group_size}, "
                                           f"{self.codec.get('delta_code', 'rans')} delta)"),
-            ("ratio to source", f"converted linears {self.ratio_to_source()['linear']:.3f}, "
+            (f"ratio to source{after_cast}", f"converted linears {self.ratio_to_source()['linear']:.3f}, "
                                 f"whole model {self.ratio_to_source()['model']:.3f}"),
             ("time", f"{sec.get('total', 0):.1f} s total (encode+verify {sec.get('encode_verify', 0):.1f} s, "
                      f"overlapping the {sec.get('plan', 0):.1f} s plan"
@@ -196,7 +211,50 @@ class ConversionReport:
         ]
         lines.append("")
         lines += _table([("figure", "value"), *facts], markdown, right_align=False)
+        lines += self.dense_lines(markdown)
         return lines
+
+    def dense_by_reason(self) -> dict[str, list[str]]:
+        """The linear-like weights stored dense, grouped by reason (``kept dense (lm_head)``, ``larger when
+        encoded``, ...), each group in natural order (``experts.2`` before ``experts.10``)."""
+        out: dict[str, list[str]] = {}
+        for name in self.dense_linears:
+            out.setdefault(self.dense_linear_reasons.get(name, "kept dense"), []).append(name)
+        return {r: sorted(names, key=_natural_key) for r, names in out.items()}
+
+    def dense_lines(self, markdown: bool = True, max_names: int = 12) -> list[str]:
+        """Lines saying which linear-like weights stay dense and why (nothing when every one is converted).
+
+        Names that differ only in their numbers (layers, experts) are shown once, with ``*`` for the
+        numbers and their count: ``model.layers.*.mlp.gate.weight (x24)``. Example::
+
+            linear-like weights stored dense: 25
+              kept dense (lm_head) (1): lm_head.weight
+              larger when encoded (24): model.layers.*.mlp.gate.weight (x24)
+        """
+        groups = self.dense_by_reason()
+        if not groups:
+            return []
+        lines = ["", f"linear-like weights stored dense: {len(self.dense_linears)}"]
+        for reason, names in groups.items():
+            shown = [f"`{n}`" if markdown else n for n in _collapse_numbers(names)]
+            text = ", ".join(shown[:max_names])
+            if len(shown) > max_names:
+                text += f", ... and {len(shown) - max_names} more (all in tpde_conversion.json)"
+            lines.append(f"{'- ' if markdown else '  '}{reason} ({len(names)}): {text}")
+        return lines
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def _collapse_numbers(names: list[str]) -> list[str]:
+    """``[a.0.w, a.1.w, b]`` -> ``["a.*.w (x2)", "b"]``: one entry per name pattern, in order of first appearance."""
+    patterns: dict[str, list[str]] = {}
+    for n in names:
+        patterns.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n), []).append(n)
+    return [members[0] if len(members) == 1 else f"{pat} (x{len(members)})" for pat, members in patterns.items()]
 
 
 def _table(rows: list[tuple[str, ...]], markdown: bool, right_align: bool = True) -> list[str]:

@@ -4,7 +4,8 @@ Everything is reduced to one shape, :class:`Source`: a local folder holding ``co
 non-weight files to carry over, and a list of **safetensors** files. Hub repos are downloaded
 (only the files needed) through huggingface_hub's cache; ``.bin`` and GGUF checkpoints are first
 re-saved as safetensors into a staging folder ("staged"), so the conversion itself only ever
-streams safetensors.
+streams safetensors. A ``dtype=`` cast (:mod:`~tpde_hf.conversion.cast`) is done while staging, for a
+safetensors source too.
 
 Example::
 
@@ -26,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from tpde_hf.conversion.cast import Cast, cast_tensor, read_cast_record, stage_cast, write_cast_record
 from tpde_hf.conversion.errors import ConversionError
 from tpde_hf.conversion.streaming import ShardWriter
 from tpde_hf.format import (
@@ -71,6 +73,8 @@ class Source:
     # on demand: the card library's import costs a few tenths of a second that a conversion can spend
     # while it waits for its encoders instead of before starting them.
     card_folder: Path | None = None
+    # What a ``dtype=`` cast changed in the staged weights (None: they are the source's own dtypes).
+    cast: Cast | None = None
 
     def load_card_metadata(self) -> dict:
         """Read the source card's metadata (once) and return :attr:`card_metadata`."""
@@ -215,11 +219,43 @@ def _resolve_folder(spec: str, folder: Path, gguf_file: str | None) -> Source:
     files = [p.name for p in folder.iterdir() if p.is_file()]
     kind, names = _pick_weights(files, gguf_file, str(folder))
     fmt, weight_files = _folder_weights(folder, kind, names)
-    if fmt != "gguf" and not (folder / CONFIG_NAME).is_file():
-        raise ConversionError(f"{folder}: no {CONFIG_NAME}; a Hugging Face model folder needs one")
+    if fmt != "gguf":
+        if not (folder / CONFIG_NAME).is_file():
+            raise ConversionError(f"{folder}: no {CONFIG_NAME}; a Hugging Face model folder needs one")
+        check_config(folder / CONFIG_NAME)
     src = Source(spec, "folder" if fmt != "gguf" else "gguf", folder, fmt, weight_files,
                  gguf_file=names[0] if fmt == "gguf" else None, card_folder=folder)
     return src
+
+
+def check_config(path: Path) -> None:
+    """Refuse a ``config.json`` that is not a JSON object, or that belongs to an already quantized model.
+
+    Checked before anything is written, so that such a source fails at once and leaves no partial folder
+    (the architecture, read later through transformers, is slower to reach).
+
+    Example::
+
+        check_config(Path("my-model/config.json"))  # ConversionError if it is a tpde or GPTQ repo
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConversionError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: not a model config (a JSON object was expected, found {type(config).__name__})")
+    qc = config.get("quantization_config")
+    if not qc:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else qc
+    if method == "tpde":
+        raise ConversionError(
+            f"{path}: the source is already quantized (quant_method=tpde): it is a tpde repo, made by `tpde convert`. "
+            f"Load it with from_pretrained or check it with `tpde verify {path.parent}`; to convert, start from the "
+            "original model"
+        )
+    raise ConversionError(f"{path}: the source is already quantized (quant_method={method}); tpde needs the original "
+                          "bf16/fp16/fp32 weights")
 
 
 def _hub_error(exc: Exception, repo_id: str, revision: str | None, what: str = "source repo") -> ConversionError:
@@ -287,8 +323,10 @@ def _resolve_cached(spec: str, revision: str | None, gguf_file: str | None, cach
 def _hub_source(spec: str, folder: Path, kind: str, names: list[str], repo_id: str, revision: str | None,
                 commit: str, pipeline_tag: str | None) -> Source:
     fmt, weight_files = _folder_weights(folder, kind, names)
-    if fmt != "gguf" and not (folder / CONFIG_NAME).is_file():
-        raise ConversionError(f"{spec}@{commit}: the repo has no {CONFIG_NAME}")
+    if fmt != "gguf":
+        if not (folder / CONFIG_NAME).is_file():
+            raise ConversionError(f"{spec}@{commit}: the repo has no {CONFIG_NAME}")
+        check_config(folder / CONFIG_NAME)
     meta = {"pipeline_tag": pipeline_tag} if pipeline_tag else {}
     return Source(spec, "hub", folder, fmt, weight_files, repo_id=repo_id, revision=revision, commit=commit,
                   gguf_file=names[0] if fmt == "gguf" else None, card_metadata=meta, card_folder=folder)
@@ -298,19 +336,61 @@ def _hub_source(spec: str, folder: Path, kind: str, names: list[str], repo_id: s
 _STAGED_MARK = ".staged"  # hidden names: never carried into the converted repo
 
 
+def is_staged(staging: Path) -> bool:
+    """Whether ``staging`` holds finished staged weights (which a resumed conversion reuses)."""
+    return (staging / _STAGED_MARK).is_file()
+
+
+def check_safetensors(path: Path) -> None:
+    """Let the safetensors library itself validate ``path``'s header (dtypes, offsets covering the file).
+
+    Only the header is parsed (the file is memory-mapped, no tensor is read). Raises
+    :class:`~tpde_hf.errors.TpdeFormatError` naming the file.
+
+    Example::
+
+        check_safetensors(Path("model/model.safetensors"))
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from tpde_hf.errors import TpdeFormatError
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise TpdeFormatError(str(path), f"not a valid safetensors file ({exc})") from None
+
+
 def stage_weights(src: Source, staging: Path, *, dtype: torch.dtype | None = None) -> Source:
-    """Return ``src`` with safetensors ``weight_files``, re-saving ``.bin`` / GGUF into ``staging``.
+    """Return ``src`` with safetensors ``weight_files``, re-saving ``.bin`` / GGUF into ``staging``, and
+    every floating tensor cast to ``dtype`` when it is given (:mod:`~tpde_hf.conversion.cast`).
 
     ``.bin`` files are loaded with ``torch.load(weights_only=True)`` (no arbitrary unpickling), one
     shard at a time, memory-mapped where the file allows it. GGUF files are dequantized by
-    transformers (``dtype``, default float32: exactly the values the GGUF defines) and saved with
-    ``save_pretrained``; this step holds the whole model in memory. A finished staging folder is
-    reused by ``resume``.
+    transformers to float32 (exactly the values the GGUF defines), cast to ``dtype`` if given, and
+    saved with ``save_pretrained``; this step holds the whole model in memory. Safetensors sources
+    are staged only for a cast that changes some tensor's dtype, one tensor at a time. ``src.cast``
+    records what the cast changed. A finished staging folder is reused by ``resume``.
+
+    Example::
+
+        src = stage_weights(resolve_source("./fp32-model"), partial / "staging", dtype=torch.bfloat16)
+        src.cast.describe()  # 'exact copy of the source cast to bfloat16 (the source is float32)'
     """
+    mark = staging / _STAGED_MARK
     if src.weight_format == "safetensors":
+        if dtype is None:
+            return src
+        staging.mkdir(parents=True, exist_ok=True)
+        if not mark.is_file():
+            if stage_cast(src.weight_files, staging, dtype) is None:
+                return src  # every floating tensor has ``dtype`` already: the source itself is read
+            mark.write_text("ok")
+        src.weight_files = [staging / n for n in json.loads((staging / ".files.json").read_text())]
+        src.cast = read_cast_record(staging)
         return src
     staging.mkdir(parents=True, exist_ok=True)
-    mark = staging / _STAGED_MARK
     if src.weight_format == "bin":
         msg = (
             f"{src.spec}: PyTorch .bin checkpoint; loading it with torch.load(weights_only=True), which refuses "
@@ -319,7 +399,7 @@ def stage_weights(src: Source, staging: Path, *, dtype: torch.dtype | None = Non
         warnings.warn(msg, UserWarning, stacklevel=3)
         src.warnings.append(msg)
         if not mark.is_file():
-            _stage_bin(src.weight_files, staging)
+            _stage_bin(src.weight_files, staging, dtype)
             mark.write_text("ok")
         names = json.loads(mark.with_name(".files.json").read_text())
         files = [staging / n for n in names]
@@ -336,11 +416,13 @@ def stage_weights(src: Source, staging: Path, *, dtype: torch.dtype | None = Non
         src.folder = staging  # config, tokenizer and chat template come from the GGUF, via transformers
     src.weight_files = files
     src.weight_format = "safetensors"
+    src.cast = read_cast_record(staging)
     return src
 
 
-def _stage_bin(files: list[Path], staging: Path) -> None:
+def _stage_bin(files: list[Path], staging: Path, dtype: torch.dtype | None) -> None:
     names = []
+    floating: list[torch.dtype] = []  # the dtype of every floating tensor, for the cast record
     for i, path in enumerate(files):
         try:
             try:
@@ -357,11 +439,15 @@ def _stage_bin(files: list[Path], staging: Path) -> None:
         name = f"staged-{i:05d}.safetensors"
         with ShardWriter(staging / name) as w:
             for key, t in sd.items():
-                w.add_tensor(key, t)
+                if t.is_floating_point():
+                    floating.append(t.dtype)
+                w.add_tensor(key, cast_tensor(key, t, dtype) if dtype is not None else t)
         names.append(name)
         del sd
         gc.collect()
     (staging / ".files.json").write_text(json.dumps(names))
+    if dtype is not None:
+        write_cast_record(staging, Cast.of(dtype, floating))
 
 
 def _stage_gguf(src: Source, staging: Path, dtype: torch.dtype | None) -> dict:
@@ -380,7 +466,9 @@ def _stage_gguf(src: Source, staging: Path, dtype: torch.dtype | None) -> dict:
         del config.quantization_config
     state = model.state_dict()
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        cast = Cast.of(dtype, [v.dtype for v in state.values() if v.is_floating_point()])
+        state = {k: cast_tensor(k, v, dtype) for k, v in state.items()}
+        write_cast_record(staging, cast)
         config.dtype = dtype
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

@@ -6,7 +6,9 @@ tensor's bytes to a spill file as it arrives and writes the real file (header + 
 shard is closed, so memory stays at one tensor whatever the shard size.
 
 The files written are ordinary safetensors files (tensors ordered by alignment, then name, the
-way ``safetensors`` orders them), readable by ``safe_open`` and ``from_pretrained``.
+way ``safetensors`` orders them), readable by ``safe_open`` and ``from_pretrained``. Every writer
+records the xxh3 checksum of each tensor in the header (:mod:`tpde_hf.integrity`), hashed while
+the bytes are copied, so that a load can detect a damaged file.
 
 Example::
 
@@ -31,14 +33,11 @@ import torch
 
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import SAFETENSORS_DTYPES
+from tpde_hf.integrity import ITEMSIZE, write_shard
 
 _CHUNK = 8 * 1024 * 1024
 _MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _TORCH_TO_ST = {getattr(torch, v): k for k, v in SAFETENSORS_DTYPES.items() if hasattr(torch, v)}
-_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise TpdeFormatError(str(path), f"corrupt header entry for {name!r}") from None
         info = TensorInfo(name, dtype, shape, data_start + int(b), data_start + int(end), path)
-        item = _ITEMSIZE.get(dtype)
+        item = ITEMSIZE.get(dtype)
         if info.end > size or info.begin > info.end or (item is not None and info.nbytes != info.numel * item):
             raise TpdeFormatError(str(path), f"tensor {name!r} lies outside the file or has a wrong size (truncated?)")
         out[name] = info
@@ -143,7 +142,7 @@ def st_dtype(dtype: torch.dtype) -> str:
 
 
 def _align(st: str) -> int:
-    return _ITEMSIZE.get(st, 1)
+    return ITEMSIZE.get(st, 1)
 
 
 class ShardWriter:
@@ -151,7 +150,8 @@ class ShardWriter:
 
     Data goes to ``<path>.spill`` as it arrives; :meth:`close` writes ``<path>`` (header, then the
     data copied in alignment order) and removes the spill file. ``hashes`` maps every written
-    tensor to the :func:`bytes_checksum` of its bytes, for the re-read check after closing.
+    tensor to the :func:`bytes_checksum` of its bytes, for the re-read check after closing; the
+    header carries their xxh3 checksums (:mod:`tpde_hf.integrity`).
 
     Example::
 
@@ -195,17 +195,9 @@ class ShardWriter:
         """Write the final file and remove the spill file."""
         self._spill.close()
         order = _storage_order({k: v[0] for k, v in self._entries.items()})
-        blob = _header_blob([(k, *self._entries[k][:2], self._entries[k][3]) for k in order], self.metadata)
+        header = _header_dict([(k, *self._entries[k][:2], self._entries[k][3]) for k in order], self.metadata)
         with _atomic_file(self.path) as out, open(self._spill_path, "rb") as spill:
-            out.write(blob)
-            for name in order:
-                _, _, off, n = self._entries[name]
-                spill.seek(off)
-                left = n
-                while left:
-                    block = spill.read(min(_CHUNK, left))
-                    out.write(block)
-                    left -= len(block)
+            write_shard(out, header, ((name, _spilled(spill, *self._entries[name][2:])) for name in order))
         self._spill_path.unlink()
 
     def abort(self) -> None:
@@ -214,21 +206,28 @@ class ShardWriter:
         self._spill_path.unlink(missing_ok=True)
 
 
+def _spilled(spill: BinaryIO, offset: int, n: int) -> Iterator[bytes]:
+    """``n`` bytes of the spill file from ``offset``, in chunks."""
+    spill.seek(offset)
+    while n:
+        block = spill.read(min(_CHUNK, n))
+        n -= len(block)
+        yield block
+
+
 def _storage_order(dtypes: dict[str, str]) -> list[str]:
     """Widest dtypes first, then by name: every tensor's data stays aligned to its item size."""
     return sorted(dtypes, key=lambda k: (-_align(dtypes[k]), k))
 
 
-def _header_blob(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and the JSON header for ``(name, dtype, shape, nbytes)`` in storage order."""
+def _header_dict(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> dict:
+    """The safetensors header for ``(name, dtype, shape, nbytes)`` in storage order (data back to back)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape, n in entries:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
-    return struct.pack("<Q", len(blob)) + blob
+    return header
 
 
 @contextmanager
@@ -252,24 +251,20 @@ def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[st
 
     Unlike :class:`ShardWriter`, nothing is staged in a spill file, since every size is known up
     front. Returns the :func:`bytes_checksum` of every tensor in ``hashed`` (default: all) as
-    written. The file appears under ``path`` only once complete (written to ``<path>.tmp``, synced,
-    renamed).
+    written; the header carries every tensor's xxh3 checksum. The file appears under ``path`` only
+    once complete (written to ``<path>.tmp``, synced, renamed).
     """
     by_name = {t.name: t for t in tensors}
     if len(by_name) != len(tensors):
         raise ValueError(f"duplicate tensor names in {Path(path).name}")
     order = _storage_order({t.name: t.dtype for t in tensors})
-    blob = _header_blob([(k, by_name[k].dtype, by_name[k].shape, by_name[k].nbytes) for k in order],
-                        {"format": "pt", **(metadata or {})})
+    header = _header_dict([(k, by_name[k].dtype, by_name[k].shape, by_name[k].nbytes) for k in order],
+                          {"format": "pt", **(metadata or {})})
     hashes: dict[str, int] = {}
+    segments = ((name, _hashed(iter_bytes(by_name[name]), hashes, name) if hashed is None or name in hashed
+                 else iter_bytes(by_name[name])) for name in order)
     with _atomic_file(Path(path)) as out:
-        out.write(blob)
-        for name in order:
-            if hashed is None or name in hashed:
-                hashes[name] = bytes_checksum(_written(out, iter_bytes(by_name[name])))
-            else:
-                for block in iter_bytes(by_name[name]):
-                    out.write(block)
+        write_shard(out, header, segments)
     return hashes
 
 
@@ -277,22 +272,26 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: di
                       ) -> dict[str, int]:
     """Write in-memory ``tensors`` as one safetensors file in one pass; return each one's :func:`bytes_checksum`.
 
-    Like :func:`write_planned_shard`, the file appears under ``path`` only once complete.
+    Like :func:`write_planned_shard`, the file appears under ``path`` only once complete, with the
+    xxh3 checksum of every tensor in its header.
     """
     data = {name: tensor_bytes(t) for name, t in tensors.items()}
     order = _storage_order({name: st_dtype(t.dtype) for name, t in tensors.items()})
-    blob = _header_blob([(k, st_dtype(tensors[k].dtype), tuple(tensors[k].shape), len(data[k])) for k in order],
-                        {"format": "pt", **(metadata or {})})
+    header = _header_dict([(k, st_dtype(tensors[k].dtype), tuple(tensors[k].shape), len(data[k])) for k in order],
+                          {"format": "pt", **(metadata or {})})
+    hashes: dict[str, int] = {}
     with _atomic_file(Path(path)) as out:
-        out.write(blob)
-        return {name: bytes_checksum(_written(out, _chunks(data[name]))) for name in order}
+        write_shard(out, header, ((name, _hashed(_chunks(data[name]), hashes, name)) for name in order))
+    return hashes
 
 
-def _written(out, blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """Pass ``blocks`` through after writing each to ``out`` (hash while copying, in one read)."""
+def _hashed(blocks: Iterator[bytes], hashes: dict[str, int], name: str) -> Iterator[bytes]:
+    """Pass ``blocks`` through, then record their :func:`bytes_checksum` as ``hashes[name]`` (one read)."""
+    h = hashlib.blake2b(digest_size=8)
     for block in blocks:
-        out.write(block)
+        h.update(block)
         yield block
+    hashes[name] = int.from_bytes(h.digest(), "little", signed=True)
 
 
 def _chunks(data: memoryview) -> Iterator[bytes]:

@@ -6,7 +6,10 @@ Checks, against ``tpde_manifest.json``:
 * no stored tensor is unaccounted for;
 * dense tensors: dtype, shape and BLAKE2b checksum of the stored bytes;
 * converted tensors: every part validates, the decoded weight has the manifest's dtype and shape,
-  and its checksum matches both the manifest and the tensor's own ``meta``.
+  and its checksum matches both the manifest and the tensor's own ``meta``;
+* the per-tensor xxh3 checksums in the shard headers (:mod:`tpde_hf.integrity`), which every load
+  checks, match the stored bytes (repos written before them have none: :func:`write_checksums`
+  adds them after a full verification).
 
 Decoding runs in worker processes, in batches (one tensor file region at a time in memory).
 
@@ -35,12 +38,11 @@ from tpde_hf.format import (
     CONFIG_NAME,
     MANIFEST_NAME,
     QUANT_METHOD,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
     SUFFIXES,
     dtype_name,
     validate_manifest,
 )
+from tpde_hf.integrity import ALGO, CONFIG_FIELD, add_repo_checksums, hash_stored, read_shard_header, repo_weight_files
 
 VERIFY_TASK_ELEMENTS = 1 << 20
 # The in-process decoder already uses every core; on 2 cores one process verified faster than two even
@@ -60,6 +62,9 @@ class VerificationReport:
     bytes_checked: int = 0
     seconds: float = 0.0
     workers: int = 1
+    checksums: str = "absent"  # the shard headers' per-tensor checksums: "xxh3_64", "absent" or "not checked"
+    checksums_written: bool = False  # write_checksums added them
+    cast_from: str | None = None  # quantization_config.cast_from: the manifest describes the source cast, not it
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -73,7 +78,13 @@ class VerificationReport:
         status = "OK" if self.ok else f"FAILED ({len(self.failures)} problems)"
         lines = [f"{self.repo}: {status} -- {self.n_encoded} converted tensors decoded bit-exact, "
                  f"{self.n_dense} dense tensors checksummed, {self.bytes_checked / 1e6:.1f} MB in "
-                 f"{self.seconds:.1f} s ({self.workers} worker{'s' if self.workers != 1 else ''})"]
+                 f"{self.seconds:.1f} s ({self.workers} worker{'s' if self.workers != 1 else ''})",
+                 f"  per-tensor checksums: {self.checksums}" + (" (written now)" if self.checksums_written else "")
+                 + (f"; add them with `tpde verify --write-checksums {self.folder}`"
+                    if self.ok and self.checksums == "absent" else "")]
+        if self.cast_from:
+            lines.append(f"  reference: the source cast from {self.cast_from} at conversion (--dtype); the manifest "
+                         "holds the cast tensors, and the repo is checked against them")
         lines += [f"  - {f}" for f in self.failures[:50]]
         if len(self.failures) > 50:
             lines.append(f"  ... and {len(self.failures) - 50} more")
@@ -82,16 +93,10 @@ class VerificationReport:
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a repo folder: from its index, or ``model.safetensors``, or all of them."""
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError) as exc:
-            raise VerificationError(f"{index}: unreadable index ({exc})", [f"{index}: unreadable"]) from None
-        return [folder / n for n in names]
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return [folder / SAFE_WEIGHTS_NAME]
-    return sorted(folder.glob("*.safetensors"))
+    try:
+        return repo_weight_files(folder)
+    except TpdeFormatError as exc:
+        raise VerificationError(str(exc), [str(exc)]) from None
 
 
 def _verify_encoded(items: list[tuple[str, dict, dict[str, TensorInfo]]]) -> tuple[list[str], int]:
@@ -136,7 +141,12 @@ def _verify_encoded(items: list[tuple[str, dict, dict[str, TensorInfo]]]) -> tup
 
 
 def _verify_task(batch: list[tuple[str, dict, dict[str, TensorInfo]]]) -> tuple[list[str], int, int]:
-    failures, nbytes = _verify_encoded(batch)
+    from tpde_hf.format import expert_entry_failures  # a 3-D expert tensor: one tpde weight per expert, by key
+
+    failures, nbytes = _verify_encoded([b for b in batch if len(b[1]["shape"]) != 3])
+    for name, entry, parts in (b for b in batch if len(b[1]["shape"]) == 3):
+        failures += expert_entry_failures(name, entry, lambda k, p=parts: load_tensor(p[k]), parts)
+        nbytes += sum(p.nbytes for p in parts.values())
     return failures, nbytes, len(batch)
 
 
@@ -168,8 +178,12 @@ def verify_repo(
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     raise_on_error: bool = True,
+    stored_checksums: bool = True,
 ) -> VerificationReport:
     """Re-check every tensor of a tpde repo (local folder or Hub repo id) against its manifest.
+
+    ``stored_checksums=False`` leaves out the shard headers' xxh3 checksums (:func:`write_checksums`
+    replaces them, so damaged ones must not stop it).
 
     Raises :class:`VerificationError` listing the failures (unless ``raise_on_error=False``, which
     returns them in the report), or :class:`HubAccessError` if the repo cannot be downloaded.
@@ -185,8 +199,10 @@ def verify_repo(
     report = VerificationReport(repo=str(repo), folder=str(folder))
     fail = report.failures
     cfg_path = folder / CONFIG_NAME
+    qc: dict = {}
     try:
         qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+        report.cast_from = qc.get("cast_from")
         if qc.get("quant_method") != QUANT_METHOD:
             fail.append(f"{cfg_path}: quantization_config.quant_method is {qc.get('quant_method')!r}, not "
                         f"{QUANT_METHOD!r}")
@@ -215,6 +231,10 @@ def verify_repo(
         if entry["encoded"]:
             prefix = name[: -len(".weight")] if name.endswith(".weight") else name
             keys = {s: f"{prefix}.{s}" for s in SUFFIXES}
+            if len(entry["shape"]) == 3:  # MoE experts stored as one 3-D tensor: one tpde weight per expert
+                from tpde_hf.format import expert_part_keys
+
+                keys = {k: k for k in expert_part_keys(name, entry["shape"][0], stored)}
             missing = [k for k in keys.values() if k not in stored]
             if missing:
                 fail.append(f"{name}: missing stored tensors {missing}")
@@ -232,6 +252,7 @@ def verify_repo(
                             f"{entry['dtype']}{entry['shape']}")
                 continue
             dense.append((name, entry, info))
+    report.checksums = _check_stored_checksums(folder, qc, fail) if stored_checksums else "not checked"
     extra = sorted(set(stored) - accounted)
     if extra:
         fail.append(f"tensors not in the manifest: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
@@ -271,6 +292,59 @@ def verify_repo(
     finally:
         bar.close()
     return _finish(report, t0, raise_on_error)
+
+
+def _check_stored_checksums(folder: Path, qc: dict, fail: list[str]) -> str:
+    """Compare every shard's bytes with the xxh3 checksums in its header; return what the shards carry."""
+    present = absent = 0
+    for f in weight_files(folder):
+        try:
+            head = read_shard_header(f)
+            sums = head.checksums()
+        except (OSError, TpdeFormatError) as exc:
+            fail.append(f"{f}: {exc}")
+            continue
+        if sums is None:
+            absent += 1
+            if qc.get(CONFIG_FIELD):
+                fail.append(f"{f}: config.json says every shard carries {qc[CONFIG_FIELD]} checksums, but this one "
+                            "has none (damaged header)")
+            continue
+        present += 1
+        for name in sorted(set(head.tensors) ^ set(sums)):
+            fail.append(f"{name}: {'no checksum' if name in head.tensors else 'a checksum but no tensor'} in {f.name}")
+        got = hash_stored(head, [n for n in head.tensors if n in sums])
+        fail.extend(f"{n}: stored bytes differ from the {ALGO} checksum in {f.name}"
+                    for n in sorted(got) if got[n] != sums[n])
+    return ALGO if present and not absent else "absent" if not present else f"in {present} of {present + absent} shards"
+
+
+def write_checksums(repo: str | os.PathLike, *, workers: int | None = None) -> VerificationReport:
+    """Verify a local repo fully, then add per-tensor checksums to its shard headers (``--write-checksums``).
+
+    For repos written before tpde-hf stored checksums: afterwards every load checks the stored bytes.
+    Nothing is written unless the verification passes (the report lists the failures); each shard is
+    rewritten through a temporary file in its folder (synced, then renamed over it), with its data
+    streamed, and ``config.json`` records ``quantization_config.integrity`` last.
+
+    Example::
+
+        report = write_checksums("./old-tpde-repo")
+        assert report.ok and report.checksums_written
+    """
+    folder = Path(repo).expanduser()
+    if not folder.is_dir():
+        raise ConversionError(f"{repo}: --write-checksums rewrites the shards in place, so it needs a local folder "
+                              "(download a Hub repo first: `hf download REPO_ID --local-dir DIR`)")
+    links = [f for f in weight_files(folder) if f.is_symlink()]
+    if links:
+        raise ConversionError(f"{links[0]} is a symlink (a Hugging Face cache snapshot?); --write-checksums rewrites "
+                              "files in place: copy the repo to a folder of its own first")
+    report = verify_repo(folder, workers=workers, raise_on_error=False, stored_checksums=False)
+    if report.ok:
+        add_repo_checksums(folder)
+        report.checksums, report.checksums_written = ALGO, True
+    return report
 
 
 def _batches(encoded: list) -> list[list]:

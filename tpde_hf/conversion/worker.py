@@ -23,7 +23,7 @@ from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_ten
 from tpde_hf.conversion.memory import peak_rss, reset_peak
 from tpde_hf.conversion.streaming import TensorInfo, load_tensor, read_header, write_tensor_file
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.format import SUFFIXES, module_prefix
+from tpde_hf.format import SUFFIXES, as_encoded, module_prefix
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def run_task(task: EncodeTask, own_peak: bool | None = None) -> TaskResult:
     own_peak = _worker_process if own_peak is None else own_peak
     start_rss = reset_peak() if own_peak else peak_rss()
     t0 = time.perf_counter()
-    weights = {info.name: load_tensor(info) for info in task.tensors}
+    weights = {info.name: as_encoded(info.name, load_tensor(info)) for info in task.tensors}  # expert slices
     encoded = encode_tensors(weights, task.params)
     tmp = task.out.with_name(task.out.name + ".partial")
     parts = {k: t for name, enc in encoded.items() for k, t in enc.to_state_dict(module_prefix(name)).items()}

@@ -10,7 +10,12 @@ which the experts' forward never reads. The computation is the original module's
 original tensors, so the outputs are bit-identical in ``lossless`` mode.
 
 The same hook serves any other module whose weight is stored in tpde form (e.g. a router
-``weight`` that is not an ``nn.Linear``): the "converter" is then the identity.
+``weight`` that is not an ``nn.Linear``): the "converter" is then the identity. Expert tensors
+that the checkpoint stores natively as 3-D (GPT-OSS ``experts.gate_up_proj``) are stored one
+tpde weight per expert, held under the parameter's own name (``gate_up_proj.tpde_expert.3``,
+where the model's renamings load them: the hooked parameter itself is never a registered
+attribute, and the forward's value shadows the container), and stacked back by
+:class:`tpde_hf.loading.StackExperts`.
 
 Example::
 
@@ -25,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpde_hf.nn.linear import holder_weight, meta_values
+from tpde_hf.nn.holder import meta_values
+from tpde_hf.nn.weight_access import holder_weight
 
 
 @dataclass
@@ -52,7 +58,9 @@ def _hit_experts(host: nn.Module, target: HookTarget, args: tuple, kwargs: dict)
     if target.converter is None or not isinstance(n, int):
         return None
     first = target.converter.operations[0] if target.converter.operations else None
-    if type(first).__name__ != "MergeModulelist" or getattr(first, "dim", None) != 0:
+    stacks = getattr(first, "merges_experts", False) or (  # tpde's StackExperts, or transformers' own merge
+        type(first).__name__ == "MergeModulelist" and getattr(first, "dim", None) == 0)
+    if not stacks:
         return None
     if any(len(paths) != n for _, paths in target.sources):
         return None
@@ -143,10 +151,10 @@ def detach_param_hook(host: nn.Module, device: torch.device | None = None) -> No
         dev = device or first._parameters["qweight"].device
         value = build_param(host, t, dev, None)
         host.__dict__.pop(t.param_name, None)
-        host.register_parameter(t.param_name, nn.Parameter(value))
-        for _, paths in t.sources:
+        for _, paths in t.sources:  # first: the storage may sit under the parameter's own name
             for path in paths:
                 _drop_storage(host, path)
+        host.register_parameter(t.param_name, nn.Parameter(value))
     hook.remove()
 
 

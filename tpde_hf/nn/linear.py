@@ -13,8 +13,12 @@ Each forward rebuilds the weight it needs and applies it exactly as the replaced
   :mod:`tpde_hf.nn.offload`).
 
 On CUDA the Triton kernels of :mod:`tpde_hf.triton_kernels` are used when they are available;
-everywhere else the torch path (the codec's reference decoder) runs. All device-specific choices
-go through :func:`reconstruct_exact` / :func:`reconstruct_base`, so switching backends is one line.
+everywhere else the torch path (the codec's reference decoder) runs; the choice is made in
+:mod:`tpde_hf.nn.holder` (the stored parts and their decoding, the bottom of this package).
+
+Model code that reads ``layer.weight`` (T5, ``nn.MultiheadAttention``) gets the weight the layer
+computes with, rebuilt on demand and never kept (read-only, not a parameter; see
+:mod:`tpde_hf.nn.weight_access` for what a read costs).
 
 ``Conv1D`` weights are stored as in the checkpoint (``[in, out]``, i.e. transposed with respect to
 ``nn.Linear``), so the 4-bit groups of a GPT-2 layer run along its output features.
@@ -27,213 +31,43 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpde_hf.codec import SUFFIXES, CodecParams, EncodedTensor, decode_tensor, encode_tensor
+from tpde_hf.codec import SUFFIXES, CodecParams, encode_tensor
 from tpde_hf.codec.ordinal import CODE_DTYPES
-from tpde_hf.errors import TpdeFormatError
-
-DELTA_SUFFIXES = ("delta", "lanes", "tables")
-BASE_SUFFIXES = ("qweight", "scales", "zeros", "meta")
-PartSpecs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-# ==================================================================== backend selection (one place)
-def _kernels(device: torch.device) -> Any | None:
-    """The Triton kernel module when it exists and can run on ``device``, else ``None``."""
-    if device.type != "cuda":
-        return None
-    try:
-        from tpde_hf import triton_kernels as tk
-    except ImportError:
-        return None
-    needed = ("PackedWeight", "lossless_linear", "base_linear", "reconstruct", "triton_available")
-    if not all(hasattr(tk, n) for n in needed):
-        return None
-    try:
-        return tk if tk.triton_available(device) else None
-    except Exception:  # a broken Triton install must not break the torch path
-        return None
-
-
-def reconstruct_exact(holder: nn.Module, device: torch.device) -> torch.Tensor:
-    """The exact original weight of ``holder`` (source dtype) on ``device``."""
-    tk = _kernels(device)
-    if tk is not None:
-        return tk.reconstruct(_packed(holder, tk, device))
-    return decode_tensor(encoded_of(holder)).to(device)
-
-
-def reconstruct_base(holder: nn.Module, device: torch.device) -> torch.Tensor:
-    """The lossy 4-bit prediction ``P`` of ``holder`` (source dtype) on ``device``."""
-    parts = {s: getattr(holder, s) for s in ("qweight", "scales", "zeros")}
-    vals = meta_values(holder)
-    shape, group, dtype = (vals[2], vals[3]), vals[4], CODE_DTYPES[vals[1]]
-    if parts["qweight"].device != device:
-        parts = {k: v.to(device) for k, v in parts.items()}
-    return base_weight_torch(parts["qweight"], parts["scales"], parts["zeros"], shape, group, dtype)
-
-
-def base_weight_torch(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``P = dtype(float32(q - zero) * float32(scale))`` with broadcasting instead of repeats.
-
-    Bit-identical to :meth:`EncodedTensor.base_weight` (the same exact fp32 product, one cast).
-    """
-    out_f, in_f = shape
-    ng = scales.shape[1]
-    q = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).view(out_f, ng, group_size)
-    z = torch.stack((zeros & 0x0F, zeros >> 4), dim=-1).view(out_f, -1)[:, :ng]
-    c = q.to(torch.float32) - z.to(torch.float32).unsqueeze(-1)
-    w = (c * scales.to(torch.float32).unsqueeze(-1)).to(dtype).view(out_f, ng * group_size)
-    return w if ng * group_size == in_f else w[:, :in_f].contiguous()
-
-
-def _packed(holder: nn.Module, tk: Any, device: torch.device) -> Any:
-    """The kernels' ``PackedWeight`` of ``holder`` on ``device`` (built once; base shares our tensors)."""
-    qweight = holder._parameters["qweight"]
-    key = (qweight.device.type, qweight.data_ptr(), str(device))
-    cached = holder.__dict__.get("_tpde_packed")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    vals = meta_values(holder)
-    if holder.__dict__.get("_tpde_mode") == "base":
-        base = {s: holder._parameters[s].to(device) for s in ("qweight", "scales", "zeros")}
-        pw = tk.PackedWeight.from_base(base["qweight"], base["scales"], base["zeros"], (vals[2], vals[3]),
-                                       CODE_DTYPES[vals[1]], vals[4], name=holder.__dict__.get("_tpde_name", "weight"))
-    else:
-        pw = tk.PackedWeight.from_encoded(encoded_of(holder), device)
-        if qweight.device == device:  # share the resident base instead of a second copy
-            pw = dataclasses.replace(pw, qweight=qweight, scales=holder._parameters["scales"],
-                                     zeros=holder._parameters["zeros"])
-    holder.__dict__["_tpde_packed"] = (key, pw)
-    return pw
-
-
-# ==================================================================== parts held as parameters
-def register_parts(module: nn.Module, specs: PartSpecs, device: torch.device | str = "meta") -> None:
-    """Register one empty, frozen parameter per stored part (shapes and dtypes from the repo)."""
-    for suffix, (dtype, shape) in specs.items():
-        param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-        module.register_parameter(suffix, param)
-
-
-def has_delta(holder: nn.Module) -> bool:
-    return "delta" in holder._parameters or holder.__dict__.get("_tpde_host_delta") is not None
-
-
-def parts_of(holder: nn.Module) -> dict[str, torch.Tensor]:
-    """All seven parts (the delta from host memory in offload mode)."""
-    host = holder.__dict__.get("_tpde_host_delta")
-    parts = {}
-    for s in SUFFIXES:
-        if s in holder._parameters:
-            parts[s] = holder._parameters[s]
-        elif host is not None and s in host:
-            parts[s] = host[s]
-    return parts
-
-
-def _parts_key(holder: nn.Module) -> tuple:
-    return tuple((s, t.device.type, t.data_ptr()) for s, t in parts_of(holder).items())
-
-
-def encoded_of(holder: nn.Module) -> EncodedTensor:
-    """The validated :class:`EncodedTensor` of ``holder`` (CPU), cached while its parts are unchanged."""
-    name = holder.__dict__.get("_tpde_name", "tpde weight")
-    parts = parts_of(holder)
-    missing = [s for s in SUFFIXES if s not in parts]
-    if missing:
-        raise TpdeFormatError(
-            name,
-            f"parts {missing} are not loaded (mode={holder.__dict__.get('_tpde_mode')!r}); "
-            "the delta is only available in modes 'lossless' and 'lossless-offload'",
-        )
-    if any(t.device.type == "meta" for t in parts.values()):
-        raise TpdeFormatError(name, "its tensors are still on the meta device (not loaded)")
-    key = _parts_key(holder)
-    cached = holder.__dict__.get("_tpde_enc")
-    if cached is None or cached[0] != key:
-        enc = EncodedTensor.from_parts(name, **{s: t.detach().to("cpu") for s, t in parts.items()})
-        cached = (key, enc)
-        holder.__dict__["_tpde_enc"] = cached
-    return cached[1]
-
-
-def meta_values(holder: nn.Module) -> list[int]:
-    """The ten ``meta`` integers, cached (reading a GPU tensor synchronizes)."""
-    meta = holder._parameters["meta"]
-    key = (meta.device.type, meta.data_ptr())
-    cached = holder.__dict__.get("_tpde_meta")
-    if cached is None or cached[0] != key:
-        if meta.device.type == "meta":
-            raise TpdeFormatError(holder.__dict__.get("_tpde_name"), "meta is not loaded")
-        vals = [int(v) for v in meta.detach().to("cpu").tolist()]
-        if len(vals) < 10 or vals[1] not in CODE_DTYPES:
-            raise TpdeFormatError(holder.__dict__.get("_tpde_name"), f"malformed meta tensor {vals}")
-        cached = (key, vals)
-        holder.__dict__["_tpde_meta"] = cached
-    return cached[1]
-
-
-def validate_holder(holder: nn.Module) -> None:
-    """Check the loaded parts (everything the format allows to check without decoding)."""
-    from tpde_hf.codec.tensor_codec import parse_meta
-
-    name = holder.__dict__.get("_tpde_name", "tpde weight")
-    meta = holder._parameters["meta"]
-    if meta.device.type == "meta":
-        return  # offloaded to disk by accelerate: checked when it is loaded for a forward
-    stored = parse_meta(meta.detach().to("cpu"), name)
-    if has_delta(holder):
-        encoded_of(holder)  # validates every part against every other
-        return
-    (out_f, in_f), g = stored.shape, stored.params.group_size
-    ng = -(-in_f // g)
-    expect = {"qweight": (torch.uint8, (out_f, ng * g // 2)), "scales": (torch.float16, (out_f, ng)),
-              "zeros": (torch.uint8, (out_f, -(-ng // 2)))}
-    for key, (dtype, shape) in expect.items():
-        t = holder._parameters[key]
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise TpdeFormatError(name, f"{key} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}")
+from tpde_hf.nn.holder import (
+    BASE_SUFFIXES,
+    DELTA_SUFFIXES,
+    PartSpecs,
+    _kernels,
+    _packed,
+    base_weight_torch,
+    encoded_of,
+    has_delta,
+    meta_values,
+    parts_of,
+    reconstruct_base,
+    reconstruct_exact,
+    register_parts,
+    set_tpde_attrs,
+    validate_holder,
+)
+from tpde_hf.nn.offload import fetch_packed, host_delta
+from tpde_hf.nn.weight_access import exposed_weight, holder_weight, take_cached_weight, weight_for_forward
 
 
 def _save_host_delta(holder: nn.Module, destination: dict, prefix: str) -> None:
     """In offload mode the delta is not a parameter; a state dict (e.g. ``save_pretrained``) still has it."""
     if holder.__dict__.get("_tpde_mode") != "lossless-offload":
         return
-    from tpde_hf.nn.offload import host_delta
-
     host = host_delta(holder)
     if host:
         for s in DELTA_SUFFIXES:
             destination[prefix + s] = host[s]
-
-
-def set_tpde_attrs(holder: nn.Module, name: str, mode: str, compute_dtype: torch.dtype | None) -> None:
-    holder.__dict__["_tpde_name"] = name
-    holder.__dict__["_tpde_mode"] = mode
-    holder.__dict__["_tpde_compute_dtype"] = compute_dtype
-
-
-def holder_weight(holder: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight a forward uses: exact (lossless modes) or 4-bit (base), in the compute dtype."""
-    mode = holder.__dict__.get("_tpde_mode", "lossless")
-    if mode == "base":
-        w = reconstruct_base(holder, device)
-    elif mode == "lossless-offload":
-        from tpde_hf.nn.offload import offloaded_exact_weight
-
-        w = offloaded_exact_weight(holder, device)
-    else:
-        w = reconstruct_exact(holder, device)
-    dtype = dtype or holder.__dict__.get("_tpde_compute_dtype")
-    return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
 def _keep_part_dtypes(module: nn.Module, fn):
@@ -265,7 +99,38 @@ def _follow_dtype_cast(holder: nn.Module, fn) -> None:
 
 # ==================================================================== the modules
 class _StoredPartsModule(nn.Module):
-    """Module holding tpde parts: dtype casts never touch the stored bytes, and a host-held delta is saved too."""
+    """Module holding tpde parts: dtype casts never touch the stored bytes, and a host-held delta is saved too.
+
+    ``weight`` is a read-only attribute, not a parameter: model code that reads it gets the weight
+    (see :attr:`weight`); ``state_dict()`` and ``named_parameters()`` hold only the stored parts.
+    """
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as the replaced module held it, rebuilt on each read: bit for bit the original in
+        ``lossless`` / ``lossless-offload``, the 4-bit prediction in ``base``; a plain tensor in the compute
+        dtype on the parts' device, which nothing keeps once the reader drops it.
+
+        For model code that reads ``layer.weight`` instead of calling ``layer`` (T5, ``nn.MultiheadAttention``).
+        Inside the forward of the module that holds this layer, repeated reads (and this layer's own
+        forward right after) share one rebuild (:mod:`tpde_hf.nn.weight_access`). Example::
+
+            torch.equal(layer.weight.view(torch.int16), original.view(torch.int16))   # lossless: True
+        """
+        try:
+            return exposed_weight(self)
+        except AttributeError as exc:  # else Python would report "no attribute 'weight'" and hide the cause
+            raise RuntimeError(f"tpde: rebuilding {self.__dict__.get('_tpde_name')} failed: {exc}") from exc
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(_read_only_message(self))
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "weight":
+            raise AttributeError(_read_only_message(self))
+        super().__delattr__(name)
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(_keep_part_dtypes(self, fn), recurse)
@@ -278,7 +143,9 @@ class _StoredPartsModule(nn.Module):
 
 
 class TpdeWeightStore(_StoredPartsModule):
-    """Holds one tpde weight (no forward): per-expert storage under a fused-expert module."""
+    """Holds one tpde weight (no forward): per-expert storage under a fused-expert module, or a parameter
+    of another module (e.g. ``nn.MultiheadAttention.in_proj_weight``) that the host's forward hook rebuilds.
+    ``store.weight`` gives the weight (exact, or 4-bit in ``base`` mode), like :attr:`TpdeLinear.weight`."""
 
     def __init__(self, name: str, specs: PartSpecs, mode: str, compute_dtype: torch.dtype | None = None,
                  device: torch.device | str = "meta"):
@@ -328,6 +195,8 @@ class TpdeLinear(_StoredPartsModule):
         else:
             self.register_parameter("bias", None)
         set_tpde_attrs(self, name, mode, compute_dtype)
+        # the shape ``.weight`` has while the parts are not loaded yet
+        self.__dict__["_tpde_shape"] = (in_features, out_features) if transposed else (out_features, in_features)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -361,7 +230,7 @@ class TpdeLinear(_StoredPartsModule):
 
     def weight_tensor(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as the replaced layer held it (``[out, in]``, or ``[in, out]`` for ``Conv1D``)."""
-        return _weight_for_forward(self, device or self._parameters["qweight"].device, dtype)
+        return weight_for_forward(self, device or self._parameters["qweight"].device, dtype)
 
     def dense_module(self) -> nn.Module:
         """An ``nn.Linear`` (or ``Conv1D``) with the exact weight: what this layer replaced."""
@@ -384,7 +253,7 @@ class TpdeLinear(_StoredPartsModule):
             tk = _kernels(x.device)
             if tk is not None:
                 return _kernel_linear(self, tk, x)
-        w = _weight_for_forward(self, x.device, None)
+        w = weight_for_forward(self, x.device, None)
         if self.transposed:  # exactly Conv1D.forward
             size_out = x.size()[:-1] + (self.out_features,)
             return torch.addmm(self.bias, x.view(-1, x.size(-1)), w).view(size_out)
@@ -400,19 +269,28 @@ class TpdeLinear(_StoredPartsModule):
 def _kernel_linear(layer: TpdeLinear, tk: Any, x: torch.Tensor) -> torch.Tensor:
     """GPU path: the Triton kernels (``fused_gemv`` allows the fused decode+GEMV, not bit-exact)."""
     mode = layer._tpde_mode
+    cached = take_cached_weight(layer, x.device)  # taken in any case: it must not outlive this forward
     if mode == "base":
         return tk.base_linear(x, _packed(layer, tk, x.device), layer.bias)
     fused = True if layer.__dict__.get("_tpde_fused_gemv") else False
+    if cached is not None and not fused and cached.dtype == CODE_DTYPES[meta_values(layer)[1]]:
+        # a `.weight` read just rebuilt W: what lossless_linear(fused=False) computes, without a second decode
+        return F.linear(x, cached.to(x.dtype), layer.bias)
     if mode == "lossless-offload":
-        from tpde_hf.nn.offload import fetch_packed
-
         pw = fetch_packed(layer, tk, x.device)
     else:
         pw = _packed(layer, tk, x.device)
     return tk.lossless_linear(x, pw, layer.bias, fused=None if fused else False)
 
 
-@torch.compiler.disable
-def _weight_for_forward(holder: nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """Rebuild the weight outside any compiled graph (the decoder is data-dependent and uses numpy)."""
-    return holder_weight(holder, device, dtype)
+def _read_only_message(module: nn.Module) -> str:
+    return (f"{type(module).__name__}.weight is read-only: the weight ({module.__dict__.get('_tpde_name')}) is "
+            "stored in tpde form (4-bit base + lossless delta) and rebuilt on each read. For a dense, writable "
+            "weight use layer.dense_module() or model.dequantize(), or load with TpdeConfig(mode='dequantize').")
+
+
+__all__ = [
+    "BASE_SUFFIXES", "DELTA_SUFFIXES", "PartSpecs", "TpdeLinear", "TpdeWeightStore", "base_weight_torch",
+    "encoded_of", "has_delta", "holder_weight", "meta_values", "parts_of", "reconstruct_base", "reconstruct_exact",
+    "register_parts", "set_tpde_attrs", "validate_holder", "weight_for_forward",
+]

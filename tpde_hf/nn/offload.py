@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tpde_hf.codec import decode_tensor
-from tpde_hf.nn.linear import DELTA_SUFFIXES, _kernels, encoded_of
+from tpde_hf.nn.holder import DELTA_SUFFIXES, _kernels, encoded_of
 
 #: ``copy(holder, device) -> object on device``; run inside the side stream by the prefetcher.
 Copier = Callable[[nn.Module, torch.device], Any]
@@ -62,6 +62,7 @@ class DeltaPrefetcher:
         self._side: Any = None
         self._pending: dict[int, tuple[Any, Any]] = {}
         self._seen: list[nn.Module] = []
+        self._last: nn.Module | None = None
         self._recorded = False
         self.stats = {"prefetched": 0, "sync": 0}
 
@@ -86,10 +87,12 @@ class DeltaPrefetcher:
     def _record_order(self, holder: nn.Module) -> None:
         if self._recorded:
             return
-        if self._seen and holder is self._seen[0]:
+        # a repeat of the latest fetch (a `.weight` read, then the forward) is not the start of a new pass
+        if self._seen and holder is self._seen[0] and holder is not self._last:
             self.order, self._recorded = list(self._seen), True  # second pass: the order is known
         elif all(h is not holder for h in self._seen):
             self._seen.append(holder)
+        self._last = holder
 
     def fetch(self, holder: nn.Module, device: torch.device) -> Any:
         """``holder``'s delta on ``device`` (ready to use on the current stream); prefetches the next layers."""
