@@ -37,3 +37,4 @@ def __getattr__(name: str) -> Any:
 
 # Register the "tpde" quantizer with transformers now, or as soon as transformers loads its registry.
 _autoregister.install()
+_LAZY.update(draft_model="tpde_hf.speculative", generate_exact="tpde_hf.speculative")  # drafting by the base

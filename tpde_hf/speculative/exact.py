@@ -1,0 +1,249 @@
+"""Assisted generation whose tokens are bit-identical to plain greedy decoding of the exact model.
+
+Plain greedy decoding runs the exact model one token at a time: each forward multiplies one row
+(``M = 1``) by every weight and attends with one query. Assisted generation verifies ``k`` drafted
+tokens in *one* forward: ``M = k + 1`` rows. The weights are the same (exact), but a matrix product
+of ``k + 1`` rows is not computed like ``k + 1`` products of one row: CPU GEMM and GEMV kernels block
+and accumulate differently, and so does attention with ``k + 1`` queries. The logits then differ in
+their last bits, and where the two best tokens are that close, the argmax flips: the output is still
+the greedy output of the exact weights, under different rounding, but not the same token sequence as
+plain ``lossless`` generation.
+
+:func:`exact_verifier` removes that difference. It returns a view of the model (new module objects,
+the same tensors, like :func:`~tpde_hf.speculative.draft_model`) in which a verification forward of
+``M`` rows computes every row as plain decoding would have:
+
+* each linear layer rebuilds its exact weight **once** per forward (the cost the draft amortizes) and
+  multiplies it row by row (``F.linear`` on ``[1, 1, in]``, the plain decode shape); in the first
+  forward the prompt rows are multiplied together, as the plain prefill did;
+* attention runs per row through transformers' own ``sdpa_attention_forward``, each query against
+  the keys up to its position (copied contiguous, as the plain decode's cache holds them);
+* everything else (embeddings, norms, rotary, activations, residuals) is elementwise or reduces
+  within a row, so a row's result does not depend on how many rows the tensor holds.
+
+:func:`generate_exact` runs transformers' assisted generation with that view as the verifier and the
+base as the draft. The extra cost is ``k + 1`` one-row products instead of one ``k + 1``-row product
+per layer (memory-bound at batch 1: about the same) and one small attention call per row.
+
+Scope (checked, else :class:`~tpde_hf.speculative.draft.DraftError`): batch 1 without padding, CPU, models
+whose attention goes through transformers' attention interface with SDPA and full causal attention
+(no sliding window in use), greedy or sampling (sampling: speculative sampling; same distribution,
+not the same random draws as plain sampling).
+
+Example::
+
+    out = tpde_hf.generate_exact(model, **tok(["Hello"], return_tensors="pt"), max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpde_hf.nn import TpdeLinear
+from tpde_hf.nn.weight_access import weight_for_forward
+from tpde_hf.speculative.draft import DraftError, _structural_copy, draft_model, is_draft
+
+ATTN_NAME = "tpde_rowwise_sdpa"
+_DRAFTS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+class _Rows:
+    """How the rows of the current forward are grouped: as the plain decode would have computed them."""
+
+    def __init__(self) -> None:
+        self.prompt_len = 0
+        self.calls = 0
+        self.segments: list[int] = []
+
+    def start_forward(self, m: int) -> None:
+        if self.calls == 0 and self.prompt_len > 0:  # plain prefill: the prompt in one forward
+            p = min(self.prompt_len, m)
+            self.segments = [p] + [1] * (m - p)
+        else:
+            self.segments = [1] * m
+        self.calls += 1
+
+    def split(self, m: int) -> list[int]:
+        """Row groups for a tensor of ``m`` rows; a tensor of other length (``lm_head`` after
+        ``logits_to_keep``, which plain decoding always applies to one row) goes row by row."""
+        return self.segments if sum(self.segments) == m else [1] * m
+
+
+class RowwiseLinear(nn.Module):
+    """A linear layer (``TpdeLinear`` in lossless mode, ``nn.Linear`` or ``Conv1D``) applied per row group."""
+
+    def __init__(self, source: nn.Module, rows: _Rows):
+        super().__init__()
+        self.source = source
+        self.rows = rows
+        self.transposed = type(source).__name__ == "Conv1D" or bool(getattr(source, "transposed", False))
+
+    def _weight(self, device: torch.device) -> torch.Tensor:
+        if isinstance(self.source, TpdeLinear):
+            return weight_for_forward(self.source, device, None)  # one rebuild per forward
+        return self.source.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight(x.device)
+        bias = self.source.bias
+        if x.dim() < 2:
+            return self._one(x, w, bias)
+        parts, start = [], 0
+        for n in self.rows.split(x.shape[-2]):
+            parts.append(self._one(x[..., start:start + n, :], w, bias))
+            start += n
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+    def _one(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # a tensor of its own, as plain decoding's activations are (a view into the k + 1 rows can take
+        # another kernel path: same shape, different storage)
+        x = x.clone(memory_format=torch.contiguous_format)
+        if self.transposed:  # exactly Conv1D.forward / TpdeLinear's transposed path
+            size_out = x.size()[:-1] + (w.shape[1],)
+            return torch.addmm(bias, x.view(-1, x.size(-1)), w).view(size_out)
+        return F.linear(x, w, bias)
+
+
+def _rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any):
+    """SDPA per row group: each query against the keys up to its own position, with no mask (plain
+    batch-1 decoding without padding passes none: full causal attention is implied)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows: _Rows | None = module.__dict__.get("_tpde_rows")
+    m, total = query.shape[2], key.shape[2]
+    if rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    past = total - m
+    outs, start = [], 0
+    for n in rows.split(m):
+        end = past + start + n
+        # the layouts plain decoding passes: the query a [1, n, heads, dim] tensor of its own seen as
+        # [1, heads, n, dim]; keys and values the cache's contiguous [1, kv_heads, end, dim]
+        q = query[:, :, start:start + n].transpose(1, 2).clone(memory_format=torch.contiguous_format).transpose(1, 2)
+        k = key[:, :, :end].clone(memory_format=torch.contiguous_format) if end != total else key
+        v = value[:, :, :end].clone(memory_format=torch.contiguous_format) if end != total else value
+        out, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+        outs.append(out)
+        start += n
+    return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _rowwise_sdpa)
+    if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _check_verifiable(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise DraftError("tpde exact verifier: the model has no config (not a transformers model)")
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in ("sdpa", ATTN_NAME):
+        raise DraftError(
+            f"tpde exact verifier: the model uses attention implementation {impl!r}; the bit-identical verifier "
+            "reproduces plain decoding's SDPA calls (load with attn_implementation='sdpa'), or call "
+            "generate_exact(..., bit_identical=False)"
+        )
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "is_encoder_decoder", False):
+        raise DraftError("tpde exact verifier: encoder-decoder models are not supported")
+    types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"} or getattr(text, "sliding_window", None) not in (None, 0):
+        raise DraftError(
+            f"tpde exact verifier: layer types {sorted(types)} / sliding_window="
+            f"{getattr(text, 'sliding_window', None)}: only full causal attention is reproduced row by row; "
+            "call generate_exact(..., bit_identical=False)"
+        )
+    for name, m in model.named_modules():
+        if isinstance(m, TpdeLinear) and m.mode != "lossless":
+            raise DraftError(f"tpde exact verifier: layer {name!r} has mode {m.mode!r}; needs 'lossless'")
+        p = next(m.parameters(recurse=False), None)
+        if p is not None and p.device.type != "cpu":
+            raise DraftError(
+                f"tpde exact verifier: module {name!r} is on {p.device}; the bit-identical verifier is CPU-only "
+                "for now (GPU plain decoding uses the Triton kernels' own shapes); call "
+                "generate_exact(..., bit_identical=False)"
+            )
+
+
+def exact_verifier(model: nn.Module) -> nn.Module:
+    """A view of ``model`` whose forwards compute each row as plain one-token decoding does (module docstring)."""
+    if is_draft(model):
+        raise DraftError("tpde exact verifier: pass the exact model, not its draft view")
+    _check_verifiable(model)
+    _register_attention()
+    view = _structural_copy(model, {})
+    rows = _Rows()
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = ATTN_NAME
+    from transformers.pytorch_utils import Conv1D
+
+    for m in list(view.modules()):
+        for attr, value in list(m.__dict__.items()):
+            if value is model.config:
+                m.__dict__[attr] = config
+        m.__dict__["_tpde_rows"] = rows  # every module: the attention function finds it on whichever calls it
+        for child_name, child in list(m._modules.items()):
+            if isinstance(child, TpdeLinear) or type(child) in (nn.Linear, Conv1D):
+                m._modules[child_name] = RowwiseLinear(child, rows)
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        rows.start_forward(int(ids.shape[1]))
+
+    view.register_forward_pre_hook(pre, with_kwargs=True)
+    view.__dict__.pop("save_pretrained", None)
+    view.__dict__["_tpde_rows"] = rows
+    view.__dict__["_tpde_is_verifier"] = True
+    return view
+
+
+def generate_exact(model: nn.Module, input_ids: torch.Tensor | None = None, *, draft: nn.Module | None = None,
+                   bit_identical: bool = True, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any):
+    """``model.generate(...)`` drafted by the model's own 4-bit base; greedy tokens equal plain ``lossless``'s.
+
+    Args:
+        model: a tpde model loaded in ``lossless`` mode (CPU for ``bit_identical``).
+        input_ids, attention_mask: one prompt (batch 1, no padding).
+        draft: the draft model (default: ``draft_model(model)``, built once per model and kept).
+        bit_identical: verify row by row (:func:`exact_verifier`), so that greedy tokens are bit-identical to
+            plain greedy decoding of ``model``; ``False`` uses transformers' one-forward verification
+            (exact weights, the ``k + 1``-row kernels' rounding).
+        generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ``streamer``...).
+    """
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise DraftError("tpde generate_exact: pass input_ids of one prompt, shape [1, length]")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise DraftError("tpde generate_exact: the attention mask has padding; pass one unpadded prompt")
+    if "assistant_model" in generate_kwargs:
+        raise DraftError("tpde generate_exact: pass the draft as draft=..., not assistant_model=")
+    if draft is None:
+        draft = _DRAFTS.get(model)
+        if draft is None:
+            draft = draft_model(model)
+            _DRAFTS[model] = draft
+    verifier = model
+    if bit_identical:
+        verifier = exact_verifier(model)
+        verifier._tpde_rows.prompt_len = int(input_ids.shape[1])
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        return verifier.generate(input_ids=input_ids, attention_mask=attention_mask, assistant_model=draft,
+                                 **generate_kwargs)
+
+
+__all__ = ["ATTN_NAME", "RowwiseLinear", "exact_verifier", "generate_exact"]
