@@ -32,6 +32,14 @@ run is recorded, and each figure is the best of ``--repeat`` runs.
 
 Run: ``python benchmarks/bench_conversion.py`` -> ``benchmarks/results/conversion.json``
 (``--models minilm`` and ``--repeat 1`` for a quick run).
+
+Real tensor sizes (issue #18): ``--model llama-real-size --size-gb N`` builds a bf16 Llama checkpoint with
+Llama-2-13B widths (hidden 5120, MLP 5120 x 13824, 8 KV heads; 40 layers = 22.7 GB; random N(0, 0.02),
+in 5 GB shards) and times ``convert`` with its timeline (encoded MB, CPU seconds, I/O, RSS and load
+average every ``TPDE_BENCH_INTERVAL`` seconds, and when each task finished) ->
+``benchmarks/results/conversion_real_size.json``. ``--tree before=PATH after=PATH`` runs two code trees
+(each a folder holding ``tpde_hf``) in alternation on the same checkpoint; the CPU seconds per GB of each
+run do not depend on how loaded the machine is.
 """
 
 from __future__ import annotations
@@ -106,6 +114,100 @@ def llama_synthetic_source() -> Path:
     return out
 
 
+REAL_SIZE = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, "num_key_value_heads": 8,
+             "vocab_size": 32000}  # Llama-2-13B's widths with 8 KV heads: 40 layers make the 22.7 GB checkpoint
+
+
+def real_size_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Llama checkpoint with :data:`REAL_SIZE` widths, in ``save_pretrained``'s order."""
+    h, i, v = REAL_SIZE["hidden_size"], REAL_SIZE["intermediate_size"], REAL_SIZE["vocab_size"]
+    kv = h // REAL_SIZE["num_attention_heads"] * REAL_SIZE["num_key_value_heads"]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def real_size_layers(size_gb: float) -> int:
+    """Decoder layers that bring a :data:`REAL_SIZE` checkpoint closest to ``size_gb`` GB (40: 22.7 GB)."""
+    fixed = sum(2 * _numel(s) for n, s in real_size_tensors(0))
+    per_layer = (sum(2 * _numel(s) for n, s in real_size_tensors(1)) - fixed)
+    return max(1, round((size_gb * 1e9 - fixed) / per_layer))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def llama_real_size_source(size_gb: float, shard_bytes: int = 5_000_000_000) -> Path:
+    """A bf16 Llama checkpoint with real tensor sizes (5120 x 13824 MLP weights), random N(0, 0.02) weights,
+    in shards of about ``shard_bytes`` as the Hub stores them (made once per size; reused).
+
+    Written one tensor at a time (the header is known up front), so building 22.7 GB needs one tensor of memory.
+    """
+    import torch
+
+    layers = real_size_layers(size_gb)
+    out = TMP / f"llama-real-size-{layers}L"
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in real_size_tensors(layers):
+        if shards[-1] and size + 2 * _numel(shape) > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += 2 * _numel(shape)
+    # Drawing ~11 G normal values costs more CPU than the conversion on a shared 2-core machine: each weight is
+    # a window, at a random offset, of one pool of N(0, 0.02) bf16 values (same statistics, same sizes).
+    gen = torch.Generator().manual_seed(0)
+    pool = (torch.randn(1 << 27, generator=gen) * 0.02).to(torch.bfloat16)
+    pool = torch.cat([pool, pool])  # a window may wrap around
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, shape in shard:
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + 2 * _numel(shape)]}
+            off += 2 * _numel(shape)
+            weight_map[name] = fname
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(out / (fname + ".tmp"), "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for _name, shape in shard:
+                if len(shape) == 1:
+                    t = torch.ones(shape, dtype=torch.bfloat16)
+                else:
+                    start = int(torch.randint(0, 1 << 27, (1,), generator=gen))
+                    t = pool[start:start + _numel(shape)]
+                    while t.numel() < _numel(shape):  # an embedding is larger than the pool
+                        t = torch.cat([t, pool[: _numel(shape) - t.numel()]])
+                f.write(t.view(torch.uint8).numpy().data)
+                del t
+        os.replace(out / (fname + ".tmp"), out / fname)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **REAL_SIZE, "num_hidden_layers": layers,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 4096, "hidden_act": "silu"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    total = sum(2 * _numel(s) for shard in shards for _, s in shard)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
 # ==================================================================== children (fresh processes)
 def child_baseline(src: Path, dst: Path) -> dict:
     from safetensors.torch import load_file, save_file
@@ -135,6 +237,59 @@ def child_convert(src: Path, dst: Path, workers: int) -> dict:
 
     report = convert(src, dst, workers=workers, overwrite=True)
     return report.to_dict()
+
+
+def _proc_sample(t0: float) -> dict:
+    """One sample of this process: wall time, CPU seconds, I/O bytes, RSS, load average, major faults."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"t": round(time.perf_counter() - t0, 2), "cpu_s": round((int(stat[11]) + int(stat[12])) / tick, 2),
+            "read_mb": round(int(io["read_bytes"]) / MB, 1), "write_mb": round(int(io["write_bytes"]) / MB, 1),
+            "rss_mb": round(rss / MB, 1), "major_faults": int(stat[9]), "load_1min": os.getloadavg()[0]}
+
+
+def child_convert_traced(src: Path, dst: Path, workers: int) -> dict:
+    """:func:`child_convert` with a timeline: bytes encoded+verified, CPU, I/O and RSS every ``interval`` seconds.
+
+    The encode progress is read from the conversion's own progress bar object (its ``done`` calls), so
+    the timeline shows the rate of the encode phase over time; the samples after the last task are the
+    shard assembly.
+    """
+    import logging
+    import threading
+
+    logging.disable(logging.WARNING)
+    from tpde_hf.conversion import convert, progress
+
+    t0 = time.perf_counter()
+    done = {"bytes": 0, "tasks": []}
+    orig_done = progress.EncodeProgress.done
+
+    def traced_done(self, nbytes: int) -> None:
+        done["bytes"] += nbytes
+        done["tasks"].append((round(time.perf_counter() - t0, 2), nbytes))
+        orig_done(self, nbytes)
+
+    progress.EncodeProgress.done = traced_done
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(float(os.environ.get("TPDE_BENCH_INTERVAL", "5"))):
+            samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1)})
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    report = convert(src, dst, workers=workers, overwrite=True)
+    stop.set()
+    th.join()
+    samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1)})
+    out = report.to_dict()
+    out["timeline"] = samples
+    out["task_done"] = done["tasks"]
+    return out
 
 
 def child_verify(repo: Path, workers: int) -> dict:
@@ -243,6 +398,40 @@ def bench_model(name: str, src: Path, workers_list: list[int], repeat: int) -> d
     }
 
 
+def bench_real_size(size_gb: float, repeat: int, trees: dict[str, Path]) -> dict:
+    """``convert`` of a :func:`llama_real_size_source` checkpoint with its timeline, once per code tree and repeat.
+
+    ``trees``: label -> a folder holding the ``tpde_hf`` package to run (the children's ``PYTHONPATH``), so that
+    two versions of the code run on the same source in alternation (the machine may be shared: compare labels
+    within one run, and read ``load_avg_1min`` and the CPU seconds per MB of each).
+    """
+    src = llama_real_size_source(size_gb)
+    runs: list[dict] = []
+    for k in range(repeat):
+        for label, tree in trees.items():
+            dst = TMP / f"real-size-out-{label}"
+            shutil.rmtree(dst, ignore_errors=True)
+            env = {"PYTHONPATH": str(tree), "TPDE_LAYOUT_CACHE": str(_fresh_cache(f"real-size-{label}"))}
+            r = run_child("convert-traced", str(src), str(dst), "1", env_extra=env)
+            shutil.rmtree(dst, ignore_errors=True)
+            tl = r["timeline"]
+            runs.append({
+                "label": label, "repeat": k, "tree": str(tree), "load_avg_1min": r["load_avg_1min"],
+                "seconds": {n: round(v, 2) for n, v in r["seconds"].items()},
+                "throughput_mb_s_end_to_end": round(r["throughput_mb_s"]["end_to_end"], 2),
+                "throughput_mb_s_encode_verify": round(r["throughput_mb_s"]["encode_verify"], 2),
+                "cpu_seconds": tl[-1]["cpu_s"], "cpu_s_per_gb": round(tl[-1]["cpu_s"] / (r["source_bytes"] / 1e9), 1),
+                "peak_rss_mb": round(r["peak_rss_bytes"] / MB, 1), "verified_tensors": r["verified_tensors"],
+                "n_encoded": r["n_encoded"], "timeline": tl, "task_done": r["task_done"],
+            })
+            print(json.dumps({k2: v for k2, v in runs[-1].items() if k2 not in ("timeline", "task_done")}),
+                  file=sys.stderr)
+    first = runs[0]
+    return {"source": str(src.relative_to(ROOT)), "source_gb": round(sum(
+        f.stat().st_size for f in src.glob("*.safetensors")) / 1e9, 2), "shape_mlp": [REAL_SIZE["intermediate_size"],
+        REAL_SIZE["hidden_size"]], "n_encoded": first["n_encoded"], "runs": runs}
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
@@ -258,13 +447,38 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure; the best is kept")
     parser.add_argument("--out", type=Path, default=RESULTS / "conversion.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=["llama-real-size"], default=None,
+                        help="llama-real-size: a bf16 Llama checkpoint with 5120 x 13824 MLP weights (--size-gb), "
+                             "timed with its throughput over time -> conversion_real_size.json")
+    parser.add_argument("--size-gb", type=float, default=7.0, help="size of the llama-real-size checkpoint (40 "
+                        "layers: 22.7)")
+    parser.add_argument("--tree", nargs="+", default=None, metavar="LABEL=PATH",
+                        help="code trees to compare, run in alternation (default: this checkout)")
+    parser.add_argument("--keep-source", action="store_true", help="keep the llama-real-size checkpoint")
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        fn = {"baseline": child_baseline, "convert": child_convert, "verify": child_verify}[kind]
+        fn = {"baseline": child_baseline, "convert": child_convert, "convert-traced": child_convert_traced,
+              "verify": child_verify}[kind]
         conv = [Path(rest[0]), Path(rest[1])] if kind != "verify" else [Path(rest[0])]
         extra = [int(x) for x in rest[len(conv):]]
         print(json.dumps(fn(*conv, *extra)))
+        return
+
+    if args.model == "llama-real-size":
+        trees = dict(t.split("=", 1) for t in args.tree) if args.tree else {"this": str(ROOT)}
+        out = args.out if args.out != RESULTS / "conversion.json" else RESULTS / "conversion_real_size.json"
+        res = {"benchmark": "conversion at real tensor sizes (issue #18)",
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                           "note": "shared machine: compare labels within this run; see load_avg_1min, cpu_s_per_gb"},
+               "git": {"head": _git("rev-parse", "--short", "HEAD")},
+               "model": bench_real_size(args.size_gb, args.repeat, {k: Path(v) for k, v in trees.items()})}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        if not args.keep_source:
+            shutil.rmtree(llama_real_size_source(args.size_gb), ignore_errors=True)
+        print(f"wrote {out}", file=sys.stderr)
         return
 
     import torch

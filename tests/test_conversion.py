@@ -516,13 +516,14 @@ def test_parse_size() -> None:
 def test_cli_help_documents_every_option() -> None:
     parser = build_parser()
     sub = {a.dest: a for a in parser._actions}["command"].choices
-    assert set(sub) == {"convert", "verify", "push", "examples"}
+    assert set(sub) == {"convert", "verify", "push", "examples", "ckpt"}
     for name, p in sub.items():
         for action in p._actions:
             assert action.help, f"tpde {name}: {action.option_strings or action.dest} has no help"
     text = sub["convert"].format_help()
     for opt in ("--push-to-hub", "--group-size", "--include", "--exclude", "--keep-dense", "--workers",
-                "--overwrite", "--resume", "--revision", "--token", "--private", "--create-pr", "--dtype"):
+                "--overwrite", "--resume", "--revision", "--token", "--private", "--create-pr", "--dtype",
+                "--storage", "--base-quantizer", "--reference"):
         assert opt in text
 
 

@@ -201,6 +201,46 @@ def test_assisted_generate_is_exact_greedy(exact):
             _near_tie_ok(exact, plain, got, len(ids))
 
 
+def _as_offloaded(model) -> list:
+    """``model`` (lossless, CPU) turned into what ``lossless-offload`` holds: the base resident, the delta
+    in host memory (``_tpde_host_delta``) and decoded from there at each forward. The real mode needs CUDA
+    (pinned memory, Triton); this keeps its CPU fallback path (``offloaded_exact_weight``)."""
+    from tpde_hf.nn.holder import DELTA_SUFFIXES
+
+    layers = [m for m in model.modules() if isinstance(m, TpdeLinear)]
+    for m in layers:
+        m.__dict__["_tpde_host_delta"] = {s: m._parameters.pop(s).data for s in DELTA_SUFFIXES}
+        m.__dict__["_tpde_mode"] = "lossless-offload"
+        m.__dict__.pop("_tpde_enc", None)
+    return layers
+
+
+def test_offload_draft_streams_each_delta_once_per_verification(tiny_repo: Path, monkeypatch):
+    """lossless-offload: the draft runs on the resident base; each verification forward decodes every delta
+    once for several tokens, and greedy tokens stay those of transformers' assisted decoding on lossless."""
+    import tpde_hf.nn.offload as offload
+
+    ids = PROMPTS[0]
+    ref_model = _load(tiny_repo)
+    with torch.no_grad():
+        want = ref_model.generate(torch.tensor([ids]), assistant_model=draft_model(ref_model, num_assistant_tokens=4),
+                                  max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    model = _load(tiny_repo)
+    layers = _as_offloaded(model)
+    draft = draft_model(model, num_assistant_tokens=4)
+    decodes: list[int] = []
+    real = offload.decode_tensor
+    monkeypatch.setattr(offload, "decode_tensor", lambda enc, *a, **k: decodes.append(1) or real(enc, *a, **k))
+    with track() as stats, torch.no_grad():
+        got = model.generate(torch.tensor([ids]), assistant_model=draft, max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(got, want)
+    forwards = len(stats.drafted)  # one verification forward per round (the first one carries the prompt)
+    assert len(decodes) == forwards * len(layers)
+    assert forwards < got.shape[1] - len(ids)  # fewer delta passes than new tokens
+    assert all("delta" not in m._parameters for m in layers)  # the delta never became resident
+
+
 def test_exact_verifier_logits_are_one_token_logits(exact):
     """A verifier forward of several rows gives, per row, the logits of plain one-token decoding, bit for bit."""
     from transformers import DynamicCache

@@ -63,6 +63,7 @@ FORMAT_FIELDS = (
     "modules_to_not_convert",
     "integrity",
     "cast_from",
+    "storage",
 )
 #: Fields a load may choose; they are never written back to ``config.json``.
 RUNTIME_FIELDS = ("mode", "verify", "fused_gemv", "check_integrity")
@@ -151,6 +152,13 @@ class TpdeConfig(QuantizationConfigMixin):
             raise TpdeFormatError(
                 source, f"quantization_config integrity={self.integrity!r} is unknown to this tpde-hf (it checks "
                         f"{INTEGRITY_ALGO!r}): the config is damaged, or upgrade tpde-hf (pip install -U tpde-hf)")
+        if self.storage is not None:
+            from tpde_hf.codec.encoded import known_storage
+
+            if not isinstance(self.storage, str) or not known_storage(self.storage):
+                raise TpdeFormatError(
+                    source, f"quantization_config storage={self.storage!r} is a base storage unknown to this tpde-hf; "
+                            "upgrade tpde-hf (pip install -U tpde-hf) or install the plug-in that provides it")
         if self.bits not in (None, 4):
             raise TpdeFormatError(source, f"quantization_config bits={self.bits!r} unsupported (only 4)")
 

@@ -4,11 +4,14 @@ A tpde repo is an ordinary Hugging Face model folder:
 
 * ``config.json`` carries ``quantization_config`` (see :func:`quantization_config_dict`);
 * safetensors shards hold, for every converted linear ``X`` (weight ``X.weight``), the tensors
-  ``X.qweight, X.scales, X.zeros, X.delta, X.lanes, X.tables, X.meta`` (see ``codec.tensor_codec``;
+  ``X.qweight, X.scales, X.zeros, X.delta, X.lanes, X.tables, X.meta`` (see ``codec.encoded``;
   what ``delta, lanes, tables`` hold depends on the delta code, ``rans`` or ``class-width``),
   and every other tensor unchanged (biases, norms, embeddings, a dense lm_head); an MoE expert
   tensor stored as one 3-D tensor ``K`` holds one such set per expert, ``K.tpde_expert.<e>.qweight``
   ... (see :func:`expert_slice_prefix`);
+* a repo converted with a base storage (``tpde convert --storage S``, ``quantization_config.storage``) stores
+  each converted weight's parts as ``X.tpde_storage.S.<part>`` instead of the seven tensors
+  (:mod:`tpde_hf.storage_format`); the loader rebuilds the resident tensors in every mode;
 * ``tpde_manifest.json`` records, for every *original* tensor, its dtype, shape and checksum,
   so a load or ``tpde verify`` can prove bit-exactness (a 3-D expert tensor: one entry, its 3-D shape
   and the checksum of the whole tensor).
@@ -107,10 +110,12 @@ def stack_expert_slices(slices: list[torch.Tensor], transposed: bool) -> torch.T
 def expert_slice_keys(key: str, n_experts: int, keys: Iterable[str]) -> tuple[bool, list[str]] | None:
     """``(transposed, slice prefixes in expert order)`` of the 3-D tensor ``key`` among stored ``keys``, when all
     ``n_experts`` slices are stored in one orientation (every part present); else None."""
+    from tpde_hf.storage_format import expected_part_keys
+
     keys = set(keys)
     for transposed in (False, True):
         prefixes = [expert_slice_prefix(key, e, transposed) for e in range(n_experts)]
-        if prefixes and all(is_encoded_prefix(keys, p) for p in prefixes):
+        if prefixes and all(all(k in keys for k in expected_part_keys(keys, p).values()) for p in prefixes):
             return transposed, prefixes
     return None
 
@@ -118,8 +123,11 @@ def expert_slice_keys(key: str, n_experts: int, keys: Iterable[str]) -> tuple[bo
 def expert_part_keys(key: str, n_experts: int, stored: Collection[str]) -> list[str]:
     """Every stored key the 3-D tensor ``key`` needs (its slices' parts, in the orientation stored; when slices
     are missing, in the orientation of most of the parts present, so that a caller can list the missing ones)."""
-    def keys(transposed: bool) -> list[str]:
-        return [f"{expert_slice_prefix(key, e, transposed)}.{s}" for e in range(n_experts) for s in SUFFIXES]
+    from tpde_hf.storage_format import expected_part_keys
+
+    def keys(transposed: bool) -> list[str]:  # each slice: its resident tensors, or its base storage's parts
+        return [k for e in range(n_experts) for k in expected_part_keys(stored, expert_slice_prefix(key, e, transposed))
+                .values()]
 
     plain, transposed = keys(False), keys(True)
     return transposed if sum(k in stored for k in transposed) > sum(k in stored for k in plain) else plain
@@ -142,10 +150,21 @@ def decode_expert_tensor(key: str, n_experts: int, read: Callable[[str], torch.T
         present = sorted({p[1] for k in stored if (p := parse_expert_slice(k.rpartition(".")[0])) and p[0] == key})
         raise TpdeFormatError(key, f"its {n_experts} expert slices are not all stored in one orientation "
                                    f"(experts found: {present})")
+    from tpde_hf.storage_format import decode_weight, expected_part_keys, split_suffixes
+
     transposed, prefixes = found
-    encs = [EncodedTensor.from_parts(f"{key} [expert {e}]", **{s: read(f"{p}.{s}") for s in SUFFIXES})
-            for e, p in enumerate(prefixes)]
-    return stack_expert_slices(decode_tensors(encs, verify=verify), transposed)
+    slices: list[torch.Tensor | None] = [None] * len(prefixes)
+    encs, at = [], []
+    for e, p in enumerate(prefixes):
+        storage, parts = split_suffixes(expected_part_keys(stored, p))
+        if storage is not None:  # laid out by a base storage: its own decode
+            slices[e] = decode_weight(f"{key} [expert {e}]", storage, {q: read(k) for q, k in parts.items()}, verify)
+            continue
+        encs.append(EncodedTensor.from_parts(f"{key} [expert {e}]", **{s: read(f"{p}.{s}") for s in SUFFIXES}))
+        at.append(e)
+    for e, w in zip(at, decode_tensors(encs, verify=verify), strict=True):
+        slices[e] = w
+    return stack_expert_slices(slices, transposed)
 
 
 def expert_entry_failures(name: str, entry: dict, read: Callable[[str], torch.Tensor],
@@ -217,6 +236,9 @@ def quantization_config_dict(params: CodecParams, source_dtype: torch.dtype,
         "modules_to_not_convert": list(modules_to_not_convert),
         "integrity": INTEGRITY_ALGO,  # every shard carries per-tensor checksums (tpde_hf.integrity)
         **({"cast_from": cast_from} if cast_from else {}),
+        **({"storage": params.storage} if params.storage else {}),  # laid out by a base storage (storage_format)
+        # informational: the decoder reads q, scale and zero as stored, whichever quantizer chose them
+        **({"base_quantizer": params.base_quantizer} if params.base_quantizer != "minmax" else {}),
     }
 
 

@@ -34,6 +34,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from typing import Any, BinaryIO
 import xxhash
 
 from tpde_hf.codec import SUFFIXES
+from tpde_hf.codec.registry import STORAGE_TOKEN
 from tpde_hf.errors import TpdeFormatError
 
 ALGO = "xxh3_64"
@@ -56,6 +58,7 @@ ITEMSIZE = {
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
 _PLACEHOLDER = "0" * 16  # an xxh3-64 hex digest always has 16 digits, so patching keeps the header length
+_STORAGE_PART = re.compile(rf"^(?P<stem>.+\.{STORAGE_TOKEN}\.[a-z0-9][a-z0-9-]*)\.(?P<part>[A-Za-z0-9_]+)$")
 _MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _CHUNK = 16 * 1024 * 1024
 _SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -394,12 +397,14 @@ def _more(names: list[str]) -> str:
 
 
 def check_checkpoint(files: Sequence[str | os.PathLike], *, integrity: str | None = None, enabled: bool = True,
-                     skip_suffixes: Sequence[str] = ()) -> IntegrityReport:
+                     skip_suffixes: Sequence[str] = (), skip_storage_delta: bool = False) -> IntegrityReport:
     """The load-time check: every stored byte a load will read matches its shard's checksum.
 
     ``integrity`` is the repo config's ``quantization_config.integrity`` (``None`` for a repo written
     before checksums). ``skip_suffixes`` (``mode='base'``: the delta parts) names tpde parts whose
-    bytes are not read. A repo whose shards carry no checksum and whose config does not ask for them
+    bytes are not read; ``skip_storage_delta`` (also ``mode='base'``) skips the parts of a weight laid out by a
+    base storage (``X.tpde_storage.S.<part>``) other than its ``meta`` and ``base_*`` parts. A repo whose
+    shards carry no checksum and whose config does not ask for them
     loads unchecked, with a one-line notice per folder and process; a config that asks for them, or
     a shard that has none while another has, is an error (damaged metadata). ``enabled=False``
     (``TpdeConfig(check_integrity=False)``) skips everything.
@@ -427,6 +432,8 @@ def check_checkpoint(files: Sequence[str | os.PathLike], *, integrity: str | Non
 
     def skip(name: str) -> bool:  # a delta part of a weight stored in tpde form
         stem, _, suffix = name.rpartition(".")
+        if skip_storage_delta and (m := _STORAGE_PART.match(name)) and f"{m['stem']}.meta" in names:
+            return not (m["part"] == "meta" or m["part"].startswith("base_"))  # base mode reads meta and base_*
         return suffix in skip_suffixes and all(f"{stem}.{s}" in names for s in SUFFIXES)
 
     report = IntegrityReport(checked=True)

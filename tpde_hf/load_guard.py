@@ -36,10 +36,15 @@ _FLAG = "_tpde_plain_load_guard"
 
 
 def tpde_prefixes(keys: Collection[str]) -> list[str]:
-    """Prefixes ``X`` for which ``keys`` hold all seven tpde parts ``X.qweight`` ... ``X.meta``."""
+    """Prefixes ``X`` for which ``keys`` hold all seven tpde parts ``X.qweight`` ... ``X.meta``, or a base
+    storage's parts (``X.tpde_storage.S.meta`` ...)."""
+    from tpde_hf.codec.registry import STORAGE_TOKEN
+
     keys = set(keys)
     stems = (k[: -len(".meta")] for k in keys if k.endswith(".meta"))
-    return sorted(p for p in stems if all(f"{p}.{s}" in keys for s in SUFFIXES))
+    # a weight laid out by a base storage (X.tpde_storage.S.meta ...) counts as well
+    stored = {k.split(f".{STORAGE_TOKEN}.")[0] for k in keys if f".{STORAGE_TOKEN}." in k and k.endswith(".meta")}
+    return sorted({p for p in stems if all(f"{p}.{s}" in keys for s in SUFFIXES)} | stored)
 
 
 def refuse_plain_load(model: Any, unexpected_keys: Collection[str]) -> None:

@@ -11,6 +11,10 @@
   :class:`StackExperts` rebuilds a 3-D expert tensor from its decoded slices (in every mode);
 * :func:`write_manifest` writes ``tpde_manifest.json`` for a saved repo.
 
+Weights laid out on disk by a base storage (``X.tpde_storage.S.<part>``, :mod:`tpde_hf.storage_format`) join
+the plan with the resident parts' specs read from their meta; :mod:`tpde_hf.storage_loading` holds the
+conversion ops that rebuild the resident parts from them.
+
 Example::
 
     index = read_checkpoint_index(["/repo/model.safetensors"])
@@ -37,6 +41,7 @@ from transformers.core_model_loading import (
 )
 
 from tpde_hf.codec import SUFFIXES, EncodedTensor, decode_tensors, tensor_checksum
+from tpde_hf.codec.registry import STORAGE_TOKEN
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import (
     MANIFEST_NAME,
@@ -48,6 +53,13 @@ from tpde_hf.format import (
     manifest_entry,
     parse_expert_slice,
     stack_expert_slices,
+)
+from tpde_hf.storage_format import (
+    META_PART,
+    StoredWeight,
+    decode_weight,
+    storage_suffixes,
+    storage_weights,
 )
 
 DELTA_SUFFIXES = ("delta", "lanes", "tables")
@@ -99,6 +111,8 @@ class EncodedWeight:
     prefix: str
     parts: dict[str, TensorInfo]
     label: str | None = None  # an expert slice: ``'<3-D tensor> [expert 3]'``
+    storage: str | None = None  # laid out by this base storage: ``parts`` are its parts (``meta``, ``base_*`` ...)
+    resident: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None  # then: the resident parts' specs
 
     @property
     def name(self) -> str:
@@ -111,7 +125,17 @@ class EncodedWeight:
         return self.parts["meta"].file
 
     def specs(self, suffixes: Iterable[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The resident parts' dtypes and shapes (of a storage-laid weight: from its meta; its delta parts,
+        rebuilt at load, have placeholder shapes)."""
+        if self.resident is not None:
+            return {s: self.resident[s] for s in suffixes}
         return {s: (self.parts[s].dtype, self.parts[s].shape) for s in suffixes}
+
+    def storage_suffixes(self) -> list[str]:
+        """The key suffixes of a storage-laid weight's parts (``tpde_storage.S.meta`` first), else ``SUFFIXES``."""
+        if self.storage is None:
+            return list(SUFFIXES)
+        return storage_suffixes([StoredWeight(self.prefix, self.storage, {p: "" for p in self.parts})])[self.storage]
 
 
 @dataclass
@@ -159,9 +183,14 @@ class ExpertStack:
     def dequantize_converter(self, hf_quantizer: Any) -> WeightConverter:
         """``mode="dequantize"``: decode the slices as transformers reads them, then stack them into ``target``."""
         token = expert_slice_prefix(self.renamed, 0, self.transposed)[: -len("0")]
-        sources = [re.escape(token) + r"\d+\." + s for s in SUFFIXES]  # exactly this tensor's slices
+        suffixes = sorted({s for w in self.weights for s in w.storage_suffixes()})
+        # exactly this tensor's slices (a suffix is left unescaped: TpdeDequantize matches the pattern's tail)
+        sources = [re.escape(token) + r"\d+\." + s for s in suffixes]
         labels = [w.name for w in self.weights]
-        return WeightConverter(sources, self.target, [TpdeDequantize(hf_quantizer, labels), self.stack_op()],
+        storage = {w.storage: [s for s in suffixes if s.startswith(f"{STORAGE_TOKEN}.{w.storage}.")]
+                   for w in self.weights if w.storage is not None}
+        return WeightConverter(sources, self.target,
+                               [TpdeDequantize(hf_quantizer, labels, storage or None), self.stack_op()],
                                force_cpu=True)
 
 
@@ -294,6 +323,12 @@ def build_load_plan(model: torch.nn.Module, index: dict[str, TensorInfo]) -> Loa
     keys = sorted(index, key=dot_natural_key)
     prefixes = encoded_prefixes(keys)
     weights = {p: EncodedWeight(p, {s: index[f"{p}.{s}"] for s in SUFFIXES}) for p in prefixes}
+    stored = storage_weights(keys)
+    both = sorted(set(stored) & set(weights))
+    if both:
+        raise TpdeFormatError(f"{both[0]}.weight", "stored both as tpde tensors and by a base storage")
+    weights.update(_storage_weights(stored, index))
+    prefixes = prefixes + list(stored)
     keymap = KeyMap(model)
     meta_sd = keymap.meta_state
 
@@ -339,6 +374,33 @@ def build_load_plan(model: torch.nn.Module, index: dict[str, TensorInfo]) -> Loa
         if kt.pattern is not None and kt.target in fused:
             dense_fused.add(kt.target)
     return LoadPlan(direct, list(fused.values()), weights, dense_fused, stacks)
+
+
+def _storage_weights(stored: dict[str, StoredWeight], index: dict[str, TensorInfo]) -> dict[str, EncodedWeight]:
+    """The :class:`EncodedWeight` of each storage-laid weight, with the resident parts' specs from its meta
+    (read here: a few dozen bytes per weight). The delta parts, rebuilt at load, get empty placeholders:
+    their size is known only once rebuilt (the quantizer lets the loaded ones replace them)."""
+    from safetensors import safe_open
+
+    from tpde_hf.codec.encoded import parse_meta
+
+    by_file: dict[str, list[StoredWeight]] = defaultdict(list)
+    for w in stored.values():
+        by_file[index[w.parts[META_PART]].file].append(w)
+    out = {}
+    for path, ws in by_file.items():
+        with safe_open(path, framework="pt") as fh:
+            for w in ws:
+                meta = parse_meta(fh.get_tensor(w.parts[META_PART]), w.name)
+                (out_f, in_f), g = meta.shape, meta.params.group_size
+                ng = -(-in_f // g)
+                resident = {"qweight": (torch.uint8, (out_f, ng * g // 2)), "scales": (torch.float16, (out_f, ng)),
+                            "zeros": (torch.uint8, (out_f, -(-ng // 2))),
+                            "meta": (torch.int64, tuple(index[w.parts[META_PART]].shape)),
+                            **{s: (torch.uint8, (0,)) for s in DELTA_SUFFIXES}}
+                out[w.prefix] = EncodedWeight(w.prefix, {p: index[k] for p, k in w.parts.items()},
+                                              storage=w.storage, resident=resident)
+    return out
 
 
 def _expert_stack(keymap: KeyMap, key: str, found: list[tuple[int, bool, str]], weights: dict[str, EncodedWeight],
@@ -408,13 +470,17 @@ class TpdeDequantize(ConversionOps):
     :class:`ExpertStack`); by default they are derived from the parameter's name.
     """
 
-    def __init__(self, hf_quantizer: Any, labels: list[str] | None = None):
+    def __init__(self, hf_quantizer: Any, labels: list[str] | None = None,
+                 storage: dict[str, list[str]] | None = None):
         self.hf_quantizer = hf_quantizer
         self.labels = labels
+        self.storage = storage or {}  # base storage -> the key suffixes of its parts (``tpde_storage.S.meta`` ...)
+        # storage suffixes first: ``tpde_storage.S.meta`` also ends with the resident ``meta``
+        self._suffixes = [s for sfx in self.storage.values() for s in sfx] + list(SUFFIXES)
 
     def __deepcopy__(self, memo: dict) -> TpdeDequantize:
         # transformers deep-copies a converter for every weight: keep one shared quantizer (errors go to it)
-        return TpdeDequantize(self.hf_quantizer, self.labels)
+        return TpdeDequantize(self.hf_quantizer, self.labels, self.storage)
 
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: list[str] | None = None,
@@ -424,7 +490,7 @@ class TpdeDequantize(ConversionOps):
         passthrough: dict[str, Any] = {}
         for key, value in input_dict.items():
             values = value if isinstance(value, list) else [value]
-            for suffix in SUFFIXES:
+            for suffix in self._suffixes:
                 stem = _stem(key, suffix)
                 if stem is not None and (stem == "" or stem.endswith(".")):
                     groups[stem][suffix] = values
@@ -434,8 +500,15 @@ class TpdeDequantize(ConversionOps):
         out_dtype = _target_dtype(model, full_layer_name)
         result = dict(passthrough)
         for stem, parts in groups.items():
-            missing = [s for s in SUFFIXES if s not in parts]
             label = full_layer_name or f"{stem}weight"
+            storage = {s.split(".")[1] for s in parts if s.startswith(STORAGE_TOKEN + ".")}
+            if storage:
+                dense = self._decode_storage(stem, parts, storage, label, full_layer_name)
+                if dense is None:
+                    return {}
+                result[f"{stem}weight"] = [d.to(out_dtype) for d in dense] if out_dtype is not None else dense
+                continue
+            missing = [s for s in SUFFIXES if s not in parts]
             if missing:
                 raise TpdeFormatError(label, f"tpde tensors {missing} are missing from the checkpoint")
             counts = {len(v) for v in parts.values()}
@@ -462,6 +535,30 @@ class TpdeDequantize(ConversionOps):
                 dense = [d.to(out_dtype) for d in dense]
             result[f"{stem}weight"] = dense
         return result
+
+    def _decode_storage(self, stem: str, parts: dict[str, list[torch.Tensor]], storage: set[str], label: str,
+                        full_layer_name: str | None) -> list[torch.Tensor] | None:
+        """Decode the storage-laid weights of one stem (one per matched key); None after recording an error."""
+        try:
+            if len(storage) != 1:
+                raise TpdeFormatError(label, f"stored by several base storages at once ({sorted(storage)})")
+            (name,) = storage
+            token = f"{STORAGE_TOKEN}.{name}."
+            by_part = {s[len(token):]: v for s, v in parts.items()}
+            if META_PART not in by_part:
+                raise TpdeFormatError(label, f"its {token}{META_PART} tensor is missing from the checkpoint")
+            counts = {len(v) for v in by_part.values()}
+            if len(counts) != 1:
+                raise TpdeFormatError(label, "tpde tensors of this weight come in mismatched numbers (bad shard?)")
+            n = counts.pop()
+            names = self.labels if self.labels is not None and len(self.labels) == n else \
+                _source_names(full_layer_name, stem, n)
+            verify = bool(getattr(self.hf_quantizer.quantization_config, "verify", False))
+            return [decode_weight(nm, name, {p: v[i] for p, v in by_part.items()}, verify=verify)
+                    for i, nm in enumerate(names)]
+        except TpdeFormatError as exc:
+            self.hf_quantizer.record_error(exc)  # raised after loading, as for the resident layout
+            return None
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -557,12 +654,15 @@ def write_manifest(folder: str) -> dict:
         where = {k: fh for fh in handles.values() for k in fh.keys()}
         prefixes = encoded_prefixes(where)
         part_keys = {f"{p}.{s}" for p in prefixes for s in SUFFIXES}
+        stored = storage_weights(where)  # weights laid out by a base storage: their meta is a storage part
+        part_keys.update(k for w in stored.values() for k in w.parts.values())
+        meta_keys = {**{p: f"{p}.meta" for p in prefixes}, **{p: w.parts[META_PART] for p, w in stored.items()}}
         n_experts: dict[str, int] = {}  # 3-D expert tensor -> 1 + its highest expert index stored
-        for p in prefixes:
+        for p in meta_keys:
             if (parsed := parse_expert_slice(p)) is not None:
                 n_experts[parsed[0]] = max(n_experts.get(parsed[0], 0), parsed[1] + 1)
                 continue
-            meta = where[f"{p}.meta"].get_tensor(f"{p}.meta")
+            meta = where[meta_keys[p]].get_tensor(meta_keys[p])
             if meta.numel() < 10:
                 raise TpdeFormatError(f"{p}.weight", "malformed meta tensor")
             _, dcode, out_f, in_f = (int(v) for v in meta[:4])

@@ -147,10 +147,13 @@ class TpdeHfQuantizer(HfQuantizer):
 
         cfg = self.quantization_config  # every stored byte this load reads must match its checksum (base: no delta)
         check_checkpoint(files, integrity=cfg.integrity, enabled=getattr(cfg, "check_integrity", True),
-                         skip_suffixes=DELTA_SUFFIXES if cfg.mode == "base" else ())
+                         skip_suffixes=DELTA_SUFFIXES if cfg.mode == "base" else (),
+                         skip_storage_delta=cfg.mode == "base")
 
         plan = build_load_plan(model, index)
-        if plan.empty:
+        from tpde_hf.reference.load import has_reference_parts
+
+        if plan.empty and not has_reference_parts(index):  # a delta repo may store no standalone tpde weight
             raise TpdeFormatError(
                 files[0], "no tpde tensors (X.qweight, X.scales, ... X.meta) in the checkpoint: not a tpde repo, "
                 "or an incomplete download"
@@ -166,9 +169,12 @@ class TpdeHfQuantizer(HfQuantizer):
                 "Load with TpdeConfig(mode='dequantize').",
             )
         self._replace_modules(model, plan, mode)
+        for prefix, holder in self._holders.items():  # storage-laid: its delta parts are rebuilt at load
+            holder.__dict__["_tpde_storage"] = plan.weights[prefix].storage
         if mode in ("base", "lossless-offload"):
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
             ignore.add(r"\.(delta|lanes|tables)$")
+            ignore.add(r"\.tpde_storage\.[a-z0-9-]+\.(?!meta$|base_)\w+$")  # storage parts beside the base
             model._keys_to_ignore_on_load_unexpected = ignore
         return model
 
@@ -247,27 +253,50 @@ class TpdeHfQuantizer(HfQuantizer):
         return [WeightConverter(list(SUFFIXES), "weight", [TpdeDequantize(self)], force_cpu=True)]
 
     def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        from tpde_hf.reference.load import reference_converters, reference_info
+
+        # tensors coded against a reference model: decoded in every mode, matched before any other converter
+        refs = reference_converters(self) if reference_info(self) is not None else []
+        if refs:
+            weight_conversions = refs + list(weight_conversions)
+        from tpde_hf.storage_loading import storage_converters, storage_dequantize_suffixes
+
+        stored = storage_converters(self, self._plan, self.quantization_config.mode)  # weights laid out by a storage
         if not self.quantization_config.dequantize:
-            return list(weight_conversions)
+            return stored + list(weight_conversions)
         from transformers.core_model_loading import WeightConverter
 
         from tpde_hf.loading import TpdeDequantize
 
+        storage = storage_dequantize_suffixes(self._plan)
+        extra = [s for sfx in storage.values() for s in sfx]
         updated = []
         for conv in weight_conversions:
             sources = getattr(conv, "_original_source_patterns", None)
             if not isinstance(conv, WeightConverter) or not sources or not all(s.endswith(".weight") for s in sources):
                 updated.append(conv)
                 continue
-            all_sources = [s[: -len("weight")] + suffix for s in sources for suffix in ("weight", *SUFFIXES)]
+            all_sources = [s[: -len("weight")] + suffix for s in sources
+                           for suffix in ("weight", *SUFFIXES, *extra)]
             new = conv.copy(all_sources, conv._original_target_patterns,
-                            operations=[TpdeDequantize(self), *conv.operations])
+                            operations=[TpdeDequantize(self, None, storage), *conv.operations])
             self._original_converters[id(new)] = conv
             updated.append(new)
         # 3-D expert tensors stored as one tpde weight per expert: first, so that no other converter takes their
         # parts; the longest names first, so that one tensor's name inside another's never takes the other's slices
         stacks = sorted(self._plan.stacks if self._plan is not None else [], key=lambda st: -len(st.renamed))
-        return [st.dequantize_converter(self) for st in stacks] + updated + self.get_weight_conversions()
+        return [st.dequantize_converter(self) for st in stacks] + updated + stored + self.get_weight_conversions()
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        """True for the delta parts of a weight laid out by a base storage: transformers then accepts their
+        rebuilt shapes (unknown before the load, so registered empty) instead of reporting a mismatch."""
+        path, _, leaf = param_name.rpartition(".")
+        if leaf not in ("delta", "lanes", "tables"):
+            return False
+        try:
+            return model.get_submodule(path).__dict__.get("_tpde_storage") is not None
+        except AttributeError:
+            return False
 
     def record_error(self, exc: Exception) -> None:
         """Called by the load ops: the first error is raised after loading, with its own message.
@@ -294,6 +323,12 @@ class TpdeHfQuantizer(HfQuantizer):
         end_watch(self)
         if self._errors:
             raise self._errors[0]
+        from tpde_hf.reference.load import strip_converters
+
+        strip_converters(model)  # a loaded model saves its reference-coded tensors dense
+        from tpde_hf.storage_loading import strip_storage_converters
+
+        strip_storage_converters(model)  # the model holds the resident layout whatever the repo's storage
         cfg = self.quantization_config
         if cfg.dequantize:
             self._restore_converters(model)
@@ -313,6 +348,7 @@ class TpdeHfQuantizer(HfQuantizer):
             holder.__dict__["_tpde_fused_gemv"] = bool(cfg.fused_gemv)
         if cfg.mode == "lossless":
             self._pack_for_gpu()
+        cfg.storage = None  # a loaded model holds, and saves, the resident layout (whatever the repo's storage)
         _wrap_save_pretrained(model)
         return model
 

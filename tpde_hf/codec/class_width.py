@@ -3,7 +3,7 @@
 The delta code of ``CodecParams(delta_code="class-width")`` (format version 2), chosen at conversion
 with ``tpde convert --delta-code class-width``. ``benchmarks/bench_delta_codes.py`` measures its size
 against the rANS delta; its kernels are ``triton_kernels/class_width_kernels.py``. In a file, ``delta``
-holds ``words``, ``lanes`` holds ``offsets`` and ``tables`` holds ``header`` (``tensor_codec``).
+holds ``words``, ``lanes`` holds ``offsets`` and ``tables`` holds ``header`` (``encoded``).
 
 Why: an rANS lane is a chain of dependent steps (about 110 SASS instructions per weight), so the
 fused lossless GEMV cannot approach bf16 speed. Here every element's bit position is a prefix sum

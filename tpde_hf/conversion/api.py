@@ -121,6 +121,8 @@ def convert(
     token: str | bool | None = None,
     group_size: int = 128,
     delta_code: str = "rans",
+    storage: str | None = None,
+    base_quantizer: str = "minmax",
     keep_dense: Iterable[str] = ("lm_head",),
     include: str | None = None,
     exclude: str | None = None,
@@ -142,6 +144,7 @@ def convert(
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     on_tensor: Callable[[TensorResult], None] | None = None,
+    reference: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Convert ``source`` into a verified tpde repo at ``output_dir``; optionally push it.
 
@@ -153,6 +156,8 @@ def convert(
         group_size: 4-bit group size (32, 64 or 128).
         delta_code: the delta's code, ``"rans"`` (smallest) or ``"class-width"`` (a little larger,
             decoded without a dependent chain; see :mod:`tpde_hf.codec.tensor_codec`).
+        storage: a registered base storage (:data:`tpde_hf.codec.registry.BASE_STORAGE`) that lays each
+            converted weight out on disk (see :mod:`tpde_hf.storage_format`); None: the resident layout.
         keep_dense: checkpoint or model module names (or dotted suffixes) never converted. A tied ``lm_head``
             always stays dense.
         include, exclude: regular expressions searched in the checkpoint name (without ``.weight``) and in the
@@ -173,8 +178,14 @@ def convert(
         max_shard_size: output shard size limit (``"5GB"``).
         base_model: the Hub id written as ``base_model`` in the card (default: the source repo id).
         trust_remote_code: allow custom-code architectures (only built on the meta device, never run).
-        codec_params: full codec parameters (overrides ``group_size`` and ``delta_code``).
+        base_quantizer: how the encoder picks the 4-bit base (:mod:`tpde_hf.codec.base_quantizers`):
+            ``"minmax"`` (default) or ``"search"`` (smaller error, for ``base`` mode and the draft; slower).
+        codec_params: full codec parameters (overrides ``group_size``, ``delta_code``, ``storage`` and
+            ``base_quantizer``).
         endpoint, cache_dir: Hub endpoint and cache for the source download.
+        reference: a fine-tune's base model (Hub id with optional ``@revision``, or a local folder): store every
+            tensor it shares with the base as an exact delta against it, where that is smaller
+            (:mod:`tpde_hf.reference.convert`); the report's ``reference`` attribute then holds its summary.
         on_tensor: called in this process after each tensor is encoded and verified (progress hook;
             raising from it aborts the run, which ``resume=True`` can continue).
 
@@ -196,11 +207,17 @@ def convert(
         report = convert("./llama-folder", "./llama-tpde", exclude=r"\\.k_proj$", workers=2)
         assert report.verified
     """
+    if reference is not None:
+        options = {k: v for k, v in locals().items() if k not in ("source", "output_dir", "reference")}
+        from tpde_hf.reference.convert import convert_report
+
+        return convert_report(source, output_dir, reference, options)
     t_start = time.perf_counter()
     reset_peak()
     out = Path(output_dir).expanduser().absolute()
     partial = partial_dir(out)
-    params = codec_params or CodecParams(group_size=group_size, delta_code=delta_code)
+    params = codec_params or CodecParams(group_size=group_size, delta_code=delta_code, storage=storage,
+                                         base_quantizer=base_quantizer)
     try:
         params.validate()
     except TpdeFormatError as exc:

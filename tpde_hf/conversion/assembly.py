@@ -47,12 +47,12 @@ from tpde_hf.format import (
     MANIFEST_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
-    SUFFIXES,
     make_manifest,
     manifest_entry,
     module_prefix,
     quantization_config_dict,
 )
+from tpde_hf.storage_format import weight_part_keys
 
 logger = logging.getLogger("tpde_hf.conversion")
 
@@ -149,8 +149,8 @@ def _assemble(run: _Run, results: dict[str, TensorResult], parts_of: dict[str, l
 
 
 def _encoded_parts(units: dict[str, list[TensorInfo]], task_files: dict[str, Path]) -> dict[str, list[TensorInfo]]:
-    """The stored parts (``X.qweight`` ... ``X.meta``) of each encoded weight (of each of its expert slices, in
-    expert order), from the task files' headers."""
+    """The stored parts (``X.qweight`` ... ``X.meta``, or ``X.tpde_storage.S.*``) of each encoded weight (of
+    each of its expert slices, in expert order), from the task files' headers."""
     headers: dict[Path, dict[str, TensorInfo]] = {}
     out: dict[str, list[TensorInfo]] = {}
     for name, encoded in units.items():
@@ -160,7 +160,7 @@ def _encoded_parts(units: dict[str, list[TensorInfo]], task_files: dict[str, Pat
             if tf not in headers:
                 headers[tf] = read_header(tf)
             prefix = module_prefix(unit.name)
-            out[name] += [headers[tf][f"{prefix}.{s}"] for s in SUFFIXES]
+            out[name] += [headers[tf][k] for k in weight_part_keys(headers[tf], prefix)]  # resident or storage
     return out
 
 

@@ -80,7 +80,9 @@ def card_data(report: ConversionReport, source_meta: dict, base_model: str | Non
     tags = list(dict.fromkeys(TAGS + [t for t in (source_meta.get("tags") or []) if isinstance(t, str)]))
     extra = {}
     if base_model:
-        extra = {"base_model": base_model, "base_model_relation": "quantized"}
+        # a fine-tune stored as deltas against its base (tpde_hf.reference) keeps the relation its card names
+        relation = "finetune" if source_meta.get("base_model_relation") == "finetune" else "quantized"
+        extra = {"base_model": base_model, "base_model_relation": relation}
     return ModelCardData(library_name="transformers", tags=tags, **extra, **meta)
 
 
@@ -142,4 +144,8 @@ def render_card(report: ConversionReport, *, repo_id: str | None = None, source_
         cast_tensors=report.cast["tensors"] if report.cast else 0,
         gguf=report.source_kind == "gguf",
     )
+    if base_model and source_meta.get("base_model_relation") == "finetune":
+        from tpde_hf.reference.convert import card_section
+
+        card.text += card_section(base_model)
     return card

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--delta-code", default="rans", choices=("rans", "class-width"),
                    help="the lossless delta's code: rans (default, smallest) or class-width (about 0.5 bit per "
                         "weight larger on bf16, decoded without a dependent chain: built for GPU decode)")
+    c.add_argument("--base-quantizer", default="minmax", choices=("minmax", "search"),
+                   help="how the 4-bit base is chosen: minmax (default, fastest conversion) or search (per-group "
+                        "clipped-range search with least-squares scales: a closer base for base mode and the draft, "
+                        "slower to convert); the repo is exact either way")
+    c.add_argument("--storage", default=None, metavar="NAME",
+                   help="lay each converted weight out on disk with this registered base storage "
+                        "(tpde_hf.codec.registry.BASE_STORAGE); default: the resident layout (X.qweight ... X.meta)")
     c.add_argument("--keep-dense", default="lm_head", metavar="NAMES",
                    help="comma-separated checkpoint or module names (or dotted suffixes) to leave dense "
                         "(default: lm_head; '' converts lm_head too, unless it is tied to the embeddings)")
@@ -98,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom-code architectures from SOURCE (built on the meta device to list its linear "
                         "modules; this runs the repo's Python code)")
+    c.add_argument("--reference", default=None, metavar="BASE[@REV]",
+                   help="store SOURCE (a fine-tune) as exact deltas against this base model: a Hub repo id with "
+                        "optional @revision (pinned to its commit), or a local folder")
     c.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="push OUT to this Hub repo when done")
     c.add_argument("--push-revision", default=None, metavar="BRANCH",
                    help="branch to push to (created if missing), or the target of --create-pr (default: main)")
@@ -135,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    '`tpde convert "$(tpde examples minilm)" minilm-tpde`.')
     e.add_argument("name", nargs="?", default=None, metavar="NAME",
                    help="print only this example's path (minilm or smollm2)")
+    from tpde_hf.checkpoints.cli import add_parser as add_ckpt_parser
+
+    add_ckpt_parser(sub)
     return parser
 
 
@@ -234,9 +247,13 @@ def _run(args: argparse.Namespace) -> int:
         from tpde_hf.conversion.api import convert
 
         keep = tuple(k.strip() for k in args.keep_dense.split(",") if k.strip())
+        if args.reference:
+            from tpde_hf.reference.cli import run_convert
+
+            return run_convert(args, keep)
         report = convert(
             args.source, args.output, revision=args.revision, token=args.token, group_size=args.group_size,
-            delta_code=args.delta_code,
+            delta_code=args.delta_code, storage=args.storage, base_quantizer=args.base_quantizer,
             keep_dense=keep, include=args.include, exclude=args.exclude, workers=args.workers,
             overwrite=args.overwrite, resume=args.resume, verify=args.verify, push_to_hub=args.push_to_hub,
             private=args.private, push_revision=args.push_revision, create_pr=args.create_pr,
@@ -245,6 +262,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(report.to_json() if args.json else f"{report.output}\n\n{report.summary_table()}")
         return 0
+    if args.command == "ckpt":
+        return args.ckpt_run(args)
     if args.command == "examples":
         return _examples(args.name)
     if args.command == "verify":

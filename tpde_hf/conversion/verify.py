@@ -43,6 +43,7 @@ from tpde_hf.format import (
     validate_manifest,
 )
 from tpde_hf.integrity import ALGO, CONFIG_FIELD, add_repo_checksums, hash_stored, read_shard_header, repo_weight_files
+from tpde_hf.storage_format import entry_failures, expected_part_keys, split_suffixes
 
 VERIFY_TASK_ELEMENTS = 1 << 20
 # The in-process decoder already uses every core; on 2 cores one process verified faster than two even
@@ -105,6 +106,11 @@ def _verify_encoded(items: list[tuple[str, dict, dict[str, TensorInfo]]]) -> tup
     encs, entries = [], []
     nbytes = 0
     for name, entry, parts in items:
+        if (storage := split_suffixes(parts)[0]) is not None:  # laid out by a base storage
+            loaded = {p: load_tensor(info) for p, info in split_suffixes(parts)[1].items()}
+            nbytes += sum(p.nbytes for p in parts.values())
+            failures += entry_failures(name, storage, loaded, entry)
+            continue
         try:
             loaded = {s: load_tensor(parts[s]) for s in SUFFIXES}
             nbytes += sum(p.nbytes for p in parts.values())
@@ -227,10 +233,16 @@ def verify_repo(
     accounted: set[str] = set()
     dense: list[tuple[str, dict, TensorInfo]] = []
     encoded: list[tuple[str, dict, dict[str, TensorInfo]]] = []
+    from tpde_hf.reference.verify import verify_reference_coded
+
+    ref_coded = verify_reference_coded(qc, manifest, stored, fail)  # a fine-tune stored as deltas to its base
     for name, entry in manifest.items():
+        if name in ref_coded:
+            accounted.update(ref_coded[name])
+            continue
         if entry["encoded"]:
             prefix = name[: -len(".weight")] if name.endswith(".weight") else name
-            keys = {s: f"{prefix}.{s}" for s in SUFFIXES}
+            keys = expected_part_keys(stored, prefix)  # the resident tensors, or a base storage's parts
             if len(entry["shape"]) == 3:  # MoE experts stored as one 3-D tensor: one tpde weight per expert
                 from tpde_hf.format import expert_part_keys
 
@@ -256,7 +268,7 @@ def verify_repo(
     extra = sorted(set(stored) - accounted)
     if extra:
         fail.append(f"tensors not in the manifest: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
-    report.n_tensors, report.n_encoded, report.n_dense = len(manifest), len(encoded), len(dense)
+    report.n_tensors, report.n_encoded, report.n_dense = len(manifest), len(encoded) + len(ref_coded), len(dense)
 
     total = sum(i.nbytes for _, _, i in dense) + sum(p.nbytes for _, _, ps in encoded for p in ps.values())
     bar = hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", name="tpde_hf")

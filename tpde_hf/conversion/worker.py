@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensors
+from tpde_hf.codec.registry import STORAGE_TOKEN
 from tpde_hf.conversion.memory import peak_rss, reset_peak
 from tpde_hf.conversion.streaming import TensorInfo, load_tensor, read_header, write_tensor_file
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import SUFFIXES, as_encoded, module_prefix
+from tpde_hf.storage_format import check_written, stored_parts, stored_sizes, weight_part_keys
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,14 @@ def run_task(task: EncodeTask, own_peak: bool | None = None) -> TaskResult:
     weights = {info.name: as_encoded(info.name, load_tensor(info)) for info in task.tensors}  # expert slices
     encoded = encode_tensors(weights, task.params)
     tmp = task.out.with_name(task.out.name + ".partial")
-    parts = {k: t for name, enc in encoded.items() for k, t in enc.to_state_dict(module_prefix(name)).items()}
-    hashes = write_tensor_file(tmp, parts, metadata={"tpde_task": str(task.index)})
-    del parts
+    # the resident tensors, or the parts of the base storage task.params.storage names
+    stored = {name: stored_parts(enc, weights[name], module_prefix(name)) for name, enc in encoded.items()}
+    hashes = write_tensor_file(tmp, {k: t for p in stored.values() for k, t in p.items()},
+                               metadata={"tpde_task": str(task.index)})
+    bases = {name: {"qweight": enc.qweight, "scales": enc.scales, "zeros": enc.zeros} for name, enc in encoded.items()}
     results = []
     for name, enc in encoded.items():
-        sizes = enc.nbytes()
+        sizes = stored_sizes(stored[name])
         src = weights[name]
         results.append(
             TensorResult(
@@ -126,10 +130,10 @@ def run_task(task: EncodeTask, own_peak: bool | None = None) -> TaskResult:
                 verified=False,
             )
         )
-    del encoded
+    del encoded, stored
     if task.verify:
         try:
-            _verify_written(tmp, weights, results)
+            _verify_written(tmp, weights, results, task.params.storage, bases)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -140,9 +144,18 @@ def run_task(task: EncodeTask, own_peak: bool | None = None) -> TaskResult:
     )
 
 
-def _verify_written(path: Path, weights: dict[str, torch.Tensor], results: list[TensorResult]) -> None:
+def _verify_written(path: Path, weights: dict[str, torch.Tensor], results: list[TensorResult],
+                    storage: str | None = None, bases: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Decode what is on disk (not what is in memory) and compare it bit for bit with the source."""
     header = read_header(path)
+    if storage is not None:  # laid out by a base storage: its decode, its base and the meta's checksum
+        for res in results:
+            token = f"{module_prefix(res.name)}.{STORAGE_TOKEN}.{storage}."
+            parts = {k[len(token):]: load_tensor(header[k]) for k in weight_part_keys(header, module_prefix(res.name))
+                     if k.startswith(token)}
+            check_written(res.name, storage, parts, weights[res.name], res.checksum, (bases or {})[res.name])
+            res.verified = True
+        return
     encs = []
     for res in results:
         prefix = module_prefix(res.name)

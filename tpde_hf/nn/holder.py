@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from tpde_hf.codec import SUFFIXES, EncodedTensor, decode_tensor
+from tpde_hf.codec.encoded import parse_meta
 from tpde_hf.codec.ordinal import CODE_DTYPES
-from tpde_hf.codec.tensor_codec import parse_meta
 from tpde_hf.errors import TpdeFormatError
 
 DELTA_SUFFIXES = ("delta", "lanes", "tables")
@@ -197,6 +197,23 @@ def validate_holder(holder: nn.Module) -> None:
             raise TpdeFormatError(name, f"{key} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}")
 
 
+def stored_delta(fh: Any, prefix: str, storage: str | None = None, parts: Any = ()) -> dict[str, torch.Tensor]:
+    """The resident delta parts (``delta, lanes, tables``) of the weight stored under ``prefix`` in an open
+    safetensors shard ``fh``; for a weight laid out by base storage ``storage`` (its stored ``parts``), rebuilt
+    from them (:func:`tpde_hf.storage_format.resident_parts`, checked against the meta's checksum).
+
+    Example: ``with safe_open(path, framework="pt") as fh: stored_delta(fh, "model.layers.0.mlp.up_proj")``.
+    """
+    if storage is None:
+        return {s: fh.get_tensor(f"{prefix}.{s}") for s in DELTA_SUFFIXES}
+    from tpde_hf.codec.registry import storage_key
+    from tpde_hf.storage_format import resident_parts
+
+    stored = {p: fh.get_tensor(storage_key(prefix, storage, p)) for p in parts}
+    got = resident_parts(f"{prefix}.weight", storage, stored)
+    return {s: got[s] for s in DELTA_SUFFIXES}
+
+
 def set_tpde_attrs(holder: nn.Module, name: str, mode: str, compute_dtype: torch.dtype | None) -> None:
     """Record what ``holder`` holds: the original tensor's name (for errors), the runtime mode, the compute dtype."""
     holder.__dict__["_tpde_name"] = name
@@ -207,5 +224,5 @@ def set_tpde_attrs(holder: nn.Module, name: str, mode: str, compute_dtype: torch
 __all__ = [
     "BASE_SUFFIXES", "DELTA_SUFFIXES", "PartSpecs", "base_weight_torch", "encoded_of", "has_delta", "meta_values",
     "parts_key", "parts_of", "reconstruct_base", "reconstruct_exact", "register_parts", "set_tpde_attrs",
-    "validate_holder",
+    "stored_delta", "validate_holder",
 ]

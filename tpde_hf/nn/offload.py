@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tpde_hf.codec import decode_tensor
-from tpde_hf.nn.holder import DELTA_SUFFIXES, _kernels, encoded_of
+from tpde_hf.nn.holder import _kernels, encoded_of, stored_delta
 
 #: ``copy(holder, device) -> object on device``; run inside the side stream by the prefetcher.
 Copier = Callable[[nn.Module, torch.device], Any]
@@ -149,7 +149,8 @@ def setup_offload(holders: dict[str, nn.Module], weights: dict[str, Any], verify
         with safe_open(path, framework="pt") as fh:
             for prefix in prefixes:
                 holder = holders[prefix]
-                delta = {s: fh.get_tensor(f"{prefix}.{s}") for s in DELTA_SUFFIXES}
+                stored = (getattr(weights[prefix], "storage", None), tuple(getattr(weights[prefix], "parts", ())))
+                delta = stored_delta(fh, prefix, *stored)  # a storage-laid weight: rebuilt from its parts
                 device = holder._parameters["qweight"].device
                 tk = _kernels(device)
                 holder.__dict__["_tpde_host_delta"] = delta
@@ -165,7 +166,7 @@ def setup_offload(holders: dict[str, nn.Module], weights: dict[str, Any], verify
                 pw = dataclasses.replace(pw, qweight=holder._parameters["qweight"],
                                          scales=holder._parameters["scales"], zeros=holder._parameters["zeros"])
                 holder.__dict__["_tpde_host_pw"] = pw
-                holder.__dict__["_tpde_delta_source"] = (path, prefix)
+                holder.__dict__["_tpde_delta_source"] = (path, prefix, *stored)
                 del holder.__dict__["_tpde_host_delta"]
                 holder.__dict__.pop("_tpde_enc", None)
     prefetcher = DeltaPrefetcher(list(holders.values()))
@@ -184,9 +185,9 @@ def host_delta(holder: nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     from safetensors import safe_open
 
-    path, prefix = source
+    path, prefix, *stored = source
     with safe_open(path, framework="pt") as fh:
-        return {s: fh.get_tensor(f"{prefix}.{s}") for s in DELTA_SUFFIXES}
+        return stored_delta(fh, prefix, *stored)
 
 
 __all__ = ["DeltaPrefetcher", "fetch_packed", "host_delta", "offloaded_exact_weight", "setup_offload"]

@@ -15,9 +15,13 @@ nothing for ``dequantize`` and ``triton``; a repacked copy of the 4-bit codes an
 :func:`draft_memory` reports it.
 
 Not supported yet (refused with an error naming the module): fused MoE experts and other weights
-rebuilt by a forward hook (``TpdeWeightStore``), ``lossless-offload``, models whose parts are
-offloaded to disk, and ``base`` / ``dequantize`` models (a ``base`` model *is* the draft; a
-``dequantize`` model holds no 4-bit base).
+rebuilt by a forward hook (``TpdeWeightStore``), models whose parts are offloaded to disk, and
+``base`` / ``dequantize`` models (a ``base`` model *is* the draft; a ``dequantize`` model holds no
+4-bit base).
+
+In ``lossless-offload`` (a CUDA mode) the base is resident and the delta streams from pinned host
+memory; the draft needs only the base, so each verification forward streams every delta once for up to
+``k + 1`` tokens, instead of once per token.
 
 Example::
 
@@ -144,13 +148,11 @@ def _check_supported(model: nn.Module) -> list[tuple[str, TpdeLinear]]:
                     "base and has no exact weights to verify with. Load it with TpdeConfig(mode='lossless') and "
                     "draft with tpde_hf.draft_model(model), or use the base model directly."
                 )
-            if mode == "lossless-offload":
-                raise DraftError(
-                    f"tpde draft: mode='lossless-offload' (layer {name!r}) is not supported by the draft view yet; "
-                    "load with TpdeConfig(mode='lossless')"
-                )
-            if mode != "lossless":
-                raise DraftError(f"tpde draft: layer {name!r} has mode {mode!r}; the draft view needs 'lossless'")
+            # lossless-offload keeps the base resident (the delta streams from host memory): the draft needs
+            # only the base, so a verification forward streams each delta once for k drafted tokens
+            if mode not in ("lossless", "lossless-offload"):
+                raise DraftError(f"tpde draft: layer {name!r} has mode {mode!r}; the draft view needs 'lossless' "
+                                 "or 'lossless-offload'")
             for s in ("qweight", "scales", "zeros", "meta"):
                 p = m._parameters.get(s)
                 if p is None or p.device.type == "meta":

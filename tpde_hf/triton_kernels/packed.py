@@ -69,9 +69,9 @@ import torch
 
 from tpde_hf.codec import EncodedTensor, rans
 from tpde_hf.codec.base_quant import SUPPORTED_GROUP_SIZES, n_groups
+from tpde_hf.codec.encoded import N_CONTEXTS
 from tpde_hf.codec.ordinal import bit_width, check_dtype
 from tpde_hf.codec.symbols import SymbolSpec, symbol_tables
-from tpde_hf.codec.tensor_codec import N_CONTEXTS
 from tpde_hf.errors import TpdeFormatError
 
 #: Index of the identity (padding) context in the decode tables: after the 16 real contexts.
@@ -338,7 +338,8 @@ def split_decode_tables(enc: EncodedTensor) -> dict[str, torch.Tensor]:
 
 def _class_width_fields(enc: EncodedTensor) -> dict:
     """The class-width delta group of ``enc`` on the CPU, after the full layout check."""
-    from tpde_hf.codec.tensor_codec import class_width_impl, named_errors
+    from tpde_hf.codec.delta_class_width import class_width_impl
+    from tpde_hf.codec.encoded import named_errors
 
     code = enc.class_width_code()
     with named_errors(enc.name):

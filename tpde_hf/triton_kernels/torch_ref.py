@@ -82,7 +82,7 @@ def reconstruct(pw: PackedWeight, out: torch.Tensor | None = None) -> torch.Tens
 def _reconstruct_class_width(pw: PackedWeight, out: torch.Tensor | None) -> torch.Tensor:
     """The class-width reference decoder (:func:`tpde_hf.codec.class_width.decode`, on the CPU)."""
     from tpde_hf.codec import base_quant, class_width
-    from tpde_hf.codec.tensor_codec import named_errors
+    from tpde_hf.codec.encoded import named_errors
 
     code, base = pw.class_width_parts()
     if pw.device.type != "cpu":

@@ -1,0 +1,359 @@
+"""Training checkpoints as exact temporal deltas (issue 21): a real CPU training run, same-run baselines.
+
+Recipe (recorded in the JSON):
+
+* model: all-MiniLM-L6-v2 (``tpde_hf.examples.example_path("minilm")``, fp32) as ``BertForMaskedLM``
+  (the MLM head starts untrained; its decoder is tied to the word embeddings);
+* text: the METADATA / README files of the packages installed in ``.venv`` (real English prose and
+  Markdown, about 1 MB), tokenized, cut into sequences of ``--seq`` tokens; MLM masking 15%;
+* Trainer, AdamW (torch), fp32, lr 5e-5 constant, weight decay 0.01, batch ``--batch``, seed 0,
+  ``--steps`` steps, a checkpoint every ``--save-steps`` steps (``model.safetensors``, ``optimizer.pt``,
+  ``scheduler.pt``, ``rng_state.pth``, ``trainer_state.json``, ...);
+* run 1, ``plain``: Trainer alone. Run 2, ``tpde``: the same run (same seed, same initial weights) with
+  ``TpdeCheckpointCallback(keyframe_every=8)``. Deterministic CPU training makes the two runs write the
+  same checkpoints, so run 2's packed checkpoints are restored and compared byte for byte with run 1's
+  files: the end-to-end exactness check on real data.
+
+Measured:
+
+* bits per value of weights (``model.safetensors`` float tensors), ``exp_avg``, ``exp_avg_sq`` and of the
+  whole checkpoint folder, for every checkpoint (the first is a keyframe, the rest deltas), against the
+  raw files, zstd (level 3, each file / each kind's bytes) and ZipNN (``.venv-peers``, in a subprocess,
+  on each kind's bytes and on whole files) on run 1's files;
+* mean step time of both runs over the whole run (checkpoint steps included), so the callback's
+  background packing shows up as the difference;
+* restore speed: ``restore(checkpoint, out=...)`` of the last checkpoint (its whole chain decoded from
+  the keyframe) and of one delta alone given its decoded parent, in MB of checkpoint files per second.
+
+NVIDIA's nvCOMP checkpoint post (21-29% smaller whole checkpoints, no delta) is the anchor.
+
+Run: ``python benchmarks/bench_checkpoints.py [--steps 60 --save-steps 20 --batch 4 --seq 64]``
+-> ``benchmarks/results/checkpoints.json``. Speeds depend on the machine and its load (recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+import zstandard
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("weights", "exp_avg", "exp_avg_sq")
+
+
+def _text(tok, seq: int) -> list[dict]:
+    files = sorted(glob.glob(str(ROOT / ".venv/lib/python*/site-packages/*.dist-info/METADATA")))
+    files += sorted(glob.glob(str(ROOT / ".venv/lib/python*/site-packages/*/README.md")))
+    text = "\n".join(open(f, errors="ignore").read() for f in files if os.path.getsize(f) > 4000)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    step = seq - 2
+    return [{"input_ids": [tok.cls_token_id] + ids[i:i + step] + [tok.sep_token_id]}
+            for i in range(0, len(ids) - step, step)]
+
+
+class _StepClock:
+    """Wall time at every step end (a TrainerCallback built lazily: transformers is imported late)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.t: list[float] = []
+
+            def on_train_begin(self, *a, **k):
+                self.t.append(time.perf_counter())
+
+            def on_step_end(self, *a, **k):
+                self.t.append(time.perf_counter())
+
+            def on_train_end(self, *a, **k):
+                self.t.append(time.perf_counter())  # includes waiting for the last pack
+
+        return Clock()
+
+
+def _train(out: Path, init: dict, data: list, tok, args: argparse.Namespace, callbacks: list) -> dict:
+    from transformers import BertForMaskedLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from tpde_hf.examples import example_path
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM.from_pretrained(example_path("minilm"))
+    model.load_state_dict(init)
+    targs = TrainingArguments(str(out), per_device_train_batch_size=args.batch, learning_rate=5e-5,
+                              lr_scheduler_type="constant", weight_decay=0.01, max_steps=args.steps,
+                              save_steps=args.save_steps, logging_steps=args.save_steps, report_to=[], seed=0,
+                              use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    clock = _StepClock()
+    tr = Trainer(model=model, args=targs, train_dataset=data, callbacks=[clock, *callbacks],
+                 data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15))
+    tr.train()
+    t = np.diff(clock.t[:-1])
+    return {"step_s": t.tolist(), "mean_step_s": float(t.mean()), "total_s": clock.t[-1] - clock.t[0],
+            "losses": [h["loss"] for h in tr.state.log_history if "loss" in h]}
+
+
+def _kind(key: str) -> str:
+    name = key.split(":", 1)[1] if ":" in key else key
+    if key.startswith("model") and ".safetensors:" in key:
+        return "weights"
+    if name.endswith("/exp_avg"):
+        return "exp_avg"
+    if name.endswith("/exp_avg_sq"):
+        return "exp_avg_sq"
+    return "other"
+
+
+def _kind_streams(ckpt: Path) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Each kind's raw bytes (tensors of >= 4096 values, file order) and value counts, from plain files."""
+    from tpde_hf.checkpoints.layout import tensor_ranges
+
+    streams: dict[str, list[bytes]] = {k: [] for k in KINDS}
+    for f in sorted(ckpt.iterdir()):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        for r in tensor_ranges(f):
+            k = _kind(f"{f.name}:{r.name}")
+            if k in streams and r.nbytes >= 4096 * 4:
+                streams[k].append(data[r.offset:r.offset + r.nbytes])
+    joined = {k: b"".join(v) for k, v in streams.items()}
+    return joined, {k: len(v) // 4 for k, v in joined.items()}
+
+
+def _entry_bits(entry: Path) -> dict[str, int]:
+    """Stored bytes of an entry by kind (coded parts; skeletons and the header count as 'other')."""
+    import struct
+
+    from tpde_hf.codec.registry import group_coded_keys
+
+    with open(entry, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    size = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    out = dict.fromkeys((*KINDS, "other"), 0)
+    for key, g in group_coded_keys(size).items():
+        out[_kind(key)] += sum(size[k] for k in g.parts.values())
+    out["other"] += entry.stat().st_size - sum(out.values())
+    return out
+
+
+def _zipnn(streams: dict[str, bytes], files: list[Path], work: Path) -> dict:
+    """ZipNN (peer venv, own subprocess) on each kind's bytes and each whole file; round trip checked."""
+    py = ROOT / ".venv-peers/bin/python"
+    if not py.exists():
+        return {"error": "not installed (scripts/install_peers.sh)"}
+    for k, v in streams.items():
+        (work / f"{k}.bin").write_bytes(v)
+    names = [f"{k}.bin" for k in streams] + [str(f) for f in files]
+    code = (
+        "import sys, json, time, hashlib\nfrom zipnn import ZipNN\n"
+        "zn = ZipNN(input_format='byte', bytearray_dtype='float32', threads=2)\nout = {}\n"
+        "for n in sys.argv[2:]:\n"
+        "    p = n if n.startswith('/') else sys.argv[1] + '/' + n\n"
+        "    data = open(p, 'rb').read()\n"
+        "    t = time.perf_counter(); c = zn.compress(bytearray(data)); tc = time.perf_counter() - t\n"
+        "    t = time.perf_counter(); back = zn.decompress(bytearray(c)); td = time.perf_counter() - t\n"
+        "    out[n] = {'raw': len(data), 'stored': len(c), 'compress_s': tc, 'decompress_s': td,\n"
+        "              'exact': hashlib.sha256(bytes(back)).digest() == hashlib.sha256(data).digest()}\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        res = subprocess.run([str(py), "-c", code, str(work), *names], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    if res.returncode != 0:
+        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _zstd(data: bytes, level: int) -> int:
+    return len(zstandard.ZstdCompressor(level=level, threads=-1).compress(data))
+
+
+def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
+    """Restore speed of every packed checkpoint of ``run_dir``: wall and CPU seconds, best of ``repeat``.
+
+    Two cases: the whole chain from the keyframe (``restore(..., out=...)``, files written) and one
+    link (its entry decoded against its already decoded parent and every file rebuilt and hashed).
+    CPU seconds (``time.process_time``, all threads) are reported beside wall seconds because the
+    shared machine's load moves wall time several-fold; MB are of checkpoint files restored.
+    """
+    import numba
+
+    from tpde_hf.checkpoints import api
+    from tpde_hf.checkpoints import store as S
+
+    root = run_dir / S.STORE_DIRNAME
+    out = {"numba_threads": numba.get_num_threads(), "loadavg": os.getloadavg(), "checkpoints": []}
+    names = [n for n, _ in S.entries(root)]
+    for name in names:
+        man = S.read_manifest(S.entry_path(root, name))
+        raw = sum(f["size"] for f in man["files"])
+        chain, link = [], []
+        parent = S.decode_chain(root, man["parent"]) if man["parent"] else None
+        for _ in range(repeat):
+            dst = run_dir.parent / f"restore-{name}"
+            shutil.rmtree(dst, ignore_errors=True)
+            w, c = time.perf_counter(), time.process_time()
+            api.restore(run_dir / name, out=dst)
+            chain.append((time.perf_counter() - w, time.process_time() - c))
+            shutil.rmtree(dst, ignore_errors=True)
+            w, c = time.perf_counter(), time.process_time()
+            dec = S.decode_entry(S.entry_path(root, name), parent)
+            for f in dec.manifest["files"]:
+                S.rebuild(dec, f["name"])
+            link.append((time.perf_counter() - w, time.process_time() - c))
+            del dec
+        bw, bc = min(t[0] for t in chain), min(t[1] for t in chain)
+        lw, lc = min(t[0] for t in link), min(t[1] for t in link)
+        out["checkpoints"].append({
+            "checkpoint": name, "parent": man["parent"], "chain_length": man["depth"] + 1, "raw_bytes": raw,
+            "chain_wall_s": bw, "chain_cpu_s": bc, "chain_MBps_wall": raw / bw / 1e6,
+            "link_wall_s": lw, "link_cpu_s": lc, "link_MBps_wall": raw / lw / 1e6,
+            "link_MB_per_cpu_s": raw / lc / 1e6, "runs": {"chain": chain, "link": link}})
+        print(json.dumps({k: v for k, v in out["checkpoints"][-1].items() if k != "runs"}), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--save-steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/checkpoints.json"))
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--restore-only", default=None, metavar="RUN_DIR",
+                    help="only time restoring the packed checkpoints of RUN_DIR (a kept --work/tpde) into --out")
+    args = ap.parse_args(argv)
+    if args.restore_only:
+        res = {"benchmark": "bench_checkpoints --restore-only", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                      time.gmtime()),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+               **measure_restore(Path(args.restore_only))}
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    torch.set_num_threads(2)
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tpde_hf.checkpoints import api
+    from tpde_hf.checkpoints import store as S
+    from tpde_hf.checkpoints.callback import TpdeCheckpointCallback
+    from tpde_hf.examples import example_path
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-ckpt-"))
+    shutil.rmtree(work / "plain", ignore_errors=True)
+    shutil.rmtree(work / "tpde", ignore_errors=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load0 = os.getloadavg()
+    tok = AutoTokenizer.from_pretrained(example_path("minilm"))
+    data = _text(tok, args.seq)
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in BertForMaskedLM.from_pretrained(example_path("minilm")).state_dict().items()}
+
+    plain = _train(work / "plain", init, data, tok, args, [])
+    cb = TpdeCheckpointCallback(keyframe_every=8)
+    tpde = _train(work / "tpde", init, data, tok, args, [cb])
+
+    ckpts = sorted((d.name for d in (work / "plain").glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    rows = []
+    for name in ckpts:
+        pdir, tdir = work / "plain" / name, work / "tpde" / name
+        files = sorted(f for f in pdir.iterdir() if f.is_file())
+        raw = sum(f.stat().st_size for f in files)
+        restored = work / "restored" / name
+        shutil.rmtree(restored, ignore_errors=True)
+        t = time.perf_counter()
+        api.restore(tdir, out=restored)
+        restore_s = time.perf_counter() - t
+        # training_args.bin and trainer_state.json name the run's own folder; the state files must match
+        same = [f for f in files if f.name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")]
+        exact = len(same) == 4 and all(xxhash.xxh3_64_hexdigest((restored / f.name).read_bytes()) ==
+                                       xxhash.xxh3_64_hexdigest(f.read_bytes()) for f in same)
+        entry = S.entry_path(work / "tpde" / S.STORE_DIRNAME, name)
+        man = S.read_manifest(entry)
+        stored_total = entry.stat().st_size + sum(f.stat().st_size for f in tdir.iterdir() if f.is_file())
+        streams, counts = _kind_streams(pdir)
+        ours = _entry_bits(entry)
+        zs = {k: _zstd(v, 3) for k, v in streams.items()}
+        zfile = sum(_zstd(f.read_bytes(), 3) for f in files)
+        zn = _zipnn(streams, [f for f in files if f.stat().st_size > 1 << 20], work)
+        zn_file = None
+        if "error" not in zn:
+            zn_file = sum(zn[str(f)]["stored"] if str(f) in zn else f.stat().st_size for f in files)
+        row = {
+            "checkpoint": name, "parent": man["parent"], "raw_bytes": raw, "values": counts,
+            "state_files_exact_vs_plain_run": exact, "restore_chain_s": restore_s,
+            "restore_chain_MBps": raw / restore_s / 1e6, "chain_length": man["depth"] + 1,
+            "bits_per_value": {
+                "tpde": {k: 8 * ours[k] / counts[k] for k in KINDS},
+                "zstd-3": {k: 8 * zs[k] / counts[k] for k in KINDS},
+                "zipnn": {k: 8 * zn[f"{k}.bin"]["stored"] / counts[k] for k in KINDS} if "error" not in zn else zn,
+                "raw": dict.fromkeys(KINDS, 32.0),
+            },
+            "whole_checkpoint_bytes": {"raw": raw, "tpde": stored_total, "zstd-3": zfile, "zipnn": zn_file},
+            "whole_checkpoint_vs_raw": {"tpde": stored_total / raw, "zstd-3": zfile / raw,
+                                        "zipnn": zn_file / raw if zn_file else None},
+            "zipnn_exact": all(v.get("exact", False) for v in zn.values()) if "error" not in zn else None,
+        }
+        rows.append(row)
+        shown = ("checkpoint", "parent", "state_files_exact_vs_plain_run", "whole_checkpoint_vs_raw", "bits_per_value")
+        print(json.dumps({k: row[k] for k in shown}), flush=True)
+    # one delta decoded alone, given its decoded parent (what a chain costs per link)
+    delta_speed = None
+    deltas = [r for r in rows if r["parent"] is not None]
+    if deltas:
+        last = deltas[-1]
+        root = work / "tpde" / S.STORE_DIRNAME
+        parent = S.decode_chain(root, last["parent"])
+        t = time.perf_counter()
+        dec = S.decode_entry(S.entry_path(root, last["checkpoint"]), parent)
+        for f in dec.manifest["files"]:
+            S.rebuild(dec, f["name"])
+        dt = time.perf_counter() - t
+        delta_speed = {"checkpoint": last["checkpoint"], "s": dt, "MBps": last["raw_bytes"] / dt / 1e6}
+    result = {
+        "benchmark": "bench_checkpoints", "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                          time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "loadavg_start": load0, "loadavg_end": os.getloadavg(), "python": sys.version.split()[0]},
+        "recipe": {"model": "all-MiniLM-L6-v2 as BertForMaskedLM, fp32", "text": ".venv package METADATA/README",
+                   "optimizer": "AdamW (torch) lr 5e-5 constant, wd 0.01, betas (0.9, 0.999)", "steps": args.steps,
+                   "save_steps": args.save_steps, "batch": args.batch, "seq": args.seq, "keyframe_every": 8,
+                   "callback": {"verify": cb.verify, "nice": cb.nice, "background": cb.background}},
+        "step_time": {"plain_mean_s": plain["mean_step_s"], "tpde_mean_s": tpde["mean_step_s"],
+                      "overhead": tpde["mean_step_s"] / plain["mean_step_s"] - 1,
+                      "plain_total_s": plain["total_s"], "tpde_total_s": tpde["total_s"],
+                      "plain_step_s": plain["step_s"], "tpde_step_s": tpde["step_s"]},
+        "losses_equal": plain["losses"] == tpde["losses"], "losses": plain["losses"],
+        "checkpoints": rows, "restore_one_delta": delta_speed,
+        "pack_results": [{"name": r.name, "parent": r.parent, "raw": r.raw_bytes, "stored": r.stored_bytes}
+                         for r in cb.results],
+        "anchor": "nvCOMP checkpoint post: 21-29% smaller whole checkpoints, lossless, no delta",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("step_time", "restore_one_delta", "losses_equal")}, indent=1))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

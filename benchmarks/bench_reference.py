@@ -1,0 +1,238 @@
+"""Fine-tunes stored as exact deltas against their base: tpde vs BitX, zstd on the XOR, FM-Delta-style, ZipNN.
+
+For each (base, fine-tune) pair made by ``benchmarks/make_finetunes.py`` (real training on real text), in one
+run on one machine:
+
+* ``tpde-reference``: ``tpde convert FT OUT --reference BASE`` (per tensor the smallest of ref-same, ref-ord,
+  the standalone tpde form and dense); bytes = every tensor stored in OUT's safetensors (headers excluded, as
+  for the others);
+* ``tpde-standalone``: ``tpde convert FT OUT`` (no reference: 4-bit base + delta on linear weights);
+* ``bitx-zstd{3,19}``: BitX as its paper describes it: XOR each fine-tuned weight with the base's, split the
+  exponent bits from the sign + mantissa bits, zstd each stream (streams of the whole model);
+* ``xor-zstd{3,19}``: zstd on the XOR's bytes;
+* ``fmdelta-style``: FM-Delta's idea: floats to integers (the ordinal map), integer delta, the delta's
+  magnitude class entropy-coded (one static rANS table, no context) plus raw bits: tpde's ``ref-ord`` pinned to
+  a single context, so the gap to ``tpde-reference`` is what the context buys;
+* ``zipnn``: ZipNN on the fine-tune alone (peer venv, subprocess, as ``bench_peers.py`` runs it).
+
+It also times the rebuild (decode of every reference-coded tensor, numba threads = cores) and
+``from_pretrained`` of the delta repo (reference on local disk, page-cached) against the dense fine-tune.
+
+Example::
+
+    python benchmarks/bench_reference.py --pairs minilm smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+HERE = Path(__file__).resolve().parent
+PAIRS = HERE / "results" / "tmp" / "reference"
+OUT = HERE / "results" / "reference.json"
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    view = {2: torch.int16, 4: torch.int32}[t.element_size()]
+    return t.contiguous().view(-1).view(view).numpy()
+
+
+def bitx_streams(base: dict, tuned: dict) -> tuple[bytes, bytes, bytes]:
+    """(exponent stream, sign+mantissa stream, raw XOR bytes) of the whole model, tensor by tensor."""
+    exps, sms, xors = [], [], []
+    for k, t in tuned.items():
+        b = base[k]
+        if not t.is_floating_point() or b.shape != t.shape or b.dtype != t.dtype:
+            continue
+        x = (_bits(t) ^ _bits(b)).astype(np.uint16 if t.element_size() == 2 else np.uint32)
+        if t.dtype == torch.bfloat16:
+            exp, sm = ((x >> 7) & 0xFF).astype(np.uint8), ((((x >> 15) & 1) << 7) | (x & 0x7F)).astype(np.uint8)
+            exps.append(exp.tobytes())
+            sms.append(sm.tobytes())
+        else:  # fp16 / fp32: exponent byte stream, and the remaining bits as bytes
+            raise SystemExit("bench_reference: the pairs are bf16")
+        xors.append(x.tobytes())
+    return b"".join(exps), b"".join(sms), b"".join(xors)
+
+
+def zstd_size(data: bytes, level: int) -> int:
+    return len(zstandard.ZstdCompressor(level=level, threads=-1).compress(data))
+
+
+def fmdelta_style(base: dict, tuned: dict) -> int:
+    """Bytes of the single-context integer-delta coding (see the module docstring) over every tensor."""
+    import tpde_hf.reference.codec as C
+    from tpde_hf.codec.registry import CodecContext
+
+    total = 0
+    for k, t in tuned.items():
+        if not t.is_floating_point() or base[k].shape != t.shape:
+            total += t.numel() * t.element_size()
+            continue
+        parts = C.RefOrd().encode(t, CodecContext(k, base[k], {"configs": ((1, 1),)}))
+        total += parts["blob"].numel() if parts is not None else t.numel() * t.element_size()
+    return total
+
+
+def stored_tensor_bytes(folder: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                s = fh.get_slice(k)
+                n += int(np.prod(s.get_shape(), dtype=np.int64)) * {"BF16": 2, "F16": 2, "F32": 4, "I64": 8,
+                                                                     "I32": 4, "U8": 1, "I8": 1, "I16": 2,
+                                                                     "BOOL": 1}[s.get_dtype()]
+    return n
+
+
+def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
+    """Decode every reference-coded tensor of ``out`` (reference tensors already in memory): MB/s of output."""
+    from safetensors import safe_open
+
+    import tpde_hf.reference.codec as C
+    from tpde_hf.codec.registry import CodecContext, group_coded_keys
+    from tpde_hf.reference.resolve import ReferenceReader
+
+    ref = ReferenceReader(base_dir, str(base_dir))
+    items = []
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        for name, g in group_coded_keys(list(fh.keys())).items():
+            items.append((name, g.codec, fh.get_tensor(g.parts["blob"]), ref.get(name)))
+    times, cpu, nbytes = [], [], 0
+    for _ in range(repeat + 1):  # the first run compiles / warms up
+        t0, c0 = time.perf_counter(), time.process_time()
+        nbytes = 0
+        for name, codec, blob, r in items:
+            d = C.TENSOR_CODECS.get(codec).decode({"blob": blob}, CodecContext(name, r))
+            nbytes += d.numel() * d.element_size()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    best = min(times[1:])
+    return {"decoded_bytes": nbytes, "seconds_runs": times[1:], "cpu_seconds_runs": cpu[1:],
+            "MB_per_s_best": nbytes / best / 1e6, "MB_per_s_median": nbytes / statistics.median(times[1:]) / 1e6,
+            "MB_per_cpu_second_best": nbytes / min(cpu[1:]) / 1e6,
+            "threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
+            "note": "wall-clock MB/s on a machine shared with other jobs (load average 8-14 during the run); "
+                    "MB per CPU-second is what one core does when it runs, so 2 cores give about twice that"}
+
+
+def load_times(out: Path, dense: Path, auto: str, repeat: int = 3) -> dict:
+    """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes."""
+    code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; "
+            f"m = transformers.{auto}.from_pretrained(sys.argv[1]); print(time.perf_counter() - t0)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    runs: dict[str, list[float]] = {"delta": [], "dense": []}
+    for _ in range(repeat):
+        for label, path in (("delta", out), ("dense", dense)):
+            p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                               check=True)
+            runs[label].append(float(p.stdout.strip().splitlines()[-1]))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
+            "note": "fresh process per run, imports included; reference and repos on local disk, page-cached"}
+
+
+def bench_pair(name: str, work: Path, with_zipnn: bool, load_repeat: int = 3) -> dict:
+    from safetensors.torch import load_file
+
+    from tpde_hf.reference.convert import convert_with_reference
+
+    folder = PAIRS / name
+    base_dir, ft_dir = folder / "base", folder / "finetune"
+    base, tuned = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
+    n = sum(t.numel() for t in tuned.values())
+    src_bytes = sum(t.numel() * t.element_size() for t in tuned.values())
+    res: dict = {"weights": n, "source_bytes": src_bytes,
+                 "recipe": json.loads((folder / "recipe.json").read_text())}
+    sizes: dict[str, int] = {}
+    timing: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    out = work / f"{name}-ref"
+    shutil.rmtree(out, ignore_errors=True)
+    std = work / f"{name}-std"
+    summary = convert_with_reference(ft_dir, out, base_dir, workers=1, keep_standalone=std)
+    timing["tpde-reference convert_s (standalone conversion included)"] = time.perf_counter() - t0
+    sizes["tpde-reference"] = stored_tensor_bytes(out)
+    res["tpde_reference_stored_as"] = summary["reference"]["stored_as"]
+    res["tpde_reference_file_bytes"] = (out / "model.safetensors").stat().st_size
+    sizes["tpde-standalone"] = stored_tensor_bytes(std)  # the same conversion, without the reference
+
+    exp, sm, xor = bitx_streams(base, tuned)
+    dense_rest = sum(t.numel() * t.element_size() for k, t in tuned.items() if not t.is_floating_point())
+    for level in (3, 19):
+        sizes[f"bitx-zstd{level}"] = zstd_size(exp, level) + zstd_size(sm, level) + dense_rest
+        sizes[f"xor-zstd{level}"] = zstd_size(xor, level) + dense_rest
+    t0 = time.perf_counter()
+    sizes["fmdelta-style"] = fmdelta_style(base, tuned)
+    timing["fmdelta-style encode_s"] = time.perf_counter() - t0
+
+    if with_zipnn:
+        sys.path.insert(0, str(HERE))
+        from bench_peers import DEFAULT_PEERS_PYTHON, TOOLS, run_peer
+
+        z = run_peer(TOOLS["zipnn"], ft_dir / "model.safetensors", work / f"{name}-zipnn", DEFAULT_PEERS_PYTHON,
+                     repeat=1, budget_s=60, timeout_s=900)
+        res["zipnn_status"] = z.get("status")
+        if z.get("status") == "ok":
+            sizes["zipnn"] = int(z["stored_bytes"])
+            res["zipnn_version"] = z.get("version")
+        else:
+            res["zipnn_error"] = z.get("error")
+
+    res["bytes"] = sizes
+    res["bits_per_weight"] = {k: 8 * v / n for k, v in sizes.items()}
+    bitx = min(sizes["bitx-zstd3"], sizes["bitx-zstd19"])
+    res["tpde_reference_vs_best_bitx"] = sizes["tpde-reference"] / bitx
+    res["goal_25pct_smaller_than_bitx"] = sizes["tpde-reference"] <= 0.75 * bitx
+    res["rebuild"] = rebuild_speed(out, base_dir)
+    auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
+    res["load"] = load_times(out, ft_dir, auto, repeat=load_repeat)
+    res["timing"] = timing
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", nargs="+", default=["minilm", "smollm2"])
+    ap.add_argument("--no-zipnn", action="store_true")
+    ap.add_argument("--load-repeat", type=int, default=3, help="from_pretrained runs per repo (fresh processes)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/reference_<pairs>.json")
+    a = ap.parse_args()
+    work = PAIRS / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date_utc": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
+        "machine": f"{os.cpu_count()} CPU cores, shared with other jobs (load varies); torch {torch.__version__}",
+        "pairs": {},
+    }
+    for name in a.pairs:
+        if not (PAIRS / name / "recipe.json").is_file():
+            print(f"skip {name}: run benchmarks/make_finetunes.py --pair {name} first")
+            continue
+        result["pairs"][name] = bench_pair(name, work, not a.no_zipnn, a.load_repeat)
+        print(json.dumps({name: result["pairs"][name]["bits_per_weight"]}, indent=1), flush=True)
+    out = Path(a.out) if a.out else OUT.with_name(f"reference_{'_'.join(a.pairs)}.json")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The plain API: pack a checkpoint folder as a delta, restore it, keep the chains whole.
+
+Works on any folder of checkpoint files (``model.safetensors``, ``optimizer.pt`` from
+``torch.save(optimizer.state_dict())``, anything else); :class:`~tpde_hf.checkpoints.callback.TpdeCheckpointCallback`
+calls it for Trainer's folders.
+
+Example (a custom loop)::
+
+    from tpde_hf.checkpoints import pack, restore
+    save_file(model.state_dict(), f"run/checkpoint-{step}/model.safetensors")
+    torch.save(opt.state_dict(), f"run/checkpoint-{step}/optimizer.pt")
+    pack(f"run/checkpoint-{step}", param_names=[n for n, _ in model.named_parameters()])
+    ...
+    restore("run/checkpoint-200")         # the original files are back, byte for byte
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tpde_hf.checkpoints import store as S
+from tpde_hf.errors import TpdeFormatError
+
+DEFAULT_KEYFRAME_EVERY = 8
+
+
+@dataclass
+class PackResult:
+    """What :func:`pack` stored: the entry, its parent (None: a keyframe), raw and stored bytes."""
+
+    name: str
+    entry: Path
+    parent: str | None
+    raw_bytes: int
+    stored_bytes: int
+    decoded: S.Decoded | None = None
+
+
+def store_root(ckpt_dir: str | Path) -> Path:
+    return Path(ckpt_dir).resolve().parent / S.STORE_DIRNAME
+
+
+def _step(name: str) -> int | None:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def read_pointer(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The pointer of a packed checkpoint folder, or None if the folder is not packed."""
+    p = Path(ckpt_dir) / S.POINTER
+    if not p.exists():
+        return None
+    try:
+        ptr = json.loads(p.read_text())
+        if ptr.get("format") != S.FORMAT or not isinstance(ptr.get("entry"), str):
+            raise ValueError("not a tpde checkpoint pointer")
+    except ValueError as exc:
+        raise TpdeFormatError(str(p), f"corrupt pointer file ({exc})") from None
+    return ptr
+
+
+def is_packed(ckpt_dir: str | Path) -> bool:
+    return read_pointer(ckpt_dir) is not None
+
+
+def pack(ckpt_dir: str | Path, *, parent: str | None | bool = True, param_names: Sequence[str] | None = None,
+         keyframe_every: int = DEFAULT_KEYFRAME_EVERY, cache: S.Decoded | None = None, verify: bool | str = True,
+         keep_decoded: bool = False) -> PackResult:
+    """Store ``ckpt_dir`` as an entry of the store beside it and remove its large files.
+
+    ``parent=True`` picks the newest entry of an earlier step (a keyframe once its chain has
+    ``keyframe_every`` entries); a name picks that entry; None makes a keyframe. ``cache`` is the
+    decoded parent if the caller holds it (the callback does), which saves decoding its chain.
+    With ``verify`` (default) nothing is deleted before the entry is proven to give the files back:
+    each tensor's payload is decoded right after encoding (same prediction) and compared bit for bit,
+    then the entry file is read back and compared with what was written, and every file's skeleton and
+    tensor ranges are hashed against the original file's hash. ``verify="full"`` instead decodes the
+    entry from disk exactly as :func:`restore` does (slower, same guarantee).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if read_pointer(ckpt_dir) is not None:
+        raise ValueError(f"{ckpt_dir} is already packed")
+    root = store_root(ckpt_dir)
+    root.mkdir(exist_ok=True)
+    step = _step(ckpt_dir.name)
+    if parent is True:
+        parent = _pick_parent(root, step, keyframe_every, live_entries(ckpt_dir.resolve().parent))
+    prev = S.decode_chain(root, parent, cache) if parent else None
+    depth = (S.read_manifest(S.entry_path(root, parent))["depth"] + 1) if parent else 0
+    cur = S.read_checkpoint(ckpt_dir)
+    tensors, manifest = S.encode_entry(cur, prev, step=step, depth=depth, param_names=param_names,
+                                       verify=bool(verify))
+    entry = S.entry_path(root, ckpt_dir.name)
+    S.write_entry(entry, tensors, manifest)
+    big = [f["name"] for f in manifest["files"] if f["ranges"] or f["size"] >= S.KEEP_FILE]
+    # Everything below raises before anything is deleted.
+    if verify == "full":  # the restore path itself: decode the entry from disk, rebuild every file
+        decoded = S.decode_entry(entry, prev)
+        for name in big:
+            S.file_digest(decoded, name)
+    elif verify:  # each payload was decoded back in encode_entry; now the bytes on disk and the files
+        S.check_entry(entry, tensors, manifest, cur, prev)
+    del tensors
+    ptr = {"format": S.FORMAT, "entry": str(Path("..") / S.STORE_DIRNAME / entry.name), "removed": big}
+    S.atomic_write(ckpt_dir / S.POINTER, json.dumps(ptr, indent=1).encode())
+    raw = sum(f["size"] for f in manifest["files"])
+    for name in big:
+        (ckpt_dir / name).unlink(missing_ok=True)
+    return PackResult(ckpt_dir.name, entry, parent or None, raw, entry.stat().st_size,
+                      cur if keep_decoded else None)
+
+
+def _pick_parent(root: Path, step: int | None, keyframe_every: int, live: set[str]) -> str | None:
+    best = None
+    for name, man in S.entries(root):
+        if name not in live:
+            continue
+        if step is not None and man.get("step") is not None and man["step"] >= step:
+            continue
+        best = (name, man)
+    if best is None or best[1].get("depth", 0) + 1 >= keyframe_every:
+        return None
+    return best[0]
+
+
+def _entry_of(ckpt_dir: Path) -> tuple[Path, str, dict[str, Any]]:
+    ptr = read_pointer(ckpt_dir)
+    if ptr is None:
+        raise ValueError(f"{ckpt_dir} is not a tpde-packed checkpoint (no {S.POINTER})")
+    entry = (ckpt_dir / ptr["entry"]).resolve()
+    return entry.parent, entry.name[: -len(".tpde")], ptr
+
+
+def restore(ckpt_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write back the files of a packed checkpoint, byte for byte (each checked against its hash).
+
+    With ``out`` None the files return into ``ckpt_dir`` itself (what ``trainer.train(
+    resume_from_checkpoint=ckpt_dir)`` then reads); else ``out`` receives a full plain copy.
+    Returns the files written. Files are written under temporary names and moved into place.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    root, name, ptr = _entry_of(ckpt_dir)
+    dec = S.decode_chain(root, name)
+    target = Path(out) if out is not None else ckpt_dir
+    target.mkdir(parents=True, exist_ok=True)
+    names = ptr["removed"] if out is None else [f["name"] for f in dec.manifest["files"]]
+    written = []
+    for fname in names:
+        S.write_file(dec, fname, target / fname)
+        written.append(target / fname)
+    return written
+
+
+def compact(ckpt_dir: str | Path) -> list[str]:
+    """Delete restored files of a packed checkpoint again (only those whose bytes match the entry's hash)."""
+    ckpt_dir = Path(ckpt_dir)
+    root, name, ptr = _entry_of(ckpt_dir)
+    recs = {f["name"]: f for f in S.read_manifest(S.entry_path(root, name))["files"]}
+    gone = []
+    for fname in ptr["removed"]:
+        p = ckpt_dir / fname
+        if p.exists() and fname in recs and p.stat().st_size == recs[fname]["size"] \
+                and S.file_hash(p.read_bytes()) == recs[fname]["xxh3"]:
+            p.unlink()
+            gone.append(fname)
+    return gone
+
+
+def live_entries(output_dir: str | Path) -> set[str]:
+    """Names of the entries that some checkpoint folder of ``output_dir`` still points to."""
+    live = set()
+    for d in Path(output_dir).iterdir():
+        if d.is_dir() and (d / S.POINTER).exists():
+            try:
+                live.add(_entry_of(d)[1])
+            except (TpdeFormatError, ValueError):
+                continue
+    return live
+
+
+def collect(output_dir: str | Path) -> dict[str, list[str]]:
+    """Delete the entries no checkpoint folder needs any more, rebasing first so no chain breaks.
+
+    An entry is dead when its checkpoint folder is gone (Trainer's ``save_total_limit`` rotation).
+    A live entry whose parent is dead is re-encoded as a keyframe before anything is deleted;
+    then every dead entry that no live chain passes through is removed.
+    """
+    output_dir = Path(output_dir)
+    root = output_dir / S.STORE_DIRNAME
+    if not root.exists():
+        return {"rebased": [], "deleted": []}
+    live = live_entries(output_dir)
+    mans = dict(S.entries(root))
+    rebased = []
+    for name in sorted(live & set(mans), key=lambda n: mans[n].get("step") or 0):
+        par = mans[name].get("parent")
+        if par is not None and par not in live:
+            dec = S.decode_chain(root, name)
+            tensors, manifest = S.encode_entry(dec, None, step=mans[name].get("step"),
+                                               param_names=mans[name].get("param_names"), verify=True)
+            tmp = S.entry_path(root, f".rebase-{name}")
+            S.write_entry(tmp, tensors, manifest)
+            S.check_entry(tmp, tensors, manifest, dec, None)  # the old entry stays until the new one is proven
+            os.replace(tmp, S.entry_path(root, name))
+            mans[name] = manifest
+            rebased.append(name)
+    needed = set()
+    for name in live & set(mans):
+        cur: str | None = name
+        while cur is not None and cur not in needed:
+            needed.add(cur)
+            cur = mans.get(cur, {}).get("parent")
+    deleted = []
+    for name in mans:
+        if name not in needed:
+            S.entry_path(root, name).unlink(missing_ok=True)
+            deleted.append(name)
+    return {"rebased": rebased, "deleted": deleted}
+
+
+def pack_all(output_dir: str | Path, **kw: Any) -> list[PackResult]:
+    """Pack every unpacked ``checkpoint-N`` folder of ``output_dir``, oldest first."""
+    dirs = sorted((d for d in Path(output_dir).glob("checkpoint-*") if d.is_dir() and not is_packed(d)),
+                  key=lambda d: _step(d.name) or 0)
+    return [pack(d, **kw) for d in dirs]
+
+
+def remove_store(output_dir: str | Path) -> None:
+    shutil.rmtree(Path(output_dir) / S.STORE_DIRNAME, ignore_errors=True)

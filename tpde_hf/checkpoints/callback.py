@@ -1,0 +1,163 @@
+"""``TpdeCheckpointCallback``: every checkpoint Trainer writes, stored as an exact delta of the previous one.
+
+Trainer writes ``checkpoint-N`` as usual; in ``on_save`` the callback hands the folder to one
+background thread, which packs it (:func:`tpde_hf.checkpoints.api.pack`: a delta against the previous
+checkpoint, a keyframe every ``keyframe_every``), decodes it back and compares every file, and only
+then deletes ``model.safetensors`` and ``optimizer.pt`` from the folder (the small files stay). Then
+it drops store entries whose folders Trainer's ``save_total_limit`` rotation deleted, re-encoding a
+surviving delta as a keyframe first when its parent is among them.
+
+* Memory and disk stay bounded: at most one pack runs; before Trainer writes the next checkpoint
+  (``on_step_end`` / ``on_epoch_end`` with ``should_save``) the callback waits for it. That also keeps
+  Trainer's rotation from deleting a folder while it is being packed.
+* The packing thread runs at the lowest OS priority (``nice`` 19, Linux sets it per thread) and keeps
+  its numba loops on itself (numba's shared worker threads would run at training's priority), so
+  training threads win the cores and packing uses the idle time.
+* A failure in the thread leaves the checkpoint's original files in place and is raised on the
+  training thread at the next save or at the end of training.
+
+Resuming. Trainer loads ``model.safetensors`` and ``optimizer.pt`` in ``train()`` *before* the first
+callback event of the run (``on_train_begin``), so no callback can put them back in time for
+``train(resume_from_checkpoint=path)``. One call does it::
+
+    tpde_hf.checkpoints.restore("out/checkpoint-40")          # files back, byte for byte
+    trainer.train(resume_from_checkpoint="out/checkpoint-40")
+
+With ``TrainingArguments(resume_from_checkpoint=path)`` (the example scripts' flag) the callback
+restores ``path`` itself when the Trainer is built (``on_init_end``). Once training has begun, the
+restored files are deleted again (they are in the store) and the chain continues from there.
+
+Example::
+
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[TpdeCheckpointCallback(keyframe_every=8)])
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tpde_hf.checkpoints import api
+from tpde_hf.checkpoints import kernels as K
+from tpde_hf.checkpoints.store import Decoded
+
+logger = logging.getLogger(__name__)
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux: per thread), so training threads win the cores."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # not Linux/BSD, or not permitted: pack at normal priority
+        logger.debug("tpde: cannot lower the packing thread's priority (%s)", exc)
+
+
+def optimizer_param_names(model: Any, optimizer: Any) -> list[str] | None:
+    """Parameter names in the order of the optimizer's state indices (``state_dict()['state'][i]``)."""
+    if model is None or optimizer is None:
+        return None
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for group in getattr(opt, "param_groups", []):
+        for p in group["params"]:
+            out.append(names.get(id(p), ""))
+    return out or None
+
+
+class TpdeCheckpointCallback(TrainerCallback):
+    """Store Trainer's checkpoints as exact temporal deltas (see the module docstring)."""
+
+    def __init__(self, keyframe_every: int = api.DEFAULT_KEYFRAME_EVERY, verify: bool | str = True,
+                 background: bool = True, nice: int = 19):
+        if keyframe_every < 1:
+            raise ValueError("keyframe_every must be at least 1")
+        self.keyframe_every = keyframe_every
+        self.verify = verify
+        self.background = background
+        self.nice = nice
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._cache: Decoded | None = None
+        self.results: list[api.PackResult] = []
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(resume, str) and api.is_packed(resume):
+            api.restore(resume)
+        if getattr(args, "load_best_model_at_end", False):
+            logger.warning("TpdeCheckpointCallback: load_best_model_at_end reads the best checkpoint's "
+                           "model.safetensors after training, which is packed by then; call "
+                           "tpde_hf.checkpoints.restore(best_checkpoint) and load it yourself instead")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        out = Path(args.output_dir)
+        if args.should_save and out.is_dir():
+            for d in out.glob("checkpoint-*"):
+                if d.is_dir() and api.is_packed(d):
+                    api.compact(d)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if control.should_save:
+            self.wait()
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if control.should_save:
+            self.wait()
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                **kw: Any) -> None:
+        if not args.should_save:
+            return
+        self.wait()
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir() or api.is_packed(ckpt):
+            return
+        names = optimizer_param_names(model, optimizer)
+        if self.background:
+            self._thread = threading.Thread(target=self._run, args=(ckpt, names), name="tpde-pack", daemon=False)
+            self._thread.start()
+        else:
+            self._run(ckpt, names)
+            self._raise()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.wait()
+
+    # ------------------------------------------------------------------ work
+    def wait(self) -> None:
+        """Block until the pack in flight (if any) is done; re-raise its error on this thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"tpde checkpoint packing failed (the checkpoint's files were kept): {err}") from err
+
+    def _run(self, ckpt: Path, names: list[str] | None) -> None:
+        try:
+            if self.background and self.nice:
+                _lower_priority(self.nice)
+            mtime = os.stat(ckpt)
+            with K.serial(self.background):  # numba's shared workers would run at training's priority
+                res = api.pack(ckpt, param_names=names, keyframe_every=self.keyframe_every, cache=self._cache,
+                               verify=self.verify, keep_decoded=True)
+            os.utime(ckpt, ns=(mtime.st_atime_ns, mtime.st_mtime_ns))  # Trainer's rotation sorts by mtime
+            self._cache, res.decoded = res.decoded, None
+            self.results.append(res)
+            api.collect(ckpt.parent)
+            logger.info("tpde: %s packed %.1f%% of %d bytes (parent %s)", ckpt.name,
+                        100 * res.stored_bytes / max(1, res.raw_bytes), res.raw_bytes, res.parent)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self._cache = None
+            self._error = exc

@@ -1,0 +1,347 @@
+"""The ``ckpt-delta`` tensor codec: one tensor of a training checkpoint, exact, against a prediction.
+
+The prediction is ``p = c0 * reference + sum_i c_i * feature_i`` evaluated in the tensor's dtype
+(numpy float32 arithmetic, correctly rounded, identical on every machine), where ``reference`` is
+the same tensor in the previous checkpoint and the features are tensors both sides can compute
+before this one (Adam's moments for a weight, see :mod:`tpde_hf.checkpoints.predict`). The
+encoder fits the coefficients by least squares on a sample, estimates the coded size of a few
+candidates (``p = reference``, the fitted one, ``p = 0``) in both modes of
+:mod:`tpde_hf.checkpoints.kernels`, and keeps the cheapest. Symbols are coded with a context: the
+bucket of a small integer per element, by default the exponent of the reference (so a weight's
+delta is coded knowing how many ulps one learning-rate step is).
+
+Parts: ``meta`` (int64), ``shape`` (int64), ``coef`` (float32), ``tables`` (zstd of the uint16
+frequency tables), ``chunks`` (int64 ``[n, LANES + 2]``: rANS states, words, bit words), ``words`` and
+``bits`` (uint8 payloads). ``meta`` holds an xxh3 checksum of the tensor's bytes: a decode that
+does not give them back raises :class:`TpdeFormatError` naming the tensor (a corrupt part or the
+wrong reference), never a wrong tensor.
+
+Example::
+
+    from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
+    codec = TENSOR_CODECS.get("ckpt-delta")
+    parts = codec.encode(new, CodecContext("w", reference=old))
+    assert torch.equal(codec.decode(parts, CodecContext("w", reference=old)).view(torch.int32),
+                       new.view(torch.int32))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+import zstandard
+
+from tpde_hf.checkpoints import kernels as K
+from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
+from tpde_hf.errors import TpdeFormatError
+
+VERSION = 1
+CHUNK = 1 << 19
+SAMPLE = 1 << 16
+#: dtype -> (on-disk code, int view, width, mantissa bits)
+DTYPES: dict[torch.dtype, tuple[int, torch.dtype, int, int]] = {
+    torch.float32: (1, torch.int32, 32, 23),
+    torch.bfloat16: (2, torch.int16, 16, 7),
+    torch.float16: (3, torch.int16, 16, 10),
+}
+CODES = {v[0]: k for k, v in DTYPES.items()}
+_META_LEN = 11  # version, mode, dtype, n, chunk, n_ctx, nsym, n_coef, checksum, ctx_lo, n_chunks
+
+
+def checksum(bits: np.ndarray) -> int:
+    """xxh3-64 of the tensor's bytes as a signed int64 (it is stored in an int64 part)."""
+    h = xxhash.xxh3_64_intdigest(np.ascontiguousarray(bits).view(np.uint8))
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def exponent(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The biased exponent field of each float (int16); 0 for zeros and subnormals."""
+    _, _, width, mb = DTYPES[dtype]
+    return K.exponents(a.view(np.int32 if width == 32 else np.int16), width, mb)
+
+
+def predict(ref: np.ndarray | None, coef: Sequence[float], features: Sequence[np.ndarray], n: int,
+            np_dtype: Any) -> np.ndarray:
+    """``c0 * ref + sum c_i * f_i`` in ``np_dtype``, one correctly rounded operation at a time."""
+    c0 = np_dtype.type(coef[0]) if coef else np_dtype.type(0)
+    if ref is None or c0 == 0:
+        p = np.zeros(n, np_dtype)
+    elif c0 == 1:
+        p = ref.astype(np_dtype, copy=True)
+    else:
+        p = ref * c0
+    for c, f in zip(coef[1:], features, strict=False):
+        if c != 0:
+            p += np_dtype.type(c) * f
+    return p
+
+
+def _np_float(dtype: torch.dtype) -> Any:
+    # bf16 has no numpy dtype: its predictions are formed in float32 and rounded to bf16 by torch.
+    return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
+
+
+def _as_dtype_bits(p: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    view = DTYPES[dtype][1]
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(p).to(torch.bfloat16).view(view).numpy()
+    return p.view(np.int32 if view == torch.int32 else np.int16)
+
+
+def _to_np(t: torch.Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t.reshape(-1)
+    t = t.detach().reshape(-1)
+    return (t.float() if dtype == torch.bfloat16 else t.to(dtype)).numpy()
+
+
+def _cost(sym: np.ndarray, nraw: np.ndarray, ctx: np.ndarray, n_ctx: int, nsym: int) -> float:
+    """Estimated bits of a sample: conditional entropy of the symbols plus the raw bits."""
+    h = K.histogram(sym, ctx, n_ctx, nsym).astype(np.float64)
+    tot = h.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.nansum(h * np.log2(np.where(h > 0, h / np.maximum(tot, 1), 1)))
+    return float(ent + nraw.sum(dtype=np.int64))
+
+
+def _fit(target: np.ndarray, ref: np.ndarray | None, feats: list[np.ndarray]) -> list[float] | None:
+    cols = ([ref.astype(np.float64)] if ref is not None else []) + [f.astype(np.float64) for f in feats]
+    if not cols:
+        return None
+    a = np.stack(cols, 1)
+    ok = np.isfinite(a).all(1) & np.isfinite(target)
+    if ok.sum() < 16:
+        return None
+    try:
+        sol = np.linalg.lstsq(a[ok], target[ok].astype(np.float64), rcond=None)[0]
+    except np.linalg.LinAlgError:
+        return None
+    if not np.isfinite(sol).all():
+        return None
+    sol = [float(np.float32(s)) for s in sol]
+    return sol if ref is not None else [0.0] + sol
+
+
+#: A context value at or below this is its own bucket (0): e.g. a parameter no gradient has touched.
+SPECIAL = -1000
+
+
+def _buckets(src: np.ndarray, lo: int, n_ctx: int) -> np.ndarray:
+    return K.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL)
+
+
+def _low(src: np.ndarray, n_ctx: int) -> int:
+    sample = src[:: max(1, src.size // SAMPLE)]
+    ordinary = sample[sample > SPECIAL]
+    return int(np.quantile(ordinary, 0.01)) - 1 if n_ctx > 1 and ordinary.size else 0
+
+
+@TENSOR_CODECS.register
+class CheckpointDelta:
+    """Exact coding of a checkpoint tensor against the previous checkpoint (see the module docstring).
+
+    ``context.options``: ``features`` (list of arrays/tensors, flattened, the tensor's float dtype),
+    ``ctx`` (int array: each element's context before bucketing; default: the reference's exponent),
+    ``fit`` (default True: try fitted coefficients), ``modes`` (default both).
+    """
+
+    name = "ckpt-delta"
+
+    def encode(self, tensor: torch.Tensor, context: CodecContext) -> dict[str, torch.Tensor]:
+        dtype = tensor.dtype
+        if dtype not in DTYPES:
+            raise TpdeFormatError(context.key, f"ckpt-delta codes float32/bfloat16/float16 tensors, not {dtype}")
+        code, view, width, mb = DTYPES[dtype]
+        n = tensor.numel()
+        bits = tensor.detach().contiguous().view(view).reshape(-1).numpy()
+        npf = _np_float(dtype)
+        ref = self._reference(tensor, context)
+        refn = _to_np(ref, dtype) if ref is not None else None
+        feats = [_to_np(f, dtype) for f in context.options.get("features", ())]
+        src = self._ctx_source(refn, context, dtype, n)
+        n_ctx = 1 if n < 4096 else (8 if n < 1 << 16 else 32)
+        lo = _low(src, n_ctx)
+        ctx = _buckets(src, lo, n_ctx)
+        coef, mode = self._choose(bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context)
+        pbits = _as_dtype_bits(predict(refn, coef, feats, n, npf), dtype)
+        nsym = K.n_symbols(mode, width, mb)
+        sym, nraw, raw = K.symbolize(bits, pbits, mode, width, mb)
+        freq = self._tables(sym, ctx, n_ctx, nsym)
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+        states, n_words, n_bitwords, words, bitwords = K.encode_chunks(sym, nraw, raw, ctx, freq, cum, CHUNK)
+        cap = words.shape[1]
+        w = np.concatenate([words[c, cap - n_words[c]:] for c in range(len(states))]) if n else np.zeros(0, np.uint16)
+        b = np.concatenate([bitwords[c, :n_bitwords[c]] for c in range(len(states))]) if n else np.zeros(0, np.uint32)
+        meta = [VERSION, mode, code, n, CHUNK, n_ctx, nsym, len(coef), checksum(bits), lo, len(states)]
+        tables = zstandard.ZstdCompressor(level=9).compress(freq.astype("<u2").tobytes())
+        parts = {
+            "meta": torch.tensor(meta, dtype=torch.int64),
+            "shape": torch.tensor(list(tensor.shape), dtype=torch.int64),
+            "coef": torch.tensor(coef, dtype=torch.float32),
+            "tables": torch.frombuffer(bytearray(tables), dtype=torch.uint8),
+            "chunks": torch.from_numpy(np.concatenate([states, n_words[:, None], n_bitwords[:, None]], 1)),
+            "words": torch.from_numpy(w.astype("<u2").view(np.uint8).copy()),
+            "bits": torch.from_numpy(b.astype("<u4").view(np.uint8).copy()),
+        }
+        if context.options.get("verify"):
+            # Decode the parts just made with the same prediction and context (what decode() computes
+            # from the same inputs): the payload must give back every bit, else nothing is stored.
+            out = self._payload(self._parse(parts, context.key), pbits, ctx, context.key)
+            if not np.array_equal(out, bits):
+                raise TpdeFormatError(context.key, "ckpt-delta: the encoded payload does not decode to the tensor "
+                                                   "(encoder bug); nothing was stored")
+        return parts
+
+    def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
+        key = context.key
+        pp = self._parse(parts, key)
+        dtype, shape, n, coef = pp["dtype"], pp["shape"], pp["n"], pp["coef"]
+        npf = _np_float(dtype)
+        ref = self._reference_for(shape, n, dtype, context)
+        refn = _to_np(ref, dtype) if ref is not None else None
+        feats = [_to_np(f, dtype) for f in context.options.get("features", ())]
+        if len(coef) > 1 + len(feats):
+            raise TpdeFormatError(key, f"ckpt-delta needs {len(coef) - 1} feature tensors, got {len(feats)}")
+        src = self._ctx_source(refn, context, dtype, n)
+        ctx = _buckets(src, pp["lo"], pp["n_ctx"])
+        pbits = _as_dtype_bits(predict(refn, coef, feats, n, npf), dtype)
+        out = self._payload(pp, pbits, ctx, key)
+        if checksum(out) != pp["digest"]:
+            raise TpdeFormatError(key, "ckpt-delta payload does not decode to the stored checksum (corrupt file, "
+                                       "or decoded against the wrong previous checkpoint)")
+        return torch.from_numpy(out).view(dtype).reshape(shape)
+
+    @staticmethod
+    def _parse(parts: Mapping[str, torch.Tensor], key: str) -> dict[str, Any]:
+        """The checked header and payload arrays of a coded tensor (:class:`TpdeFormatError` if malformed)."""
+        try:
+            meta = [int(v) for v in parts["meta"].tolist()]
+            shape = [int(v) for v in parts["shape"].tolist()]
+            coef = [float(v) for v in parts["coef"].tolist()]
+            tables_b, chunks = parts["tables"].numpy().tobytes(), parts["chunks"].numpy()
+            words = np.frombuffer(parts["words"].numpy().tobytes(), "<u2")
+            bitw = np.frombuffer(parts["bits"].numpy().tobytes(), "<u4")
+        except (KeyError, AttributeError, TypeError, RuntimeError, ValueError) as exc:
+            raise TpdeFormatError(key, f"ckpt-delta parts are missing or malformed ({exc})") from None
+        if len(meta) != _META_LEN or meta[0] != VERSION:
+            raise TpdeFormatError(key, f"ckpt-delta meta of version {meta[:1]} is not understood (expected {VERSION})")
+        _, mode, code, n, chunk, n_ctx, nsym, n_coef, digest, lo, nch = meta
+        dtype = CODES.get(code)
+        if dtype is None or mode not in (K.MODE_ORD, K.MODE_FLD):
+            raise TpdeFormatError(key, f"ckpt-delta: unknown dtype code {code} or mode {mode}")
+        _, view, width, mb = DTYPES[dtype]
+        if (n < 0 or any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) != n or chunk <= 0
+                or not 1 <= n_ctx <= 256 or nsym != K.n_symbols(mode, width, mb) or n_coef != len(coef)
+                or nch != (n + chunk - 1) // chunk or chunks.shape != (nch, K.LANES + 2)):
+            raise TpdeFormatError(key, "ckpt-delta meta is inconsistent (corrupt checkpoint file)")
+        try:
+            freq = np.frombuffer(zstandard.ZstdDecompressor().decompress(tables_b, max_output_size=n_ctx * nsym * 2),
+                                 "<u2").astype(np.int64)
+        except zstandard.ZstdError as exc:
+            raise TpdeFormatError(key, f"ckpt-delta frequency tables are corrupt ({exc})") from None
+        if freq.size != n_ctx * nsym:
+            raise TpdeFormatError(key, "ckpt-delta frequency tables have the wrong size")
+        freq = freq.reshape(n_ctx, nsym)
+        if (freq.sum(1) != 1 << K.PROB_BITS).any():
+            raise TpdeFormatError(key, "ckpt-delta frequency tables do not sum to 2**12 (corrupt)")
+        n_words, n_bitwords = chunks[:, K.LANES], chunks[:, K.LANES + 1]
+        if ((n_words < 0).any() or (n_bitwords < 0).any() or n_words.sum() != words.size
+                or n_bitwords.sum() != bitw.size):
+            raise TpdeFormatError(key, "ckpt-delta chunk table does not match the payload (truncated or corrupt)")
+        return {"dtype": dtype, "shape": shape, "n": n, "coef": coef, "lo": lo, "n_ctx": n_ctx, "nsym": nsym,
+                "digest": digest, "mode": mode, "chunk": chunk, "freq": freq, "chunks": chunks,
+                "n_words": n_words, "n_bitwords": n_bitwords, "words": words, "bitw": bitw}
+
+    @staticmethod
+    def _payload(pp: dict[str, Any], pbits: np.ndarray, ctx: np.ndarray, key: str) -> np.ndarray:
+        """The tensor's bit patterns from a parsed payload, its prediction and its context buckets."""
+        freq, n_ctx, nsym, n = pp["freq"], pp["n_ctx"], pp["nsym"], pp["n"]
+        _, _, width, mb = DTYPES[pp["dtype"]]
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+        lut = np.concatenate([np.repeat(np.arange(nsym, dtype=np.uint16), freq[c]) for c in range(n_ctx)])
+        out = np.empty(n, np.int32 if width == 32 else np.int16)
+        ws = np.concatenate([[0], np.cumsum(pp["n_words"])]).astype(np.int64)
+        bs = np.concatenate([[0], np.cumsum(pp["n_bitwords"])]).astype(np.int64)
+        words_s = pp["words"] if pp["words"].size else np.zeros(1, np.uint16)
+        bits_s = pp["bitw"] if pp["bitw"].size else np.zeros(1, np.uint32)
+        states = np.ascontiguousarray(pp["chunks"][:, :K.LANES])
+        bad = K.decode_chunks(pbits, ctx, lut, freq, cum, states, ws, words_s, bs, bits_s, pp["mode"], width, mb,
+                              pp["chunk"], out)
+        if bad.any():
+            raise TpdeFormatError(key, "ckpt-delta payload does not decode to the stored checksum (corrupt file, "
+                                       "or decoded against the wrong previous checkpoint)")
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _reference(tensor: torch.Tensor, context: CodecContext) -> torch.Tensor | None:
+        ref = context.reference
+        if ref is None:
+            return None
+        if ref.shape != tensor.shape or ref.dtype != tensor.dtype:
+            return None  # a reshaped or recast tensor is coded alone
+        return ref
+
+    @staticmethod
+    def _reference_for(shape: list[int], n: int, dtype: torch.dtype, context: CodecContext) -> torch.Tensor | None:
+        ref = context.reference
+        if ref is None or list(ref.shape) != shape or ref.dtype != dtype:
+            return None
+        return ref
+
+    @staticmethod
+    def _ctx_source(refn: np.ndarray | None, context: CodecContext, dtype: torch.dtype, n: int) -> np.ndarray:
+        given = context.options.get("ctx")
+        if given is not None:
+            src = np.asarray(given).reshape(-1)
+            if src.size != n:
+                raise TpdeFormatError(context.key, f"ckpt-delta context has {src.size} elements, the tensor {n}")
+            return src
+        if refn is None:
+            return np.zeros(n, np.int16)
+        return exponent(refn if dtype != torch.bfloat16 else refn.astype(np.float32), torch.float32
+                        if dtype == torch.bfloat16 else dtype)
+
+    def _choose(self, bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context):
+        """The (coefficients, mode) of the candidate with the smallest estimated size on a sample."""
+        n = bits.size
+        # a strided sample with a fixed odd stride: O(SAMPLE), where a random choice without replacement is O(n)
+        idx = (np.arange(SAMPLE, dtype=np.int64) * (n // SAMPLE | 1)) % n if n > SAMPLE else np.arange(n)
+        idx.sort()
+        xs = bits[idx]
+        rs = refn[idx] if refn is not None else None
+        fs = [f[idx] for f in feats]
+        cands: list[list[float]] = [[0.0]]
+        if refn is not None:
+            cands.append([1.0] + [0.0] * len(feats))
+        if context.options.get("fit", True) and (refn is not None or feats):
+            target = _to_np(tensor, dtype)[idx].astype(np.float64)
+            fitted = _fit(target, rs, fs)
+            if fitted is not None:
+                cands.append(fitted)
+            if rs is not None and feats:
+                alone = _fit(target, rs, [])
+                if alone is not None:
+                    cands.append(alone + [0.0] * len(feats))
+        modes = context.options.get("modes", (K.MODE_ORD, K.MODE_FLD))
+        _, _, width, mb = DTYPES[dtype]
+        best = None
+        for coef in cands:
+            pb = _as_dtype_bits(predict(rs, coef, fs, xs.size, npf), dtype)
+            for mode in modes:
+                sym, nraw, _ = K.symbolize(xs, pb, mode, width, mb)
+                c = _cost(sym, nraw, ctx[idx], n_ctx, K.n_symbols(mode, width, mb))
+                if best is None or c < best[0]:
+                    best = (c, coef, mode)
+        return best[1], best[2]
+
+    @staticmethod
+    def _tables(sym: np.ndarray, ctx: np.ndarray, n_ctx: int, nsym: int) -> np.ndarray:
+        from tpde_hf.codec.rans import quantize_frequencies
+
+        h = K.histogram(sym, ctx, n_ctx, nsym)
+        return quantize_frequencies(h, K.PROB_BITS).numpy().astype(np.int64)

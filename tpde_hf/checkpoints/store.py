@@ -1,0 +1,397 @@
+"""Checkpoint entries on disk: one file per checkpoint, a chain of deltas back to a keyframe.
+
+Layout beside Trainer's ``checkpoint-N`` folders (``sort_checkpoints`` only globs ``checkpoint-*``,
+so Trainer's rotation never touches the store)::
+
+    out/.tpde-checkpoints/checkpoint-40.tpde    # safetensors: coded tensors + zstd skeletons + manifest
+    out/checkpoint-40/tpde_checkpoint.json      # pointer: which entry, which files it stands for
+
+An entry codes every tensor of the checkpoint's files against the same tensor of its *parent* entry
+(the previous checkpoint) with the ``ckpt-delta`` codec, and every file's skeleton (the bytes that
+are not tensor data: headers, pickles, JSON, small tensors) with zstd using the parent's skeleton as
+a dictionary. A keyframe has no parent. Restoring rebuilds each file byte for byte and checks its
+xxh3 hash before it is moved into place.
+
+Every write is a temporary file then ``os.replace``; an entry's pointer is written only after the
+entry is on disk (and, by default, decoded back and compared), and the original files are deleted
+only after that. A crash at any point leaves either the original files or a complete entry.
+
+Example::
+
+    entry = encode_entry("out/checkpoint-40", parent=previous)    # previous: a Decoded or None
+    decoded = decode_chain(store_root, "checkpoint-40")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+import xxhash
+import zstandard
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from tpde_hf.checkpoints import kernels as K
+from tpde_hf.checkpoints import predict
+from tpde_hf.checkpoints.codec import CheckpointDelta
+from tpde_hf.checkpoints.layout import tensor_ranges
+from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, group_coded_keys, stored_parts
+from tpde_hf.errors import TpdeFormatError
+
+STORE_DIRNAME = ".tpde-checkpoints"
+POINTER = "tpde_checkpoint.json"
+FORMAT = "tpde-ckpt"
+VERSION = 1
+CODEC = CheckpointDelta.name
+MIN_CODED = 4096  # tensors with fewer elements stay in the skeleton
+KEEP_FILE = 1 << 20  # files smaller than this (and without coded tensors) stay in the folder too
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_INT = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}
+_INT_T = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@dataclass
+class Decoded:
+    """One checkpoint in memory: coded tensors by key and file skeletons by file name."""
+
+    name: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    skeletons: dict[str, bytes] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def file_hash(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(ckpt_dir: str | Path) -> Decoded:
+    """Split every file of ``ckpt_dir`` into coded tensors and a skeleton (see the module docstring)."""
+    ckpt_dir = Path(ckpt_dir)
+    dec = Decoded(ckpt_dir.name)
+    files = []
+    for path in sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name != POINTER
+                       and not p.name.startswith(".")):
+        data = path.read_bytes()
+        ranges = [r for r in tensor_ranges(path) if r.nbytes // max(1, _itemsize(r.dtype)) >= MIN_CODED]
+        skel, pos, rec = bytearray(), 0, []
+        for r in ranges:
+            key = f"{path.name}:{r.name}"
+            if key in dec.tensors or r.offset < pos:
+                continue  # a storage seen twice or overlapping ranges: leave it in the skeleton
+            skel += data[pos:r.offset]
+            arr = np.frombuffer(data, _INT[r.dtype], r.nbytes // _itemsize(r.dtype), r.offset).copy()
+            dec.tensors[key] = torch.from_numpy(arr).view(r.dtype)
+            rec.append([key, r.offset, r.nbytes, _DTYPE_NAMES[r.dtype]])
+            pos = r.offset + r.nbytes
+        skel += data[pos:]
+        dec.skeletons[path.name] = bytes(skel)
+        files.append({"name": path.name, "size": len(data), "xxh3": file_hash(data), "ranges": rec})
+    dec.manifest = {"files": files}
+    return dec
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def encode_entry(cur: Decoded, parent: Decoded | None, *, step: int | None = None, depth: int = 0,
+                 param_names: Sequence[str] | None = None,
+                 verify: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and manifest of ``cur``'s entry, coded against ``parent`` (None: a keyframe).
+
+    Each tensor's prediction sees exactly the tensors :func:`decode_entry` has when it decodes it (those
+    of earlier :func:`~tpde_hf.checkpoints.predict.stages`), so both sides compute it from the same
+    inputs. With ``verify`` every tensor's payload is decoded right after it is made and compared bit
+    for bit.
+    """
+    codec = TENSOR_CODECS.get(CODEC)
+    out: dict[str, torch.Tensor] = {}
+    prev = parent.tensors if parent is not None else None
+    done: dict[str, torch.Tensor] = {}
+    for stage in predict.stages(list(cur.tensors)):
+        for key in stage:
+            opts = predict.options(key, done, prev, param_names)
+            if verify:
+                opts["verify"] = True
+            ref = prev.get(key) if prev is not None else None
+            out.update(stored_parts(key, CODEC, codec.encode(cur.tensors[key], CodecContext(key, ref, opts))))
+        done.update((k, cur.tensors[k]) for k in stage)
+    for i, f in enumerate(cur.manifest["files"]):
+        d = parent.skeletons.get(f["name"]) if parent is not None else None
+        zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
+        blob = zstandard.ZstdCompressor(level=10, dict_data=zd).compress(cur.skeletons[f["name"]])
+        out[f"skeleton.{i}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    manifest = {"format": FORMAT, "version": VERSION, "name": cur.name, "step": step,
+                "parent": parent.name if parent is not None else None, "depth": depth if parent is not None else 0,
+                "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
+    return out, manifest
+
+
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={FORMAT: json.dumps(manifest)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], cur: Decoded,
+                parent: Decoded | None) -> None:
+    """Check that the entry on disk holds exactly ``tensors`` and ``manifest`` and that its skeletons and
+    ranges rebuild every file of ``cur`` to its recorded hash; :class:`TpdeFormatError` if not.
+
+    With ``encode_entry(..., verify=True)`` (each payload decoded back) this proves the entry decodes to
+    the original files without decoding it a second time.
+    """
+    if read_manifest(path) != json.loads(json.dumps(manifest)):
+        raise TpdeFormatError(str(path), "entry manifest on disk differs from the one written")
+    try:
+        with safe_open(str(path), "pt") as f:
+            if set(f.keys()) != set(tensors):
+                raise TpdeFormatError(str(path), "entry on disk does not hold the tensors written")
+            for k, v in tensors.items():
+                got = f.get_tensor(k)
+                if got.dtype != v.dtype or got.shape != v.shape or not np.array_equal(
+                        _bytes(got), _bytes(v)):
+                    raise TpdeFormatError(str(path), f"part {k} on disk differs from the one written")
+    except SafetensorError as exc:
+        raise TpdeFormatError(str(path), f"entry unreadable after writing ({exc})") from None
+    for i, rec in enumerate(manifest["files"]):
+        blob = _bytes(tensors[f"skeleton.{i}"]).tobytes()
+        d = parent.skeletons.get(rec["name"]) if parent is not None else None
+        zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
+        if zstandard.ZstdDecompressor(dict_data=zd).decompress(blob, max_output_size=int(rec["size"])) \
+                != cur.skeletons[rec["name"]]:
+            raise TpdeFormatError(str(path), f"skeleton of {rec['name']} does not decompress to the original")
+        file_digest(cur, rec["name"])
+
+
+def _numel(f: Any, g: Any) -> int:
+    """Elements of a coded tensor, from its ``shape`` part (0 if unreadable: it fails later, clearly)."""
+    try:
+        return int(np.prod(f.get_tensor(g.parts["shape"]).tolist()))
+    except Exception:  # noqa: BLE001 - only an ordering hint
+        return 0
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an entry file; :class:`TpdeFormatError` naming the file if it is not one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        manifest = json.loads(meta[FORMAT])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise TpdeFormatError(str(path), f"not a readable tpde checkpoint entry ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise TpdeFormatError(str(path), "not a tpde checkpoint entry of a known version")
+    return manifest
+
+
+def decode_entry(path: Path, parent: Decoded | None, threads: int | None = None) -> Decoded:
+    """Decode one entry against its decoded parent (None for a keyframe).
+
+    The tensors of a stage are decoded on ``threads`` threads at once (default: numba's thread
+    count), largest first; the kernels and numpy release the GIL.
+    """
+    manifest = read_manifest(path)
+    want = manifest.get("parent")
+    if (want is None) != (parent is None) or (parent is not None and parent.name != want):
+        raise TpdeFormatError(str(path), f"entry is a delta against {manifest.get('parent')!r}, "
+                                         f"decoded against {parent.name if parent else None!r}")
+    codec = TENSOR_CODECS.get(CODEC)
+    dec = Decoded(manifest["name"], manifest=manifest)
+    prev = parent.tensors if parent is not None else None
+    names = manifest.get("param_names")
+
+    def one(key: str, parts: dict[str, torch.Tensor], done: dict[str, torch.Tensor]) -> torch.Tensor:
+        # one tensor per thread, each on serial loops (numba's shared pool is not re-entrant); on one
+        # thread the caller's choice stands (the packing thread keeps its loops serial)
+        with K.serial(workers > 1 or K.is_serial()):
+            opts = predict.options(key, done, prev, names)
+            ref = prev.get(key) if prev is not None else None
+            return codec.decode(parts, CodecContext(key, ref, opts)).reshape(-1)
+
+    workers = max(1, min(threads if threads is not None else numba.get_num_threads(), os.cpu_count() or 1))
+    try:
+        with safe_open(str(path), "pt") as f, ThreadPoolExecutor(workers) as pool:
+            groups = group_coded_keys(f.keys())
+            for stage in predict.stages(list(groups)):
+                done = dict(dec.tensors)  # a snapshot: the workers read it while results arrive
+                jobs = {}
+                for key in sorted(stage, key=lambda k: -int(groups[k].parts and 1) * _numel(f, groups[k])):
+                    g = groups[key]
+                    if g.codec != CODEC:
+                        raise TpdeFormatError(key, f"unexpected codec {g.codec!r} in a checkpoint entry")
+                    parts = {p: f.get_tensor(k) for p, k in g.parts.items()}
+                    jobs[key] = pool.submit(one, key, parts, done) if workers > 1 else None
+                    if jobs[key] is None:
+                        dec.tensors[key] = one(key, parts, done)
+                for key, job in jobs.items():
+                    if job is not None:
+                        dec.tensors[key] = job.result()
+            for i, rec in enumerate(manifest["files"]):
+                blob = f.get_tensor(f"skeleton.{i}").numpy().tobytes()
+                d = parent.skeletons.get(rec["name"]) if parent is not None else None
+                zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
+                dec.skeletons[rec["name"]] = zstandard.ZstdDecompressor(dict_data=zd).decompress(
+                    blob, max_output_size=int(rec["size"])) if blob else b""
+    except TpdeFormatError as exc:
+        raise TpdeFormatError(str(path), str(exc)) from None
+    except (SafetensorError, zstandard.ZstdError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise TpdeFormatError(str(path), f"corrupt checkpoint entry ({type(exc).__name__}: {exc})") from None
+    return dec
+
+
+def _pieces(dec: Decoded, name: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The record of file ``name`` and its bytes as a list of views (skeleton gaps and tensor data)."""
+    rec = next((r for r in dec.manifest["files"] if r["name"] == name), None)
+    if rec is None:
+        raise TpdeFormatError(name, f"not a file of checkpoint {dec.name}")
+    src, size = np.frombuffer(dec.skeletons[name], np.uint8), int(rec["size"])
+    out: list[np.ndarray] = []
+    done = pos = 0
+    try:
+        for key, offset, nbytes, _ in rec["ranges"]:
+            gap = offset - done
+            if gap < 0 or pos + gap > src.size or offset + nbytes > size:
+                raise ValueError(f"range of {key} is outside the file")
+            out.append(src[pos:pos + gap])
+            pos += gap
+            t = dec.tensors[key]
+            data = t.view(_INT_T[t.dtype]).numpy().view(np.uint8).reshape(-1)
+            if data.size != nbytes:
+                raise ValueError(f"tensor {key} has {data.size} bytes, the file {nbytes}")
+            out.append(data)
+            done = offset + nbytes
+        if src.size - pos != size - done:
+            raise ValueError("skeleton length does not match the file size")
+        out.append(src[pos:])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise TpdeFormatError(f"{dec.name}/{name}", f"cannot be rebuilt ({exc})") from None
+    return rec, out
+
+
+def _mismatch(dec: Decoded, name: str) -> TpdeFormatError:
+    return TpdeFormatError(f"{dec.name}/{name}", "rebuilt file does not match its recorded hash "
+                                                 "(corrupt checkpoint entry)")
+
+
+def file_digest(dec: Decoded, name: str) -> None:
+    """Check file ``name`` of a decoded checkpoint against its recorded hash without assembling it."""
+    rec, pieces = _pieces(dec, name)
+    h = xxhash.xxh3_64()
+    for p in pieces:
+        h.update(p)
+    if h.hexdigest() != rec["xxh3"]:
+        raise _mismatch(dec, name)
+
+
+def rebuild(dec: Decoded, name: str) -> memoryview:
+    """File ``name`` of a decoded checkpoint, byte for byte; :class:`TpdeFormatError` if its hash differs."""
+    rec, pieces = _pieces(dec, name)
+    out = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+    if file_hash(out) != rec["xxh3"]:
+        raise _mismatch(dec, name)
+    return memoryview(out)
+
+
+def write_file(dec: Decoded, name: str, path: Path) -> None:
+    """Write file ``name`` of a decoded checkpoint to ``path``, streamed piece by piece (no assembled copy),
+    hashed on the way; moved into place only if the hash matches (else :class:`TpdeFormatError`)."""
+    rec, pieces = _pieces(dec, name)
+    h = xxhash.xxh3_64()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for p in pieces:
+                h.update(p)
+                f.write(p)
+            f.flush()
+            os.fsync(f.fileno())
+        if h.hexdigest() != rec["xxh3"]:
+            raise _mismatch(dec, name)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def entry_path(root: Path, name: str) -> Path:
+    return Path(root) / f"{name}.tpde"
+
+
+def chain(root: Path, name: str) -> list[Path]:
+    """Entry files from the keyframe to ``name``; :class:`TpdeFormatError` if a link is missing."""
+    out, seen = [], set()
+    cur: str | None = name
+    while cur is not None:
+        p = entry_path(root, cur)
+        if not p.exists():
+            raise TpdeFormatError(str(p), f"missing: checkpoint {name} needs it (its chain is broken)")
+        if cur in seen:
+            raise TpdeFormatError(str(p), "checkpoint chain loops (corrupt manifest)")
+        seen.add(cur)
+        out.append(p)
+        cur = read_manifest(p).get("parent")
+    return out[::-1]
+
+
+def decode_chain(root: Path, name: str, cache: Decoded | None = None) -> Decoded:
+    """Decode checkpoint ``name`` from its keyframe (starting from ``cache`` if it is on the chain)."""
+    paths = chain(root, name)
+    dec: Decoded | None = None
+    names = [p.name[: -len(".tpde")] for p in paths]
+    if cache is not None and cache.name in names:
+        start = names.index(cache.name) + 1
+        dec = cache
+    else:
+        start = 0
+    for p in paths[start:]:
+        dec = decode_entry(p, dec)
+    assert dec is not None
+    return dec
+
+
+def entries(root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(name, manifest)`` of every entry in the store, oldest step first."""
+    found = []
+    for p in Path(root).glob("*.tpde"):
+        try:
+            found.append((p.name[:-5], read_manifest(p)))
+        except TpdeFormatError:
+            continue
+    yield from sorted(found, key=lambda e: (e[1].get("step") is None, e[1].get("step") or 0, e[0]))

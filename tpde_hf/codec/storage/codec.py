@@ -1,0 +1,413 @@
+"""The ``narrow-rans`` storage codec: a converted linear weight on disk in two uint8 parts.
+
+* ``base_blob`` (what ``base`` mode reads): the 4-bit codes ``q`` rANS-coded with the group's zero point
+  as context (one 16 x 16 frequency table per tensor, zstd), the fp16 scales as two zstd byte planes, the
+  zero points zstd-coded, and an xxh3-64 checksum of the resident base;
+* ``delta_blob``: each weight coded *inside its quantization bin* (range narrowing, :mod:`.kernels`),
+  with frequencies derived from the bin's geometry (no tables), the weights that fall outside their bin
+  (non-finite values, clamped codes) as a list of exceptions, and an xxh3-64 checksum of the weight.
+
+Both decode to exactly the resident layout (``qweight, scales, zeros`` of :mod:`tpde_hf.codec.base_quant`)
+and to the exact weight. Elements are coded in blocks of ``BLOCK`` consecutive elements (row-major), each
+its own rANS stream, so blocks decode on several threads. Before any block, the bins that the tensor's
+codes use are built once, into one table shared by the threads (:func:`_bins`); the per-element loops
+then only read tables.
+
+Layouts (all little-endian; ``u32 lengths`` of the sections follow each header):
+
+=========  ========================================================  ====================================
+blob       header                                                    sections
+=========  ========================================================  ====================================
+base       version u8, dtype code u8, group size u16, out u32,       block index (u32 state, u32 words),
+           in u32, checksum of the base (and of dtype, group size,   q words, q table, scales hi, scales
+           shape) u64                                                lo, zeros
+delta      version u8, grid shift u8 (low mantissa bits that are 0   block index, words, exceptions (zstd
+           in every weight), 2 pad bytes, exceptions u32, checksum   of u64 position gaps then u32 bit
+           of the weight u64                                         patterns; empty without exceptions)
+=========  ========================================================  ====================================
+
+Example::
+
+    codec = BASE_STORAGE.get("narrow-rans")
+    parts = codec.encode(w, base_quant.quantize(w).__dict__, CodecContext("layer.weight"))
+    assert torch.equal(codec.decode(parts, CodecContext("layer.weight")).view(torch.int16), w.view(torch.int16))
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import torch
+import xxhash
+
+from tpde_hf.codec import base_quant, rans
+from tpde_hf.codec.ordinal import CODE_DTYPES, DTYPE_CODES, INT_VIEW, bit_width, check_dtype
+from tpde_hf.codec.registry import CodecContext
+from tpde_hf.codec.storage import kernels as K
+from tpde_hf.codec.storage import streams as S
+from tpde_hf.codec.storage.blob import pack_blob, unpack_blob, words_of, zstd_pack, zstd_unpack
+from tpde_hf.errors import TpdeFormatError
+
+VERSION = 1
+BLOCK = 1 << 16
+ZSTD_LEVEL = 12
+_BASE = struct.Struct("<BBHIIQ")
+_DELTA = struct.Struct("<BB2xIQ")
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+
+
+def _threads() -> int:
+    try:
+        from tpde_hf.codec.compiled import codec_threads
+
+        return codec_threads()
+    except Exception:  # noqa: BLE001 - the compiled codec's thread setting is optional here
+        return 1
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child inherits the pool object but not its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _run(fn: Callable, jobs: list[tuple], make_cache: Callable[[], object] | None = None) -> list:
+    """``fn(*job, cache)`` for every job, on the codec's threads (the kernels release the GIL); each thread
+    takes a contiguous share of the jobs and one ``make_cache()`` of its own. The calling thread takes the
+    first share; the others run on one pool kept for the process (no thread start per call)."""
+    global _pool
+    n = max(1, min(_threads(), len(jobs)))
+    shares = [jobs[len(jobs) * t // n: len(jobs) * (t + 1) // n] for t in range(n)]
+
+    def share(part: list[tuple]) -> list:
+        cache = make_cache() if make_cache else None
+        return [fn(*j, cache) for j in part]
+
+    if n == 1:
+        return share(jobs)
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n - 1:  # noqa: SLF001 - grow the pool when asked for more
+            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tpde-storage")
+        futures = [_pool.submit(share, part) for part in shares[1:]]
+    first = share(shares[0])
+    return first + [r for f in futures for r in f.result()]
+
+
+def _scale_ids(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct scales as float32, index of each group's scale)``: bins are built once per scale."""
+    uniq, inv = np.unique(scales.view(np.uint16), return_inverse=True)
+    return uniq.view(np.float16).astype(np.float32), inv.reshape(scales.shape).astype(np.int32)
+
+
+@lru_cache(maxsize=4)
+def value_lut(dtype: torch.dtype) -> np.ndarray:
+    """float32 value of every 16-bit pattern of ``dtype`` (empty for fp32, which the kernels bit-cast)."""
+    if dtype == torch.float32:
+        return np.zeros(1, dtype=np.float32)
+    pats = np.arange(1 << 16, dtype=np.uint32)
+    if dtype == torch.bfloat16:
+        return (pats << 16).view(np.float32)
+    return pats.astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def pack4(codes: np.ndarray) -> np.ndarray:
+    """numpy :func:`base_quant.pack_nibbles` (uint8 codes in [0, 15], padded to an even length with 0)."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate((codes, np.zeros(codes.shape[:-1] + (1,), dtype=np.uint8)), axis=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack4(packed: np.ndarray, length: int) -> np.ndarray:
+    """numpy :func:`base_quant.unpack_nibbles`."""
+    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :length]
+
+
+def _blocks(numel: int) -> list[tuple[int, int]]:
+    return [(i, min(i + BLOCK, numel)) for i in range(0, numel, BLOCK)]
+
+
+def _checksum(*arrays: np.ndarray, header: tuple[int, ...] = ()) -> int:
+    """xxh3-64 of ``header`` (as int64s) and the arrays' bytes."""
+    h = xxhash.xxh3_64(np.array(header, dtype="<i8").tobytes())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).view(np.uint8).data)
+    return h.intdigest()
+
+
+def grid_bits(bits: np.ndarray, width: int, mb: int) -> int:
+    """Low mantissa bits that are 0 in every finite weight (at most ``mb``): a tensor that came from a narrower
+    format (fp16 values stored as fp32: 13) is coded on that coarser grid. Example: fp32 ``[0.5, 0.25]`` -> 23."""
+    ored = int(S.or_finite_magnitudes(bits, width, mb))
+    return mb if ored == 0 else min(mb, (ored & -ored).bit_length() - 1)
+
+
+def _geometry(dtype: torch.dtype) -> tuple[int, int, np.ndarray]:
+    return bit_width(dtype), _MANTISSA[dtype], value_lut(dtype)
+
+
+def _bins(q: np.ndarray, z: np.ndarray, sids: np.ndarray, uscales: np.ndarray, gshift: int, width: int,
+          mb: int, tz: int, lut: np.ndarray) -> tuple:
+    """The tensor's bin tables (:func:`kernels.new_cache`), every (scale, level) that ``q`` uses built once,
+    on the codec's threads (disjoint scale ranges), before any block is coded."""
+    out_f, in_f = q.shape
+    need = np.zeros((uscales.size, K.NLEV), dtype=np.bool_)
+    step = max(1, -(-out_f // 8))
+    # Concurrent stores of True into ``need`` are benign: every writer stores the same byte value.
+    _run(lambda r0, r1, _: K.mark_bins(q, z, sids, r0, r1, in_f, gshift, need),
+         [(r, min(r + step, out_f)) for r in range(0, out_f, step)])
+    cache = K.new_cache(uscales.size)
+    ustep = max(1, -(-uscales.size // 16))
+    _run(lambda u0, u1, _: K.build_bins(need, uscales, u0, u1, width, mb, tz, lut, cache),
+         [(u, min(u + ustep, uscales.size)) for u in range(0, uscales.size, ustep)])
+    return cache
+
+
+# ==================================================================== encode
+def _encode_streams(symbols: Callable, numel: int, pb: int, max_syms: int,
+                    make_cache: Callable[[], object] | None = None) -> tuple[bytes, bytes]:
+    """Run ``symbols(i0, i1, st, fr, cache)`` per block and rANS-code each: ``(block index, words)`` bytes."""
+    def one(i0: int, i1: int, cache: object) -> tuple[int, np.ndarray]:
+        st = np.empty(max_syms * (i1 - i0), dtype=np.int64)
+        fr = np.empty_like(st)
+        ns = symbols(i0, i1, st, fr, cache)
+        words = np.empty(ns + 2, dtype=np.uint16)
+        state, first = S.rans_encode(st, fr, ns, pb, words)
+        return int(state), words[first:]
+
+    res = _run(one, _blocks(numel), make_cache)
+    index = np.array([(s, w.size) for s, w in res], dtype="<u4").reshape(-1, 2)
+    return index.tobytes(), b"".join(w.astype("<u2").tobytes() for _, w in res)
+
+
+def _q_table(q: np.ndarray, zc: np.ndarray) -> np.ndarray:
+    counts = np.bincount((zc.astype(np.int64) * 16 + q).ravel(), minlength=256).reshape(16, 16)
+    return rans.quantize_frequencies(torch.from_numpy(counts), S.QPB).numpy().astype(np.int64)
+
+
+def encode_base(q: np.ndarray, z: np.ndarray, scales: torch.Tensor, dtype: torch.dtype, group_size: int,
+                checksum: int) -> torch.Tensor:
+    """The ``base_blob`` of codes ``q`` ([out, in] uint8), zero points ``z`` ([out, ng] uint8) and scales."""
+    out_f, in_f = q.shape
+    gshift = group_size.bit_length() - 1
+    zc = np.repeat(z, group_size, axis=1)[:, :in_f]
+    freq = _q_table(q, zc)
+    cum = np.cumsum(freq, axis=1) - freq
+    index, words = _encode_streams(
+        lambda i0, i1, st, fr, _: S.q_symbols(q, z, i0, i1, in_f, gshift, cum, freq, st, fr), q.size, S.QPB, 1)
+    s16 = scales.contiguous().view(torch.int16).numpy().view(np.uint16)
+    sections = [index, words, zstd_pack(freq.astype("<u2"), 19), zstd_pack((s16 >> 8).astype(np.uint8), ZSTD_LEVEL),
+                zstd_pack((s16 & 0xFF).astype(np.uint8), ZSTD_LEVEL), zstd_pack(z, ZSTD_LEVEL)]
+    fields = (VERSION, DTYPE_CODES[dtype], group_size, out_f, in_f, checksum)
+    return pack_blob(_BASE, fields, sections)
+
+
+def encode_delta(bits: np.ndarray, q: np.ndarray, z: np.ndarray, s16: np.ndarray, dtype: torch.dtype,
+                 group_size: int, checksum: int, coarse_grid: bool = True) -> torch.Tensor:
+    """The ``delta_blob`` of the weight's bit patterns ``bits`` (flat) against its base; ``coarse_grid=False``
+    codes every tensor on its dtype's own grid (for ablations)."""
+    out_f, in_f = q.shape
+    width, mb, lut = _geometry(dtype)
+    gshift = group_size.bit_length() - 1
+    exc = np.zeros(bits.size, dtype=np.uint8)
+    uscales, sids = _scale_ids(s16)
+    tz = grid_bits(bits, width, mb) if coarse_grid else 0
+
+    cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
+
+    def symbols(i0: int, i1: int, st: np.ndarray, fr: np.ndarray, _: object) -> int:
+        return K.delta_symbols(bits, q, z, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, st,
+                               fr, exc[i0:i1])
+
+    index, words = _encode_streams(symbols, bits.size, K.PB, K.MAX_SYMBOLS)
+    pos = np.flatnonzero(exc)
+    # Exceptions: position gaps (u64) then bit patterns (u32), zstd (clamped codes cluster in a few groups).
+    exc_data = b""
+    if pos.size:
+        gaps = np.diff(pos, prepend=0).astype("<u8")
+        patt = (bits[pos].astype(np.int64) & ((1 << width) - 1)).astype("<u4")
+        exc_data = zstd_pack(np.concatenate((gaps.view(np.uint8), patt.view(np.uint8))), 19)
+    return pack_blob(_DELTA, (VERSION, tz, pos.size, checksum), [index, words, exc_data])
+
+
+# ==================================================================== decode
+def _parse_base(blob: torch.Tensor, name: str) -> tuple[tuple[int, ...], list[memoryview]]:
+    fields, sections = unpack_blob(blob, _BASE, 6, name)
+    version, dcode, g, out_f, in_f, _ = fields
+    if version != VERSION:
+        raise TpdeFormatError(name, f"narrow-rans version {version} is not {VERSION}; upgrade tpde-hf")
+    if dcode not in CODE_DTYPES:
+        raise TpdeFormatError(name, f"unknown source dtype code {dcode}")
+    if g not in base_quant.SUPPORTED_GROUP_SIZES:
+        raise TpdeFormatError(name, f"group size {g} not in {base_quant.SUPPORTED_GROUP_SIZES}")
+    if out_f <= 0 or in_f <= 0 or out_f * in_f >= 1 << 40:
+        raise TpdeFormatError(name, f"invalid shape {[out_f, in_f]}")
+    return fields, sections
+
+
+def _block_index(data: memoryview, numel: int, n_words: int, name: str, what: str) -> np.ndarray:
+    nb = len(_blocks(numel))
+    if len(data) != nb * 8:
+        raise TpdeFormatError(name, f"{what} block index holds {len(data)} bytes, expected {nb * 8}")
+    index = np.frombuffer(data, dtype="<u4").reshape(nb, 2).astype(np.int64)
+    if int(index[:, 1].sum()) != n_words or bool((index[:, 0] < S.STATE_LOW).any()):
+        raise TpdeFormatError(name, f"{what} block index disagrees with its words (truncated or corrupt)")
+    return index
+
+
+def _decode_streams(decode: Callable, index: np.ndarray, words: np.ndarray, numel: int, name: str,
+                    what: str, make_cache: Callable[[], object] | None = None) -> None:
+    starts = np.concatenate(([0], np.cumsum(index[:, 1])))
+    pad = np.zeros(1, dtype=np.uint16)  # the kernels read one word ahead (branch-free): never an empty array
+    jobs = [(words[starts[b]:starts[b + 1]] if starts[b + 1] > starts[b] else pad, int(index[b, 0]), i0, i1)
+            for b, (i0, i1) in enumerate(_blocks(numel))]
+    for b, (state, read) in enumerate(_run(decode, jobs, make_cache)):
+        if int(state) != S.STATE_LOW or int(read) != starts[b + 1] - starts[b]:
+            raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt)")
+
+
+def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
+    """The resident base plus what the delta decode needs (``q``, ``z``, ``s32``, ``dtype``, ``shape``)."""
+    if "base_blob" not in parts:
+        raise TpdeFormatError(name, "narrow-rans part 'base_blob' is missing")
+    fields, (index_b, words_b, table_b, hi_b, lo_b, zeros_b) = _parse_base(parts["base_blob"], name)
+    _, dcode, g, out_f, in_f, checksum = fields
+    ng = base_quant.n_groups(in_f, g)
+    words = words_of(words_b, name)
+    index = _block_index(index_b, out_f * in_f, words.size, name, "q")
+    freq = zstd_unpack(table_b, "<u2", 256, name, "q tables").astype(np.int64).reshape(16, 16)
+    if bool((freq.sum(axis=1) != 1 << S.QPB).any()):
+        raise TpdeFormatError(name, "q tables do not sum to the probability scale")
+    cum = np.cumsum(freq, axis=1) - freq
+    lut = np.repeat(np.tile(np.arange(16, dtype=np.uint8), 16), freq.ravel()).reshape(16, 1 << S.QPB)
+    hi = zstd_unpack(hi_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
+    lo = zstd_unpack(lo_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
+    scales = torch.from_numpy(((hi << 8) | lo).view(np.int16).reshape(out_f, ng).copy()).view(torch.float16)
+    if not bool(torch.isfinite(scales).all()):
+        raise TpdeFormatError(name, "scales contain inf or NaN")
+    z = zstd_unpack(zeros_b, "u1", out_f * ng, name, "zero points").reshape(out_f, ng)
+    if bool((z > 15).any()):
+        raise TpdeFormatError(name, "a zero point exceeds 15")
+    q = np.empty((out_f, in_f), dtype=np.uint8)
+    gshift = g.bit_length() - 1
+    _decode_streams(lambda w, st, i0, i1, _: S.q_decode(w, st, z, i0, i1, in_f, gshift, lut, cum, freq, q),
+                    index, words, out_f * in_f, name, "q")
+    qfull = np.repeat(z, g, axis=1)
+    qfull[:, :in_f] = q
+    base = {"qweight": torch.from_numpy(pack4(qfull)), "scales": scales, "zeros": torch.from_numpy(pack4(z))}
+    arrays = (base[k].numpy() for k in ("qweight", "scales", "zeros"))
+    if _checksum(*arrays, header=(dcode, g, out_f, in_f)) != checksum:
+        raise TpdeFormatError(name, "the base does not match its checksum (corrupt)")
+    return {"base": base, "q": q, "z": z, "dtype": CODE_DTYPES[dcode],
+            "shape": (out_f, in_f), "group_size": g}
+
+
+def decode_weight(parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The exact weight from both blobs."""
+    b = decode_base_arrays(parts, name)
+    if "delta_blob" not in parts:
+        raise TpdeFormatError(name, "narrow-rans part 'delta_blob' is missing")
+    (version, tz, n_exc, checksum), (index_b, words_b, exc_b) = unpack_blob(parts["delta_blob"], _DELTA, 3, name)
+    if version != VERSION:
+        raise TpdeFormatError(name, f"narrow-rans delta version {version} is not {VERSION}; upgrade tpde-hf")
+    dtype, (out_f, in_f), g = b["dtype"], b["shape"], b["group_size"]
+    numel = out_f * in_f
+    words = words_of(words_b, name)
+    index = _block_index(index_b, numel, words.size, name, "delta")
+    pos = np.zeros(0, dtype=np.int64)
+    patt = np.zeros(0, dtype=np.uint32)
+    if n_exc > numel:
+        raise TpdeFormatError(name, f"{n_exc} exceptions in a tensor of {numel} weights")
+    if n_exc:
+        raw = zstd_unpack(exc_b, "u1", n_exc * 12, name, "exceptions")
+        gaps = raw[: 8 * n_exc].view("<u8")
+        patt = raw[8 * n_exc:].view("<u4").astype(np.uint32)
+        if bool((gaps >= numel).any()) or bool((gaps[1:] == 0).any()):
+            raise TpdeFormatError(name, "exception positions are out of order or out of range")
+        pos = np.cumsum(gaps.astype(np.int64))
+        if pos[-1] >= numel:
+            raise TpdeFormatError(name, "exception positions are out of range")
+    elif len(exc_b):
+        raise TpdeFormatError(name, "an exception list without exceptions")
+    width, mb, lut = _geometry(dtype)
+    if tz > mb:
+        raise TpdeFormatError(name, f"grid shift {tz} exceeds the {mb} mantissa bits of {dtype}")
+    out = np.empty(numel, dtype=np.int16 if width == 16 else np.int32)
+    gshift = g.bit_length() - 1
+    q, z = b["q"], b["z"]
+    uscales, sids = _scale_ids(b["base"]["scales"].numpy())
+    cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
+    _decode_streams(lambda w, st, i0, i1, _: K.delta_decode(w, st, q, z, sids, uscales, i0, i1, in_f, gshift,
+                                                            width, mb, tz, lut, cache, out[i0:i1]),
+                    index, words, numel, name, "delta")
+    if n_exc:
+        patch = patt
+        out[pos] = patch.astype(np.uint16).view(np.int16) if width == 16 else patch.view(np.int32)
+    if _checksum(out) != checksum:
+        raise TpdeFormatError(name, "the decoded weight does not match its checksum (corrupt delta)")
+    return torch.from_numpy(out.reshape(out_f, in_f)).view(dtype)
+
+
+class NarrowRans:
+    """Storage codec ``narrow-rans`` (see the module docstring); registered in ``BASE_STORAGE``.
+
+    ``context.options["coarse_grid"] = False`` turns off the per-tensor coarse grid (ablations only).
+
+    Example: ``NarrowRans().decode_base(parts, CodecContext("layer.weight"))["qweight"]``.
+    """
+
+    name = "narrow-rans"
+
+    def encode(self, weight: torch.Tensor, base: Mapping[str, torch.Tensor],
+               context: CodecContext) -> dict[str, torch.Tensor]:
+        name = context.key
+        check_dtype(weight.dtype, name)
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise ValueError(f"{name}: narrow-rans stores non-empty 2-D weights, got shape {list(weight.shape)}")
+        out_f, in_f = weight.shape
+        if weight.numel() >= 1 << 40:
+            raise ValueError(f"{name}: narrow-rans stores fewer than 2**40 weights, got {weight.numel()}")
+        qweight, scales, zeros = (base[k].detach().cpu().contiguous() for k in ("qweight", "scales", "zeros"))
+        ng = scales.shape[1] if scales.dim() == 2 else 0
+        g = qweight.shape[1] * 2 // ng if ng else 0
+        if (g not in base_quant.SUPPORTED_GROUP_SIZES or base_quant.n_groups(in_f, g) != ng
+                or tuple(qweight.shape) != (out_f, ng * g // 2) or tuple(scales.shape) != (out_f, ng)
+                or tuple(zeros.shape) != (out_f, -(-ng // 2)) or scales.dtype != torch.float16):
+            raise ValueError(f"{name}: the base does not have the resident layout of a {list(weight.shape)} weight")
+        qfull = unpack4(qweight.numpy(), ng * g)
+        z = np.ascontiguousarray(unpack4(zeros.numpy(), ng))
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"{name}: the base has non-finite scales")
+        # The decoder rebuilds padding from the zero points: refuse a base it could not reproduce.
+        if not np.array_equal(np.repeat(z, g, axis=1)[:, in_f:], qfull[:, in_f:]) or \
+                not np.array_equal(pack4(z), zeros.numpy()):
+            raise ValueError(f"{name}: the base's padding is not the zero point (not a base_quant base)")
+        q = np.ascontiguousarray(qfull[:, :in_f])
+        w = weight.detach().cpu().contiguous()
+        bits = w.view(INT_VIEW[w.dtype]).numpy().ravel()
+        base_sum = _checksum(qweight.numpy(), scales.numpy(), zeros.numpy(),
+                             header=(DTYPE_CODES[w.dtype], g, out_f, in_f))
+        return {"base_blob": encode_base(q, z, scales, w.dtype, g, base_sum),
+                "delta_blob": encode_delta(bits, q, z, scales.numpy(), w.dtype, g, _checksum(bits),
+                                           bool(context.options.get("coarse_grid", True)))}
+
+    def decode_base(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> dict[str, torch.Tensor]:
+        return decode_base_arrays(parts, context.key)["base"]
+
+    def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
+        return decode_weight(parts, context.key)

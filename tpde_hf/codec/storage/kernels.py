@@ -1,0 +1,516 @@
+"""numba loops of the ``narrow-rans`` storage codec: bin geometry, and the rANS coding of ``q`` and of each
+weight inside its quantization bin.
+
+Every weight ``w`` of a group with scale ``s`` and zero point ``z`` has the level ``c = q - z``, and
+(unless it is an exception, see :mod:`.codec`) ``rint(float32(w) / float32(s)) == c``: the quantizer's own
+rounding. Both sides can therefore compute the *bin* of ``c``: the run of ordinals ``[L, H]`` (see
+:mod:`tpde_hf.codec.ordinal`) whose values round to ``c``. :func:`lower_edge` finds ``L`` exactly by
+stepping from an estimate with that predicate.
+
+Inside the bin the weight is coded as if its value were uniform on the bin (a flat density; measured on
+MiniLM this beats learned per-context tables). The bin splits into *segments* at binade boundaries
+(within a binade ordinals are equally spaced); a segment's probability is its share of the bin's width in
+value, so no table is stored. Where every ordinal of a bin can get a frequency of at least 1 (the bins of
+levels c != 0 in bf16 and fp16), one rANS symbol codes the ordinal itself (:func:`_single`); elsewhere one
+symbol picks the segment, one the offset's top bits inside it (uniform), and for segments of more than 256
+ordinals one or two more the remaining low bits (uniform). Binades more than ``DEEP`` below the bin's top
+merge into one segment per sign, coded uniformly (near-zero values of the zero bin: rare). A tensor on a
+coarser grid (``tz`` low mantissa bits 0 in every weight) is coded on grid ordinals (:func:`_real`).
+
+All rANS here: 32-bit state in ``[2**16, 2**32)``, 16-bit words, at most one word per step. The encoder
+runs backwards over a block's symbols and the decoder must end on ``2**16`` with every word read. Every
+read of a payload is clamped, so corrupt input never reads out of bounds; the drivers reject the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from tpde_hf.codec.storage.streams import STATE_LOW
+
+PB = 16  # probability bits of the delta stream (derived frequencies need the resolution)
+DEEP = 13  # binades below a bin's top coded one by one; deeper ones merge into one segment per sign
+MAXSEG = 32
+LOW_BITS = 12  # at most this many uniform low bits per rANS symbol
+MAX_SYMBOLS = 4  # per element: segment, top bits, two chunks of low bits
+NLEV = 31  # levels c in -15..15
+# Bin tables, field by field: ``T[field, segment]`` (``I[segment]``: 1 / (UF + 1), 1 / UF).
+ST, CNT, FR, CUM, SH, NH, UF, UR = range(8)
+SMALL = 4  # segments of a bin of a level c != 0 (its values span a ratio of at most 3: three binades)
+
+
+@njit(cache=True, inline="always")
+def _pattern(o, width):
+    """Ordinal <-> sign-extended bit pattern (an involution, see ``ordinal.py``)."""
+    return o ^ ((o >> (width - 1)) & ((np.int64(1) << (width - 1)) - 1))
+
+
+@njit(cache=True, inline="always")
+def _real(o, tz):
+    """The dtype's ordinal of *grid* ordinal ``o``: the grid keeps the magnitudes whose low ``tz`` bits are 0
+    (a tensor that came from a narrower format, e.g. fp16 values stored as fp32, has ``tz > 0``)."""
+    return o << tz if o >= 0 else -1 - ((-1 - o) << tz)
+
+
+@njit(cache=True, inline="always")
+def _grid(o, tz):
+    """Inverse of :func:`_real` (drops the low ``tz`` magnitude bits)."""
+    return o >> tz if o >= 0 else -1 - ((-1 - o) >> tz)
+
+
+@njit(cache=True, inline="always")
+def _value(o, width, tz, lut, u32, f32):
+    """float32 value of grid ordinal ``o`` (``lut`` for 16-bit dtypes; ``u32``/``f32``: one word seen both ways)."""
+    p = _pattern(_real(o, tz), width)
+    if width == 32:
+        u32[0] = np.uint32(p & 0xFFFFFFFF)
+        return f32[0]
+    return lut[p & 0xFFFF]
+
+
+@njit(cache=True, inline="always")
+def _level(o, s, width, tz, lut, u32, f32):
+    """The quantizer's level of grid ordinal ``o``: ``rint(float32(w) / s)`` (float32; NaN for NaN)."""
+    return np.rint(_value(o, width, tz, lut, u32, f32) / s)
+
+
+@njit(cache=True)
+def _approx_ordinal(v, width, mb, u32, f32):
+    """An ordinal near float32 ``v`` in the target dtype (truncated toward zero; refined by the caller)."""
+    f32[0] = v
+    b = np.int64(u32[0])
+    neg = b >> 31
+    mag = b & 0x7FFFFFFF
+    if width == 32:
+        m = mag
+    elif mb == 7:  # bf16: the high half
+        m = mag >> 16
+    else:  # fp16: rebias the exponent, truncate the mantissa
+        e16 = (mag >> 23) - 127 + 15
+        if e16 >= 31:
+            m = np.int64(0x7C00)
+        elif e16 >= 1:
+            m = (e16 << 10) | ((mag & 0x7FFFFF) >> 13)
+        else:
+            sh = 14 - e16
+            m = np.int64(0) if sh > 24 else ((mag & 0x7FFFFF) | 0x800000) >> sh
+    return -1 - m if neg else m
+
+
+@njit(cache=True)
+def lower_edge(k, s, width, mb, tz, lut, u32, f32):
+    """The smallest grid ordinal whose level is at least ``k`` (exact: steps from an estimate with the predicate).
+
+    Steps are capped so a pathological scale cannot loop; both sides run this same code, so a capped edge
+    only makes some weights exceptions, never a mismatch.
+    """
+    lo_lim = -(np.int64(1) << (width - 1 - tz))
+    hi_lim = (np.int64(1) << (width - 1 - tz)) - 1
+    kf = np.float32(k)
+    o = _grid(_approx_ordinal(np.float32((np.float64(k) - 0.5) * np.float64(s)), width, mb, u32, f32), tz)
+    o = min(max(o, lo_lim), hi_lim)
+    for _ in range(8):
+        if o < hi_lim and _level(o, s, width, tz, lut, u32, f32) < kf:
+            o += 1
+        else:
+            break
+    for _ in range(8):
+        if o > lo_lim and _level(o - 1, s, width, tz, lut, u32, f32) >= kf:
+            o -= 1
+        else:
+            break
+    return o
+
+
+@njit(cache=True, inline="always")
+def _push(top, bot, neg, e, e_ref, n, tab, b, w, mass):
+    if n >= w:  # more segments than the table holds: counted, not written (the bin is dropped)
+        return n + 1
+    tab[b + ST * w + n] = -1 - top if neg else bot
+    tab[b + CNT * w + n] = top - bot + 1
+    mass[n] = math.ldexp(np.float64(top - bot + 1), max(e, np.int64(1)) - e_ref)
+    return n + 1
+
+
+@njit(cache=True)
+def build_segments(L, H, width, mb, tab, b, cap, mass):
+    """Segments of the bin ``[L, H]`` (``L <= H``), top binades first (the decoder scans from the front):
+    start ordinal, count, frequency (summing to ``2**PB``), cumulative frequency, written to the bin's
+    fields ``tab[b + field * cap + segment]`` (no array views: this runs once per bin). Returns their
+    number (0 if more than ``cap``).
+
+    The bin is cut at binade boundaries, on each sign side; a segment's mass is its width in value
+    (count times its ordinals' spacing, relative to the top binade). Binades more than ``DEEP`` below the
+    top merge into one segment per side.
+    """
+    has_neg = L < 0
+    has_pos = H >= 0
+    n_lo = -1 - min(H, -1)  # magnitudes of the negative side: [n_lo, n_hi]
+    n_hi = -1 - L
+    p_lo = max(L, 0)
+    p_hi = H
+    e_ref = np.int64(0)
+    if has_neg:
+        e_ref = max(e_ref, n_hi >> mb)
+    if has_pos:
+        e_ref = max(e_ref, p_hi >> mb)
+    e_min = e_ref  # the lowest binade either side reaches: stop there (a bin of c != 0 spans 1 to 3)
+    if has_neg:
+        e_min = min(e_min, n_lo >> mb)
+    if has_pos:
+        e_min = min(e_min, p_lo >> mb)
+    n = 0
+    for d in range(DEEP + 2):
+        e = e_ref - d
+        if e < 0 or (e < e_min and d <= DEEP):
+            break
+        for side in range(2):
+            if side == 0:
+                ok, lo, hi, neg = has_pos, p_lo, p_hi, False
+            else:
+                ok, lo, hi, neg = has_neg, n_lo, n_hi, True
+            if not ok:
+                continue
+            top = min(hi, ((e + 1) << mb) - 1)
+            bot = lo if d > DEEP else max(lo, e << mb)
+            if top >= bot:
+                n = _push(top, bot, neg, e, e_ref, n, tab, b, cap, mass)
+    if n > cap:
+        return 0  # cannot happen for real scales; both sides then treat the bin as empty (exceptions)
+    total = 0.0
+    for i in range(n):
+        total += mass[i]
+    scale = np.float64(1 << PB) / total
+    acc = np.int64(0)
+    big = 0
+    fr = b + FR * cap
+    for i in range(n):
+        tab[fr + i] = max(np.int64(1), np.int64(mass[i] * scale))
+        acc += tab[fr + i]
+        if tab[fr + i] > tab[fr + big]:
+            big = i
+    tab[fr + big] += (np.int64(1) << PB) - acc  # the largest takes the rounding (it holds >= 2**PB / n)
+    c = np.int64(0)
+    for i in range(n):
+        tab[b + CUM * cap + i] = c
+        c += tab[fr + i]
+    return n
+
+
+
+
+def new_cache(n_scales: int) -> tuple:
+    """Bin tables for ``n_scales`` distinct scales, one per tensor, shared by its threads: :func:`build_bins`
+    fills the bins that :func:`mark_bins` found in use before any block is coded; the hot loops only read.
+
+    Bins depend on the scale and the level only, never on the zero point, and a tensor has few distinct
+    scales (a 5120 x 13824 weight: ~150 groups per scale), so a bin is built once per (scale, level).
+    A bin never built has 0 segments (its weights are exceptions), so no loop reads an unset table.
+    """
+    # Tables are flat, so that the per-element loop indexes them without making array views:
+    # level c != 0 of scale u at ((u * NLEV + c + 15) * 8 + field) * SMALL + segment; the zero bin after all
+    # of those, at n_scales * NLEV * 8 * SMALL + (u * 8 + field) * MAXSEG + segment. ``inv`` alike, 2 per segment.
+    n_tab = n_scales * NLEV * 8 * SMALL + n_scales * 8 * MAXSEG
+    n_inv = n_scales * NLEV * SMALL * 2 + n_scales * MAXSEG * 2
+    return (np.zeros((n_scales, 32), dtype=np.bool_), np.empty((n_scales, 32), dtype=np.int64),
+            np.zeros((n_scales, NLEV), dtype=np.bool_), np.empty((n_scales, NLEV, 2), dtype=np.int64),
+            np.zeros((n_scales, NLEV), dtype=np.int64), np.empty(n_tab, dtype=np.int64),
+            np.empty(n_inv, dtype=np.float64), np.empty(MAXSEG, dtype=np.float64),
+            np.zeros((n_scales, NLEV), dtype=np.bool_))
+
+
+@njit(cache=True, inline="always")
+def _where(c, u, li, n_scales):
+    """``(table base, segment stride, reciprocal base)`` of level ``c``'s bin of scale ``u``."""
+    if c == 0:
+        return (n_scales * NLEV * 8 * SMALL + u * 8 * MAXSEG, np.int64(MAXSEG),
+                n_scales * NLEV * SMALL * 2 + u * MAXSEG * 2)
+    k = u * NLEV + li
+    return k * 8 * SMALL, np.int64(SMALL), k * SMALL * 2
+
+
+@njit(cache=True)
+def _edge(k, u, s, width, mb, tz, lut, u32, f32, cache):
+    """``lower_edge(k)`` for scale ``u``, cached."""
+    stamp_e, edges = cache[0], cache[1]
+    if not stamp_e[u, k + 15]:
+        edges[u, k + 15] = lower_edge(k, s, width, mb, tz, lut, u32, f32)
+        stamp_e[u, k + 15] = True
+    return edges[u, k + 15]
+
+
+@njit(cache=True)
+def _bin(c, u, s, width, mb, tz, lut, u32, f32, cache, mass):
+    """Build level ``c``'s bin for scale ``u``: its edges and segments. Each segment also gets its offset
+    code: ``SH`` low bits (uniform) under a top part uniform on ``NH`` values, where the first ``UR``
+    values get frequency ``UF + 1`` and the rest ``UF``."""
+    i = c + 15
+    lohi, nseg = cache[3], cache[4]
+    L = _edge(c, u, s, width, mb, tz, lut, u32, f32, cache)
+    H = _edge(c + 1, u, s, width, mb, tz, lut, u32, f32, cache) - 1
+    lohi[u, i, 0] = L
+    lohi[u, i, 1] = H
+    tab, inv = cache[5], cache[6]
+    b, w, ib = _where(c, u, i, cache[2].shape[0])
+    n = 0
+    if L <= H:
+        n = build_segments(L, H, width, mb - tz, tab, b, w, mass)
+    sgl = c != 0 and n > 0 and _single(n, b, w, ib, tab, inv, mass)
+    for j in range(0 if sgl else n):  # the two-symbol code's fields (a one-symbol bin never reads them)
+        m = tab[b + CNT * w + j]
+        sh = max(np.int64(math.frexp(np.float64(m - 1))[1]) - 8, np.int64(0))  # bit length - 8
+        nh = ((m - 1) >> sh) + 1
+        f = (np.int64(1) << PB) // nh
+        tab[b + SH * w + j] = sh
+        tab[b + NH * w + j] = nh
+        tab[b + UF * w + j] = f
+        tab[b + UR * w + j] = (np.int64(1) << PB) - f * nh
+        inv[ib + 2 * j] = 1.0 / np.float64(f + 1)
+        inv[ib + 2 * j + 1] = 1.0 / np.float64(f)
+    cache[8][u, i] = sgl
+    nseg[u, i] = n
+    cache[2][u, i] = True
+
+
+@njit(cache=True)
+def _single(n, b, w, ib, tab, inv, mass):
+    """Turn the bin at ``b`` into one symbol per weight when every ordinal can get a frequency of at least 1:
+    ordinals of segment ``j`` get ``UF[j]`` each (its share of the bin's width in value), and the rounding
+    remainder ``UR[0]`` goes to the first ordinal of segment 0. ``FR``/``CUM``: each segment's slot range.
+    Returns False (the bin keeps its two-symbol code) when some ordinal would get 0."""
+    total = 0.0
+    for j in range(n):
+        total += mass[j]
+    s = 0
+    for j in range(n):
+        wj = np.int64(mass[j] / np.float64(tab[b + CNT * w + j]) * np.float64(1 << PB) / total)
+        if wj < 1:
+            return False
+        mass[j] = np.float64(wj)  # scratch: the per-ordinal frequency
+        s += wj * tab[b + CNT * w + j]
+    rem = (np.int64(1) << PB) - s
+    cum = np.int64(0)
+    for j in range(n):
+        wj = np.int64(mass[j])
+        tab[b + UF * w + j] = wj
+        tab[b + UR * w + j] = rem if j == 0 else 0
+        tab[b + FR * w + j] = wj * tab[b + CNT * w + j] + (rem if j == 0 else 0)
+        tab[b + CUM * w + j] = cum
+        cum += tab[b + FR * w + j]
+        inv[ib + 2 * j] = 1.0 / np.float64(wj)
+    for j in range(n, SMALL):  # unused segments: never chosen by the decoder's branch-free search
+        tab[b + CUM * w + j] = np.int64(1) << PB
+    return True
+
+
+@njit(cache=True, nogil=True)
+def mark_bins(q, zeros, sids, r0, r1, in_f, gshift, need):
+    """Set ``need[u, c + 15]`` for every (scale id, level) that rows ``[r0, r1)`` use."""
+    ng = zeros.shape[1]
+    for row in range(r0, r1):
+        for g in range(ng):
+            u = sids[row, g]
+            z = np.int64(zeros[row, g])
+            for col in range(g << gshift, min(in_f, (g + 1) << gshift)):
+                need[u, np.int64(q[row, col]) - z + 15] = True
+
+
+@njit(cache=True, nogil=True)
+def build_bins(need, uscales, u0, u1, width, mb, tz, lut, cache):
+    """Build every needed bin of scale ids ``[u0, u1)`` (threads take disjoint ranges of one cache)."""
+    u32 = np.zeros(1, dtype=np.uint32)
+    f32 = u32.view(np.float32)
+    mass = np.empty(MAXSEG, dtype=np.float64)
+    built = cache[2]
+    for u in range(u0, u1):
+        for li in range(NLEV):
+            if need[u, li] and not built[u, li]:
+                _bin(li - 15, u, uscales[u], width, mb, tz, lut, u32, f32, cache, mass)
+
+
+@njit(cache=True, inline="always")
+def _div(a, b, inv_b):
+    """``a // b`` for ``0 <= a < 2**16``, ``1 <= b <= 2**16``: a multiply and one correction."""
+    v = np.int64(np.float64(a) * inv_b)
+    if v * b > a:
+        v -= 1
+    elif (v + 1) * b <= a:
+        v += 1
+    return v
+
+
+@njit(cache=True, nogil=True)
+def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, sym_st,
+                  sym_fr, exc):
+    """Forward pass of a block: the rANS symbols ``(start, freq)`` of elements ``[i0, i1)`` in coding order.
+
+    ``sids[row, group]`` indexes the group's scale in ``uscales``. ``exc[i - i0]`` is set to 1 for an
+    exception (ordinal outside its level's bin; coded as the bin's lowest ordinal, or not at all for an
+    empty bin). Returns the number of symbols.
+    """
+    built, lohi, nseg, tab, single = cache[2], cache[3], cache[4], cache[5], cache[8]
+    n_scales = built.shape[0]
+    ns = 0
+    # Runs of one group (same row, scale and zero point): the group's fields are read once per run.
+    start = i0
+    while start < i1:
+        row = start // in_f
+        col0 = start - row * in_f
+        g = col0 >> gshift
+        col1 = min(min((g + 1) << gshift, in_f), col0 + (i1 - start))
+        u = sids[row, g]
+        zg = np.int64(zeros[row, g])
+        nseg_u = nseg[u]
+        i = start - 1
+        start += col1 - col0
+        for col in range(col0, col1):
+            i += 1
+            c = np.int64(q[row, col]) - zg
+            li = c + 15
+            n = nseg_u[li]
+            if n == 0:
+                exc[i - i0] = 1
+                continue
+            b, w, _ = _where(c, u, li, n_scales)
+            o = _pattern(np.int64(bits[i]), width)
+            mag = o if o >= 0 else -1 - o
+            o = _grid(o, tz)
+            if o < lohi[u, li, 0] or o > lohi[u, li, 1] or (mag & ((np.int64(1) << tz) - 1)) != 0:
+                exc[i - i0] = 1
+                o = lohi[u, li, 0]
+            j = 0
+            while not (tab[b + ST * w + j] <= o < tab[b + ST * w + j] + tab[b + CNT * w + j]):
+                j += 1
+            if single[u, li]:  # one symbol: the ordinal itself (see _single)
+                off = o - tab[b + ST * w + j]
+                wj = tab[b + UF * w + j]
+                sym_st[ns] = tab[b + CUM * w + j] + (0 if off == 0 else tab[b + UR * w + j] + off * wj)
+                sym_fr[ns] = wj + tab[b + UR * w + j] if off == 0 else wj
+                ns += 1
+                continue
+            if n > 1:
+                sym_st[ns] = tab[b + CUM * w + j]
+                sym_fr[ns] = tab[b + FR * w + j]
+                ns += 1
+            off = o - tab[b + ST * w + j]
+            sh = tab[b + SH * w + j]
+            nh = tab[b + NH * w + j]
+            if nh > 1:
+                v = off >> sh
+                f = tab[b + UF * w + j]
+                r = tab[b + UR * w + j]
+                if v < r:
+                    sym_st[ns] = v * (f + 1)
+                    sym_fr[ns] = f + 1
+                else:
+                    sym_st[ns] = r * (f + 1) + (v - r) * f
+                    sym_fr[ns] = f
+                ns += 1
+            k = sh
+            while k > 0:  # the low bits, uniform, in chunks of at most LOW_BITS (deep fp32 segments need two)
+                nb = min(k, LOW_BITS)
+                k -= nb
+                sym_fr[ns] = np.int64(1) << (PB - nb)
+                sym_st[ns] = ((off >> k) & ((np.int64(1) << nb) - 1)) * sym_fr[ns]
+                ns += 1
+    return ns
+
+
+@njit(cache=True, nogil=True)
+def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, out):
+    """Decode elements ``[i0, i1)`` into ``out`` (bit patterns). Returns ``(final state, words read)``;
+    the caller checks them (``2**16`` and ``words.size``). ``words`` is never empty (the driver passes one
+    pad word for an empty stream): reads are clamped to it, so a corrupt stream never reads out of bounds.
+    Bins come prebuilt (:func:`build_bins`)."""
+    built, nseg, tab, inv, single = cache[2], cache[4], cache[5], cache[6], cache[8]
+    n_scales = built.shape[0]
+    nw = words.size
+    pos = 0
+    x = np.int64(state)
+    mask = (np.int64(1) << PB) - 1
+    # Runs of one group (same row, scale and zero point): the group's fields are read once per run.
+    start = i0
+    while start < i1:
+        row = start // in_f
+        col0 = start - row * in_f
+        g = col0 >> gshift
+        col1 = min(min((g + 1) << gshift, in_f), col0 + (i1 - start))
+        u = sids[row, g]
+        zg = np.int64(zeros[row, g])
+        nseg_u = nseg[u]
+        i = start - 1
+        start += col1 - col0
+        for col in range(col0, col1):
+            i += 1
+            c = np.int64(q[row, col]) - zg
+            li = c + 15
+            n = nseg_u[li]
+            if n == 0:
+                out[i - i0] = 0
+                continue
+            b, w, ib = _where(c, u, li, n_scales)
+            j = 0
+            if single[u, li]:  # one symbol per weight (see _single)
+                slot = x & mask
+                # branch-free segment search: CUM of the unused segments is 2**PB (see _single), n <= SMALL
+                j = np.int64(slot >= tab[b + CUM * w + 1]) + np.int64(slot >= tab[b + CUM * w + 2]) \
+                    + np.int64(slot >= tab[b + CUM * w + 3])
+                wj = tab[b + UF * w + j]
+                rj = tab[b + UR * w + j]
+                cj = tab[b + CUM * w + j]
+                off = _div(max(slot - cj - rj, np.int64(0)), wj, inv[ib + 2 * j])
+                a = cj + (0 if off == 0 else rj + off * wj)
+                f = wj + rj if off == 0 else wj
+                x = f * (x >> PB) + slot - a
+                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # read unconditionally: a select, no branch
+                renorm = x < STATE_LOW
+                x = nxt if renorm else x
+                pos += np.int64(renorm)
+                off = min(off, tab[b + CNT * w + j] - 1)
+                out[i - i0] = _pattern(_real(tab[b + ST * w + j] + off, tz), width)
+                continue
+            if n > 1:
+                slot = x & mask
+                while j < n - 1 and slot >= tab[b + CUM * w + j] + tab[b + FR * w + j]:
+                    j += 1
+                x = tab[b + FR * w + j] * (x >> PB) + slot - tab[b + CUM * w + j]
+                if x < STATE_LOW:
+                    x = ((x << 16) | np.int64(words[min(pos, nw - 1)])) if nw > 0 else x << 16
+                    pos += 1
+            sh = tab[b + SH * w + j]
+            nh = tab[b + NH * w + j]
+            off = np.int64(0)
+            if nh > 1:
+                slot = x & mask
+                f = tab[b + UF * w + j]
+                big = tab[b + UR * w + j] * (f + 1)
+                if slot < big:
+                    v = _div(slot, f + 1, inv[ib + 2 * j])
+                    a = v * (f + 1)
+                    f += 1
+                else:
+                    v = tab[b + UR * w + j] + _div(slot - big, f, inv[ib + 2 * j + 1])
+                    a = big + (v - tab[b + UR * w + j]) * f
+                x = f * (x >> PB) + slot - a
+                if x < STATE_LOW:
+                    x = ((x << 16) | np.int64(words[min(pos, nw - 1)])) if nw > 0 else x << 16
+                    pos += 1
+                off = v << sh
+            k = sh
+            while k > 0:
+                nb = min(k, LOW_BITS)
+                k -= nb
+                slot = x & mask
+                f = np.int64(1) << (PB - nb)
+                lo = slot >> (PB - nb)
+                x = f * (x >> PB) + slot - lo * f
+                if x < STATE_LOW:
+                    x = ((x << 16) | np.int64(words[min(pos, nw - 1)])) if nw > 0 else x << 16
+                    pos += 1
+                off |= lo << k
+            off = min(off, tab[b + CNT * w + j] - 1)  # a corrupt stream may point past the segment: stay in the bin
+            out[i - i0] = _pattern(_real(tab[b + ST * w + j] + off, tz), width)
+    return x, pos

@@ -1,0 +1,213 @@
+"""Find the reference (base) model of a delta repo and read its tensors, checked against stored checksums.
+
+A reference is a Hub repo id (``org/name``, optionally ``@revision``) or a local folder. Hub references are
+fetched through huggingface_hub's cache (``snapshot_download``): one copy serves every fine-tune of that base,
+``HF_HUB_OFFLINE=1`` / ``local_files_only`` use the cache only, and ``token`` is passed through. A conversion
+records the commit the revision resolved to; a load asks for exactly that commit.
+
+The reference may be a dense repo or a tpde repo (its tpde weights are decoded, bit-exact).
+
+Example::
+
+    ref = resolve_reference("HuggingFaceTB/SmolLM2-135M@main")
+    ref.commit                    # '12ab...' (40 hex digits)
+    w = ref.reader().get("model.embed_tokens.weight")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpde_hf.errors import TpdeFormatError
+from tpde_hf.integrity import digest_of
+
+_REPO_ID = re.compile(r"^[\w.\-]{1,96}/[\w.\-]{1,96}$")
+_PATTERNS = ["*.safetensors", "*.json"]
+
+
+class ReferenceError(TpdeFormatError):
+    """The reference model is missing, unreachable, or not the one the repo was coded against."""
+
+
+@dataclass
+class ResolvedReference:
+    """A reference model on this machine: ``folder`` holds its config and safetensors files."""
+
+    spec: str
+    folder: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    _reader: Any = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """How errors name it: ``org/name@commit`` or the local path."""
+        if self.repo_id:
+            return f"{self.repo_id}@{self.commit or self.revision or 'main'}"
+        return str(self.folder)
+
+    def reader(self) -> ReferenceReader:
+        if self._reader is None:
+            self._reader = ReferenceReader(self.folder, self.label)
+        return self._reader
+
+
+def split_spec(spec: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``'org/name@rev'`` -> ``('org/name', 'rev')``; a local path with ``@`` in it is taken as it is."""
+    spec = os.fspath(spec)
+    if revision is None and "@" in spec and not Path(spec).exists():
+        spec, _, revision = spec.rpartition("@")
+    return spec, revision or None
+
+
+def resolve_reference(spec: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+                      local_files_only: bool | None = None, cache_dir: str | os.PathLike | None = None,
+                      endpoint: str | None = None) -> ResolvedReference:
+    """The reference ``spec`` (a local folder, or a Hub id with optional ``@revision``) on this machine.
+
+    Raises :class:`ReferenceError` naming the reference when it is missing or unreachable.
+    """
+    name, revision = split_spec(os.fspath(spec), revision)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ResolvedReference(name, path.resolve())
+    if not _REPO_ID.match(name):
+        raise ReferenceError(name, "reference model not found: no such folder, and not a Hub repo id (org/name)")
+    from huggingface_hub import constants, snapshot_download
+
+    offline = bool(local_files_only) or constants.HF_HUB_OFFLINE
+    try:
+        folder = Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
+                                        allow_patterns=_PATTERNS, local_files_only=offline, endpoint=endpoint))
+    except Exception as exc:  # huggingface_hub raises many kinds; all mean "cannot get it"
+        where = f"{name}@{revision or 'main'}"
+        how = ("it is not in the local cache and offline mode is on (HF_HUB_OFFLINE / local_files_only): download "
+               f"it once online (`hf download {name}" + (f" --revision {revision}" if revision else "") + "`)"
+               if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise ReferenceError(where, f"cannot get the reference model: {how}") from None
+    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+    return ResolvedReference(f"{name}@{revision}" if revision else name, folder, name, revision, commit)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """xxh3-64 (16 hex digits) of a tensor's dtype, shape and bytes, as :mod:`tpde_hf.integrity` hashes them."""
+    from tpde_hf.format import SAFETENSORS_DTYPES
+
+    st = {v: k for k, v in SAFETENSORS_DTYPES.items()}[str(t.dtype).replace("torch.", "")]
+    data = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+    return digest_of(st, tuple(t.shape), [memoryview(data)])
+
+
+class ReferenceReader:
+    """Tensors of a reference folder by name: dense safetensors (memory-mapped) or a tpde repo (decoded)."""
+
+    def __init__(self, folder: Path, label: str):
+        from safetensors import safe_open
+
+        from tpde_hf.integrity import repo_weight_files
+
+        self.label = label
+        files = [f for f in repo_weight_files(folder) if f.is_file()]
+        if not files:
+            raise ReferenceError(label, f"the reference model has no safetensors weights in {folder}")
+        self._where: dict[str, Any] = {}
+        self._handles = []
+        for f in files:
+            try:
+                fh = safe_open(str(f), framework="pt")
+            except Exception as exc:
+                raise ReferenceError(label, f"cannot read reference weights {f.name}: {exc}") from None
+            self._handles.append(fh)
+            for k in fh.keys():
+                self._where[k] = fh
+        config = folder / "config.json"
+        qc = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+        self.is_tpde = isinstance(qc, dict) and qc.get("quant_method") == "tpde"
+        self._storage: dict[str, Any] = {}
+        self._dense_names = self._names()
+
+    def _names(self) -> dict[str, tuple[str, ...] | None]:
+        """Every dense tensor name of the reference -> its shape (None: known only once decoded)."""
+        from tpde_hf.format import encoded_prefixes, parse_expert_slice
+
+        keys = list(self._where)
+        if not self.is_tpde:
+            return {k: None for k in keys}
+        from tpde_hf.codec import SUFFIXES
+        from tpde_hf.codec.registry import group_coded_keys
+        from tpde_hf.reference import CODEC_NAMES
+
+        if any(g.codec in CODEC_NAMES for g in group_coded_keys(keys).values()):
+            raise ReferenceError(self.label, "the reference is itself a delta repo (coded against another "
+                                             "reference); use its dense or tpde base instead")
+        prefixes = encoded_prefixes(keys)
+        parts = {f"{p}.{s}" for p in prefixes for s in SUFFIXES}
+        self._storage = _storage_weights(keys)  # weights laid out by a base storage (tpde convert --storage)
+        parts |= {k for w in self._storage.values() for k in w.parts.values()}
+        out: dict[str, tuple[str, ...] | None] = {k: None for k in keys if k not in parts}
+        out.update({w.name: None for w in self._storage.values()})
+        for p in prefixes:
+            parsed = parse_expert_slice(p)
+            out[parsed[0] if parsed else f"{p}.weight"] = None
+        return out
+
+    def names(self) -> list[str]:
+        return sorted(self._dense_names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._dense_names
+
+    def get(self, name: str) -> torch.Tensor:
+        """The reference tensor ``name``, dense and bit-exact; :class:`ReferenceError` if it has none."""
+        if name not in self._dense_names:
+            raise ReferenceError(self.label, f"the reference model has no tensor {name!r}")
+        if name in self._where:
+            return self._where[name].get_tensor(name)
+        from tpde_hf.codec import decode_tensors
+        from tpde_hf.format import decode_expert_tensor, module_prefix, read_encoded
+
+        read = self._read
+        prefix = module_prefix(name) if name.endswith(".weight") else None
+        if prefix is not None and prefix in self._storage:
+            from tpde_hf.storage_format import decode_weight
+
+            w = self._storage[prefix]
+            return decode_weight(name, w.storage, {p: read(k) for p, k in w.parts.items()}, verify=True)
+        if prefix is not None and f"{prefix}.meta" in self._where:
+            from tpde_hf.codec import SUFFIXES
+
+            enc = read_encoded({f"{prefix}.{s}": read(f"{prefix}.{s}") for s in SUFFIXES}, prefix)
+            return decode_tensors([enc], verify=True)[0]
+        n = 1 + max(int(k.split(".tpde_expert")[1].split(".")[1]) for k in self._where
+                    if k.startswith(name + ".tpde_expert"))
+        return decode_expert_tensor(name, n, read, self._where.keys())
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+
+def _storage_weights(keys: list[str]) -> dict[str, Any]:
+    """Weights laid out by a base storage, by prefix ({} when this tpde-hf has no storage formats)."""
+    try:
+        from tpde_hf.storage_format import storage_weights
+    except ImportError:
+        return {}
+    return storage_weights(keys)
+
+
+def check_reference_tensor(ref: ResolvedReference, name: str, expected: str) -> torch.Tensor:
+    """The reference tensor ``name``, after checking it against the checksum recorded at conversion."""
+    t = ref.reader().get(name)
+    got = tensor_digest(t)
+    if got != expected:
+        raise ReferenceError(ref.label, f"reference tensor {name!r} differs from the one this repo was coded "
+                                        f"against (xxh3 {got}, expected {expected}): wrong or modified reference model")
+    return t
