@@ -855,7 +855,10 @@ def load_results(results_dir: Path) -> tuple[dict[str, dict], list[str]]:
         data.setdefault("_mtime", path.stat().st_mtime)
         beside = path.with_suffix(".md")  # tables the benchmark rendered itself, from this same run
         if beside.is_file():
-            data.setdefault("_markdown", beside.read_text())
+            text = beside.read_text()
+            if text.startswith("# "):  # its own title: the section has one
+                text = text.split("\n", 1)[-1].lstrip("\n")
+            data.setdefault("_markdown", text)
         name = path.stem if path.stem in BENCHMARKS else str(data.get("benchmark") or path.stem)
         if name in found:  # two runs of one benchmark (a repeat, an A/B): keep both, by file name
             name = path.stem
