@@ -46,6 +46,7 @@ import xxhash
 from tpde_hf.codec import SUFFIXES
 from tpde_hf.codec.registry import STORAGE_TOKEN
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.files import atomic_file
 
 ALGO = "xxh3_64"
 META_ALGO = "tpde.checksum_algo"
@@ -257,17 +258,8 @@ def add_checksums(path: str | os.PathLike) -> dict[str, str]:
     path = os.fspath(path)
     head = read_shard_header(path)
     order = sorted(head.tensors.values(), key=lambda t: (t.begin, t.end))
-    tmp = f"{path}.tmp"
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as out:
-            digests = write_shard(out, head.raw, _file_segments(src, order, head.data_start, head.size))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digests
+    with open(path, "rb") as src, atomic_file(path) as out:
+        return write_shard(out, head.raw, _file_segments(src, order, head.data_start, head.size))
 
 
 def _file_segments(src: BinaryIO, order: list[StoredTensor], data_start: int, size: int

@@ -47,6 +47,7 @@ from tpde_hf.checkpoints.codec import CheckpointDelta
 from tpde_hf.checkpoints.layout import tensor_ranges
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, group_coded_keys, stored_parts
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.files import atomic_file
 
 STORE_DIRNAME = ".tpde-checkpoints"
 POINTER = "tpde_checkpoint.json"
@@ -77,16 +78,8 @@ def file_hash(data: bytes | memoryview) -> str:
 
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def read_checkpoint(ckpt_dir: str | Path) -> Decoded:
@@ -334,20 +327,12 @@ def write_file(dec: Decoded, name: str, path: Path) -> None:
     hashed on the way; moved into place only if the hash matches (else :class:`TpdeFormatError`)."""
     rec, pieces = _pieces(dec, name)
     h = xxhash.xxh3_64()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for p in pieces:
-                h.update(p)
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-        if h.hexdigest() != rec["xxh3"]:
+    with atomic_file(path) as f:
+        for p in pieces:
+            h.update(p)
+            f.write(p)
+        if h.hexdigest() != rec["xxh3"]:  # raised inside the block: the old file stays, no temporary is left
             raise _mismatch(dec, name)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def entry_path(root: Path, name: str) -> Path:

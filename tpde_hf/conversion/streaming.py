@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +30,7 @@ from typing import BinaryIO
 import torch
 
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.files import atomic_file
 from tpde_hf.format import SAFETENSORS_DTYPES
 from tpde_hf.integrity import ITEMSIZE, write_shard
 
@@ -196,7 +195,7 @@ class ShardWriter:
         self._spill.close()
         order = _storage_order({k: v[0] for k, v in self._entries.items()})
         header = _header_dict([(k, *self._entries[k][:2], self._entries[k][3]) for k in order], self.metadata)
-        with _atomic_file(self.path) as out, open(self._spill_path, "rb") as spill:
+        with atomic_file(self.path) as out, open(self._spill_path, "rb") as spill:
             write_shard(out, header, ((name, _spilled(spill, *self._entries[name][2:])) for name in order))
         self._spill_path.unlink()
 
@@ -230,21 +229,6 @@ def _header_dict(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
     return header
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write ``<path>.tmp``, sync it, and rename it to ``path`` only if the block completes."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[str, str] | None = None,
                         hashed: set[str] | None = None) -> dict[str, int]:
     """Write a safetensors file of ``tensors`` (stored elsewhere) in one pass: header first, then their bytes.
@@ -263,7 +247,7 @@ def write_planned_shard(path: Path, tensors: list[TensorInfo], metadata: dict[st
     hashes: dict[str, int] = {}
     segments = ((name, _hashed(iter_bytes(by_name[name]), hashes, name) if hashed is None or name in hashed
                  else iter_bytes(by_name[name])) for name in order)
-    with _atomic_file(Path(path)) as out:
+    with atomic_file(Path(path)) as out:
         write_shard(out, header, segments)
     return hashes
 
@@ -280,7 +264,7 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     header = _header_dict([(k, st_dtype(tensors[k].dtype), tuple(tensors[k].shape), len(data[k])) for k in order],
                           {"format": "pt", **(metadata or {})})
     hashes: dict[str, int] = {}
-    with _atomic_file(Path(path)) as out:
+    with atomic_file(Path(path)) as out:
         write_shard(out, header, ((name, _hashed(_chunks(data[name]), hashes, name)) for name in order))
     return hashes
 
