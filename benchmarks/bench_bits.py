@@ -168,6 +168,8 @@ def main() -> None:
         print("  components:", {k: round(v, 4) for k, v in r["components_bits_per_weight"].items()})
         print("  bounds:", {k: round(v, 4) for k, v in r["bounds_bits_per_weight"].items()})
         print("  MB/s:", {k: round(v, 1) for k, v in r["speed_mb_s"].items()})
+    res["load_average_end"] = os.getloadavg()
+    res["narrow_rans_layout"] = sc.VERSION
     Path(args.out).write_text(json.dumps(res, indent=1))
 
 

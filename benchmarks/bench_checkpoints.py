@@ -20,8 +20,9 @@ Measured:
   whole checkpoint folder, for every checkpoint (the first is a keyframe, the rest deltas), against the
   raw files, zstd (level 3, each file / each kind's bytes) and ZipNN (``.venv-peers``, in a subprocess,
   on each kind's bytes and on whole files) on run 1's files;
-* mean step time of both runs over the whole run (checkpoint steps included), so the callback's
-  background packing shows up as the difference;
+* mean and median step time of both runs over the whole run (checkpoint steps included), so the
+  callback's background packing shows up as the difference, and the step after each save (where a
+  wait for the previous pack lands);
 * restore speed: ``restore(checkpoint, out=...)`` of the last checkpoint (its whole chain decoded from
   the keyframe) and of one delta alone given its decoded parent, in MB of checkpoint files per second.
 
@@ -29,6 +30,9 @@ NVIDIA's nvCOMP checkpoint post (21-29% smaller whole checkpoints, no delta) is 
 
 Run: ``python benchmarks/bench_checkpoints.py [--steps 60 --save-steps 20 --batch 4 --seq 64]``
 -> ``benchmarks/results/checkpoints.json``. Speeds depend on the machine and its load (recorded).
+A long run in parts: ``--train-only --steps 300 --work W`` (the plain run, checkpoints kept in ``W/plain``),
+``--sizes-from W/plain --work W2`` (sizes of every checkpoint, packed as the callback would, baselines,
+exactness), ``--restore-only W2/packed`` (restore timing of every chain).
 """
 
 from __future__ import annotations
@@ -185,6 +189,33 @@ def _zstd(data: bytes, level: int) -> int:
     return len(zstandard.ZstdCompressor(level=level, threads=-1).compress(data))
 
 
+def _sizes(entry: Path, tdir: Path, pdir: Path, files: list[Path], raw: int, work: Path) -> dict:
+    """Bits per value and whole-checkpoint bytes of one packed checkpoint and of its baselines (zstd -3, ZipNN),
+    measured on the plain checkpoint ``pdir``; ``zipnn_raw``: ZipNN's own answer (per file, or its error)."""
+    stored_total = entry.stat().st_size + sum(f.stat().st_size for f in tdir.iterdir() if f.is_file())
+    streams, counts = _kind_streams(pdir)
+    ours = _entry_bits(entry)
+    zs = {k: _zstd(v, 3) for k, v in streams.items()}
+    zfile = sum(_zstd(f.read_bytes(), 3) for f in files)
+    zn = _zipnn(streams, [f for f in files if f.stat().st_size > 1 << 20], work)
+    zn_file = None
+    if "error" not in zn:
+        zn_file = sum(zn[str(f)]["stored"] if str(f) in zn else f.stat().st_size for f in files)
+    return {
+        "values": counts,
+        "bits_per_value": {
+            "tpde": {k: 8 * ours[k] / counts[k] for k in KINDS},
+            "zstd-3": {k: 8 * zs[k] / counts[k] for k in KINDS},
+            "zipnn": {k: 8 * zn[f"{k}.bin"]["stored"] / counts[k] for k in KINDS} if "error" not in zn else zn,
+            "raw": dict.fromkeys(KINDS, 32.0),
+        },
+        "whole_checkpoint_bytes": {"raw": raw, "tpde": stored_total, "zstd-3": zfile, "zipnn": zn_file},
+        "whole_checkpoint_vs_raw": {"tpde": stored_total / raw, "zstd-3": zfile / raw,
+                                    "zipnn": zn_file / raw if zn_file else None},
+        "zipnn_raw": zn,
+    }
+
+
 def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
     """Restore speed of every packed checkpoint of ``run_dir``: wall and CPU seconds, best of ``repeat``.
 
@@ -227,7 +258,59 @@ def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
             "link_wall_s": lw, "link_cpu_s": lc, "link_MBps_wall": raw / lw / 1e6,
             "link_MB_per_cpu_s": raw / lc / 1e6, "runs": {"chain": chain, "link": link}})
         print(json.dumps({k: v for k, v in out["checkpoints"][-1].items() if k != "runs"}), flush=True)
+    out["loadavg_end"] = os.getloadavg()
     return out
+
+
+def _param_names(ckpt: Path) -> list[str]:
+    """The optimizer's parameter order of Trainer's default AdamW groups (decayed first, then the rest)."""
+    from transformers import AutoConfig, BertForMaskedLM, Trainer
+
+    model = BertForMaskedLM(AutoConfig.from_pretrained(ckpt))
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # does not use self
+    named = [n for n, _ in model.named_parameters()]
+    return [n for n in named if n in decay] + [n for n in named if n not in decay]
+
+
+def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8) -> dict:
+    """Pack a copy of every plain checkpoint of ``run_dir`` in step order (what the callback stores: the same
+    parents and keyframes) and measure each against raw, zstd and ZipNN on the plain files. Each entry is
+    decoded against its decoded parent and every file's bytes checked against the plain file's hash."""
+    from tpde_hf.checkpoints import api
+    from tpde_hf.checkpoints import store as S
+
+    ckpts = sorted((d for d in run_dir.glob("checkpoint-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
+    names = _param_names(ckpts[0])
+    packed = work / "packed"
+    shutil.rmtree(packed, ignore_errors=True)
+    packed.mkdir(parents=True)
+    rows, parent = [], None
+    for pdir in ckpts:
+        files = sorted(f for f in pdir.iterdir() if f.is_file())
+        raw = sum(f.stat().st_size for f in files)
+        tdir = packed / pdir.name
+        shutil.copytree(pdir, tdir)
+        res = api.pack(tdir, param_names=names, keyframe_every=keyframe_every, verify=True, cache=parent)
+        removed = api.read_pointer(tdir)["removed"]
+        entry = res.entry
+        man = S.read_manifest(entry)
+        dec = S.decode_entry(entry, parent if man["parent"] else None)
+        exact = True
+        for f in files:
+            rec = next((r for r in man["files"] if r["name"] == f.name), None)
+            if rec is None or rec["xxh3"] != xxhash.xxh3_64_hexdigest(f.read_bytes()):
+                exact = False
+            elif f.name in removed:
+                S.file_digest(dec, f.name)  # raises if the decoded bytes differ
+        parent = dec
+        sizes = _sizes(entry, tdir, pdir, files, raw, work)
+        sizes.pop("zipnn_raw")
+        row = {"checkpoint": pdir.name, "parent": man["parent"], "chain_length": man["depth"] + 1, "raw_bytes": raw,
+               "decoded_files_match_plain_files": exact, **sizes}
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("checkpoint", "parent", "decoded_files_match_plain_files",
+                                             "whole_checkpoint_vs_raw", "bits_per_value")}), flush=True)
+    return {"run_dir": str(run_dir), "keyframe_every": keyframe_every, "checkpoints": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,12 +323,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--restore-only", default=None, metavar="RUN_DIR",
                     help="only time restoring the packed checkpoints of RUN_DIR (a kept --work/tpde) into --out")
+    ap.add_argument("--repeat", type=int, default=3, help="--restore-only: best of this many runs")
+    ap.add_argument("--train-only", action="store_true",
+                    help="only the plain run (no callback, no timing claims), its checkpoints kept in --work/plain")
+    ap.add_argument("--sizes-from", default=None, metavar="RUN_DIR",
+                    help="only sizes: pack copies of RUN_DIR's plain checkpoints (into --work) and compare")
     args = ap.parse_args(argv)
+    if args.sizes_from:
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench-ckpt-"))
+        res = {"benchmark": "bench_checkpoints --sizes-from", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                       time.gmtime()),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+               **sizes_from(Path(args.sizes_from), work)}
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     if args.restore_only:
         res = {"benchmark": "bench_checkpoints --restore-only", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                       time.gmtime()),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-               **measure_restore(Path(args.restore_only))}
+               **measure_restore(Path(args.restore_only), repeat=args.repeat)}
         Path(args.out).write_text(json.dumps(res, indent=1))
         return 0
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -262,12 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "tpde", ignore_errors=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load0 = os.getloadavg()
+    code = {f.name: xxhash.xxh3_64_hexdigest(f.read_bytes())
+            for f in sorted((ROOT / "tpde_hf/checkpoints").glob("*.py"))}
     tok = AutoTokenizer.from_pretrained(example_path("minilm"))
     data = _text(tok, args.seq)
     torch.manual_seed(0)
     init = {k: v.clone() for k, v in BertForMaskedLM.from_pretrained(example_path("minilm")).state_dict().items()}
 
     plain = _train(work / "plain", init, data, tok, args, [])
+    if args.train_only:
+        (work / "plain_run.json").write_text(json.dumps({"recipe": vars(args), "started": started, **plain}))
+        return 0
     cb = TpdeCheckpointCallback(keyframe_every=8)
     tpde = _train(work / "tpde", init, data, tok, args, [cb])
 
@@ -288,28 +391,12 @@ def main(argv: list[str] | None = None) -> int:
                                        xxhash.xxh3_64_hexdigest(f.read_bytes()) for f in same)
         entry = S.entry_path(work / "tpde" / S.STORE_DIRNAME, name)
         man = S.read_manifest(entry)
-        stored_total = entry.stat().st_size + sum(f.stat().st_size for f in tdir.iterdir() if f.is_file())
-        streams, counts = _kind_streams(pdir)
-        ours = _entry_bits(entry)
-        zs = {k: _zstd(v, 3) for k, v in streams.items()}
-        zfile = sum(_zstd(f.read_bytes(), 3) for f in files)
-        zn = _zipnn(streams, [f for f in files if f.stat().st_size > 1 << 20], work)
-        zn_file = None
-        if "error" not in zn:
-            zn_file = sum(zn[str(f)]["stored"] if str(f) in zn else f.stat().st_size for f in files)
+        sizes = _sizes(entry, tdir, pdir, files, raw, work)
+        zn = sizes.pop("zipnn_raw")
         row = {
-            "checkpoint": name, "parent": man["parent"], "raw_bytes": raw, "values": counts,
+            "checkpoint": name, "parent": man["parent"], "raw_bytes": raw,
             "state_files_exact_vs_plain_run": exact, "restore_chain_s": restore_s,
-            "restore_chain_MBps": raw / restore_s / 1e6, "chain_length": man["depth"] + 1,
-            "bits_per_value": {
-                "tpde": {k: 8 * ours[k] / counts[k] for k in KINDS},
-                "zstd-3": {k: 8 * zs[k] / counts[k] for k in KINDS},
-                "zipnn": {k: 8 * zn[f"{k}.bin"]["stored"] / counts[k] for k in KINDS} if "error" not in zn else zn,
-                "raw": dict.fromkeys(KINDS, 32.0),
-            },
-            "whole_checkpoint_bytes": {"raw": raw, "tpde": stored_total, "zstd-3": zfile, "zipnn": zn_file},
-            "whole_checkpoint_vs_raw": {"tpde": stored_total / raw, "zstd-3": zfile / raw,
-                                        "zipnn": zn_file / raw if zn_file else None},
+            "restore_chain_MBps": raw / restore_s / 1e6, "chain_length": man["depth"] + 1, **sizes,
             "zipnn_exact": all(v.get("exact", False) for v in zn.values()) if "error" not in zn else None,
         }
         rows.append(row)
@@ -332,13 +419,21 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_checkpoints", "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                           time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_start": load0, "loadavg_end": os.getloadavg(), "python": sys.version.split()[0]},
+                    "loadavg_start": load0, "loadavg_end": os.getloadavg(), "python": sys.version.split()[0],
+                    # the checkpoint code measured (the tree is shared and edited while benchmarks run)
+                    "tpde_checkpoints_xxh3": code},
         "recipe": {"model": "all-MiniLM-L6-v2 as BertForMaskedLM, fp32", "text": ".venv package METADATA/README",
                    "optimizer": "AdamW (torch) lr 5e-5 constant, wd 0.01, betas (0.9, 0.999)", "steps": args.steps,
                    "save_steps": args.save_steps, "batch": args.batch, "seq": args.seq, "keyframe_every": 8,
                    "callback": {"verify": cb.verify, "nice": cb.nice, "background": cb.background}},
         "step_time": {"plain_mean_s": plain["mean_step_s"], "tpde_mean_s": tpde["mean_step_s"],
                       "overhead": tpde["mean_step_s"] / plain["mean_step_s"] - 1,
+                      "plain_median_s": float(np.median(plain["step_s"])),
+                      "tpde_median_s": float(np.median(tpde["step_s"])),
+                      "median_overhead": float(np.median(tpde["step_s"]) / np.median(plain["step_s"]) - 1),
+                      # a save runs after its step's on_step_end, so its wait shows in the next step
+                      "after_save_steps": [{"step": s + 1, "plain_s": plain["step_s"][s], "tpde_s": tpde["step_s"][s]}
+                                           for s in range(args.save_steps, args.steps, args.save_steps)],
                       "plain_total_s": plain["total_s"], "tpde_total_s": tpde["total_s"],
                       "plain_step_s": plain["step_s"], "tpde_step_s": tpde["step_s"]},
         "losses_equal": plain["losses"] == tpde["losses"], "losses": plain["losses"],

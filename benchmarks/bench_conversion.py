@@ -235,7 +235,7 @@ def child_convert(src: Path, dst: Path, workers: int) -> dict:
     logging.disable(logging.WARNING)
     from tpde_hf.conversion import convert
 
-    report = convert(src, dst, workers=workers, overwrite=True)
+    report = convert(src, dst, workers=workers, overwrite=True, storage=os.environ.get("TPDE_BENCH_STORAGE") or None)
     return report.to_dict()
 
 
@@ -282,7 +282,7 @@ def child_convert_traced(src: Path, dst: Path, workers: int) -> dict:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    report = convert(src, dst, workers=workers, overwrite=True)
+    report = convert(src, dst, workers=workers, overwrite=True, storage=os.environ.get("TPDE_BENCH_STORAGE") or None)
     stop.set()
     th.join()
     samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1)})
@@ -455,7 +455,9 @@ def main() -> None:
     parser.add_argument("--tree", nargs="+", default=None, metavar="LABEL=PATH",
                         help="code trees to compare, run in alternation (default: this checkout)")
     parser.add_argument("--keep-source", action="store_true", help="keep the llama-real-size checkpoint")
+    parser.add_argument("--storage", default="", help="convert with this base storage (e.g. narrow-rans)")
     args = parser.parse_args()
+    os.environ["TPDE_BENCH_STORAGE"] = os.environ.get("TPDE_BENCH_STORAGE", args.storage)  # children inherit it
     if args.child:
         kind, *rest = args.child
         fn = {"baseline": child_baseline, "convert": child_convert, "convert-traced": child_convert_traced,
@@ -472,7 +474,7 @@ def main() -> None:
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                            "note": "shared machine: compare labels within this run; see load_avg_1min, cpu_s_per_gb"},
-               "git": {"head": _git("rev-parse", "--short", "HEAD")},
+               "git": {"head": _git("rev-parse", "--short", "HEAD")}, "storage": args.storage or "resident layout",
                "model": bench_real_size(args.size_gb, args.repeat, {k: Path(v) for k, v in trees.items()})}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")

@@ -17,10 +17,18 @@ run on one machine:
 
 It also times the rebuild (decode of every reference-coded tensor, numba threads = cores) and
 ``from_pretrained`` of the delta repo (reference on local disk, page-cached) against the dense fine-tune.
+``--part bits`` (sizes; any priority) and ``--part timing`` (run it alone, under the shared bench lock; it reuses
+the repos the bits part wrote and adds its figures to the same JSON) split the two.
+
+``ref-sparse`` (gap-coded positions + values) is one of the per-tensor choices; the ``ref_sparse`` section lists
+the tensors of each real pair where it won, with the ``ref-ord`` size of the same tensor, and a *synthetic*
+section (labelled so) codes sparse changes made here on a real base tensor: rows of a few tokens (an untied
+embedding after training on a small vocabulary), and a few scattered entries.
 
 Example::
 
-    python benchmarks/bench_reference.py --pairs minilm smollm2
+    python benchmarks/bench_reference.py --pairs minilm smollm2 --part bits
+    flock /tmp/lead/bench.lock python benchmarks/bench_reference.py --pairs minilm smollm2 --part timing
 """
 
 from __future__ import annotations
@@ -113,22 +121,33 @@ def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         for name, g in group_coded_keys(list(fh.keys())).items():
             items.append((name, g.codec, fh.get_tensor(g.parts["blob"]), ref.get(name)))
-    times, cpu, nbytes = [], [], 0
-    for _ in range(repeat + 1):  # the first run compiles / warms up
-        t0, c0 = time.perf_counter(), time.process_time()
-        nbytes = 0
-        for name, codec, blob, r in items:
-            d = C.TENSOR_CODECS.get(codec).decode({"blob": blob}, CodecContext(name, r))
-            nbytes += d.numel() * d.element_size()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    best = min(times[1:])
-    return {"decoded_bytes": nbytes, "seconds_runs": times[1:], "cpu_seconds_runs": cpu[1:],
-            "MB_per_s_best": nbytes / best / 1e6, "MB_per_s_median": nbytes / statistics.median(times[1:]) / 1e6,
-            "MB_per_cpu_second_best": nbytes / min(cpu[1:]) / 1e6,
-            "threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
-            "note": "wall-clock MB/s on a machine shared with other jobs (load average 8-14 during the run); "
-                    "MB per CPU-second is what one core does when it runs, so 2 cores give about twice that"}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tpde_hf.reference.prefetch import default_workers
+
+    def one(item: tuple, serial: bool) -> int:
+        name, codec, blob, r = item
+        d = C.TENSOR_CODECS.get(codec).decode({"blob": blob}, CodecContext(name, r, {"serial": serial}))
+        return d.numel() * d.element_size()
+
+    workers = default_workers()
+    modes = {"pool over tensors (the load path)":
+             lambda: sum(ThreadPoolExecutor(workers).map(lambda it: one(it, True), items)),
+             "one tensor at a time, numba threads inside": lambda: sum(one(it, False) for it in items)}
+    res: dict = {"threads": workers, "note": "wall-clock MB/s of decoded output on a machine shared with other "
+                 "jobs (see uptime); MB per CPU-second is what one core does when it runs"}
+    for label, run in modes.items():
+        times, cpu, nbytes = [], [], 0
+        for _ in range(repeat + 1):  # the first run compiles / warms up
+            t0, c0 = time.perf_counter(), time.process_time()
+            nbytes = run()
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        res[label] = {"decoded_bytes": nbytes, "seconds_runs": times[1:], "cpu_seconds_runs": cpu[1:],
+                      "MB_per_s_best": nbytes / min(times[1:]) / 1e6,
+                      "MB_per_s_median": nbytes / statistics.median(times[1:]) / 1e6,
+                      "MB_per_cpu_second_best": nbytes / min(cpu[1:]) / 1e6}
+    return res
 
 
 def load_times(out: Path, dense: Path, auto: str, repeat: int = 3) -> dict:
@@ -145,6 +164,49 @@ def load_times(out: Path, dense: Path, auto: str, repeat: int = 3) -> dict:
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
             "note": "fresh process per run, imports included; reference and repos on local disk, page-cached"}
+
+
+def codec_bytes(codec: str, t: torch.Tensor, ref: torch.Tensor) -> int:
+    import tpde_hf.reference.sparse  # noqa: F401
+    from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
+
+    return int(TENSOR_CODECS.get(codec).encode(t, CodecContext("w", ref, {"force": True}))["blob"].numel())
+
+
+def sparse_wins(summary: dict, base: dict, tuned: dict) -> list[dict]:
+    """The real pair's tensors stored as ref-sparse, with the ref-ord bytes of the same tensor."""
+    rows = []
+    for k, v in summary["tensors"].items():
+        if v["stored_as"] == "ref-sparse":
+            changed = float((_bits(base[k]) != _bits(tuned[k])).mean())
+            rows.append({"tensor": k, "numel": v["numel"], "fraction_changed": changed, "ref_sparse_bytes": v["bytes"],
+                         "ref_ord_bytes": codec_bytes("ref-ord", tuned[k], base[k])})
+    return rows
+
+
+def synthetic_sparse(base: dict, seed: int = 0) -> list[dict]:
+    """SYNTHETIC sparse changes on the pair's real base embedding: ref-sparse vs ref-ord vs BitX on that tensor."""
+    name = next(k for k in base if "embed" in k and base[k].dim() == 2)
+    ref = base[name]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for label, frac_rows, frac_entries in (("1% of rows (untied embedding, small vocabulary seen)", 0.01, None),
+                                           ("0.1% scattered entries", None, 0.001)):
+        t = ref.clone()
+        step = (torch.randn(ref.shape, generator=g) * 1e-3).to(ref.dtype)
+        if frac_rows:
+            rows = torch.randperm(ref.shape[0], generator=g)[: max(1, int(frac_rows * ref.shape[0]))]
+            t[rows] = (ref[rows].float() + step[rows].float()).to(ref.dtype)
+        else:
+            mask = torch.rand(ref.shape, generator=g) < frac_entries
+            t[mask] = (ref[mask].float() + step[mask].float()).to(ref.dtype)
+        exp, sm, _ = bitx_streams({name: ref}, {name: t})
+        sizes = {"ref-sparse": codec_bytes("ref-sparse", t, ref), "ref-ord": codec_bytes("ref-ord", t, ref),
+                 "bitx-zstd19": zstd_size(exp, 19) + zstd_size(sm, 19)}
+        out.append({"synthetic": True, "tensor": name, "change": label, "numel": t.numel(),
+                    "fraction_changed": float((_bits(t) != _bits(ref)).mean()), "bytes": sizes,
+                    "bits_per_weight": {k: 8 * v / t.numel() for k, v in sizes.items()}})
+    return out
 
 
 def bench_pair(name: str, work: Path, with_zipnn: bool, load_repeat: int = 3) -> dict:
@@ -170,6 +232,8 @@ def bench_pair(name: str, work: Path, with_zipnn: bool, load_repeat: int = 3) ->
     timing["tpde-reference convert_s (standalone conversion included)"] = time.perf_counter() - t0
     sizes["tpde-reference"] = stored_tensor_bytes(out)
     res["tpde_reference_stored_as"] = summary["reference"]["stored_as"]
+    res["ref_sparse"] = {"real_tensors_where_it_won": sparse_wins(summary, base, tuned),
+                         "synthetic": synthetic_sparse(base)}
     res["tpde_reference_file_bytes"] = (out / "model.safetensors").stat().st_size
     sizes["tpde-standalone"] = stored_tensor_bytes(std)  # the same conversion, without the reference
 
@@ -200,10 +264,26 @@ def bench_pair(name: str, work: Path, with_zipnn: bool, load_repeat: int = 3) ->
     bitx = min(sizes["bitx-zstd3"], sizes["bitx-zstd19"])
     res["tpde_reference_vs_best_bitx"] = sizes["tpde-reference"] / bitx
     res["goal_25pct_smaller_than_bitx"] = sizes["tpde-reference"] <= 0.75 * bitx
-    res["rebuild"] = rebuild_speed(out, base_dir)
-    auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
-    res["load"] = load_times(out, ft_dir, auto, repeat=load_repeat)
     res["timing"] = timing
+    return res
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def time_pair(name: str, work: Path, load_repeat: int) -> dict:
+    """Rebuild speed and from_pretrained time of the delta repo the bits part wrote (run under the bench lock)."""
+    folder = PAIRS / name
+    out = work / f"{name}-ref"
+    if not (out / "config.json").is_file():
+        raise SystemExit(f"bench_reference: run --part bits for {name} first ({out} is missing)")
+    res = {"uptime_start": uptime(), "date_utc": subprocess.run(["date", "-u"], capture_output=True,
+                                                                text=True).stdout.strip()}
+    res["rebuild"] = rebuild_speed(out, folder / "base")
+    auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
+    res["load"] = load_times(out, folder / "finetune", auto, repeat=load_repeat)
+    res["uptime_end"] = uptime()
     return res
 
 
@@ -213,21 +293,27 @@ def main() -> None:
     ap.add_argument("--no-zipnn", action="store_true")
     ap.add_argument("--load-repeat", type=int, default=3, help="from_pretrained runs per repo (fresh processes)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/reference_<pairs>.json")
+    ap.add_argument("--part", choices=["bits", "timing", "all"], default="all",
+                    help="bits: sizes (any priority); timing: rebuild + load of the repos bits wrote (bench lock)")
     a = ap.parse_args()
     work = PAIRS / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    result = {
-        "date_utc": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "machine": f"{os.cpu_count()} CPU cores, shared with other jobs (load varies); torch {torch.__version__}",
-        "pairs": {},
-    }
+    out = Path(a.out) if a.out else OUT.with_name(f"reference_{'_'.join(a.pairs)}.json")
+    machine = f"{os.cpu_count()} CPU cores, shared with other jobs (load varies); torch {torch.__version__}"
+    result = {"date_utc": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
+              "machine": machine, "pairs": {}}
+    if a.part == "timing" and out.is_file():
+        result = json.loads(out.read_text())
     for name in a.pairs:
         if not (PAIRS / name / "recipe.json").is_file():
             print(f"skip {name}: run benchmarks/make_finetunes.py --pair {name} first")
             continue
-        result["pairs"][name] = bench_pair(name, work, not a.no_zipnn, a.load_repeat)
-        print(json.dumps({name: result["pairs"][name]["bits_per_weight"]}, indent=1), flush=True)
-    out = Path(a.out) if a.out else OUT.with_name(f"reference_{'_'.join(a.pairs)}.json")
+        if a.part in ("bits", "all"):
+            result["pairs"][name] = bench_pair(name, work, not a.no_zipnn, a.load_repeat)
+            print(json.dumps({name: result["pairs"][name]["bits_per_weight"]}, indent=1), flush=True)
+        if a.part in ("timing", "all"):
+            result["pairs"].setdefault(name, {})["timing_part"] = time_pair(name, work, a.load_repeat)
+            print(json.dumps({name: result["pairs"][name]["timing_part"]}, indent=1, default=str), flush=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out)

@@ -64,8 +64,15 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "exact-k6": ("exact", {"k": 6}),
     "exact-k8": ("exact", {"k": 8}),
     "k8-dequantize": ("assisted", {"k": 8, "backend": "dequantize"}),
+    # generate_exact's token tree (tpde_hf.speculative.tree): options are TreeOptions fields
+    "tree": ("tree", {}),
+    "tree-nobatch": ("tree", {"batch": False}),
+    "tree-batch": ("tree", {"batch": True}),
+    "tree-chain": ("tree", {"alternatives": 0}),
+    "tree-wide": ("tree", {"leaf_min": 0.02, "max_rows": 20}),
+    "tree-deep": ("tree", {"chain_min": 0.08, "max_depth": 10}),
 }
-DEFAULT_CONFIGS = ["plain", "k2", "k4", "k6", "k8", "heuristic", "tf-default", "exact-k4", "exact-k6", "exact-k8"]
+DEFAULT_CONFIGS = ["plain", "exact-k4", "tree", "tree-batch"]
 #: the draft's base paths compared alone: name -> draft_model options
 DRAFT_VARIANTS = {"int4": {"backend": "int4"}, "int4, lm_head int4": {"backend": "int4", "lm_head": "int4"},
                   "dense": {"backend": "dense"}, "dequantize": {"backend": "dequantize"}}
@@ -103,7 +110,8 @@ def _draft_alone(draft, tok, prompts: list[str], new_tokens: int) -> dict:
     return {"tokens": n, "seconds": round(secs, 3), "tokens_per_s": round(n / secs, 2)}
 
 
-def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int, repo: str = "tpde") -> dict:
+def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int, repo: str = "tpde",
+                 drafts_alone: bool = True) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,9 +129,9 @@ def worker_dense(work: Path, prompts: list[str], new_tokens: int, repeats: int, 
                 secs = time.perf_counter() - t
             runs.append({"prompt": i, "repeat": r, "tokens": out[0, enc["input_ids"].shape[1]:].tolist(),
                          "seconds": secs})
-    exact = AutoModelForCausalLM.from_pretrained(work / repo, quantization_config=tpde_hf.TpdeConfig(mode="lossless"))
     drafts = {}
-    for name, opts in DRAFT_VARIANTS.items():
+    exact = AutoModelForCausalLM.from_pretrained(work / repo, quantization_config=tpde_hf.TpdeConfig(mode="lossless"))
+    for name, opts in DRAFT_VARIANTS.items() if drafts_alone else ():
         d = tpde_hf.draft_model(exact, **opts)
         drafts[name] = _draft_alone(d, tok, prompts[:2], 8 if name == "dequantize" else new_tokens)
     return {"param_bytes": _bytes(list(dense.parameters()) + list(dense.buffers())), "runs": runs,
@@ -137,6 +145,7 @@ def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: in
 
     import tpde_hf
     from tpde_hf.speculative import draft_memory, generate_exact, track
+    from tpde_hf.speculative.tree import TreeOptions
 
     tok = AutoTokenizer.from_pretrained(work / "dense")
     t0 = time.perf_counter()
@@ -148,7 +157,7 @@ def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: in
         if kind == "plain":
             continue
         t = time.perf_counter()
-        drafts[name] = tpde_hf.draft_model(exact, backend=o.get("backend", "auto"), num_assistant_tokens=o["k"],
+        drafts[name] = tpde_hf.draft_model(exact, backend=o.get("backend", "auto"), num_assistant_tokens=o.get("k"),
                                            schedule=o.get("schedule", "constant"),
                                            confidence_threshold=o.get("threshold", 0.0))
         build_s[name] = round(time.perf_counter() - t, 3)
@@ -168,14 +177,18 @@ def worker_lossless(work: Path, prompts: list[str], new_tokens: int, repeats: in
                     elif kind == "assisted":
                         out = exact.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
                                              assistant_model=drafts[name])
+                    elif kind == "exact":
+                        out = generate_exact(exact, **enc, draft=drafts[name], max_new_tokens=new_tokens,
+                                             do_sample=False, speculation="chain")
                     else:
                         out = generate_exact(exact, **enc, draft=drafts[name], max_new_tokens=new_tokens,
-                                             do_sample=False)
+                                             do_sample=False, tree=TreeOptions(**o))
                 secs = time.perf_counter() - t
                 row = {"config": name, "prompt": i, "repeat": r, "seconds": secs,
                        "tokens": out[0, enc["input_ids"].shape[1]:].tolist()}
                 if kind != "plain":
                     row["drafted"], row["accepted"] = stats.drafted, stats.accepted
+                    row["leaf_hits"], row["rows"] = stats.leaf_hits, stats.rows
                 runs.append(row)
                 print(f"  r{r} p{i} {name:14s} {len(row['tokens'])} tokens {secs:7.1f} s "
                       f"{len(row['tokens']) / secs:6.2f} tok/s", flush=True)
@@ -252,12 +265,14 @@ def summarize(dense: dict, dense_passive: dict, loss: dict, names: list[str], pr
         rt = rate(mine)
         row = {"config": "lossless" if kind == "plain" else f"lossless + draft ({name})",
                "verifier": {"plain": "-", "assisted": "model.generate(assistant_model=draft)",
-                            "exact": "tpde_hf.generate_exact (row by row)"}[kind],
+                            "exact": "tpde_hf.generate_exact, chain (row by row)",
+                            "tree": "tpde_hf.generate_exact, token tree" + (
+                                ", rows batched where checked identical" if o.get("batch") else ", row by row")}[kind],
                "k": o.get("k"), "schedule": o.get("schedule", "constant") if kind != "plain" else None,
                "threshold": o.get("threshold", 0.0) if kind != "plain" else None,
                "backend": o.get("backend", "int4") if kind != "plain" else None,
                "tokens_per_s": round(rt, 3), "x_plain_lossless": round(rt / lossless_rate, 2),
-               "x_dense": round(rt / dense_rate, 3), "env": "OMP_WAIT_POLICY=PASSIVE",
+               "x_dense": round(rt / dense_rate, 3), "env": loss.get("env", "OMP_WAIT_POLICY=PASSIVE"),
                "per_prompt_tokens_per_s": [round(len(r["tokens"]) / r["seconds"], 3) for r in mine]}
         same = 0
         for r in mine:
@@ -279,15 +294,20 @@ def summarize(dense: dict, dense_passive: dict, loss: dict, names: list[str], pr
         if kind != "plain":
             drafted = [d for r in mine for d in r["drafted"]]
             accepted = [a for r in mine for a in r["accepted"]]
+            leaf_hits = [h for r in mine for h in r.get("leaf_hits") or [0] * len(r["accepted"])]
+            tree_rows = [n for r in mine for n in r.get("rows") or r["drafted"]]
+            chain_acc = [a - h for a, h in zip(accepted, leaf_hits, strict=True)]
             longest = max(drafted, default=0)
             by_pos = []
             for j in range(longest):
                 n = sum(1 for d in drafted if d > j)
-                a = sum(1 for d, acc in zip(drafted, accepted, strict=True) if d > j and acc > j)
+                a = sum(1 for d, acc in zip(drafted, chain_acc, strict=True) if d > j and acc > j)
                 by_pos.append(round(a / n, 3) if n else None)
             row.update(acceptance=round(sum(accepted) / max(1, sum(drafted)), 3),
                        tokens_per_verification=round((sum(accepted) + len(drafted)) / max(1, len(drafted)), 3),
-                       rounds=len(drafted), acceptance_by_position=by_pos)
+                       rounds=len(drafted), acceptance_by_position=by_pos,
+                       rows_per_verification=round(sum(tree_rows) / max(1, len(drafted)), 2),
+                       leaf_hits=sum(leaf_hits))
         rows.append(row)
     agree = sum(a for a, _ in loss["agreement"]), sum(n for _, n in loss["agreement"])
     head = sum(a for a, _ in loss["agreement_int4_head"]), sum(n for _, n in loss["agreement_int4_head"])
@@ -312,8 +332,9 @@ def render_markdown(out: dict) -> str:
              f"each, {out['repeats']} repeat(s); tokens/s = all new tokens / all seconds of generate() (prefill "
              "included); x dense bf16: against the faster of the two dense bf16 runs.", "",
              "| configuration | verifier | draft length | tokens/s | x plain lossless | x dense bf16 | acceptance "
-             "| tokens per verification | same tokens as plain lossless | env |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tokens per verification | drafted rows per verification | leaf hits "
+             "| same tokens as plain lossless | env |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         k = r.get("k")
         sched = r.get("schedule")
@@ -325,6 +346,7 @@ def render_markdown(out: dict) -> str:
         acc = r.get("acceptance")
         lines.append(f"| {r['config']} | {r['verifier']} | {klabel} | {r['tokens_per_s']} | {r['x_plain_lossless']} "
                      f"| {r['x_dense']} | {'-' if acc is None else acc} | {r.get('tokens_per_verification', '-')} "
+                     f"| {r.get('rows_per_verification', '-')} | {r.get('leaf_hits', '-')} "
                      f"| {r['same_tokens_as_plain_lossless']} | {r['env']} |")
     lines += ["", "Acceptance by position in the draft (probability that drafted token j is accepted, among "
               "rounds that drafted at least j):", "", "| configuration | " +
@@ -375,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(RESULTS / "speculative.json"))
     ap.add_argument("--base-quantizer", default="minmax", choices=("minmax", "search"),
                     help="the repo's 4-bit base (search: converted once into WORK/tpde-search)")
+    ap.add_argument("--lossless-env", default="OMP_WAIT_POLICY=PASSIVE",
+                    help="environment of the lossless process, KEY=VALUE,... (e.g. GOMP_SPINCOUNT=10000)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work, prompts = Path(args.work), PROMPTS[: args.prompts]
@@ -383,8 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         names = ["plain", *names]
     if args.worker:
         repo = repo_name(args.base_quantizer)
-        if args.worker == "dense":
-            res = worker_dense(work, prompts, args.new_tokens, args.repeats, repo)
+        if args.worker in ("dense", "dense-nodraft"):
+            res = worker_dense(work, prompts, args.new_tokens, args.repeats, repo, args.worker == "dense")
         else:
             res = worker_lossless(work, prompts, args.new_tokens, args.repeats, names, repo)
         print("RESULT " + json.dumps(res))
@@ -400,9 +424,11 @@ def main(argv: list[str] | None = None) -> None:
         convert(dense_dir, work / repo_name(args.base_quantizer), overwrite=True, base_quantizer=args.base_quantizer)
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = _load_avg()
-    loss = _spawn("lossless", args, PASSIVE)
+    loss_env = dict(kv.split("=", 1) for kv in args.lossless_env.split(",") if kv) if args.lossless_env else {}
+    loss = _spawn("lossless", args, loss_env)
+    loss["env"] = ", ".join(f"{k}={v}" for k, v in loss_env.items()) or "default"
     dense = _spawn("dense", args, {})
-    dense_passive = _spawn("dense", args, PASSIVE)
+    dense_passive = _spawn("dense-nodraft", args, PASSIVE)  # the draft-alone figures come from the run above
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     out = {

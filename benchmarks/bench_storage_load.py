@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     transformers.logging.set_verbosity_error()
     dtype = getattr(torch, args.dtype)
+    load_start = os.getloadavg()
     src = Path(example_path("minilm"))
     ref = transformers.AutoModel.from_pretrained(src, dtype=dtype).state_dict()
     rows, repos = [], []
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared VM",
         "model": f"MiniLM (all-MiniLM-L6-v2), fp32 source cast to {args.dtype} at conversion",
         "repeats": args.repeats, "rows": rows,
+        "load_average_start_end": [list(load_start), list(os.getloadavg())],
         "note": "load times are from_pretrained wall clock, best of repeats, page cache warm",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

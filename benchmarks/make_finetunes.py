@@ -104,7 +104,7 @@ def train_smollm2(base: Path, text: str, steps: int, seq: int, batch: int, lr: f
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # fp32 master weights
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)  # fused: fewer passes on CPU
     model.train()
     losses = []
     for step in range(steps):
@@ -179,7 +179,8 @@ def make_pair(pair: str, steps: int, seq: int, batch: int, lr: float, seed: int 
     frac, per = changed_fraction(load_file(base / "model.safetensors"), load_file(out / "model.safetensors"))
     recipe = {
         "pair": pair, "objective": "causal LM" if pair == "smollm2" else "unsupervised SimCSE (mean pooling, t=0.05)",
-        "optimizer": "AdamW(weight_decay=0)", "lr": lr, "steps": len(losses), "steps_planned": steps,
+        "optimizer": "AdamW(weight_decay=0)" + (", fused" if pair == "smollm2" else ""), "lr": lr,
+        "steps": len(losses), "steps_planned": steps,
         "seq_len": seq, "batch": batch, "seed": seed,
         "master_weights": "float32", "saved_dtype": "bfloat16", "text_files": files, "text_chars": len(text),
         "loss_first": losses[0], "loss_last_10_mean": sum(losses[-10:]) / len(losses[-10:]),

@@ -164,7 +164,8 @@ def _says_gpu(value: Any) -> bool:
         return value
     if isinstance(value, str):
         low = value.lower().strip()
-        if not low or low in ("none", "no", "false", "cpu") or low.startswith("not measured"):
+        # "not measured", "not lent: not measured", "no GPU lent", ...: a note that no GPU ran
+        if not low or low in ("none", "no", "false", "cpu") or "not measured" in low or "not lent" in low:
             return False
         return True
     if isinstance(value, dict):
@@ -867,8 +868,23 @@ def load_results(results_dir: Path) -> tuple[dict[str, dict], list[str]]:
     return {n: found[n] for n in order}, notes
 
 
+def _script_for(name: str) -> str:
+    """The script that writes result ``name``: its registered one, else the ``bench_<prefix>.py`` with the longest
+    prefix of the name that exists (``checkpoints_run4`` -> ``bench_checkpoints.py``)."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name][1]
+    here = Path(__file__).parent
+    stem = name.replace(" ", "_").split("_--")[0]
+    parts = stem.removeprefix("bench_").split("_")
+    for n in range(len(parts), 0, -1):
+        candidate = f"bench_{'_'.join(parts[:n])}.py"
+        if (here / candidate).exists():
+            return candidate
+    return f"bench_{stem}.py"
+
+
 def _measured_line(name: str, data: dict, results_rel: str) -> str:
-    script = BENCHMARKS.get(name, ("", f"bench_{name}.py", ""))[1]
+    script = _script_for(name)
     where = "on a GPU" if measured_on_gpu(data) else "CPU only"
     return (f"**Measured** {date_text(data)} on {machine_text(data)} ({where}). "
             f"From `{results_rel}/{data.get('_file', name + '.json')}`, written by `benchmarks/{script}`.")

@@ -4,8 +4,9 @@ Loads a tpde repo in ``lossless`` mode (weights stay compressed; each layer is r
 then generates the same greedy continuation of one prompt twice, in alternation:
 
 * plain: ``model.generate(...)``, one rebuild of every layer per token;
-* drafted: ``tpde_hf.generate_exact(model, ...)``: the 4-bit base that the repo carries drafts a few tokens,
-  and the exact model verifies them in one pass, so the rebuild is paid once per verification.
+* drafted: ``tpde_hf.generate_exact(model, ...)``: the 4-bit base that the repo carries drafts a few tokens
+  (a chain, plus its runner-up tokens as leaves: a small token tree), and the exact model verifies them all
+  with one rebuild of its weights, so the rebuild is paid once per verification.
 
 It prints tokens/s of both and whether the two texts are the same token for token (they must be: the
 verifier computes each drafted row exactly as a one-token forward would). The demo runs it in a

@@ -323,7 +323,7 @@ def test_cli_ls_pack_restore(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 # ---------------------------------------------------------------------------------------------- Trainer
-def _tiny_trainer(out: Path, callbacks: list, max_steps: int = 12, resume: str | None = None):
+def _tiny_trainer(out: Path, callbacks: list, max_steps: int = 12, resume: str | None = None, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -332,11 +332,13 @@ def _tiny_trainer(out: Path, callbacks: list, max_steps: int = 12, resume: str |
     model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(1)
     data = [{"input_ids": (ids := torch.randint(0, 128, (16,), generator=g)), "labels": ids.clone()} for _ in range(64)]
-    args = TrainingArguments(str(out), per_device_train_batch_size=4, learning_rate=1e-3, weight_decay=0.01,
+    base = {"learning_rate": 1e-3, "save_total_limit": 2}
+    args = TrainingArguments(str(out), per_device_train_batch_size=4, weight_decay=0.01,
                              max_steps=max_steps, save_steps=4, logging_steps=1, report_to=[], seed=0,
-                             use_cpu=True, dataloader_num_workers=0, save_total_limit=2, disable_tqdm=True,
-                             resume_from_checkpoint=resume)
-    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                             resume_from_checkpoint=resume, **{**base, **extra})
+    evals = data[:8] if extra.get("eval_strategy") else None
+    return Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals, callbacks=callbacks)
 
 
 def _losses(trainer) -> dict[int, float]:
@@ -395,3 +397,30 @@ def test_layout_names_optimizer_state(tmp_path: Path) -> None:
     got = torch.from_numpy(np.frombuffer(data, np.float32, 5000, r.offset).copy())
     assert torch.equal(got, opt.state[opt.param_groups[0]["params"][1]]["exp_avg"])
     assert os.path.getsize(tmp_path / "optimizer.pt") > r.offset
+
+
+def test_load_best_model_at_end_with_packed_checkpoints(tmp_path: Path, limit: int = 1) -> None:
+    # save_total_limit=1: Trainer keeps the best and the last folder during training and deletes the last
+    # after loading the best; the callback then drops its entry and rebases the best's chain
+    from tpde_hf.checkpoints.callback import TpdeCheckpointCallback
+
+    torch.set_num_threads(1)
+    # "best" = the highest eval loss, so that the best checkpoint is an early one, not the last
+    kw = {"eval_strategy": "steps", "eval_steps": 4, "load_best_model_at_end": True,
+          "metric_for_best_model": "loss", "greater_is_better": True, "save_total_limit": limit}
+    plain = _tiny_trainer(tmp_path / "plain", [], **kw)
+    plain.train()
+    packed = _tiny_trainer(tmp_path / "tpde", [TpdeCheckpointCallback(keyframe_every=2)], **kw)
+    packed.train()
+    best = Path(packed.state.best_model_checkpoint)
+    assert best.name == Path(plain.state.best_model_checkpoint).name != "checkpoint-12"  # not the last one
+    for (n, p), (_, q) in zip(plain.model.named_parameters(), packed.model.named_parameters(), strict=True):
+        assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32)), n
+    # the best checkpoint is packed again, and its chain (rebased where its parent was rotated away) restores
+    assert api.is_packed(best) and not (best / "model.safetensors").exists()
+    live = sorted(p.name for p in (tmp_path / "tpde").glob("checkpoint-*"))
+    assert sorted(p.name[:-5] for p in (tmp_path / "tpde" / S.STORE_DIRNAME).glob("*.tpde")) == live
+    for name in live:
+        api.restore(tmp_path / "tpde" / name, out=tmp_path / "r" / name)
+    assert xxhash.xxh3_64_hexdigest((tmp_path / "r" / best.name / "model.safetensors").read_bytes()) == \
+        xxhash.xxh3_64_hexdigest((Path(plain.state.best_model_checkpoint) / "model.safetensors").read_bytes())

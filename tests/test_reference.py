@@ -103,14 +103,13 @@ def test_decode_against_a_different_reference_is_an_error_not_a_wrong_tensor() -
             codec.decode(parts, CodecContext("w", base[:10]))
 
 
-def test_corruption_sweep_over_the_blob() -> None:
-    """Flipped bits and truncations at seeded random places: exact, or a TpdeFormatError naming the tensor."""
-    base, tuned = pair(torch.bfloat16, (70_000,), seed=11, frac=0.5)
-    codec = TENSOR_CODECS.get("ref-ord")
-    blob = codec.encode(tuned, CodecContext("layer.w", base))["blob"]
-    g = torch.Generator().manual_seed(1234)
+
+def sweep_blob(codec, blob: torch.Tensor, base: torch.Tensor, expected: torch.Tensor, seed: int, n: int) -> dict:
+    """Decode ``n`` seeded corruptions of ``blob`` (a flipped bit, or every 4th a truncation at a random point):
+    each must give ``expected`` bit for bit or raise a TpdeFormatError naming the tensor. Returns the counts."""
+    g = torch.Generator().manual_seed(seed)
     outcomes = {"exact": 0, "error": 0}
-    for i in range(120):
+    for i in range(n):
         b = blob.clone()
         if i % 4 == 3:
             b = b[: int(torch.randint(0, b.numel(), (1,), generator=g))]
@@ -123,8 +122,17 @@ def test_corruption_sweep_over_the_blob() -> None:
             assert "layer.w" in str(exc)
             outcomes["error"] += 1
             continue
-        assert bits_equal(out, tuned)
+        assert bits_equal(out, expected)
         outcomes["exact"] += 1
+    return outcomes
+
+
+def test_corruption_sweep_over_the_blob() -> None:
+    """Flipped bits and truncations at seeded random places: exact, or a TpdeFormatError naming the tensor."""
+    base, tuned = pair(torch.bfloat16, (70_000,), seed=11, frac=0.5)
+    codec = TENSOR_CODECS.get("ref-ord")
+    blob = codec.encode(tuned, CodecContext("layer.w", base))["blob"]
+    outcomes = sweep_blob(codec, blob, base, tuned, seed=1234, n=120)
     assert outcomes["error"] > 100
 
 

@@ -245,3 +245,21 @@ def test_bench_modes_mode_names(tmp_path: Path) -> None:
     assert bench.repo_for("lossless@class-width+omp-passive", tmp_path) == ("lossless", tmp_path / "tpde-class-width")
     assert bench.repo_for("lossless+omp-passive", tmp_path) == ("lossless", tmp_path / "tpde")
     assert bench.repo_for("base", tmp_path) == ("base", tmp_path / "tpde")
+
+
+@pytest.mark.parametrize("note", ["not measured", "not lent: not measured", "GPU not lent", "none", False])
+def test_a_note_that_no_gpu_ran_is_not_a_gpu_run(note) -> None:
+    """``machine.gpu`` often holds a note ("not lent: not measured"): that must not mark the file as a GPU run."""
+    assert not measured_on_gpu({"machine": {"device": "cpu", "gpu": note}})
+    assert not measured_on_gpu({"gpu": note})
+    assert measured_on_gpu({"machine": {"device": "cpu", "gpu": "NVIDIA H100 80GB HBM3"}})
+
+
+def test_a_result_file_names_the_script_that_wrote_it() -> None:
+    """Repeat and A/B result files (``checkpoints_run4.json``) name their benchmark script, not a made-up one."""
+    from benchmarks.report import _script_for
+
+    assert _script_for("checkpoints_run4") == "bench_checkpoints.py"
+    assert _script_for("conversion_real_size_full_quiet") == "bench_conversion.py"
+    assert _script_for("bench_checkpoints --sizes-from") == "bench_checkpoints.py"
+    assert _script_for("codec") == "bench_codec.py"

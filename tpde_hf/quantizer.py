@@ -266,7 +266,7 @@ class TpdeHfQuantizer(HfQuantizer):
             return stored + list(weight_conversions)
         from transformers.core_model_loading import WeightConverter
 
-        from tpde_hf.loading import TpdeDequantize
+        from tpde_hf.loading import TpdeDequantize, expert_stack_dequantize_converter
 
         storage = storage_dequantize_suffixes(self._plan)
         extra = [s for sfx in storage.values() for s in sfx]
@@ -285,7 +285,8 @@ class TpdeHfQuantizer(HfQuantizer):
         # 3-D expert tensors stored as one tpde weight per expert: first, so that no other converter takes their
         # parts; the longest names first, so that one tensor's name inside another's never takes the other's slices
         stacks = sorted(self._plan.stacks if self._plan is not None else [], key=lambda st: -len(st.renamed))
-        return [st.dequantize_converter(self) for st in stacks] + updated + stored + self.get_weight_conversions()
+        stacked = [expert_stack_dequantize_converter(st, self) for st in stacks]
+        return stacked + updated + stored + self.get_weight_conversions()
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         """True for the delta parts of a weight laid out by a base storage: transformers then accepts their

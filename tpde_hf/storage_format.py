@@ -19,9 +19,11 @@ and the loader rebuilds what each mode holds:
 A storage sees the meta through its :class:`~tpde_hf.codec.registry.CodecContext`: ``options`` holds
 ``shape``, ``dtype``, ``group_size``, ``params`` (the :class:`~tpde_hf.codec.CodecParams`),
 ``checksum`` and ``meta`` (the tensor); at encode also ``encoded``, the writer's
-:class:`~tpde_hf.codec.EncodedTensor` of the weight (its resident delta, computed once). A storage whose
-parts describe themselves may ignore them. The built-in ``resident`` storage
-(:mod:`tpde_hf.codec.storage_resident`) stores the seven resident tensors under storage keys.
+:class:`~tpde_hf.codec.EncodedTensor` of the weight (its resident delta, computed once; a writer that
+does not need the delta itself passes a stand-in that encodes on first attribute read, so a storage
+that never reads it costs no delta encode). A storage whose parts describe themselves may ignore them.
+The built-in ``resident`` storage (:mod:`tpde_hf.codec.storage_resident`) stores the seven
+resident tensors under storage keys.
 
 Example::
 
@@ -76,23 +78,33 @@ def stored_parts(enc: EncodedTensor, weight: torch.Tensor, prefix: str) -> dict[
 
     ``weight`` is the original ``enc`` encodes. Example: ``stored_parts(enc, w, "layer")``.
     """
-    name = enc.params.storage
-    if name is None:
+    if enc.params.storage is None:
         return enc.to_state_dict(prefix)
-    meta = enc.meta_tensor()
-    codec = storage_codec(name, enc.name)
     base = {"qweight": enc.qweight, "scales": enc.scales, "zeros": enc.zeros}
-    parts = codec.encode(weight, base, context_for(enc.name, parse_meta(meta, enc.name), meta, encoded=enc))
+    return storage_parts(enc.name, enc.params.storage, weight, base, enc.meta_tensor(), prefix, encoded=enc)
+
+
+def storage_parts(tensor: str, storage: str, weight: torch.Tensor, base: Mapping[str, torch.Tensor],
+                  meta: torch.Tensor, prefix: str, encoded: object) -> dict[str, torch.Tensor]:
+    """:func:`stored_parts` from a weight's resident ``base`` (qweight, scales, zeros) and ``meta``, for a
+    writer that holds no :class:`EncodedTensor`; ``encoded`` is what the storage sees as
+    ``context.options["encoded"]`` (see the module docstring).
+
+    Example: ``storage_parts("up.weight", "narrow-rans", w, base, meta, "up", encoded=stand_in)``.
+    """
+    name = storage
+    codec = storage_codec(name, tensor)
+    parts = codec.encode(weight, base, context_for(tensor, parse_meta(meta, tensor), meta, encoded=encoded))
     bad = [p for p in parts if p == META_PART or not _PART.match(p)]
     if bad:
-        raise ValueError(f"{enc.name}: base storage {name!r} returned parts named {bad} (the names must match "
+        raise ValueError(f"{tensor}: base storage {name!r} returned parts named {bad} (the names must match "
                          f"{_PART.pattern} and not be {META_PART!r}, which the format writes)")
     if not any(p.startswith(BASE_PREFIX) for p in parts):
-        raise ValueError(f"{enc.name}: base storage {name!r} returned no base_* part (base mode reads only those)")
+        raise ValueError(f"{tensor}: base storage {name!r} returned no base_* part (base mode reads only those)")
     out = {storage_key(prefix, name, META_PART): meta}
     for part, t in parts.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{enc.name}: base storage {name!r} returned {type(t).__name__} for part {part!r}")
+            raise ValueError(f"{tensor}: base storage {name!r} returned {type(t).__name__} for part {part!r}")
         out[storage_key(prefix, name, part)] = t.detach().to("cpu").contiguous()
     return out
 
@@ -181,6 +193,12 @@ def decode_base(name: str, storage: str, parts: Mapping[str, torch.Tensor]) -> d
     base_parts = {p: t for p, t in rest.items() if p.startswith(BASE_PREFIX)}
     codec = storage_codec(storage, name)
     got = _run(name, storage, "base", lambda: codec.decode_base(base_parts, _context(name, stored, parts)))
+    return _checked_base(name, storage, stored, parts, got)
+
+
+def _checked_base(name: str, storage: str, stored: StoredMeta, parts: Mapping[str, torch.Tensor],
+                  got: object) -> dict[str, torch.Tensor]:
+    """The meta and a storage's decoded base, checked against the meta's shapes (see :func:`decode_base`)."""
     (out_f, in_f), g = stored.shape, stored.params.group_size
     ng = -(-in_f // g)
     expect = {"qweight": (torch.uint8, (out_f, ng * g // 2)), "scales": (torch.float16, (out_f, ng)),
@@ -206,6 +224,11 @@ def decode_weight(name: str, storage: str, parts: Mapping[str, torch.Tensor], ve
     stored, rest = _split(name, parts)
     codec = storage_codec(storage, name)
     w = _run(name, storage, "weight", lambda: codec.decode(rest, _context(name, stored, parts)))
+    return _checked_weight(name, storage, stored, w, verify)
+
+
+def _checked_weight(name: str, storage: str, stored: StoredMeta, w: object, verify: bool) -> torch.Tensor:
+    """A storage's decoded weight, checked against the meta (see :func:`decode_weight`)."""
     if not isinstance(w, torch.Tensor) or w.dtype != stored.dtype or tuple(w.shape) != stored.shape:
         have = f"{w.dtype}{list(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
         raise TpdeFormatError(name, f"base storage {storage!r} decoded {have}, the meta says "
@@ -254,15 +277,20 @@ def check_written(name: str, storage: str, parts: Mapping[str, torch.Tensor], so
     """A writer's check of one storage-laid weight as read back from disk: the exact weight decodes to
     ``source``'s bits, the meta holds ``checksum``, and the base decodes to the resident ``base``. Raises
     :class:`TpdeFormatError` naming ``name`` (the writer then writes nothing)."""
-    stored, _ = _split(name, parts)
+    stored, rest = _split(name, parts)
     if stored.checksum != checksum:
         raise TpdeFormatError(name, "stored checksum differs from the source's; nothing was written")
-    w = decode_weight(name, storage, parts)
+    codec = storage_codec(storage, name)
+    if hasattr(codec, "decode_with_base"):  # optional: both from one decode (the base is not decoded twice)
+        w, got = _run(name, storage, "weight", lambda: codec.decode_with_base(rest, _context(name, stored, parts)))
+        w, got = _checked_weight(name, storage, stored, w, False), _checked_base(name, storage, stored, parts, got)
+    else:
+        w = decode_weight(name, storage, parts)
+        got = decode_base(name, storage, {p: t for p, t in parts.items() if is_base_part(p)})
     if w.shape != source.shape or not torch.equal(w.contiguous().view(torch.uint8).flatten(),
                                                   source.contiguous().view(torch.uint8).flatten()):
         raise TpdeFormatError(name, f"base storage {storage!r} decoded a weight that differs from the source "
                                     "(codec bug); nothing was written")
-    got = decode_base(name, storage, {p: t for p, t in parts.items() if is_base_part(p)})
     for k in BASE_OUTPUTS:
         if not torch.equal(got[k], base[k]):
             raise TpdeFormatError(name, f"base storage {storage!r} decoded a {k} that differs from the base "

@@ -138,12 +138,13 @@ def _entry_of(ckpt_dir: Path) -> tuple[Path, str, dict[str, Any]]:
     return entry.parent, entry.name[: -len(".tpde")], ptr
 
 
-def restore(ckpt_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+def restore(ckpt_dir: str | Path, out: str | Path | None = None, files: Sequence[str] | None = None) -> list[Path]:
     """Write back the files of a packed checkpoint, byte for byte (each checked against its hash).
 
     With ``out`` None the files return into ``ckpt_dir`` itself (what ``trainer.train(
     resume_from_checkpoint=ckpt_dir)`` then reads); else ``out`` receives a full plain copy.
-    Returns the files written. Files are written under temporary names and moved into place.
+    ``files`` restricts it to those file names (e.g. only the weights). Returns the files written.
+    Files are written under temporary names and moved into place.
     """
     ckpt_dir = Path(ckpt_dir)
     root, name, ptr = _entry_of(ckpt_dir)
@@ -151,6 +152,12 @@ def restore(ckpt_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     target = Path(out) if out is not None else ckpt_dir
     target.mkdir(parents=True, exist_ok=True)
     names = ptr["removed"] if out is None else [f["name"] for f in dec.manifest["files"]]
+    if files is not None:
+        known = {f["name"] for f in dec.manifest["files"]}
+        missing = sorted(set(files) - known)
+        if missing:
+            raise ValueError(f"{ckpt_dir}: no file(s) {missing} in the packed checkpoint")
+        names = [n for n in names if n in set(files)]
     written = []
     for fname in names:
         S.write_file(dec, fname, target / fname)

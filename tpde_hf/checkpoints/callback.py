@@ -27,6 +27,11 @@ With ``TrainingArguments(resume_from_checkpoint=path)`` (the example scripts' fl
 restores ``path`` itself when the Trainer is built (``on_init_end``). Once training has begun, the
 restored files are deleted again (they are in the store) and the chain continues from there.
 
+``load_best_model_at_end``: Trainer logs the run's final metrics (``on_log`` with ``train_runtime``)
+just before ``_load_best_model`` reads ``state.best_model_checkpoint``'s weights file, so the callback
+restores that checkpoint's model files there (not ``optimizer.pt``) and deletes them again in
+``on_train_end``.
+
 Example::
 
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[TpdeCheckpointCallback(keyframe_every=8)])
@@ -85,6 +90,7 @@ class TpdeCheckpointCallback(TrainerCallback):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._cache: Decoded | None = None
+        self._restored_best: Path | None = None
         self.results: list[api.PackResult] = []
 
     # ------------------------------------------------------------------ Trainer events
@@ -92,10 +98,6 @@ class TpdeCheckpointCallback(TrainerCallback):
         resume = getattr(args, "resume_from_checkpoint", None)
         if isinstance(resume, str) and api.is_packed(resume):
             api.restore(resume)
-        if getattr(args, "load_best_model_at_end", False):
-            logger.warning("TpdeCheckpointCallback: load_best_model_at_end reads the best checkpoint's "
-                           "model.safetensors after training, which is packed by then; call "
-                           "tpde_hf.checkpoints.restore(best_checkpoint) and load it yourself instead")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         out = Path(args.output_dir)
@@ -128,8 +130,26 @@ class TpdeCheckpointCallback(TrainerCallback):
             self._run(ckpt, names)
             self._raise()
 
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        # Trainer logs the run's final metrics (``train_runtime``) right before ``_load_best_model`` reads
+        # the best checkpoint's weights file: put the model files of that checkpoint back now.
+        if not logs or "train_runtime" not in logs:
+            return
+        self.wait()
+        best = getattr(state, "best_model_checkpoint", None)
+        if getattr(args, "load_best_model_at_end", False) and best and args.should_save and api.is_packed(best):
+            removed = api.read_pointer(best)["removed"]  # type: ignore[index]
+            api.restore(best, files=[n for n in removed if not n.startswith("optimizer")])
+            self._restored_best = Path(best)
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.wait()
+        if self._restored_best is not None:  # loaded by Trainer by now: the entry holds the files again
+            best, self._restored_best = self._restored_best, None
+            if best.is_dir():
+                api.compact(best)
+            if args.should_save:
+                api.collect(best.parent)  # save_total_limit=1 deletes the other folders after loading the best
 
     # ------------------------------------------------------------------ work
     def wait(self) -> None:

@@ -30,6 +30,7 @@ from tpde_hf.codec import base_quant, registry
 # The built-in delta codes register themselves on import.
 from tpde_hf.codec import delta_class_width as _delta_class_width  # noqa: F401
 from tpde_hf.codec import delta_rans as _delta_rans  # noqa: F401
+from tpde_hf.codec.base_quantizers import quantize_base
 from tpde_hf.codec.checksum import tensor_checksum
 from tpde_hf.codec.delta_class_width import class_width_impl
 from tpde_hf.codec.encoded import (
@@ -42,6 +43,7 @@ from tpde_hf.codec.encoded import (
     EncodedTensor,
     LaneLayout,
     StoredMeta,
+    checked_weight,
     delta_code,
     delta_code_names,
     named_errors,
@@ -55,8 +57,8 @@ DELTA_CODES = delta_code_names()
 __all__ = [
     "DELTA_CODES", "FORMAT_VERSION", "META_LENS", "N_CONTEXTS", "SUFFIXES", "SUPPORTED_LANE_LENS",
     "CodecParams", "EncodedTensor", "LaneLayout", "StoredMeta", "class_width_impl", "conditional_entropy_bits",
-    "decode_tensor", "decode_tensors", "encode_tensor", "encode_tensors", "inspect_tensor", "named_errors",
-    "parse_meta", "tensor_checksum",
+    "decode_tensor", "decode_tensors", "encode_base_and_meta", "encode_tensor", "encode_tensors",
+    "inspect_tensor", "meta_needs_delta", "named_errors", "parse_meta", "tensor_checksum",
 ]
 
 
@@ -75,6 +77,40 @@ def encode_tensors(weights: dict[str, torch.Tensor], params: CodecParams | None 
 def encode_tensor(weight: torch.Tensor, params: CodecParams | None = None, name: str = "tensor") -> EncodedTensor:
     """Encode a 2-D bf16/fp16/fp32 weight into 4-bit base + lossless delta."""
     return encode_tensors({name: weight}, params)[name]
+
+
+def meta_needs_delta(params: CodecParams) -> bool:
+    """Whether the ``meta`` that ``params`` write records anything of the encoded delta.
+
+    A version-1 meta (rANS) holds version, dtype, shape, the codec parameters and the checksum: all known
+    before the delta is coded. A version-2 meta also holds the payload's bit count (``total_bits``).
+
+    Example: ``meta_needs_delta(CodecParams())`` -> False; ``delta_code="class-width"`` -> True.
+    """
+    return params.format_version >= 2
+
+
+def encode_base_and_meta(weight: torch.Tensor, params: CodecParams | None = None,
+                         name: str = "tensor") -> tuple[base_quant.BaseTensors, torch.Tensor, int]:
+    """``(base, meta, checksum)`` byte for byte as :func:`encode_tensor` writes them, without coding the delta.
+
+    For a writer that stores the base and the meta but not the resident delta (a base storage): the base
+    is the same for every delta code (:mod:`.encoded`), so it comes from the same quantizer call the delta
+    codes make. Raises ``ValueError`` where the meta records the delta (:func:`meta_needs_delta`).
+
+    Example: ``base, meta, checksum = encode_base_and_meta(w, CodecParams(), "up.weight")``.
+    """
+    params = params or CodecParams()
+    weight = checked_weight(weight, params, name)
+    if meta_needs_delta(params):
+        raise ValueError(f"{name}: a {params.delta_code} meta records the coded delta; encode it with encode_tensor")
+    base = quantize_base(weight, params)
+    checksum = tensor_checksum(weight)
+    empty = torch.empty(0, dtype=torch.uint8)  # the meta reads no delta part (see meta_needs_delta)
+    meta = EncodedTensor(name=name, dtype=weight.dtype, shape=tuple(weight.shape), params=params, checksum=checksum,
+                         qweight=base.qweight, scales=base.scales, zeros=base.zeros,
+                         delta=empty, lanes=empty, tables=empty).meta_tensor()
+    return base, meta, checksum
 
 
 # ==================================================================== decode

@@ -4,7 +4,7 @@ The model class named in ``config.json`` is built on the ``meta`` device (no mem
 every checkpoint key is resolved to the model parameter it loads into through transformers' own
 key mapping (renamings such as ViT's ``encoder.layer.N.attention.attention.query`` ->
 ``layers.N.attention.q_proj``, and converters such as the per-expert MoE weights that Mixtral and
-Qwen2-MoE fuse into 3-D parameters: :class:`tpde_hf.loading.KeyMap`, the same code the loader
+Qwen2-MoE fuse into 3-D parameters: :class:`tpde_hf.load_plan.KeyMap`, the same code the loader
 uses). A key is *linear-like* when that parameter is
 
 * the weight of an ``nn.Linear`` (subclasses included) or of GPT-2's ``Conv1D``;
@@ -247,7 +247,7 @@ def load_layout(folder: Path, keys: Iterable[str] | None = None, *, trust_remote
     """
     from transformers.core_model_loading import dot_natural_key
 
-    from tpde_hf.loading import KeyMap
+    from tpde_hf.load_plan import KeyMap
 
     keys = list(keys) if keys is not None else _checkpoint_keys(folder)
     config, arch, model = _build_meta_model(folder, trust_remote_code)
@@ -319,7 +319,8 @@ def _is_experts(module: torch.nn.Module | None, target: str) -> bool:
 
 def _role_of(model: torch.nn.Module, keymap: Any, kt: Any, params: dict[str, torch.Tensor],
              tied: dict[str, str]) -> WeightRole | None:
-    """The role of one resolved checkpoint key (``kt``: :class:`tpde_hf.loading.KeyTarget`), None if not linear-like."""
+    """The role of one resolved checkpoint key (``kt``: :class:`tpde_hf.load_plan.KeyTarget`); None if not
+    linear-like."""
     from transformers.pytorch_utils import Conv1D
 
     param = params.get(kt.target)

@@ -20,8 +20,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +30,9 @@ import torch
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.files import atomic_file
 from tpde_hf.format import SAFETENSORS_DTYPES
-from tpde_hf.integrity import ITEMSIZE, write_shard
+from tpde_hf.integrity import ITEMSIZE, read_shard_header, write_shard
 
 _CHUNK = 8 * 1024 * 1024
-_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _TORCH_TO_ST = {getattr(torch, v): k for k, v in SAFETENSORS_DTYPES.items() if hasattr(torch, v)}
 
 
@@ -69,38 +66,12 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors header without reading any tensor data; validate offsets against the file.
 
+    The parse is :func:`tpde_hf.integrity.read_shard_header`'s (one parser for conversion, load and checks).
     Raises :class:`TpdeFormatError` naming ``path`` for a truncated or malformed file.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise TpdeFormatError(str(path), "not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise TpdeFormatError(str(path), f"not a safetensors file or truncated (header length {n}, file {size} B)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TpdeFormatError(str(path), f"corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise TpdeFormatError(str(path), "corrupt safetensors header (not an object)")
-    data_start = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise TpdeFormatError(str(path), f"corrupt header entry for {name!r}") from None
-        info = TensorInfo(name, dtype, shape, data_start + int(b), data_start + int(end), path)
-        item = ITEMSIZE.get(dtype)
-        if info.end > size or info.begin > info.end or (item is not None and info.nbytes != info.numel * item):
-            raise TpdeFormatError(str(path), f"tensor {name!r} lies outside the file or has a wrong size (truncated?)")
-        out[name] = info
-    return out
+    return {name: TensorInfo(name, t.dtype, t.shape, t.begin, t.end, path)
+            for name, t in read_shard_header(path).tensors.items()}
 
 
 def iter_bytes(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[bytes]:

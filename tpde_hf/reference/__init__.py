@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from tpde_hf.codec.registry import TENSOR_CODECS
 
-CODEC_NAMES = ("ref-same", "ref-ord")
+CODEC_NAMES = ("ref-same", "ref-ord", "ref-sparse")
 
 
 def _load_codecs() -> None:
-    import tpde_hf.reference.codec  # noqa: F401  (registers the codecs)
+    import tpde_hf.reference.codec  # noqa: F401  (registers ref-same, ref-ord)
+    import tpde_hf.reference.sparse  # noqa: F401  (registers ref-sparse)
 
 
 for _name in CODEC_NAMES:

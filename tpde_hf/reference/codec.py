@@ -314,7 +314,8 @@ class RefOrd:
         width, shift, emask = FLOATS[dtype]
         out = torch.empty(shape, dtype=dtype)
         status = np.zeros(n_chunks, np.int64)
-        run = K.rans_decode if n_chunks > 2 else K.rans_decode_serial
+        # one thread when asked (a pool decodes whole tensors in parallel at load) or when the tensor is small
+        run = K.rans_decode if n_chunks > 2 and not context.options.get("serial") else K.rans_decode_serial
         run(_bits(ref), _bits(out), width, shift, emask, e_low, n_eb, n_prev, chunk, prob_bits, lut,
             prev_bucket_map(n_prev), words, chunks[0], states.astype(np.uint64), raw_words, chunks[1], status)
         if status.any():

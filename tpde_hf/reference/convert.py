@@ -76,6 +76,7 @@ def best_reference_coding(name: str, tensor: torch.Tensor, reference: torch.Tens
                           ref_index: int) -> tuple[str, dict[str, torch.Tensor]] | None:
     """The smallest reference coding of ``tensor``: ``(codec, parts)``, or None when no codec applies."""
     import tpde_hf.reference.codec  # noqa: F401  (registers the codecs)
+    import tpde_hf.reference.sparse  # noqa: F401
 
     best = None
     ctx = CodecContext(name, reference, {"ref_index": ref_index})
@@ -96,12 +97,16 @@ def best_reference_coding(name: str, tensor: torch.Tensor, reference: torch.Tens
 def convert_with_reference(source: str | os.PathLike, output_dir: str | os.PathLike, reference: str | os.PathLike, *,
                            reference_revision: str | None = None, token: str | bool | None = None,
                            overwrite: bool = False, push_to_hub: str | None = None, private: bool = False,
-                           endpoint: str | None = None, cache_dir: str | os.PathLike | None = None,
+                           push_revision: str | None = None, create_pr: bool = False,
+                           commit_message: str | None = None, endpoint: str | None = None,
+                           cache_dir: str | os.PathLike | None = None,
                            keep_standalone: str | os.PathLike | None = None, **convert_kwargs: Any) -> dict:
     """Convert ``source`` into a delta repo against ``reference`` at ``output_dir``; returns the report dict.
 
     ``reference``: a local folder, or a Hub repo id with optional ``@revision`` (``reference_revision`` too).
     ``keep_standalone``: also keep the standalone conversion (no reference) there (benchmarks compare both).
+    ``push_to_hub`` / ``push_revision`` / ``create_pr`` / ``commit_message``: push the result as
+    :func:`tpde_hf.conversion.hub.push_to_hub` does (a branch, or a pull request against it).
     The other keyword arguments go to :func:`tpde_hf.conversion.convert`. Raises :class:`ConversionError`
     (bad input, existing output) or :class:`VerificationError`; nothing is left at ``output_dir`` on failure.
     """
@@ -128,8 +133,10 @@ def convert_with_reference(source: str | os.PathLike, output_dir: str | os.PathL
     if push_to_hub:
         from tpde_hf.conversion.hub import push_to_hub as _push
 
-        _push(out, push_to_hub, token=token, private=private, endpoint=endpoint)
+        res = _push(out, push_to_hub, token=token, private=private, revision=push_revision, create_pr=create_pr,
+                    commit_message=commit_message, endpoint=endpoint)
         report["pushed_to"] = push_to_hub
+        report["push"] = {"revision": res.revision, "commit": res.commit, "pr_url": res.pr_url}
     return report
 
 
@@ -141,7 +148,6 @@ def convert_report(source: str | os.PathLike, output_dir: str | os.PathLike, ref
     from tpde_hf.format import CONVERSION_REPORT_NAME
 
     opts = dict(options)
-    opts.pop("push_revision", None), opts.pop("create_pr", None), opts.pop("commit_message", None)
     summary = convert_with_reference(source, output_dir, reference, **opts)
     out = Path(output_dir).expanduser().absolute()
     report = ConversionReport.from_dict(json.loads((out / CONVERSION_REPORT_NAME).read_text()))
@@ -165,8 +171,10 @@ def _keys_the_model_converts(std: Path, names: list[str], trust_remote_code: boo
     fused into one parameter): they stay in their standalone form, since a load matches one converter per key."""
     import tempfile
 
+    from transformers.core_model_loading import dot_natural_key
+
     from tpde_hf.conversion.selection import _build_meta_model
-    from tpde_hf.loading import KeyMap, dot_natural_key
+    from tpde_hf.loading import KeyMap
 
     config = json.loads((std / "config.json").read_text())
     config.pop("quantization_config", None)
@@ -253,8 +261,7 @@ def _check_decode(name: str, codec: str, parts: dict[str, torch.Tensor], ref_t: 
 def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     """One ``model.safetensors``, or shards of at most ``SHARD_BYTES`` with an index (transformers' layout)."""
     from safetensors.torch import save_file
-
-    from tpde_hf.loading import dot_natural_key
+    from transformers.core_model_loading import dot_natural_key
 
     names = sorted(tensors, key=dot_natural_key)
     shards: list[list[str]] = [[]]

@@ -226,17 +226,18 @@ def rans_decode(r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, ch
                                   lut, pbmap, words, word_start, states, raw_words, raw_start)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rans_decode_serial(r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits, lut, pbmap,
                        words, word_start, states, raw_words, raw_start, status):
-    """:func:`rans_decode` on this thread: small tensors, where waking the thread pool costs more than it saves
-    (tens of milliseconds on a busy machine)."""
+    """:func:`rans_decode` on this thread, without the GIL: small tensors, where waking the thread pool costs more
+    than it saves (tens of milliseconds on a busy machine), and the load's pool that decodes tensors in parallel
+    (:mod:`tpde_hf.reference.prefetch`)."""
     for c in range(status.shape[0]):
         status[c] = _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits,
                                   lut, pbmap, words, word_start, states, raw_words, raw_start)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_lut(freq, prob_bits, lut):
     """Per context and slot: ``freq | (slot - cum) << 13 | symbol << 25`` (one uint32 load per decode step)."""
     n_ctx, n_sym = freq.shape

@@ -3,7 +3,8 @@
 A tensor ``K`` stored as ``K.tpde_codec.<codec>.blob`` is matched by one :class:`WeightConverter` per reference
 codec, whose source pattern is the stored suffix and whose target is ``K`` itself (the model's own key renamings
 of ``K`` carry over: they run first). Its op, :class:`ReferenceDecode`, resolves the reference once per load
-(:class:`LoadReference`: the recorded commit, through the Hugging Face cache; offline mode honoured), checks each
+(:class:`LoadReference`: the recorded commit, through the Hugging Face cache, with ``from_pretrained``'s
+``token`` / ``cache_dir`` / ``local_files_only``; offline mode honoured), checks each
 reference tensor it uses against the recorded xxh3, and decodes ``K`` bit for bit. A failure is recorded on the
 quantizer and raised after loading with its own message (transformers would otherwise report a generic
 conversion issue), naming the reference.
@@ -15,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any
 
@@ -23,7 +26,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from tpde_hf.codec.registry import CODEC_TOKEN, TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.reference.resolve import ReferenceError, ResolvedReference, check_reference_tensor, resolve_reference
+from tpde_hf.reference.resolve import ReferenceError, ResolvedReference, resolve_reference, tensor_digest
 
 PART = "blob"
 
@@ -45,14 +48,17 @@ def has_reference_parts(keys: Any) -> bool:
 class LoadReference:
     """The reference of one load: resolved on first use, each tensor checked once against its checksum."""
 
-    def __init__(self, info: dict, token: Any = None):
+    def __init__(self, info: dict, token: Any = None, cache_dir: Any = None, local_files_only: bool | None = None):
         if not isinstance(info.get("model"), str) or not isinstance(info.get("tensors"), list):
             raise TpdeFormatError("config.json", "quantization_config.reference is malformed (needs 'model' and "
                                                  "'tensors')")
         self.info = info
         self.token = token
+        self.cache_dir = cache_dir
+        self.local_files_only = local_files_only
         self._ref: ResolvedReference | None = None
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # one reader of the reference's safetensors handles at a time
 
     @property
     def label(self) -> str:
@@ -65,7 +71,8 @@ class LoadReference:
                 i = self.info
                 # a Hub reference is fetched at the recorded commit: the bytes it was coded against
                 self._ref = resolve_reference(i["model"], revision=i.get("commit") or i.get("revision"),
-                                              token=self.token)
+                                              token=self.token, cache_dir=self.cache_dir,
+                                              local_files_only=self.local_files_only)
             return self._ref
 
     def tensor(self, index: int, key: str) -> torch.Tensor:
@@ -73,15 +80,66 @@ class LoadReference:
         if not 0 <= index < len(tensors) or not isinstance(tensors[index], list) or len(tensors[index]) != 2:
             raise TpdeFormatError(key, f"names reference tensor #{index}, which config.json does not list")
         name, digest = tensors[index]
-        return check_reference_tensor(self.resolved(), name, digest)
+        ref = self.resolved()
+        with self._read_lock:
+            t = ref.reader().get(name)
+        got = tensor_digest(t)  # hashed once, outside the lock: the pool's threads hash in parallel
+        if got != digest:
+            raise ReferenceError(ref.label, f"reference tensor {name!r} differs from the one this repo was coded "
+                                            f"against (xxh3 {got}, expected {digest}): wrong or modified reference "
+                                            "model")
+        return t
+
+
+def from_pretrained_download_kwargs() -> dict[str, Any]:
+    """``token``, ``cache_dir`` and ``local_files_only`` of the ``from_pretrained`` call running on this thread.
+
+    transformers does not hand its download arguments to a quantizer, so they are read from its
+    ``download_kwargs`` (the dict it passes to every Hub download of the load); {} outside ``from_pretrained``.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        found = frame.f_locals.get("download_kwargs") if frame.f_code.co_name == "from_pretrained" else None
+        if isinstance(found, dict):
+            files = frame.f_locals.get("checkpoint_files")
+            return {**{k: found.get(k) for k in ("token", "cache_dir", "local_files_only")},
+                    "files": [str(f) for f in files] if isinstance(files, list | tuple) else None}
+        frame = frame.f_back
+    return {}
+
+
+def capture_download_kwargs(hf_quantizer: Any) -> None:
+    """Remember the load's download arguments on the quantizer (the reference is fetched with the same token)."""
+    if getattr(hf_quantizer, "_tpde_download", None) is None:
+        hf_quantizer._tpde_download = from_pretrained_download_kwargs()
 
 
 def load_reference(hf_quantizer: Any) -> LoadReference:
     ref = getattr(hf_quantizer, "_tpde_reference", None)
     if ref is None:
-        ref = LoadReference(reference_info(hf_quantizer) or {}, getattr(hf_quantizer, "_tpde_token", None))
+        capture_download_kwargs(hf_quantizer)
+        kw = {k: v for k, v in hf_quantizer._tpde_download.items() if k != "files"}
+        ref = LoadReference(reference_info(hf_quantizer) or {}, **kw)
         hf_quantizer._tpde_reference = ref
     return ref
+
+
+_PREFETCH_LOCK = threading.Lock()
+
+
+def load_prefetch(hf_quantizer: Any) -> Any:
+    """The load's :class:`~tpde_hf.reference.prefetch.Prefetch` (built on first use), or None without the
+    checkpoint file list or with ``TPDE_REFERENCE_WORKERS=0`` (decode on the loading thread)."""
+    with _PREFETCH_LOCK:
+        pf = getattr(hf_quantizer, "_tpde_prefetch", None)
+        if pf is None:
+            from tpde_hf.reference.prefetch import Prefetch
+
+            files = (getattr(hf_quantizer, "_tpde_download", None) or {}).get("files")
+            off = os.environ.get("TPDE_REFERENCE_WORKERS") == "0"
+            pf = Prefetch(files, load_reference(hf_quantizer)) if files and not off else False
+            hf_quantizer._tpde_prefetch = pf
+        return pf or None
 
 
 class ReferenceDecode(ConversionOps):
@@ -111,9 +169,15 @@ class ReferenceDecode(ConversionOps):
             blob = values[0].detach().to("cpu")
             h, _, _ = C.read_header(blob, self.codec, key)
             ref = load_reference(self.hf_quantizer)
-            reference = ref.tensor(int(np.int64(h[3])), key)
-            out = TENSOR_CODECS.get(self.codec, key).decode({PART: blob}, CodecContext(key, reference))
+            pf = load_prefetch(self.hf_quantizer)
+            out = pf.take(h) if pf is not None else None  # decoded ahead on the pool (same checks)
+            if out is None:
+                reference = ref.tensor(int(np.int64(h[3])), key)
+                out = TENSOR_CODECS.get(self.codec, key).decode({PART: blob}, CodecContext(key, reference))
         except TpdeFormatError as exc:
+            pf = getattr(self.hf_quantizer, "_tpde_prefetch", None)
+            if pf:
+                pf.cancel()
             self.hf_quantizer.record_error(exc)
             return {}
         dtype = _target_dtype(model, full_layer_name)
@@ -132,6 +196,8 @@ def reference_converters(hf_quantizer: Any) -> list[WeightConverter]:
     """One converter per reference codec: ``K.tpde_codec.<codec>.blob`` -> ``K`` (decoded)."""
     from tpde_hf.reference import CODEC_NAMES
 
+    capture_download_kwargs(hf_quantizer)  # called inside from_pretrained: its token goes to the reference download
+    load_prefetch(hf_quantizer)  # start decoding now: it overlaps transformers' own set-up before the first tensor
     return [WeightConverter([rf"\.{CODEC_TOKEN}\.{c}\.{PART}"], "", [ReferenceDecode(hf_quantizer, c)],
                             force_cpu=True) for c in CODEC_NAMES]
 

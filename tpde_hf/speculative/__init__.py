@@ -12,6 +12,10 @@ transformers' assisted generation, sharing the base tensors with the exact model
 * :mod:`~tpde_hf.speculative.draft`: the draft view and its refusals;
 * :mod:`~tpde_hf.speculative.exact`: :func:`generate_exact`, whose greedy tokens are bit-identical to plain
   ``lossless`` decoding (the verifier computes each drafted row as a one-token forward would);
+* :mod:`~tpde_hf.speculative.tree`: the token tree ``generate_exact`` verifies per weight rebuild (the draft's
+  chain plus its runner-up tokens as leaves), :class:`TreeOptions`;
+* :mod:`~tpde_hf.speculative.rowcheck`: which batched linear products a run-time check found
+  row-identical (evidence, not proof; off by default);
 * :mod:`~tpde_hf.speculative.stats`: :func:`track`, acceptance counts of assisted generation;
 * :mod:`~tpde_hf.speculative.base_paths`: how a draft layer applies the base (CPU int4 kernel, Triton,
   dequantize per forward, cached dense).
@@ -27,6 +31,7 @@ from tpde_hf.speculative.draft import (
 )
 from tpde_hf.speculative.exact import exact_verifier, generate_exact
 from tpde_hf.speculative.stats import SpeculationStats, track
+from tpde_hf.speculative.tree import TreeOptions
 
-__all__ = ["DraftError", "SpeculationStats", "TpdeDraftLinear", "draft_layers", "draft_memory", "draft_model",
-           "exact_verifier", "generate_exact", "is_draft", "track"]
+__all__ = ["DraftError", "SpeculationStats", "TpdeDraftLinear", "TreeOptions", "draft_layers", "draft_memory",
+           "draft_model", "exact_verifier", "generate_exact", "is_draft", "track"]

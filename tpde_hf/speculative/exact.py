@@ -26,10 +26,15 @@ the same tensors, like :func:`~tpde_hf.speculative.draft_model`) in which a veri
 * everything else (embeddings, norms, rotary, activations, residuals) is elementwise or reduces
   within a row, so a row's result does not depend on how many rows the tensor holds.
 
-:func:`generate_exact` runs transformers' assisted generation with that view as the verifier and the
-base as the draft. The extra cost is ``k + 1`` one-row products instead of one ``k + 1``-row product
-per layer and one small attention call per row: on SmolLM2 (2-core CPU) about 0.03 s per drafted row,
-15% of a verification at ``k = 6`` (the weight rebuild dominates).
+:func:`generate_exact` verifies with that view. Greedy generation (the default ``speculation="tree"``)
+runs :mod:`~tpde_hf.speculative.tree`: per rebuild it verifies the draft's chain plus the draft's runner-up
+tokens as leaves (each leaf row attends to its own ancestors); with ``TreeOptions(batch=True)``
+consecutive one-row products are merged into chunks that :mod:`~tpde_hf.speculative.rowcheck` found
+row-identical at run time (off by default). Sampling, processors and ``speculation="chain"`` run
+transformers' assisted generation with that view as the verifier and the base as the draft. The extra
+cost is one one-row product per row and layer instead of one product of all rows, and one small
+attention call per row: on SmolLM2 (2-core CPU) about 0.03 s per drafted row, 15% of a verification at
+``k = 6`` (the weight rebuild dominates).
 
 Scope (checked, else :class:`~tpde_hf.speculative.draft.DraftError`): batch 1 without padding, CPU, models
 whose attention goes through transformers' attention interface with SDPA and full causal attention
@@ -53,26 +58,50 @@ from torch import nn
 
 from tpde_hf.nn import TpdeLinear
 from tpde_hf.nn.weight_access import weight_for_forward
+from tpde_hf.speculative import rowcheck
 from tpde_hf.speculative.draft import DraftError, _structural_copy, draft_model, is_draft
+from tpde_hf.speculative.stats import record_tree_round
+from tpde_hf.speculative.tree import TreeOptions, generate_tree
 
 ATTN_NAME = "tpde_rowwise_sdpa"
 _DRAFTS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 class _Rows:
-    """How the rows of the current forward are grouped: as the plain decode would have computed them."""
+    """How the rows of the current forward are grouped: as the plain decode would have computed them.
+
+    ``segments``: row groups, each computed as one plain forward would have (the prompt together in the
+    first forward, then one row each). ``keys``: per segment, the cache positions its query attends to
+    (``None``: every position up to its own, as in a chain; a tensor: a token tree's row, its ancestors).
+    ``batch``: whether consecutive one-row groups may share one linear call where :mod:`.rowcheck` has found
+    that call row-identical for its shape.
+    """
 
     def __init__(self) -> None:
         self.prompt_len = 0
         self.calls = 0
         self.segments: list[int] = []
+        self.keys: list[torch.Tensor | None] = []
+        self.batch = False
+        self._planned: tuple[list[int], list[torch.Tensor | None]] | None = None
+
+    def plan(self, segments: list[int], keys: list[torch.Tensor | None]) -> None:
+        """The grouping (and tree attention) of the next forward, set by a caller that builds its rows."""
+        self._planned = (list(segments), list(keys))
 
     def start_forward(self, m: int) -> None:
-        if self.calls == 0 and self.prompt_len > 0:  # plain prefill: the prompt in one forward
+        if self._planned is not None:
+            self.segments, self.keys = self._planned
+            self._planned = None
+            if sum(self.segments) != m:
+                raise DraftError(f"tpde exact verifier: planned {sum(self.segments)} rows, the forward has {m}")
+        elif self.calls == 0 and self.prompt_len > 0:  # plain prefill: the prompt in one forward
             p = min(self.prompt_len, m)
             self.segments = [p] + [1] * (m - p)
+            self.keys = [None] * len(self.segments)
         else:
             self.segments = [1] * m
+            self.keys = [None] * m
         self.calls += 1
 
     def split(self, m: int) -> list[int]:
@@ -101,10 +130,39 @@ class RowwiseLinear(nn.Module):
         if x.dim() < 2:
             return self._one(x, w, bias)
         parts, start = [], 0
-        for n in self.rows.split(x.shape[-2]):
-            parts.append(self._one(x[..., start:start + n, :], w, bias))
+        for n, merged in self._groups(x.shape[-2], w, bias, x.dtype):
+            xs = x[..., start:start + n, :]
+            if merged and not rowcheck.confirmed(w, n, bias):
+                # first real call of this shape: the one-row products (always right), compared with the batch
+                rows = [self._one(xs[..., i:i + 1, :], w, bias) for i in range(n)]
+                rowcheck.record(w, n, bias, torch.equal(rowcheck.bits(torch.cat(rows, dim=-2)),
+                                                        rowcheck.bits(self._one(xs, w, bias))))
+                parts.extend(rows)
+            else:
+                parts.append(self._one(xs, w, bias))
             start += n
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+    def _groups(self, m: int, w: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype) -> list[tuple[int, bool]]:
+        """The row groups of ``_Rows.split`` (``merged`` False), with runs of one-row groups merged into chunks
+        whose batched product :func:`~tpde_hf.speculative.rowcheck.rows_identical` has found row-identical."""
+        groups = self.rows.split(m)
+        if not self.rows.batch or self.transposed or rowcheck.unsupported(w, dtype):
+            return [(n, False) for n in groups]
+        out: list[tuple[int, bool]] = []
+        run = 0
+        for n in [*groups, 0]:
+            if n == 1:
+                run += 1
+                continue
+            while run:
+                c = rowcheck.largest_identical_chunk(w.shape[1], w.shape[0], run, dtype, bias is not None)
+                out.append((c, c > 1))
+                run -= c
+            if n:
+                out.append((n, False))
+        return out
 
     def _one(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # a tensor of its own, as plain decoding's activations are (a view into the k + 1 rows can take
@@ -133,8 +191,12 @@ def _rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         # the layouts plain decoding passes: the query a [1, n, heads, dim] tensor of its own seen as
         # [1, heads, n, dim]; keys and values the cache's contiguous [1, kv_heads, end, dim]
         q = query[:, :, start:start + n].transpose(1, 2).clone(memory_format=torch.contiguous_format).transpose(1, 2)
-        k = key[:, :, :end].clone(memory_format=torch.contiguous_format) if end != total else key
-        v = value[:, :, :end].clone(memory_format=torch.contiguous_format) if end != total else value
+        idx = rows.keys[len(outs)] if len(rows.keys) == len(rows.segments) and sum(rows.segments) == m else None
+        if idx is not None:  # a tree row: its ancestors' keys, gathered into the contiguous layout of a cache
+            k, v = key.index_select(2, idx), value.index_select(2, idx)
+        else:
+            k = key[:, :, :end].clone(memory_format=torch.contiguous_format) if end != total else key
+            v = value[:, :, :end].clone(memory_format=torch.contiguous_format) if end != total else value
         out, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
         outs.append(out)
         start += n
@@ -217,8 +279,34 @@ def exact_verifier(model: nn.Module) -> nn.Module:
     return view
 
 
+#: generate() arguments the token-tree loop reproduces; any other sends generation to transformers' loop
+_TREE_KWARGS = {"max_new_tokens", "do_sample", "pad_token_id", "eos_token_id", "streamer", "num_beams", "use_cache"}
+#: generation settings that add a logits processor to plain greedy decoding (then transformers' loop runs)
+_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+               "min_new_tokens": (None, 0), "min_length": (None, 0), "forced_bos_token_id": (None,),
+               "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+               "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0), "guidance_scale": (None, 1.0),
+               "exponential_decay_length_penalty": (None,), "stop_strings": (None,), "max_time": (None,),
+               "watermarking_config": (None,), "renormalize_logits": (None, False), "num_beams": (None, 1)}
+
+
+def _tree_settings(model: nn.Module, kwargs: dict[str, Any], prompt_len: int) -> tuple[int, set[int]] | None:
+    """``(max_new_tokens, end tokens)`` when plain generation would be greedy with no logits processor, else None."""
+    if set(kwargs) - _TREE_KWARGS:
+        return None
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(**{k: v for k, v in kwargs.items() if k != "streamer"})
+    if gc.do_sample or any(getattr(gc, k, None) not in ok for k, ok in _PROCESSORS.items()):
+        return None
+    new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt_len
+    eos = gc.eos_token_id
+    eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+    return max(0, int(new)), eos
+
+
 def generate_exact(model: nn.Module, input_ids: torch.Tensor | None = None, *, draft: nn.Module | None = None,
-                   bit_identical: bool = True, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any):
+                   bit_identical: bool = True, attention_mask: torch.Tensor | None = None,
+                   speculation: str = "tree", tree: TreeOptions | None = None, **generate_kwargs: Any):
     """``model.generate(...)`` drafted by the model's own 4-bit base; greedy tokens equal plain ``lossless``'s.
 
     Args:
@@ -228,6 +316,12 @@ def generate_exact(model: nn.Module, input_ids: torch.Tensor | None = None, *, d
         bit_identical: verify row by row (:func:`exact_verifier`), so that greedy tokens are bit-identical to
             plain greedy decoding of ``model``; ``False`` uses transformers' one-forward verification
             (exact weights, the ``k + 1``-row kernels' rounding).
+        speculation: ``"tree"`` (default): greedy generation verifies the draft's chain plus its runner-up
+            tokens as leaves per rebuild (:mod:`~tpde_hf.speculative.tree`, options ``tree``); ``"chain"``:
+            transformers' assisted generation (``draft.generation_config.num_assistant_tokens`` tokens per
+            round). Sampling, beam search, logits processors and ``bit_identical=False`` always take the chain
+            (sampling: transformers' speculative sampling, which keeps the exact model's distribution).
+        tree: :class:`~tpde_hf.speculative.tree.TreeOptions` of the tree.
         generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ``streamer``...).
     """
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -236,6 +330,8 @@ def generate_exact(model: nn.Module, input_ids: torch.Tensor | None = None, *, d
         raise DraftError("tpde generate_exact: the attention mask has padding; pass one unpadded prompt")
     if "assistant_model" in generate_kwargs:
         raise DraftError("tpde generate_exact: pass the draft as draft=..., not assistant_model=")
+    if speculation not in ("tree", "chain"):
+        raise ValueError(f"tpde generate_exact: speculation={speculation!r}; expected 'tree' or 'chain'")
     if draft is None:
         draft = _DRAFTS.get(model)
         if draft is None:
@@ -245,6 +341,11 @@ def generate_exact(model: nn.Module, input_ids: torch.Tensor | None = None, *, d
     if bit_identical:
         verifier = exact_verifier(model)
         verifier._tpde_rows.prompt_len = int(input_ids.shape[1])
+        settings = _tree_settings(model, generate_kwargs, int(input_ids.shape[1])) if speculation == "tree" else None
+        if settings is not None:
+            with torch.no_grad():
+                return generate_tree(verifier, draft, input_ids, max_new_tokens=settings[0], eos_token_ids=settings[1],
+                                     opts=tree, streamer=generate_kwargs.get("streamer"), on_round=record_tree_round)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     with torch.no_grad():

@@ -21,10 +21,17 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SpeculationStats:
-    """Per verification round: ``drafted[i]`` candidates proposed, ``accepted[i]`` of them accepted."""
+    """Per verification round: ``drafted[i]`` candidates proposed, ``accepted[i]`` of them accepted.
+
+    Token-tree rounds (:mod:`~tpde_hf.speculative.tree`) also record ``leaf_hits[i]`` (1 when a leaf, a draft
+    alternative, was accepted; it counts in ``accepted``) and ``rows[i]`` (drafted rows verified: chain and
+    leaves); ``drafted`` counts the chain.
+    """
 
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    leaf_hits: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
 
     @property
     def rounds(self) -> int:
@@ -44,17 +51,36 @@ class SpeculationStats:
     def by_position(self) -> list[float]:
         """Probability that drafted token ``j`` (0-based) is accepted, among rounds that drafted at least ``j + 1``."""
         longest = max(self.drafted, default=0)
+        chain = [a - h for a, h in zip(self.accepted, self.leaf_hits, strict=True)] if self.leaf_hits else self.accepted
         out = []
         for j in range(longest):
             n = sum(1 for d in self.drafted if d > j)
-            a = sum(1 for d, acc in zip(self.drafted, self.accepted, strict=True) if d > j and acc > j)
+            a = sum(1 for d, acc in zip(self.drafted, chain, strict=True) if d > j and acc > j)
             out.append(a / n if n else float("nan"))
         return out
 
     def to_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted": sum(self.drafted), "accepted": sum(self.accepted),
                 "acceptance": self.acceptance, "tokens_per_round": self.tokens_per_round,
-                "acceptance_by_position": self.by_position()}
+                "acceptance_by_position": self.by_position(), "leaf_hits": sum(self.leaf_hits),
+                "rows": sum(self.rows)}
+
+    def record_tree_round(self, chain: int, accepted: int, leaf: int, rows: int) -> None:
+        """One token-tree round: ``chain`` drafted, ``accepted`` of them and ``leaf`` (0/1) leaves accepted."""
+        self.drafted.append(chain)
+        self.accepted.append(accepted + leaf)
+        self.leaf_hits.append(leaf)
+        self.rows.append(rows)
+
+
+#: the trackers open now (token-tree generation reports its rounds to them)
+_ACTIVE: list[SpeculationStats] = []
+
+
+def record_tree_round(chain: int, accepted: int, leaf: int, rows: int) -> None:
+    """Report a token-tree round to every open :func:`track` block."""
+    for stats in _ACTIVE:
+        stats.record_tree_round(chain, accepted, leaf, rows)
 
 
 @contextlib.contextmanager
@@ -71,10 +97,12 @@ def track() -> Iterator[SpeculationStats]:
         return original(self, input_ids, scores, num_matches)
 
     AssistedCandidateGenerator.update_candidate_strategy = update_candidate_strategy
+    _ACTIVE.append(stats)
     try:
         yield stats
     finally:
         AssistedCandidateGenerator.update_candidate_strategy = original
+        _ACTIVE.remove(stats)
 
 
-__all__ = ["SpeculationStats", "track"]
+__all__ = ["SpeculationStats", "record_tree_round", "track"]

@@ -7,18 +7,20 @@
   with frequencies derived from the bin's geometry (no tables), the weights that fall outside their bin
   (non-finite values, clamped codes) as a list of exceptions, and an xxh3-64 checksum of the weight.
 
-Both decode to exactly the resident layout (``qweight, scales, zeros`` of :mod:`tpde_hf.codec.base_quant`)
-and to the exact weight. Elements are coded in blocks of ``BLOCK`` consecutive elements (row-major), each
-its own rANS stream, so blocks decode on several threads. Before any block, the bins that the tensor's
-codes use are built once, into one table shared by the threads (:func:`_bins`); the per-element loops
-then only read tables.
+``version`` is the layout: 2 (written) codes alternate elements of a block with two interleaved rANS
+states (lanes), so their chains overlap on one core; 1 (still read) has one state per block (its block
+index holds one state, not two). Both decode to exactly the resident layout (``qweight, scales, zeros``
+of :mod:`tpde_hf.codec.base_quant`) and to the exact weight. Elements are coded in blocks of ``BLOCK``
+consecutive elements (row-major), each its own rANS stream, so blocks decode on several threads. Before
+any block, the bins that the tensor's codes use are built once, into one table shared by the threads
+(:func:`_bins`); the per-element loops then only read tables.
 
 Layouts (all little-endian; ``u32 lengths`` of the sections follow each header):
 
 =========  ========================================================  ====================================
 blob       header                                                    sections
 =========  ========================================================  ====================================
-base       version u8, dtype code u8, group size u16, out u32,       block index (u32 state, u32 words),
+base       version u8, dtype code u8, group size u16, out u32,       block index (u32 states, u32 words),
            in u32, checksum of the base (and of dtype, group size,   q words, q table, scales hi, scales
            shape) u64                                                lo, zeros
 delta      version u8, grid shift u8 (low mantissa bits that are 0   block index, words, exceptions (zstd
@@ -54,7 +56,8 @@ from tpde_hf.codec.storage import streams as S
 from tpde_hf.codec.storage.blob import pack_blob, unpack_blob, words_of, zstd_pack, zstd_unpack
 from tpde_hf.errors import TpdeFormatError
 
-VERSION = 1
+VERSION = 2  # the layout this writer writes (both blobs' version byte)
+VERSIONS = (1, 2)  # layouts this reader decodes: 1, one rANS state per block; 2, two interleaved states
 BLOCK = 1 << 16
 ZSTD_LEVEL = 12
 _BASE = struct.Struct("<BBHIIQ")
@@ -179,48 +182,56 @@ def _bins(q: np.ndarray, z: np.ndarray, sids: np.ndarray, uscales: np.ndarray, g
 
 
 # ==================================================================== encode
-def _encode_streams(symbols: Callable, numel: int, pb: int, max_syms: int,
+def _lmask(version: int) -> int:
+    """Lane mask of a layout: element ``i`` of a block starting at ``i0`` goes to lane ``(i - i0) & mask``."""
+    return 0 if version == 1 else 1
+
+
+def _encode_streams(symbols: Callable, numel: int, pb: int, max_syms: int, version: int,
                     make_cache: Callable[[], object] | None = None) -> tuple[bytes, bytes]:
-    """Run ``symbols(i0, i1, st, fr, cache)`` per block and rANS-code each: ``(block index, words)`` bytes."""
-    def one(i0: int, i1: int, cache: object) -> tuple[int, np.ndarray]:
-        st = np.empty(max_syms * (i1 - i0), dtype=np.int64)
+    """Run ``symbols(i0, i1, st, fr, cache)`` per block and rANS-code each: ``(block index, words)`` bytes;
+    the index holds per block its final state(s) (one in layout 1, two in layout 2) and its word count."""
+    def one(i0: int, i1: int, cache: object) -> tuple[tuple[int, ...], np.ndarray]:
+        st = np.empty(max_syms * (i1 - i0), dtype=np.int32)  # starts (with the lane), freqs: int32 is enough
         fr = np.empty_like(st)
         ns = symbols(i0, i1, st, fr, cache)
         words = np.empty(ns + 2, dtype=np.uint16)
-        state, first = S.rans_encode(st, fr, ns, pb, words)
-        return int(state), words[first:]
+        x0, x1, first = S.rans_encode(st, fr, ns, pb, words)
+        return ((int(x0),) if version == 1 else (int(x0), int(x1))), words[first:]
 
     res = _run(one, _blocks(numel), make_cache)
-    index = np.array([(s, w.size) for s, w in res], dtype="<u4").reshape(-1, 2)
+    index = np.array([(*s, w.size) for s, w in res], dtype="<u4").reshape(len(res), -1)
     return index.tobytes(), b"".join(w.astype("<u2").tobytes() for _, w in res)
 
 
-def _q_table(q: np.ndarray, zc: np.ndarray) -> np.ndarray:
-    counts = np.bincount((zc.astype(np.int64) * 16 + q).ravel(), minlength=256).reshape(16, 16)
+def _q_table(q: np.ndarray, z: np.ndarray, gshift: int) -> np.ndarray:
+    counts = S.q_counts(q, z, gshift)
     return rans.quantize_frequencies(torch.from_numpy(counts), S.QPB).numpy().astype(np.int64)
 
 
 def encode_base(q: np.ndarray, z: np.ndarray, scales: torch.Tensor, dtype: torch.dtype, group_size: int,
-                checksum: int) -> torch.Tensor:
-    """The ``base_blob`` of codes ``q`` ([out, in] uint8), zero points ``z`` ([out, ng] uint8) and scales."""
+                checksum: int, version: int = VERSION) -> torch.Tensor:
+    """The ``base_blob`` of codes ``q`` ([out, in] uint8), zero points ``z`` ([out, ng] uint8) and scales
+    (``version``: the layout, for tests of earlier layouts)."""
     out_f, in_f = q.shape
     gshift = group_size.bit_length() - 1
-    zc = np.repeat(z, group_size, axis=1)[:, :in_f]
-    freq = _q_table(q, zc)
+    freq = _q_table(q, z, gshift)
     cum = np.cumsum(freq, axis=1) - freq
+    lm = _lmask(version)
     index, words = _encode_streams(
-        lambda i0, i1, st, fr, _: S.q_symbols(q, z, i0, i1, in_f, gshift, cum, freq, st, fr), q.size, S.QPB, 1)
+        lambda i0, i1, st, fr, _: S.q_symbols(q, z, i0, i1, in_f, gshift, cum, freq, st, fr, lm), q.size, S.QPB, 1,
+        version)
     s16 = scales.contiguous().view(torch.int16).numpy().view(np.uint16)
     sections = [index, words, zstd_pack(freq.astype("<u2"), 19), zstd_pack((s16 >> 8).astype(np.uint8), ZSTD_LEVEL),
                 zstd_pack((s16 & 0xFF).astype(np.uint8), ZSTD_LEVEL), zstd_pack(z, ZSTD_LEVEL)]
-    fields = (VERSION, DTYPE_CODES[dtype], group_size, out_f, in_f, checksum)
+    fields = (version, DTYPE_CODES[dtype], group_size, out_f, in_f, checksum)
     return pack_blob(_BASE, fields, sections)
 
 
 def encode_delta(bits: np.ndarray, q: np.ndarray, z: np.ndarray, s16: np.ndarray, dtype: torch.dtype,
-                 group_size: int, checksum: int, coarse_grid: bool = True) -> torch.Tensor:
+                 group_size: int, checksum: int, coarse_grid: bool = True, version: int = VERSION) -> torch.Tensor:
     """The ``delta_blob`` of the weight's bit patterns ``bits`` (flat) against its base; ``coarse_grid=False``
-    codes every tensor on its dtype's own grid (for ablations)."""
+    codes every tensor on its dtype's own grid (for ablations); ``version``: the layout."""
     out_f, in_f = q.shape
     width, mb, lut = _geometry(dtype)
     gshift = group_size.bit_length() - 1
@@ -230,11 +241,13 @@ def encode_delta(bits: np.ndarray, q: np.ndarray, z: np.ndarray, s16: np.ndarray
 
     cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
 
+    lm = _lmask(version)
+
     def symbols(i0: int, i1: int, st: np.ndarray, fr: np.ndarray, _: object) -> int:
         return K.delta_symbols(bits, q, z, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, st,
-                               fr, exc[i0:i1])
+                               fr, exc[i0:i1], lm)
 
-    index, words = _encode_streams(symbols, bits.size, K.PB, K.MAX_SYMBOLS)
+    index, words = _encode_streams(symbols, bits.size, K.PB, K.MAX_SYMBOLS, version)
     pos = np.flatnonzero(exc)
     # Exceptions: position gaps (u64) then bit patterns (u32), zstd (clamped codes cluster in a few groups).
     exc_data = b""
@@ -242,15 +255,15 @@ def encode_delta(bits: np.ndarray, q: np.ndarray, z: np.ndarray, s16: np.ndarray
         gaps = np.diff(pos, prepend=0).astype("<u8")
         patt = (bits[pos].astype(np.int64) & ((1 << width) - 1)).astype("<u4")
         exc_data = zstd_pack(np.concatenate((gaps.view(np.uint8), patt.view(np.uint8))), 19)
-    return pack_blob(_DELTA, (VERSION, tz, pos.size, checksum), [index, words, exc_data])
+    return pack_blob(_DELTA, (version, tz, pos.size, checksum), [index, words, exc_data])
 
 
 # ==================================================================== decode
 def _parse_base(blob: torch.Tensor, name: str) -> tuple[tuple[int, ...], list[memoryview]]:
     fields, sections = unpack_blob(blob, _BASE, 6, name)
     version, dcode, g, out_f, in_f, _ = fields
-    if version != VERSION:
-        raise TpdeFormatError(name, f"narrow-rans version {version} is not {VERSION}; upgrade tpde-hf")
+    if version not in VERSIONS:
+        raise TpdeFormatError(name, f"narrow-rans layout {version} is not one of {VERSIONS}; upgrade tpde-hf")
     if dcode not in CODE_DTYPES:
         raise TpdeFormatError(name, f"unknown source dtype code {dcode}")
     if g not in base_quant.SUPPORTED_GROUP_SIZES:
@@ -260,24 +273,28 @@ def _parse_base(blob: torch.Tensor, name: str) -> tuple[tuple[int, ...], list[me
     return fields, sections
 
 
-def _block_index(data: memoryview, numel: int, n_words: int, name: str, what: str) -> np.ndarray:
+def _block_index(data: memoryview, numel: int, n_words: int, name: str, what: str, version: int) -> np.ndarray:
+    """``[blocks, 3]``: each block's state of lane 0, of lane 1 (``2**16``, unused, in layout 1), word count."""
     nb = len(_blocks(numel))
-    if len(data) != nb * 8:
-        raise TpdeFormatError(name, f"{what} block index holds {len(data)} bytes, expected {nb * 8}")
-    index = np.frombuffer(data, dtype="<u4").reshape(nb, 2).astype(np.int64)
-    if int(index[:, 1].sum()) != n_words or bool((index[:, 0] < S.STATE_LOW).any()):
+    cols = 2 if version == 1 else 3
+    if len(data) != nb * 4 * cols:
+        raise TpdeFormatError(name, f"{what} block index holds {len(data)} bytes, expected {nb * 4 * cols}")
+    index = np.frombuffer(data, dtype="<u4").reshape(nb, cols).astype(np.int64)
+    if cols == 2:
+        index = np.stack((index[:, 0], np.full(nb, S.STATE_LOW, dtype=np.int64), index[:, 1]), axis=1)
+    if int(index[:, 2].sum()) != n_words or bool((index[:, :2] < S.STATE_LOW).any()):
         raise TpdeFormatError(name, f"{what} block index disagrees with its words (truncated or corrupt)")
     return index
 
 
 def _decode_streams(decode: Callable, index: np.ndarray, words: np.ndarray, numel: int, name: str,
                     what: str, make_cache: Callable[[], object] | None = None) -> None:
-    starts = np.concatenate(([0], np.cumsum(index[:, 1])))
+    starts = np.concatenate(([0], np.cumsum(index[:, 2])))
     pad = np.zeros(1, dtype=np.uint16)  # the kernels read one word ahead (branch-free): never an empty array
-    jobs = [(words[starts[b]:starts[b + 1]] if starts[b + 1] > starts[b] else pad, int(index[b, 0]), i0, i1)
-            for b, (i0, i1) in enumerate(_blocks(numel))]
-    for b, (state, read) in enumerate(_run(decode, jobs, make_cache)):
-        if int(state) != S.STATE_LOW or int(read) != starts[b + 1] - starts[b]:
+    jobs = [(words[starts[b]:starts[b + 1]] if starts[b + 1] > starts[b] else pad, int(index[b, 0]),
+             int(index[b, 1]), i0, i1) for b, (i0, i1) in enumerate(_blocks(numel))]
+    for b, (x0, x1, read) in enumerate(_run(decode, jobs, make_cache)):
+        if int(x0) != S.STATE_LOW or int(x1) != S.STATE_LOW or int(read) != starts[b + 1] - starts[b]:
             raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt)")
 
 
@@ -286,10 +303,10 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
     if "base_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'base_blob' is missing")
     fields, (index_b, words_b, table_b, hi_b, lo_b, zeros_b) = _parse_base(parts["base_blob"], name)
-    _, dcode, g, out_f, in_f, checksum = fields
+    version, dcode, g, out_f, in_f, checksum = fields
     ng = base_quant.n_groups(in_f, g)
     words = words_of(words_b, name)
-    index = _block_index(index_b, out_f * in_f, words.size, name, "q")
+    index = _block_index(index_b, out_f * in_f, words.size, name, "q", version)
     freq = zstd_unpack(table_b, "<u2", 256, name, "q tables").astype(np.int64).reshape(16, 16)
     if bool((freq.sum(axis=1) != 1 << S.QPB).any()):
         raise TpdeFormatError(name, "q tables do not sum to the probability scale")
@@ -305,8 +322,9 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
         raise TpdeFormatError(name, "a zero point exceeds 15")
     q = np.empty((out_f, in_f), dtype=np.uint8)
     gshift = g.bit_length() - 1
-    _decode_streams(lambda w, st, i0, i1, _: S.q_decode(w, st, z, i0, i1, in_f, gshift, lut, cum, freq, q),
-                    index, words, out_f * in_f, name, "q")
+    lm = _lmask(version)
+    _decode_streams(lambda w, s0, s1, i0, i1, _: S.q_decode(w, s0, s1, z, i0, i1, in_f, gshift, lut, cum, freq, q,
+                                                            lm), index, words, out_f * in_f, name, "q")
     qfull = np.repeat(z, g, axis=1)
     qfull[:, :in_f] = q
     base = {"qweight": torch.from_numpy(pack4(qfull)), "scales": scales, "zeros": torch.from_numpy(pack4(z))}
@@ -319,16 +337,21 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
 
 def decode_weight(parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     """The exact weight from both blobs."""
+    return decode_weight_and_base(parts, name)[0]
+
+
+def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, dict]:
+    """``(exact weight, resident base)`` from both blobs, the base decoded once."""
     b = decode_base_arrays(parts, name)
     if "delta_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'delta_blob' is missing")
     (version, tz, n_exc, checksum), (index_b, words_b, exc_b) = unpack_blob(parts["delta_blob"], _DELTA, 3, name)
-    if version != VERSION:
-        raise TpdeFormatError(name, f"narrow-rans delta version {version} is not {VERSION}; upgrade tpde-hf")
+    if version not in VERSIONS:
+        raise TpdeFormatError(name, f"narrow-rans delta layout {version} is not one of {VERSIONS}; upgrade tpde-hf")
     dtype, (out_f, in_f), g = b["dtype"], b["shape"], b["group_size"]
     numel = out_f * in_f
     words = words_of(words_b, name)
-    index = _block_index(index_b, numel, words.size, name, "delta")
+    index = _block_index(index_b, numel, words.size, name, "delta", version)
     pos = np.zeros(0, dtype=np.int64)
     patt = np.zeros(0, dtype=np.uint32)
     if n_exc > numel:
@@ -352,21 +375,23 @@ def decode_weight(parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     q, z = b["q"], b["z"]
     uscales, sids = _scale_ids(b["base"]["scales"].numpy())
     cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
-    _decode_streams(lambda w, st, i0, i1, _: K.delta_decode(w, st, q, z, sids, uscales, i0, i1, in_f, gshift,
-                                                            width, mb, tz, lut, cache, out[i0:i1]),
+    lm = _lmask(version)
+    _decode_streams(lambda w, s0, s1, i0, i1, _: K.delta_decode(w, s0, s1, q, z, sids, uscales, i0, i1, in_f, gshift,
+                                                                width, mb, tz, lut, cache, out[i0:i1], lm),
                     index, words, numel, name, "delta")
     if n_exc:
         patch = patt
         out[pos] = patch.astype(np.uint16).view(np.int16) if width == 16 else patch.view(np.int32)
     if _checksum(out) != checksum:
         raise TpdeFormatError(name, "the decoded weight does not match its checksum (corrupt delta)")
-    return torch.from_numpy(out.reshape(out_f, in_f)).view(dtype)
+    return torch.from_numpy(out.reshape(out_f, in_f)).view(dtype), b["base"]
 
 
 class NarrowRans:
     """Storage codec ``narrow-rans`` (see the module docstring); registered in ``BASE_STORAGE``.
 
-    ``context.options["coarse_grid"] = False`` turns off the per-tensor coarse grid (ablations only).
+    ``context.options["coarse_grid"] = False`` turns off the per-tensor coarse grid (ablations only);
+    ``context.options["layout"] = 1`` writes the earlier layout (tests only; the reader decodes both).
 
     Example: ``NarrowRans().decode_base(parts, CodecContext("layer.weight"))["qweight"]``.
     """
@@ -402,12 +427,20 @@ class NarrowRans:
         bits = w.view(INT_VIEW[w.dtype]).numpy().ravel()
         base_sum = _checksum(qweight.numpy(), scales.numpy(), zeros.numpy(),
                              header=(DTYPE_CODES[w.dtype], g, out_f, in_f))
-        return {"base_blob": encode_base(q, z, scales, w.dtype, g, base_sum),
+        version = int(context.options.get("layout", VERSION))
+        if version not in VERSIONS:
+            raise ValueError(f"{name}: narrow-rans writes layouts {VERSIONS}, not {version}")
+        return {"base_blob": encode_base(q, z, scales, w.dtype, g, base_sum, version),
                 "delta_blob": encode_delta(bits, q, z, scales.numpy(), w.dtype, g, _checksum(bits),
-                                           bool(context.options.get("coarse_grid", True)))}
+                                           bool(context.options.get("coarse_grid", True)), version)}
 
     def decode_base(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> dict[str, torch.Tensor]:
         return decode_base_arrays(parts, context.key)["base"]
 
     def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
         return decode_weight(parts, context.key)
+
+    def decode_with_base(self, parts: Mapping[str, torch.Tensor],
+                         context: CodecContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(decode(...), decode_base(...))`` from one decode of the base (a writer's check reads both)."""
+        return decode_weight_and_base(parts, context.key)

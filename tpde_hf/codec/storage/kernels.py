@@ -18,7 +18,9 @@ merge into one segment per sign, coded uniformly (near-zero values of the zero b
 coarser grid (``tz`` low mantissa bits 0 in every weight) is coded on grid ordinals (:func:`_real`).
 
 All rANS here: 32-bit state in ``[2**16, 2**32)``, 16-bit words, at most one word per step. The encoder
-runs backwards over a block's symbols and the decoder must end on ``2**16`` with every word read. Every
+runs backwards over a block's symbols and the decoder must end on ``2**16`` with every word read. Layout 2
+gives alternate elements of a block two states (lanes, ``lmask = 1``) over one word stream, so that the
+CPU overlaps their dependency chains; layout 1 (``lmask = 0``) has one. Every
 read of a payload is clamped, so corrupt input never reads out of bounds; the drivers reject the result.
 """
 
@@ -29,7 +31,7 @@ import math
 import numpy as np
 from numba import njit
 
-from tpde_hf.codec.storage.streams import STATE_LOW
+from tpde_hf.codec.storage.streams import LANE_SHIFT, STATE_LOW
 
 PB = 16  # probability bits of the delta stream (derived frequencies need the resolution)
 DEEP = 13  # binades below a bin's top coded one by one; deeper ones merge into one segment per sign
@@ -52,13 +54,15 @@ def _pattern(o, width):
 def _real(o, tz):
     """The dtype's ordinal of *grid* ordinal ``o``: the grid keeps the magnitudes whose low ``tz`` bits are 0
     (a tensor that came from a narrower format, e.g. fp16 values stored as fp32, has ``tz > 0``)."""
-    return o << tz if o >= 0 else -1 - ((-1 - o) << tz)
+    sign = o >> 63  # branch-free (signs are data, a branch on them mispredicts): -1 - o is o ^ -1
+    return ((o ^ sign) << tz) ^ sign
 
 
 @njit(cache=True, inline="always")
 def _grid(o, tz):
     """Inverse of :func:`_real` (drops the low ``tz`` magnitude bits)."""
-    return o >> tz if o >= 0 else -1 - ((-1 - o) >> tz)
+    sign = o >> 63
+    return ((o ^ sign) >> tz) ^ sign
 
 
 @njit(cache=True, inline="always")
@@ -77,7 +81,7 @@ def _level(o, s, width, tz, lut, u32, f32):
     return np.rint(_value(o, width, tz, lut, u32, f32) / s)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _approx_ordinal(v, width, mb, u32, f32):
     """An ordinal near float32 ``v`` in the target dtype (truncated toward zero; refined by the caller)."""
     f32[0] = v
@@ -100,7 +104,7 @@ def _approx_ordinal(v, width, mb, u32, f32):
     return -1 - m if neg else m
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def lower_edge(k, s, width, mb, tz, lut, u32, f32):
     """The smallest grid ordinal whose level is at least ``k`` (exact: steps from an estimate with the predicate).
 
@@ -135,7 +139,7 @@ def _push(top, bot, neg, e, e_ref, n, tab, b, w, mass):
     return n + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def build_segments(L, H, width, mb, tab, b, cap, mass):
     """Segments of the bin ``[L, H]`` (``L <= H``), top binades first (the decoder scans from the front):
     start ordinal, count, frequency (summing to ``2**PB``), cumulative frequency, written to the bin's
@@ -218,7 +222,7 @@ def new_cache(n_scales: int) -> tuple:
     return (np.zeros((n_scales, 32), dtype=np.bool_), np.empty((n_scales, 32), dtype=np.int64),
             np.zeros((n_scales, NLEV), dtype=np.bool_), np.empty((n_scales, NLEV, 2), dtype=np.int64),
             np.zeros((n_scales, NLEV), dtype=np.int64), np.empty(n_tab, dtype=np.int64),
-            np.empty(n_inv, dtype=np.float64), np.empty(MAXSEG, dtype=np.float64),
+            np.empty(n_inv, dtype=np.int64), np.empty(MAXSEG, dtype=np.float64),
             np.zeros((n_scales, NLEV), dtype=np.bool_))
 
 
@@ -232,7 +236,7 @@ def _where(c, u, li, n_scales):
     return k * 8 * SMALL, np.int64(SMALL), k * SMALL * 2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _edge(k, u, s, width, mb, tz, lut, u32, f32, cache):
     """``lower_edge(k)`` for scale ``u``, cached."""
     stamp_e, edges = cache[0], cache[1]
@@ -242,7 +246,7 @@ def _edge(k, u, s, width, mb, tz, lut, u32, f32, cache):
     return edges[u, k + 15]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _bin(c, u, s, width, mb, tz, lut, u32, f32, cache, mass):
     """Build level ``c``'s bin for scale ``u``: its edges and segments. Each segment also gets its offset
     code: ``SH`` low bits (uniform) under a top part uniform on ``NH`` values, where the first ``UR``
@@ -268,14 +272,14 @@ def _bin(c, u, s, width, mb, tz, lut, u32, f32, cache, mass):
         tab[b + NH * w + j] = nh
         tab[b + UF * w + j] = f
         tab[b + UR * w + j] = (np.int64(1) << PB) - f * nh
-        inv[ib + 2 * j] = 1.0 / np.float64(f + 1)
-        inv[ib + 2 * j + 1] = 1.0 / np.float64(f)
+        inv[ib + 2 * j] = _magic(f + 1)
+        inv[ib + 2 * j + 1] = _magic(f)
     cache[8][u, i] = sgl
     nseg[u, i] = n
     cache[2][u, i] = True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _single(n, b, w, ib, tab, inv, mass):
     """Turn the bin at ``b`` into one symbol per weight when every ordinal can get a frequency of at least 1:
     ordinals of segment ``j`` get ``UF[j]`` each (its share of the bin's width in value), and the rounding
@@ -300,7 +304,7 @@ def _single(n, b, w, ib, tab, inv, mass):
         tab[b + FR * w + j] = wj * tab[b + CNT * w + j] + (rem if j == 0 else 0)
         tab[b + CUM * w + j] = cum
         cum += tab[b + FR * w + j]
-        inv[ib + 2 * j] = 1.0 / np.float64(wj)
+        inv[ib + 2 * j] = _magic(wj)
     for j in range(n, SMALL):  # unused segments: never chosen by the decoder's branch-free search
         tab[b + CUM * w + j] = np.int64(1) << PB
     return True
@@ -332,24 +336,28 @@ def build_bins(need, uscales, u0, u1, width, mb, tz, lut, cache):
 
 
 @njit(cache=True, inline="always")
-def _div(a, b, inv_b):
-    """``a // b`` for ``0 <= a < 2**16``, ``1 <= b <= 2**16``: a multiply and one correction."""
-    v = np.int64(np.float64(a) * inv_b)
-    if v * b > a:
-        v -= 1
-    elif (v + 1) * b <= a:
-        v += 1
-    return v
+def _magic(b):
+    """The multiplier of :func:`_div` for divisor ``b`` (``1 <= b <= 2**16``): ``2**32 // b + 1``."""
+    return (np.int64(1) << 32) // b + 1
+
+
+@njit(cache=True, inline="always")
+def _div(a, magic):
+    """``a // b`` for ``0 <= a < 2**16`` and ``magic = _magic(b)``: one multiply, exact. With
+    ``e = magic * b - 2**32`` in ``(0, b]``, ``a * magic / 2**32 = a / b + a * e / (b * 2**32)`` and
+    ``a * e < 2**32``, so the error stays under ``1 / b`` and never crosses the next integer."""
+    return (a * magic) >> 32
 
 
 @njit(cache=True, nogil=True)
 def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, sym_st,
-                  sym_fr, exc):
+                  sym_fr, exc, lmask):
     """Forward pass of a block: the rANS symbols ``(start, freq)`` of elements ``[i0, i1)`` in coding order.
 
     ``sids[row, group]`` indexes the group's scale in ``uscales``. ``exc[i - i0]`` is set to 1 for an
     exception (ordinal outside its level's bin; coded as the bin's lowest ordinal, or not at all for an
-    empty bin). Returns the number of symbols.
+    empty bin). Every symbol of element ``i`` goes to lane ``(i - i0) & lmask`` (its start carries the lane
+    above bit ``LANE_SHIFT``, see :func:`streams.rans_encode`). Returns the number of symbols.
     """
     built, lohi, nseg, tab, single = cache[2], cache[3], cache[4], cache[5], cache[8]
     n_scales = built.shape[0]
@@ -374,6 +382,7 @@ def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb
             if n == 0:
                 exc[i - i0] = 1
                 continue
+            ln = ((i - i0) & lmask) << LANE_SHIFT
             b, w, _ = _where(c, u, li, n_scales)
             o = _pattern(np.int64(bits[i]), width)
             mag = o if o >= 0 else -1 - o
@@ -387,12 +396,12 @@ def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb
             if single[u, li]:  # one symbol: the ordinal itself (see _single)
                 off = o - tab[b + ST * w + j]
                 wj = tab[b + UF * w + j]
-                sym_st[ns] = tab[b + CUM * w + j] + (0 if off == 0 else tab[b + UR * w + j] + off * wj)
+                sym_st[ns] = tab[b + CUM * w + j] + (0 if off == 0 else tab[b + UR * w + j] + off * wj) | ln
                 sym_fr[ns] = wj + tab[b + UR * w + j] if off == 0 else wj
                 ns += 1
                 continue
             if n > 1:
-                sym_st[ns] = tab[b + CUM * w + j]
+                sym_st[ns] = tab[b + CUM * w + j] | ln
                 sym_fr[ns] = tab[b + FR * w + j]
                 ns += 1
             off = o - tab[b + ST * w + j]
@@ -403,10 +412,10 @@ def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb
                 f = tab[b + UF * w + j]
                 r = tab[b + UR * w + j]
                 if v < r:
-                    sym_st[ns] = v * (f + 1)
+                    sym_st[ns] = v * (f + 1) | ln
                     sym_fr[ns] = f + 1
                 else:
-                    sym_st[ns] = r * (f + 1) + (v - r) * f
+                    sym_st[ns] = r * (f + 1) + (v - r) * f | ln
                     sym_fr[ns] = f
                 ns += 1
             k = sh
@@ -414,22 +423,26 @@ def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb
                 nb = min(k, LOW_BITS)
                 k -= nb
                 sym_fr[ns] = np.int64(1) << (PB - nb)
-                sym_st[ns] = ((off >> k) & ((np.int64(1) << nb) - 1)) * sym_fr[ns]
+                sym_st[ns] = ((off >> k) & ((np.int64(1) << nb) - 1)) * sym_fr[ns] | ln
                 ns += 1
     return ns
 
 
 @njit(cache=True, nogil=True)
-def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, out):
-    """Decode elements ``[i0, i1)`` into ``out`` (bit patterns). Returns ``(final state, words read)``;
-    the caller checks them (``2**16`` and ``words.size``). ``words`` is never empty (the driver passes one
-    pad word for an empty stream): reads are clamped to it, so a corrupt stream never reads out of bounds.
+def delta_decode(words, state0, state1, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache,
+                 out, lmask):
+    """Decode elements ``[i0, i1)`` into ``out`` (bit patterns); element ``i`` reads lane ``(i - i0) & lmask``.
+    Returns ``(final state of lane 0, of lane 1, words read)``; the caller checks them (``2**16`` each and
+    ``words.size``). ``words`` is never empty (the driver passes one pad word for an empty stream): reads are
+    clamped to it, so a corrupt stream never reads out of bounds.
     Bins come prebuilt (:func:`build_bins`)."""
     built, nseg, tab, inv, single = cache[2], cache[4], cache[5], cache[6], cache[8]
     n_scales = built.shape[0]
     nw = words.size
     pos = 0
-    x = np.int64(state)
+    xs = np.empty(2, dtype=np.int64)  # in memory, so that the lanes' chains overlap (see streams.rans_encode)
+    xs[0] = state0
+    xs[1] = state1
     mask = (np.int64(1) << PB) - 1
     # Runs of one group (same row, scale and zero point): the group's fields are read once per run.
     start = i0
@@ -451,6 +464,8 @@ def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, wi
             if n == 0:
                 out[i - i0] = 0
                 continue
+            ln = (i - i0) & lmask
+            x = xs[ln]
             b, w, ib = _where(c, u, li, n_scales)
             j = 0
             if single[u, li]:  # one symbol per weight (see _single)
@@ -461,7 +476,7 @@ def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, wi
                 wj = tab[b + UF * w + j]
                 rj = tab[b + UR * w + j]
                 cj = tab[b + CUM * w + j]
-                off = _div(max(slot - cj - rj, np.int64(0)), wj, inv[ib + 2 * j])
+                off = _div(max(slot - cj - rj, np.int64(0)), inv[ib + 2 * j])
                 a = cj + (0 if off == 0 else rj + off * wj)
                 f = wj + rj if off == 0 else wj
                 x = f * (x >> PB) + slot - a
@@ -469,6 +484,7 @@ def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, wi
                 renorm = x < STATE_LOW
                 x = nxt if renorm else x
                 pos += np.int64(renorm)
+                xs[ln] = x
                 off = min(off, tab[b + CNT * w + j] - 1)
                 out[i - i0] = _pattern(_real(tab[b + ST * w + j] + off, tz), width)
                 continue
@@ -477,9 +493,10 @@ def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, wi
                 while j < n - 1 and slot >= tab[b + CUM * w + j] + tab[b + FR * w + j]:
                     j += 1
                 x = tab[b + FR * w + j] * (x >> PB) + slot - tab[b + CUM * w + j]
-                if x < STATE_LOW:
-                    x = ((x << 16) | np.int64(words[min(pos, nw - 1)])) if nw > 0 else x << 16
-                    pos += 1
+                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # a select, no branch (see above)
+                renorm = x < STATE_LOW
+                x = nxt if renorm else x
+                pos += np.int64(renorm)
             sh = tab[b + SH * w + j]
             nh = tab[b + NH * w + j]
             off = np.int64(0)
@@ -488,16 +505,17 @@ def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, wi
                 f = tab[b + UF * w + j]
                 big = tab[b + UR * w + j] * (f + 1)
                 if slot < big:
-                    v = _div(slot, f + 1, inv[ib + 2 * j])
+                    v = _div(slot, inv[ib + 2 * j])
                     a = v * (f + 1)
                     f += 1
                 else:
-                    v = tab[b + UR * w + j] + _div(slot - big, f, inv[ib + 2 * j + 1])
+                    v = tab[b + UR * w + j] + _div(slot - big, inv[ib + 2 * j + 1])
                     a = big + (v - tab[b + UR * w + j]) * f
                 x = f * (x >> PB) + slot - a
-                if x < STATE_LOW:
-                    x = ((x << 16) | np.int64(words[min(pos, nw - 1)])) if nw > 0 else x << 16
-                    pos += 1
+                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # a select, no branch (see above)
+                renorm = x < STATE_LOW
+                x = nxt if renorm else x
+                pos += np.int64(renorm)
                 off = v << sh
             k = sh
             while k > 0:
@@ -507,10 +525,12 @@ def delta_decode(words, state, q, zeros, sids, uscales, i0, i1, in_f, gshift, wi
                 f = np.int64(1) << (PB - nb)
                 lo = slot >> (PB - nb)
                 x = f * (x >> PB) + slot - lo * f
-                if x < STATE_LOW:
-                    x = ((x << 16) | np.int64(words[min(pos, nw - 1)])) if nw > 0 else x << 16
-                    pos += 1
+                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # a select, no branch (see above)
+                renorm = x < STATE_LOW
+                x = nxt if renorm else x
+                pos += np.int64(renorm)
                 off |= lo << k
+            xs[ln] = x
             off = min(off, tab[b + CNT * w + j] - 1)  # a corrupt stream may point past the segment: stay in the bin
             out[i - i0] = _pattern(_real(tab[b + ST * w + j] + off, tz), width)
-    return x, pos
+    return xs[0], xs[1], pos

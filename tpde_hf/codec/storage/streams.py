@@ -4,7 +4,10 @@ symbols, the q stream (the 4-bit codes, context: the group's zero point), and a 
 All rANS here: 32-bit state in ``[2**16, 2**32)``, 16-bit words, at most one word per step. The encoder runs
 backwards over a block's symbols; the decoder must end on ``2**16`` with every word read (the drivers check).
 
-Example: ``state, first = rans_encode(starts, freqs, n, 16, words)``; the block's words are ``words[first:]``.
+Layout 2 interleaves two rANS states per block (element ``i`` of a block starting at ``i0`` goes to lane
+``(i - i0) & 1``) over one word stream, so that two dependency chains overlap; layout 1 has one.
+
+Example: ``x0, x1, first = rans_encode(starts, freqs, n, 16, words)``; the block's words are ``words[first:]``.
 """
 
 from __future__ import annotations
@@ -14,31 +17,36 @@ from numba import njit
 
 QPB = 12  # probability bits of the q stream (stored tables: coarser is cheaper)
 STATE_LOW = 1 << 16
+LANE_SHIFT = 20  # symbol starts (< 2**16) carry their element's lane above this bit
+LANE_MASK = (1 << LANE_SHIFT) - 1
 
 
 @njit(cache=True, nogil=True)
 def rans_encode(sym_st, sym_fr, ns, pb, words):
-    """rANS-encode symbols ``[0, ns)`` backwards into the end of ``words``; ``(final state, first word)``."""
-    # Reciprocals first: independent divisions pipeline, while the state's chain below only multiplies.
-    rcp = np.empty(ns, dtype=np.float64)
-    for t in range(ns):
-        rcp[t] = 1.0 / np.float64(sym_fr[t])
-    x = np.uint64(STATE_LOW)
+    """rANS-encode symbols ``[0, ns)`` backwards into the end of ``words``; ``(state of lane 0, state of
+    lane 1, first word)``. A symbol's start carries its lane above bit :data:`LANE_SHIFT` (layout 1: all lane 0)."""
+    # Two states (lanes) in memory, not registers: a select between registers would make each symbol wait
+    # for the other lane's chain; through memory each lane waits only for itself, so the chains overlap.
+    xs = np.full(2, np.uint64(STATE_LOW), dtype=np.uint64)
     p = words.size
     for t in range(ns - 1, -1, -1):
+        st = np.int64(sym_st[t])
+        ln = st >> LANE_SHIFT
+        x = xs[ln]
         f = np.uint64(sym_fr[t])
         if x >= f << np.uint64(32 - pb):
             p -= 1
             words[p] = np.uint16(x & np.uint64(0xFFFF))
             x >>= np.uint64(16)
         # x < 2**32 and f <= 2**16: x * (1 / f) is within 2**-19 of x / f, so its floor is off by at most one.
-        d = np.uint64(np.float64(x) * rcp[t])
+        # 1 / f does not depend on the state: the CPU computes it ahead while the state's chain only multiplies.
+        d = np.uint64(np.float64(x) * (1.0 / np.float64(sym_fr[t])))
         if d * f > x:
             d -= np.uint64(1)
         elif (d + np.uint64(1)) * f <= x:
             d += np.uint64(1)
-        x = (d << np.uint64(pb)) + (x - d * f) + np.uint64(sym_st[t])
-    return x, p
+        xs[ln] = (d << np.uint64(pb)) + (x - d * f) + np.uint64(st & LANE_MASK)
+    return xs[0], xs[1], p
 
 
 @njit(cache=True, nogil=True)
@@ -55,15 +63,27 @@ def or_finite_magnitudes(bits, width, mb):
 
 
 @njit(cache=True, nogil=True)
-def q_symbols(q, zeros, i0, i1, in_f, gshift, cumq, freqq, sym_st, sym_fr):
-    """Forward pass of a block of the base: symbol ``q`` in context ``z`` (its group's zero point)."""
+def q_counts(q, zeros, gshift):
+    """``counts[z, v]``: how often code ``v`` occurs in a group of zero point ``z`` (one pass, no copies)."""
+    counts = np.zeros((16, 16), dtype=np.int64)
+    out_f, in_f = q.shape
+    for row in range(out_f):
+        for col in range(in_f):
+            counts[zeros[row, col >> gshift], q[row, col]] += 1
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def q_symbols(q, zeros, i0, i1, in_f, gshift, cumq, freqq, sym_st, sym_fr, lmask):
+    """Forward pass of a block of the base: symbol ``q`` in context ``z`` (its group's zero point); element
+    ``i`` goes to lane ``(i - i0) & lmask`` (``lmask`` 0: one lane, layout 1; 1: two lanes)."""
     ns = 0
     row = i0 // in_f
     col = i0 - row * in_f
-    for _ in range(i0, i1):
+    for i in range(i0, i1):
         z = zeros[row, col >> gshift]
         v = q[row, col]
-        sym_st[ns] = cumq[z, v]
+        sym_st[ns] = cumq[z, v] | (((i - i0) & lmask) << LANE_SHIFT)
         sym_fr[ns] = freqq[z, v]
         ns += 1
         col += 1
@@ -74,16 +94,20 @@ def q_symbols(q, zeros, i0, i1, in_f, gshift, cumq, freqq, sym_st, sym_fr):
 
 
 @njit(cache=True, nogil=True)
-def q_decode(words, state, zeros, i0, i1, in_f, gshift, lutq, cumq, freqq, q):
-    """Decode the codes of elements ``[i0, i1)`` into ``q`` ([out, in]); ``(final state, words read)``.
-    ``words`` is never empty (the driver passes one pad word for an empty stream)."""
+def q_decode(words, state0, state1, zeros, i0, i1, in_f, gshift, lutq, cumq, freqq, q, lmask):
+    """Decode the codes of elements ``[i0, i1)`` into ``q`` ([out, in]); ``(final state of lane 0, of lane 1,
+    words read)``. ``words`` is never empty (the driver passes one pad word for an empty stream)."""
     nw = words.size
     pos = 0
-    x = np.int64(state)
+    xs = np.empty(2, dtype=np.int64)  # in memory: see rans_encode
+    xs[0] = state0
+    xs[1] = state1
     mask = (np.int64(1) << QPB) - 1
     row = i0 // in_f
     col = i0 - row * in_f
-    for _ in range(i0, i1):
+    for i in range(i0, i1):
+        ln = (i - i0) & lmask
+        x = xs[ln]
         z = zeros[row, col >> gshift]
         slot = x & mask
         v = lutq[z, slot]
@@ -92,9 +116,10 @@ def q_decode(words, state, zeros, i0, i1, in_f, gshift, lutq, cumq, freqq, q):
         renorm = x < STATE_LOW
         x = nxt if renorm else x
         pos += np.int64(renorm)
+        xs[ln] = x
         q[row, col] = v
         col += 1
         if col == in_f:
             col = 0
             row += 1
-    return x, pos
+    return xs[0], xs[1], pos
