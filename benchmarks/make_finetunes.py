@@ -29,6 +29,7 @@ import random
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -96,6 +97,24 @@ def stage_base(pair: str, dest: Path) -> None:
     partial.rename(dest)
 
 
+def _train_steps(steps: int, deadline: float, opt: torch.optim.Optimizer,
+                 step_loss: Callable[[], torch.Tensor]) -> list[float]:
+    """Run up to ``steps`` optimizer steps on ``step_loss()``, stopping at ``deadline`` (this shared machine may be
+    slow: the steps done are recorded). Returns the losses."""
+    losses = []
+    for step in range(steps):
+        if time.monotonic() > deadline:
+            break
+        loss = step_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % 20 == 0:
+            print(f"step {step} loss {losses[-1]:.3f}", flush=True)
+    return losses
+
+
 def train_smollm2(base: Path, text: str, steps: int, seq: int, batch: int, lr: float, seed: int,
                   deadline: float = float("inf")):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,19 +125,13 @@ def train_smollm2(base: Path, text: str, steps: int, seq: int, batch: int, lr: f
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)  # fused: fewer passes on CPU
     model.train()
-    losses = []
-    for step in range(steps):
-        if time.monotonic() > deadline:  # this shared machine may be slow: stop, and record the steps done
-            break
+
+    def step_loss() -> torch.Tensor:
         starts = [rng.randrange(0, len(ids) - seq - 1) for _ in range(batch)]
         x = torch.stack([ids[s : s + seq] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if step % 20 == 0:
-            print(f"step {step} loss {losses[-1]:.3f}", flush=True)
+        return model(input_ids=x, labels=x).loss
+
+    losses = _train_steps(steps, deadline, opt, step_loss)
     return model, tok, losses, {"tokens_in_corpus": len(ids)}
 
 
@@ -132,25 +145,19 @@ def train_minilm(base: Path, text: str, steps: int, seq: int, batch: int, lr: fl
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()  # dropout on: two passes give the two SimCSE views
-    losses = []
-    for step in range(steps):
-        if time.monotonic() > deadline:
-            break
+
+    def step_loss() -> torch.Tensor:
         b = tok(rng.sample(sents, batch), padding=True, truncation=True, max_length=seq, return_tensors="pt")
         mask = b["attention_mask"].unsqueeze(-1).float()
 
-        def embed(b: dict = b, mask: torch.Tensor = mask) -> torch.Tensor:
+        def embed() -> torch.Tensor:
             h = model(**b).last_hidden_state
             return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
 
         e1, e2 = embed(), embed()  # dropout differs between the two passes
-        loss = torch.nn.functional.cross_entropy(e1 @ e2.T / 0.05, torch.arange(batch))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if step % 20 == 0:
-            print(f"step {step} loss {losses[-1]:.3f}", flush=True)
+        return torch.nn.functional.cross_entropy(e1 @ e2.T / 0.05, torch.arange(batch))
+
+    losses = _train_steps(steps, deadline, opt, step_loss)
     return model, tok, losses, {"sentences": len(sents)}
 
 

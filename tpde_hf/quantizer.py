@@ -139,6 +139,7 @@ class TpdeHfQuantizer(HfQuantizer):
         watch_load(self, model)  # a recorded error hides transformers' load report of this load
 
         files = [str(f) for f in (checkpoint_files or [])]
+        self._tpde_checkpoint_files = files  # the shards of this load (the reference decode pool reads its blobs ahead)
         if not files:
             raise TpdeFormatError("config.json", "tpde repo without safetensors weights (model.safetensors missing)")
         index = read_checkpoint_index(files)

@@ -26,7 +26,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from tpde_hf.codec.registry import CODEC_TOKEN, TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.reference.resolve import ReferenceError, ResolvedReference, resolve_reference, tensor_digest
+from tpde_hf.reference.resolve import ReferenceError, ResolvedReference, check_reference_tensor, resolve_reference
 
 PART = "blob"
 
@@ -80,15 +80,7 @@ class LoadReference:
         if not 0 <= index < len(tensors) or not isinstance(tensors[index], list) or len(tensors[index]) != 2:
             raise TpdeFormatError(key, f"names reference tensor #{index}, which config.json does not list")
         name, digest = tensors[index]
-        ref = self.resolved()
-        with self._read_lock:
-            t = ref.reader().get(name)
-        got = tensor_digest(t)  # hashed once, outside the lock: the pool's threads hash in parallel
-        if got != digest:
-            raise ReferenceError(ref.label, f"reference tensor {name!r} differs from the one this repo was coded "
-                                            f"against (xxh3 {got}, expected {digest}): wrong or modified reference "
-                                            "model")
-        return t
+        return check_reference_tensor(self.resolved(), name, digest, self._read_lock)
 
 
 def from_pretrained_download_kwargs() -> dict[str, Any]:
@@ -101,9 +93,7 @@ def from_pretrained_download_kwargs() -> dict[str, Any]:
     while frame is not None:
         found = frame.f_locals.get("download_kwargs") if frame.f_code.co_name == "from_pretrained" else None
         if isinstance(found, dict):
-            files = frame.f_locals.get("checkpoint_files")
-            return {**{k: found.get(k) for k in ("token", "cache_dir", "local_files_only")},
-                    "files": [str(f) for f in files] if isinstance(files, list | tuple) else None}
+            return {k: found.get(k) for k in ("token", "cache_dir", "local_files_only")}
         frame = frame.f_back
     return {}
 
@@ -118,8 +108,7 @@ def load_reference(hf_quantizer: Any) -> LoadReference:
     ref = getattr(hf_quantizer, "_tpde_reference", None)
     if ref is None:
         capture_download_kwargs(hf_quantizer)
-        kw = {k: v for k, v in hf_quantizer._tpde_download.items() if k != "files"}
-        ref = LoadReference(reference_info(hf_quantizer) or {}, **kw)
+        ref = LoadReference(reference_info(hf_quantizer) or {}, **hf_quantizer._tpde_download)
         hf_quantizer._tpde_reference = ref
     return ref
 
@@ -135,7 +124,7 @@ def load_prefetch(hf_quantizer: Any) -> Any:
         if pf is None:
             from tpde_hf.reference.prefetch import Prefetch
 
-            files = (getattr(hf_quantizer, "_tpde_download", None) or {}).get("files")
+            files = getattr(hf_quantizer, "_tpde_checkpoint_files", None)  # recorded by the quantizer before loading
             off = os.environ.get("TPDE_REFERENCE_WORKERS") == "0"
             pf = Prefetch(files, load_reference(hf_quantizer)) if files and not off else False
             hf_quantizer._tpde_prefetch = pf

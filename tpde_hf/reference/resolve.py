@@ -16,9 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,9 +205,15 @@ def _storage_weights(keys: list[str]) -> dict[str, Any]:
     return storage_weights(keys)
 
 
-def check_reference_tensor(ref: ResolvedReference, name: str, expected: str) -> torch.Tensor:
-    """The reference tensor ``name``, after checking it against the checksum recorded at conversion."""
-    t = ref.reader().get(name)
+def check_reference_tensor(ref: ResolvedReference, name: str, expected: str,
+                           read_lock: threading.Lock | None = None) -> torch.Tensor:
+    """The reference tensor ``name``, after checking it against the checksum recorded at conversion.
+
+    ``read_lock``: held while the tensor is read (one reader of the reference's safetensors handles at a time);
+    the hash runs outside it, so that several threads hash at once.
+    """
+    with read_lock if read_lock is not None else contextlib.nullcontext():
+        t = ref.reader().get(name)
     got = tensor_digest(t)
     if got != expected:
         raise ReferenceError(ref.label, f"reference tensor {name!r} differs from the one this repo was coded "
