@@ -103,7 +103,8 @@ def _train(out: Path, init: dict, data: list, tok, args: argparse.Namespace, cal
                               save_steps=args.save_steps, logging_steps=args.save_steps, report_to=[], seed=0,
                               use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
     clock = _StepClock()
-    tr = Trainer(model=model, args=targs, train_dataset=data, callbacks=[clock, *callbacks],
+    # the clock after the callbacks: a step's time includes the callback's wait for a pack at that step's save
+    tr = Trainer(model=model, args=targs, train_dataset=data, callbacks=[*callbacks, clock],
                  data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15))
     tr.train()
     t = np.diff(clock.t[:-1])
@@ -217,12 +218,15 @@ def _sizes(entry: Path, tdir: Path, pdir: Path, files: list[Path], raw: int, wor
 
 
 def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
-    """Restore speed of every packed checkpoint of ``run_dir``: wall and CPU seconds, best of ``repeat``.
+    """Restore speed of every checkpoint of ``run_dir``: wall and CPU seconds, best of ``repeat``.
 
-    Two cases: the whole chain from the keyframe (``restore(..., out=...)``, files written) and one
-    link (its entry decoded against its already decoded parent and every file rebuilt and hashed).
-    CPU seconds (``time.process_time``, all threads) are reported beside wall seconds because the
-    shared machine's load moves wall time several-fold; MB are of checkpoint files restored.
+    A plain checkpoint (the newest, with backward deltas) needs no restore: Trainer reads its files; the
+    row gives the time to read and hash them, for scale. A packed one: the whole chain
+    (``restore(..., out=...)``, files written; ``entries_decoded`` entries, plus the plain files a
+    backward chain ends at) and one link (its entry decoded against its already decoded parent and
+    every file rebuilt and hashed). CPU seconds (``time.process_time``, all threads) are reported beside
+    wall seconds because the shared machine's load moves wall time several-fold; MB are of checkpoint
+    files restored.
     """
     import numba
 
@@ -231,10 +235,26 @@ def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
 
     root = run_dir / S.STORE_DIRNAME
     out = {"numba_threads": numba.get_num_threads(), "loadavg": os.getloadavg(), "checkpoints": []}
-    names = [n for n, _ in S.entries(root)]
-    for name in names:
+    dirs = sorted((d for d in run_dir.glob("checkpoint-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
+    for d in dirs:
+        name = d.name
+        if not api.is_packed(d):
+            files = [f for f in d.iterdir() if f.is_file()]
+            raw = sum(f.stat().st_size for f in files)
+            runs = []
+            for _ in range(repeat):
+                w, c = time.perf_counter(), time.process_time()
+                for f in files:
+                    xxhash.xxh3_64_hexdigest(f.read_bytes())
+                runs.append((time.perf_counter() - w, time.process_time() - c))
+            bw = min(t[0] for t in runs)
+            out["checkpoints"].append({"checkpoint": name, "plain": True, "entries_decoded": 0, "raw_bytes": raw,
+                                       "read_and_hash_wall_s": bw, "read_and_hash_MBps_wall": raw / bw / 1e6})
+            print(json.dumps(out["checkpoints"][-1]), flush=True)
+            continue
         man = S.read_manifest(S.entry_path(root, name))
         raw = sum(f["size"] for f in man["files"])
+        paths, plain_end = S.links(root, name)
         chain, link = [], []
         parent = S.decode_chain(root, man["parent"]) if man["parent"] else None
         for _ in range(repeat):
@@ -253,7 +273,8 @@ def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
         bw, bc = min(t[0] for t in chain), min(t[1] for t in chain)
         lw, lc = min(t[0] for t in link), min(t[1] for t in link)
         out["checkpoints"].append({
-            "checkpoint": name, "parent": man["parent"], "chain_length": man["depth"] + 1, "raw_bytes": raw,
+            "checkpoint": name, "parent": man["parent"], "layout": "backward" if man["version"] == 2 else "forward",
+            "entries_decoded": len(paths), "chain_ends_at_plain": plain_end is not None, "raw_bytes": raw,
             "chain_wall_s": bw, "chain_cpu_s": bc, "chain_MBps_wall": raw / bw / 1e6,
             "link_wall_s": lw, "link_cpu_s": lc, "link_MBps_wall": raw / lw / 1e6,
             "link_MB_per_cpu_s": raw / lc / 1e6, "runs": {"chain": chain, "link": link}})
@@ -272,11 +293,38 @@ def _param_names(ckpt: Path) -> list[str]:
     return [n for n in named if n in decay] + [n for n in named if n not in decay]
 
 
-def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8) -> dict:
-    """Pack a copy of every plain checkpoint of ``run_dir`` in step order (what the callback stores: the same
-    parents and keyframes) and measure each against raw, zstd and ZipNN on the plain files. Each entry is
-    decoded against its decoded parent and every file's bytes checked against the plain file's hash."""
+def _check_and_size(entry: Path, ref, pdir: Path, tdir: Path, work: Path, removed: list[str]) -> tuple[dict, object]:
+    """Decode ``entry`` against ``ref``, check every file against the plain one's hash, measure its sizes."""
+    from tpde_hf.checkpoints import store as S
+
+    files = sorted(f for f in pdir.iterdir() if f.is_file())
+    raw = sum(f.stat().st_size for f in files)
+    man = S.read_manifest(entry)
+    dec = S.decode_entry(entry, ref if man["parent"] else None)
+    exact = True
+    for f in files:
+        rec = next((r for r in man["files"] if r["name"] == f.name), None)
+        if rec is None or rec["xxh3"] != xxhash.xxh3_64_hexdigest(f.read_bytes()):
+            exact = False
+        elif f.name in removed:
+            S.file_digest(dec, f.name)  # raises if the decoded bytes differ
+    sizes = _sizes(entry, tdir, pdir, files, raw, work)
+    sizes.pop("zipnn_raw")
+    row = {"checkpoint": pdir.name, "parent": man["parent"], "raw_bytes": raw,
+           "decoded_files_match_plain_files": exact, **sizes}
+    print(json.dumps({k: row[k] for k in ("checkpoint", "parent", "decoded_files_match_plain_files",
+                                         "whole_checkpoint_vs_raw", "bits_per_value")}), flush=True)
+    return row, dec
+
+
+def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8, backward: bool = True) -> dict:
+    """Pack a copy of every plain checkpoint of ``run_dir`` in step order, as the callback does (backward:
+    at each save the previous checkpoint becomes a delta against the new one; forward: the new one a
+    delta against the previous), and measure each entry against raw, zstd and ZipNN on the plain files.
+    Each entry is decoded against its decoded parent and every file's bytes checked against the plain
+    file's hash."""
     from tpde_hf.checkpoints import api
+    from tpde_hf.checkpoints import backward as B
     from tpde_hf.checkpoints import store as S
 
     ckpts = sorted((d for d in run_dir.glob("checkpoint-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
@@ -284,33 +332,25 @@ def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8) -> dict:
     packed = work / "packed"
     shutil.rmtree(packed, ignore_errors=True)
     packed.mkdir(parents=True)
-    rows, parent = [], None
+    rows, parent, cache = [], None, None
     for pdir in ckpts:
-        files = sorted(f for f in pdir.iterdir() if f.is_file())
-        raw = sum(f.stat().st_size for f in files)
         tdir = packed / pdir.name
         shutil.copytree(pdir, tdir)
+        if backward:
+            done, head = B.advance(tdir, keyframe_every=keyframe_every, param_names=names, cache=cache, verify=True)
+            for r in done:
+                row, _ = _check_and_size(r["entry"], head, run_dir / r["name"], packed / r["name"], work,
+                                         api.read_pointer(packed / r["name"])["removed"])
+                row["keyframe"] = r["parent"] is None
+                rows.append(row)
+            cache = head
+            continue
         res = api.pack(tdir, param_names=names, keyframe_every=keyframe_every, verify=True, cache=parent)
-        removed = api.read_pointer(tdir)["removed"]
-        entry = res.entry
-        man = S.read_manifest(entry)
-        dec = S.decode_entry(entry, parent if man["parent"] else None)
-        exact = True
-        for f in files:
-            rec = next((r for r in man["files"] if r["name"] == f.name), None)
-            if rec is None or rec["xxh3"] != xxhash.xxh3_64_hexdigest(f.read_bytes()):
-                exact = False
-            elif f.name in removed:
-                S.file_digest(dec, f.name)  # raises if the decoded bytes differ
-        parent = dec
-        sizes = _sizes(entry, tdir, pdir, files, raw, work)
-        sizes.pop("zipnn_raw")
-        row = {"checkpoint": pdir.name, "parent": man["parent"], "chain_length": man["depth"] + 1, "raw_bytes": raw,
-               "decoded_files_match_plain_files": exact, **sizes}
+        row, parent = _check_and_size(res.entry, parent, pdir, tdir, work, api.read_pointer(tdir)["removed"])
+        row["chain_length"] = S.read_manifest(res.entry)["depth"] + 1
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("checkpoint", "parent", "decoded_files_match_plain_files",
-                                             "whole_checkpoint_vs_raw", "bits_per_value")}), flush=True)
-    return {"run_dir": str(run_dir), "keyframe_every": keyframe_every, "checkpoints": rows}
+    return {"run_dir": str(run_dir), "keyframe_every": keyframe_every,
+            "layout": "backward" if backward else "forward", "checkpoints": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,13 +368,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the plain run (no callback, no timing claims), its checkpoints kept in --work/plain")
     ap.add_argument("--sizes-from", default=None, metavar="RUN_DIR",
                     help="only sizes: pack copies of RUN_DIR's plain checkpoints (into --work) and compare")
+    ap.add_argument("--callbacks", default=None, metavar="LIST",
+                    help="training runs to compare with the plain run, comma-separated: " + ", ".join(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the plain run and every --callbacks run this many times (alternating)")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="skip sizes and baselines (zstd, ZipNN) of the training run: step time, exactness, restore")
+    ap.add_argument("--forward", action="store_true",
+                    help="forward deltas (each checkpoint against the previous) instead of the default backward")
     args = ap.parse_args(argv)
     if args.sizes_from:
         work = Path(args.work or tempfile.mkdtemp(prefix="bench-ckpt-"))
         res = {"benchmark": "bench_checkpoints --sizes-from", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                        time.gmtime()),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-               **sizes_from(Path(args.sizes_from), work)}
+               **sizes_from(Path(args.sizes_from), work, backward=not args.forward)}
         Path(args.out).write_text(json.dumps(res, indent=1))
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -350,14 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from tpde_hf.checkpoints import api
-    from tpde_hf.checkpoints import store as S
     from tpde_hf.checkpoints.callback import TpdeCheckpointCallback
     from tpde_hf.examples import example_path
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-ckpt-"))
     shutil.rmtree(work / "plain", ignore_errors=True)
-    shutil.rmtree(work / "tpde", ignore_errors=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load0 = os.getloadavg()
     code = {f.name: xxhash.xxh3_64_hexdigest(f.read_bytes())
@@ -371,50 +416,50 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         (work / "plain_run.json").write_text(json.dumps({"recipe": vars(args), "started": started, **plain}))
         return 0
-    cb = TpdeCheckpointCallback(keyframe_every=8)
-    tpde = _train(work / "tpde", init, data, tok, args, [cb])
+    configs = args.callbacks.split(",") if args.callbacks else ["forward" if args.forward else "backward"]
+    for cfg in configs:
+        if cfg not in CONFIGS:
+            raise SystemExit(f"unknown --callbacks entry {cfg!r} (known: {', '.join(CONFIGS)})")
+    runs, restores, exact_all, results, waits = {}, {}, {}, {}, {}
+    def steady(run: dict) -> float:
+        return float(np.mean(run["step_s"][2 * args.save_steps:]))
 
-    ckpts = sorted((d.name for d in (work / "plain").glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
-    rows = []
-    for name in ckpts:
-        pdir, tdir = work / "plain" / name, work / "tpde" / name
-        files = sorted(f for f in pdir.iterdir() if f.is_file())
-        raw = sum(f.stat().st_size for f in files)
-        restored = work / "restored" / name
-        shutil.rmtree(restored, ignore_errors=True)
-        t = time.perf_counter()
-        api.restore(tdir, out=restored)
-        restore_s = time.perf_counter() - t
-        # training_args.bin and trainer_state.json name the run's own folder; the state files must match
-        same = [f for f in files if f.name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")]
-        exact = len(same) == 4 and all(xxhash.xxh3_64_hexdigest((restored / f.name).read_bytes()) ==
-                                       xxhash.xxh3_64_hexdigest(f.read_bytes()) for f in same)
-        entry = S.entry_path(work / "tpde" / S.STORE_DIRNAME, name)
-        man = S.read_manifest(entry)
-        sizes = _sizes(entry, tdir, pdir, files, raw, work)
-        zn = sizes.pop("zipnn_raw")
-        row = {
-            "checkpoint": name, "parent": man["parent"], "raw_bytes": raw,
-            "state_files_exact_vs_plain_run": exact, "restore_chain_s": restore_s,
-            "restore_chain_MBps": raw / restore_s / 1e6, "chain_length": man["depth"] + 1, **sizes,
-            "zipnn_exact": all(v.get("exact", False) for v in zn.values()) if "error" not in zn else None,
-        }
-        rows.append(row)
-        shown = ("checkpoint", "parent", "state_files_exact_vs_plain_run", "whole_checkpoint_vs_raw", "bits_per_value")
-        print(json.dumps({k: row[k] for k in shown}), flush=True)
-    # one delta decoded alone, given its decoded parent (what a chain costs per link)
-    delta_speed = None
-    deltas = [r for r in rows if r["parent"] is not None]
-    if deltas:
-        last = deltas[-1]
-        root = work / "tpde" / S.STORE_DIRNAME
-        parent = S.decode_chain(root, last["parent"])
-        t = time.perf_counter()
-        dec = S.decode_entry(S.entry_path(root, last["checkpoint"]), parent)
-        for f in dec.manifest["files"]:
-            S.rebuild(dec, f["name"])
-        dt = time.perf_counter() - t
-        delta_speed = {"checkpoint": last["checkpoint"], "s": dt, "MBps": last["raw_bytes"] / dt / 1e6}
+    rounds = [{"plain": steady(plain)}]
+    for r in range(args.rounds):
+        if r > 0:  # the plain run again, so every round compares runs made close together
+            rounds.append({"plain": steady(_train(work / "plain-again", init, data, tok, args, []))})
+        for cfg in configs:
+            cb = TpdeCheckpointCallback(keyframe_every=8, **CONFIGS[cfg])
+            shutil.rmtree(work / cfg, ignore_errors=True)
+            run = _train(work / cfg, init, data, tok, args, [cb])
+            rounds[-1][cfg] = steady(run)
+            waits.setdefault(cfg, []).append(cb.waits)
+            if r == 0:
+                runs[cfg] = run
+                results[cfg] = [{"name": x.name, "parent": x.parent, "raw": x.raw_bytes, "stored": x.stored_bytes}
+                                for x in cb.results]
+                exact_all[cfg], restores[cfg] = _check_run(work, cfg)
+            print(json.dumps({"round": r, "callbacks": cfg, "steady_mean_step_s": rounds[-1][cfg],
+                              "plain_steady_mean_step_s": rounds[-1]["plain"], "waits_s": cb.waits,
+                              "exact": exact_all[cfg]}), flush=True)
+    first = configs[0]
+    rows = [] if args.timing_only else _size_rows(work, first)
+
+    def step_time(run: dict) -> dict:
+        return {"mean_s": run["mean_step_s"], "overhead": run["mean_step_s"] / plain["mean_step_s"] - 1,
+                "median_s": float(np.median(run["step_s"])),
+                "median_overhead": float(np.median(run["step_s"]) / np.median(plain["step_s"]) - 1),
+                # the callback waits for the pack in flight in the save step's on_step_end (before the clock)
+                "save_steps": [{"step": s, "plain_s": plain["step_s"][s - 1], "s": run["step_s"][s - 1]}
+                               for s in range(args.save_steps, args.steps + 1, args.save_steps)],
+                # steady state: from the end of the second save on, every save interval holds one pack and one
+                # wait with either layout (backward packs checkpoint N at the save of N+1, forward at N's own)
+                "steady_from_step": 2 * args.save_steps + 1,
+                "steady_mean_s": float(np.mean(run["step_s"][2 * args.save_steps:])),
+                "steady_overhead": float(np.mean(run["step_s"][2 * args.save_steps:])
+                                         / np.mean(plain["step_s"][2 * args.save_steps:]) - 1),
+                "total_s": run["total_s"], "step_s": run["step_s"], "losses_equal": plain["losses"] == run["losses"]}
+
     result = {
         "benchmark": "bench_checkpoints", "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                           time.gmtime()),
@@ -425,29 +470,90 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": {"model": "all-MiniLM-L6-v2 as BertForMaskedLM, fp32", "text": ".venv package METADATA/README",
                    "optimizer": "AdamW (torch) lr 5e-5 constant, wd 0.01, betas (0.9, 0.999)", "steps": args.steps,
                    "save_steps": args.save_steps, "batch": args.batch, "seq": args.seq, "keyframe_every": 8,
-                   "callback": {"verify": cb.verify, "nice": cb.nice, "background": cb.background}},
-        "step_time": {"plain_mean_s": plain["mean_step_s"], "tpde_mean_s": tpde["mean_step_s"],
-                      "overhead": tpde["mean_step_s"] / plain["mean_step_s"] - 1,
-                      "plain_median_s": float(np.median(plain["step_s"])),
-                      "tpde_median_s": float(np.median(tpde["step_s"])),
-                      "median_overhead": float(np.median(tpde["step_s"]) / np.median(plain["step_s"]) - 1),
-                      # a save runs after its step's on_step_end, so its wait shows in the next step
-                      "after_save_steps": [{"step": s + 1, "plain_s": plain["step_s"][s], "tpde_s": tpde["step_s"][s]}
-                                           for s in range(args.save_steps, args.steps, args.save_steps)],
-                      "plain_total_s": plain["total_s"], "tpde_total_s": tpde["total_s"],
-                      "plain_step_s": plain["step_s"], "tpde_step_s": tpde["step_s"]},
-        "losses_equal": plain["losses"] == tpde["losses"], "losses": plain["losses"],
-        "checkpoints": rows, "restore_one_delta": delta_speed,
-        "pack_results": [{"name": r.name, "parent": r.parent, "raw": r.raw_bytes, "stored": r.stored_bytes}
-                         for r in cb.results],
+                   "callbacks": {c: {"verify": True, "nice": 19, "background": True, **CONFIGS[c]} for c in configs},
+                   "order": ["plain", *configs]},
+        "step_time": {"plain_mean_s": plain["mean_step_s"], "plain_median_s": float(np.median(plain["step_s"])),
+                      "plain_total_s": plain["total_s"], "plain_step_s": plain["step_s"],
+                      **{c: step_time(runs[c]) for c in configs}},
+        "rounds": [{k: v for k, v in rd.items()} | {f"{c}_overhead": rd[c] / rd["plain"] - 1 for c in configs}
+                   for rd in rounds],
+        # rounds: steady-state mean step time (see step_time.*.steady_from_step) of each run
+        "median_overhead_over_rounds": {c: float(np.median([rd[c] / rd["plain"] - 1 for rd in rounds]))
+                                        for c in configs},
+        "waits_s": waits,
+        "state_files_exact_vs_plain_run": exact_all, "restore_each_checkpoint": restores,
+        "checkpoints": rows, "sizes_of": None if args.timing_only else first, "pack_results": results,
         "anchor": "nvCOMP checkpoint post: 21-29% smaller whole checkpoints, lossless, no delta",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("step_time", "restore_one_delta", "losses_equal")}, indent=1))
+    print(json.dumps({k: {c: {x: y for x, y in v.items() if x not in ("step_s", "save_steps")}
+                          if isinstance(v, dict) else v for c, v in result["step_time"].items()}
+                      for k in ("step_time",)}, indent=1, default=str)[:4000])
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+#: Callback variants a run can compare (``--callbacks backward,forward,...``), each against the same plain run.
+CONFIGS = {
+    "backward": {"backward": True, "assist": True},
+    "backward-noassist": {"backward": True, "assist": False},
+    "forward": {"backward": False, "assist": True},
+    "forward-noassist": {"backward": False, "assist": False},  # the callback before this change
+    "backward-idle": {"backward": True, "assist": True, "sched_idle": True},
+}
+
+
+def _check_run(work: Path, cfg: str) -> tuple[bool, list[dict]]:
+    """Restore every checkpoint of the run ``cfg`` (timed, files written) and compare its state files with
+    the plain run's."""
+    from tpde_hf.checkpoints import api
+    from tpde_hf.checkpoints import store as S
+
+    out, exact_all = [], True
+    for pdir in sorted((work / "plain").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1])):
+        tdir = work / cfg / pdir.name
+        files = sorted(f for f in pdir.iterdir() if f.is_file())
+        raw = sum(f.stat().st_size for f in files)
+        restored = work / "restored" / cfg / pdir.name
+        shutil.rmtree(restored, ignore_errors=True)
+        packed = api.is_packed(tdir)
+        n_links = len(S.chain(work / cfg / S.STORE_DIRNAME, pdir.name)) if packed else 0
+        t = time.perf_counter()
+        api.restore(tdir, out=restored)
+        dt = time.perf_counter() - t
+        # training_args.bin and trainer_state.json name the run's own folder; the state files must match
+        same = [f for f in files if f.name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")]
+        exact = len(same) == 4 and all(xxhash.xxh3_64_hexdigest((restored / f.name).read_bytes()) ==
+                                       xxhash.xxh3_64_hexdigest(f.read_bytes()) for f in same)
+        exact_all &= exact
+        out.append({"checkpoint": pdir.name, "packed": packed, "entries_decoded": n_links, "exact": exact,
+                    "restore_s": dt, "restore_MBps": raw / dt / 1e6})
+        shutil.rmtree(restored, ignore_errors=True)
+    return exact_all, out
+
+
+def _size_rows(work: Path, cfg: str) -> list[dict]:
+    """Sizes of every packed checkpoint of run ``cfg`` against raw, zstd and ZipNN on the plain run's files."""
+    from tpde_hf.checkpoints import api
+    from tpde_hf.checkpoints import store as S
+
+    rows = []
+    for pdir in sorted((work / "plain").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1])):
+        tdir = work / cfg / pdir.name
+        if not api.is_packed(tdir):
+            continue
+        files = sorted(f for f in pdir.iterdir() if f.is_file())
+        raw = sum(f.stat().st_size for f in files)
+        entry = S.entry_path(work / cfg / S.STORE_DIRNAME, pdir.name)
+        man = S.read_manifest(entry)
+        sizes = _sizes(entry, tdir, pdir, files, raw, work)
+        zn = sizes.pop("zipnn_raw")
+        rows.append({"checkpoint": pdir.name, "parent": man["parent"], "raw_bytes": raw, **sizes,
+                     "zipnn_exact": all(v.get("exact", False) for v in zn.values()) if "error" not in zn else None})
+        print(json.dumps({k: rows[-1][k] for k in ("checkpoint", "parent", "whole_checkpoint_vs_raw")}), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

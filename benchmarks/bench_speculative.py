@@ -71,6 +71,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "tree-chain": ("tree", {"alternatives": 0}),
     "tree-wide": ("tree", {"leaf_min": 0.02, "max_rows": 20}),
     "tree-deep": ("tree", {"chain_min": 0.08, "max_depth": 10}),
+    # the tree as measured before one-thread rows and the certified lm_head argmax (TreeOptions defaults then)
+    "tree-prev": ("tree", {"row_threads": None, "draft_threads": None, "head_argmax": False}),
+    "tree-headmax": ("tree", {"head_argmax": True}),  # the certified lm_head argmax (opt-in)
 }
 DEFAULT_CONFIGS = ["plain", "exact-k4", "tree", "tree-batch"]
 #: the draft's base paths compared alone: name -> draft_model options
@@ -456,6 +459,11 @@ def main(argv: list[str] | None = None) -> None:
         "forwards, so near-ties of the exact logits can flip (the divergences listed). tpde_hf.generate_exact "
         "verifies row by row (one weight rebuild per forward, one-row matmuls and attention) and gives plain "
         "greedy tokens bit for bit.",
+        "tree (TreeOptions defaults): after the prefill the verifier's one-row products and attention run at one "
+        "torch thread (a product keeps the plain thread count unless a check found its one-row bits unchanged, "
+        "and the lm_head always does), the draft drafts at one thread, and each row's greedy token comes from one "
+        "batched lm_head product whose error bounds certify plain decoding's argmax (rows not certified run the "
+        "plain one-row product). tree-prev: the same tree without these three (the previous defaults).",
         "The draft runs the 4-bit base with torch's CPU int4 weight-only matmul "
         "(aten._weight_int4pack_mm_for_cpu) on a one-time repack of the codes; its scales are rounded to bf16 "
         "inside the kernel (the draft is approximate, the verification is exact).",

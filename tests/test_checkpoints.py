@@ -346,10 +346,11 @@ def _losses(trainer) -> dict[int, float]:
 
 
 def test_trainer_resume_from_packed_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+    """Forward deltas (``backward=False``); the default, backward deltas, is in test_checkpoints_backward.py."""
     from tpde_hf.checkpoints.callback import TpdeCheckpointCallback
 
     torch.set_num_threads(1)
-    full = _tiny_trainer(tmp_path / "a", [TpdeCheckpointCallback(keyframe_every=2)])
+    full = _tiny_trainer(tmp_path / "a", [TpdeCheckpointCallback(keyframe_every=2, backward=False)])
     full.train()
     a = tmp_path / "a"
     # save_total_limit=2: checkpoint-4 was rotated away, its entry collected, 8 and 12 remain packed
@@ -362,7 +363,7 @@ def test_trainer_resume_from_packed_checkpoint_is_bit_identical(tmp_path: Path) 
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoint-12")
     api.restore(b / "checkpoint-8")  # the one documented step before resuming
-    resumed = _tiny_trainer(b, [TpdeCheckpointCallback(keyframe_every=2)])
+    resumed = _tiny_trainer(b, [TpdeCheckpointCallback(keyframe_every=2, backward=False)])
     resumed.train(resume_from_checkpoint=str(b / "checkpoint-8"))
 
     la, lb = _losses(full), _losses(resumed)
@@ -378,7 +379,7 @@ def test_trainer_resume_from_packed_checkpoint_is_bit_identical(tmp_path: Path) 
     # TrainingArguments(resume_from_checkpoint=...): the callback restores it when the Trainer is built
     c = tmp_path / "c"
     shutil.copytree(a, c)
-    _tiny_trainer(c, [TpdeCheckpointCallback()], resume=str(c / "checkpoint-12"))
+    _tiny_trainer(c, [TpdeCheckpointCallback(backward=False)], resume=str(c / "checkpoint-12"))
     assert xxhash.xxh3_64_hexdigest((c / "checkpoint-12" / "optimizer.pt").read_bytes()) == want["optimizer.pt"]
 
 

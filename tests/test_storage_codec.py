@@ -267,12 +267,18 @@ def test_bins_built_once_for_exactly_the_levels_in_use(dtype, monkeypatch):
     one, two = caches
     assert np.array_equal(one[2], used) and np.array_equal(two[2], used)
     assert np.array_equal(one[4], two[4]) and np.array_equal(one[4][~used], np.zeros(int((~used).sum())))
-    for u, li in zip(*np.nonzero(one[8]), strict=True):  # one-symbol bins
-        base, stride, _ = kernels._where(li - 15, u, li, uscales.size)
+    kinds = np.where(one[8], kernels.ONE, np.where(one[4] > 0, kernels.MULTI, kernels.EMPTY))
+    assert np.array_equal(one[10], kinds) and np.array_equal(two[10], kinds)
+    for u, li in zip(*np.nonzero(one[8]), strict=True):  # one-symbol bins: their records
+        r = (u * kernels.NLEV + li) * kernels.REC
         n = one[4][u, li]
-        cum = one[5][base + kernels.CUM * stride: base + kernels.CUM * stride + stride]
-        fr = one[5][base + kernels.FR * stride: base + kernels.FR * stride + n]
-        assert fr.sum() == 1 << kernels.PB and (cum[n:] == 1 << kernels.PB).all()
-        for f in (kernels.ST, kernels.CNT, kernels.FR, kernels.CUM, kernels.UF, kernels.UR):  # what it reads
-            sl = slice(base + f * stride, base + f * stride + n)
-            assert np.array_equal(one[5][sl], two[5][sl])
+        rec = one[9][r: r + kernels.REC]
+        assert np.array_equal(rec, two[9][r: r + kernels.REC])
+        cum = np.concatenate(([0], rec[1:4], [1 << kernels.PB]))  # CUM0..3, then the end
+        uf, st, cnt = rec[4:8], rec[12:16], rec[16:20]
+        assert (cum[n:4] == 1 << kernels.PB).all() and (cum[: n + 1] == np.sort(cum[: n + 1])).all()
+        fr = uf[:n] * cnt[:n] + np.array([rec[0]] + [0] * (n - 1))
+        assert fr.sum() == 1 << kernels.PB and np.array_equal(np.diff(cum[: n + 1]), fr)
+        assert (uf[:n] >= 1).all() and np.array_equal(rec[8:8 + n], (1 << 32) // uf[:n] + 1)  # reciprocals
+        L, H = one[3][u, li]
+        assert cnt[:n].sum() == H - L + 1 and st[:n].min() == L and (st[:n] + cnt[:n]).max() == H + 1

@@ -24,13 +24,13 @@ from safetensors.torch import load_file
 from tpde_repo_helpers import assert_bit_equal, tiny_model
 
 import tpde_hf
-from tpde_hf.codec import CodecParams, encode_tensor
+from tpde_hf.codec import CodecParams, encode_tensor, storage_resident
 from tpde_hf.codec.backend import use_backend
-from tpde_hf.codec.registry import STORAGE_TOKEN
+from tpde_hf.codec.registry import BASE_STORAGE, STORAGE_TOKEN
 from tpde_hf.codec.tensor_codec import encode_base_and_meta, meta_needs_delta
 from tpde_hf.conversion import convert, worker
 from tpde_hf.format import module_prefix
-from tpde_hf.storage_format import stored_parts
+from tpde_hf.storage_format import reads_resident_delta, stored_parts
 
 pytest.importorskip("tpde_hf.codec.storage")
 NARROW = "narrow-rans"
@@ -65,12 +65,7 @@ def _no_resident_encode(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the writer ran the resident delta encode")
 
     monkeypatch.setattr(worker, "encode_tensors", refuse)
-    monkeypatch.setattr(worker, "encode_tensor", refuse)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_learning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "_reads_encoded", set())  # what earlier tests taught the writer
+    monkeypatch.setattr(storage_resident, "encode_tensor", refuse)  # where a storage would run it itself
 
 
 # ==================================================================== base, meta, checksum
@@ -120,25 +115,50 @@ def test_narrow_rans_parts_equal_the_full_paths_without_a_resident_encode(
         _assert_same_parts(full[n].parts, want[n], n)
         _assert_same_parts(got[n].base, full[n].base, n)
         assert got[n].checksum == full[n].checksum
-    assert not worker._reads_encoded
 
 
 def test_a_storage_that_reads_the_resident_delta_gets_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``resident`` stores the resident delta: the stand-in encodes it once; later tasks encode in full up front."""
+    """``resident`` declares that it stores the writer's delta: every task encodes in full up front, once."""
     weights = {f"m.l{i}.weight": _special_weight((12, 200), torch.bfloat16, seed=20 + i) for i in range(2)}
     params = CodecParams(storage="resident")
     want = {n: stored_parts(encode_tensor(w, params, n), w, module_prefix(n)) for n, w in weights.items()}
     calls = []
     real = worker.encode_tensors
     monkeypatch.setattr(worker, "encode_tensors", lambda ws, p: calls.append(list(ws)) or real(ws, p))
-    assert worker.skips_resident_delta(params)
+    assert reads_resident_delta("resident") and not reads_resident_delta(NARROW)
+    assert not worker.skips_resident_delta(params)
     got = worker.encode_written(weights, params)
-    assert calls == [] and worker._reads_encoded == {"resident"} and not worker.skips_resident_delta(params)
-    again = worker.encode_written(weights, params)
     assert calls == [list(weights)]
     for n in weights:
         _assert_same_parts(got[n].parts, want[n], n)
-        _assert_same_parts(again[n].parts, want[n], n)
+
+
+def test_a_storage_that_declares_nothing_gets_the_resident_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plug-in storage without ``reads_resident_delta`` may read ``context.options["encoded"]``: the writer
+    assumes it does (the safe default) and hands over the full encode."""
+    seen = []
+
+    class Plain:
+        name = "test-plain-storage"
+
+        def encode(self, weight, base, context):
+            enc = context.options["encoded"]
+            seen.append(enc is not None and torch.equal(enc.delta, encode_tensor(weight, CodecParams(),
+                                                                                 context.key).delta))
+            return {"base_qweight": base["qweight"], "blob": enc.delta}
+
+        def decode_base(self, parts, context):
+            raise NotImplementedError
+
+        def decode(self, parts, context):
+            raise NotImplementedError
+
+    monkeypatch.setitem(BASE_STORAGE._codecs, Plain.name, Plain())
+    params = CodecParams(storage=Plain.name)
+    assert reads_resident_delta(Plain.name) and not worker.skips_resident_delta(params)
+    w = _special_weight((8, 130), torch.bfloat16, seed=40)
+    worker.encode_written({"m.l.weight": w}, params)
+    assert seen == [True]
 
 
 # ==================================================================== converted repos

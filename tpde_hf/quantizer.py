@@ -86,6 +86,9 @@ class TpdeHfQuantizer(HfQuantizer):
                 "`from tpde_hf.conversion import convert; convert(local_folder, out_dir)` (or `tpde convert`)."
             )
         self._errors: list[Exception] = []
+        from tpde_hf.reference.load import warm_up_reference_decode
+
+        warm_up_reference_decode(self)  # a delta repo: its decode kernels load while transformers sets up
         self._plan: Any = None
         self._dtype: torch.dtype | None = None
         self._original_converters: dict[int, Any] = {}
@@ -142,6 +145,9 @@ class TpdeHfQuantizer(HfQuantizer):
         self._tpde_checkpoint_files = files  # the shards of this load (the reference decode pool reads its blobs ahead)
         if not files:
             raise TpdeFormatError("config.json", "tpde repo without safetensors weights (model.safetensors missing)")
+        from tpde_hf.reference.load import start_reference_prefetch
+
+        start_reference_prefetch(self)  # a delta repo: its decode runs from here on, beside transformers' set-up
         index = read_checkpoint_index(files)
         from tpde_hf.integrity import check_checkpoint
         from tpde_hf.loading import DELTA_SUFFIXES, build_load_plan

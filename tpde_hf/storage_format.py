@@ -19,9 +19,9 @@ and the loader rebuilds what each mode holds:
 A storage sees the meta through its :class:`~tpde_hf.codec.registry.CodecContext`: ``options`` holds
 ``shape``, ``dtype``, ``group_size``, ``params`` (the :class:`~tpde_hf.codec.CodecParams`),
 ``checksum`` and ``meta`` (the tensor); at encode also ``encoded``, the writer's
-:class:`~tpde_hf.codec.EncodedTensor` of the weight (its resident delta, computed once; a writer that
-does not need the delta itself passes a stand-in that encodes on first attribute read, so a storage
-that never reads it costs no delta encode). A storage whose parts describe themselves may ignore them.
+:class:`~tpde_hf.codec.EncodedTensor` of the weight (its resident delta, computed once), or None for a
+storage that declares ``reads_resident_delta = False`` (:func:`reads_resident_delta`): the writer then
+skips that encode. A storage whose parts describe themselves may ignore them.
 The built-in ``resident`` storage (:mod:`tpde_hf.codec.storage_resident`) stores the seven
 resident tensors under storage keys.
 
@@ -64,6 +64,12 @@ def storage_codec(name: str, tensor: str | None = None):
     return BASE_STORAGE.get(name, tensor)
 
 
+def reads_resident_delta(name: str) -> bool:
+    """Whether base storage ``name`` writes from the writer's resident encode (``context.options["encoded"]``);
+    see :class:`~tpde_hf.codec.registry.BaseStorage`. Example: ``reads_resident_delta("narrow-rans")`` -> False."""
+    return bool(getattr(storage_codec(name), "reads_resident_delta", True))
+
+
 def context_for(name: str, stored: StoredMeta, meta: torch.Tensor, **extra: object) -> CodecContext:
     """The context a storage encodes and decodes ``name`` with (see the module docstring)."""
     return CodecContext(name, None, {"shape": stored.shape, "dtype": stored.dtype, "group_size":
@@ -85,12 +91,12 @@ def stored_parts(enc: EncodedTensor, weight: torch.Tensor, prefix: str) -> dict[
 
 
 def storage_parts(tensor: str, storage: str, weight: torch.Tensor, base: Mapping[str, torch.Tensor],
-                  meta: torch.Tensor, prefix: str, encoded: object) -> dict[str, torch.Tensor]:
+                  meta: torch.Tensor, prefix: str, encoded: object | None) -> dict[str, torch.Tensor]:
     """:func:`stored_parts` from a weight's resident ``base`` (qweight, scales, zeros) and ``meta``, for a
     writer that holds no :class:`EncodedTensor`; ``encoded`` is what the storage sees as
     ``context.options["encoded"]`` (see the module docstring).
 
-    Example: ``storage_parts("up.weight", "narrow-rans", w, base, meta, "up", encoded=stand_in)``.
+    Example: ``storage_parts("up.weight", "narrow-rans", w, base, meta, "up", encoded=None)``.
     """
     name = storage
     codec = storage_codec(name, tensor)

@@ -1,11 +1,14 @@
-"""Training checkpoints stored as exact deltas against the previous checkpoint (issue 21).
+"""Training checkpoints stored as exact deltas of their neighbours (issue 21).
 
 * :mod:`~tpde_hf.checkpoints.codec`: the ``ckpt-delta`` tensor codec (registered in
   :data:`tpde_hf.codec.registry.TENSOR_CODECS`), with :mod:`~tpde_hf.checkpoints.kernels` (numba) and
-  :mod:`~tpde_hf.checkpoints.predict` (what Adam's arithmetic predicts each tensor from);
+  :mod:`~tpde_hf.checkpoints.predict` (what Adam's arithmetic predicts each tensor from, both directions);
 * :mod:`~tpde_hf.checkpoints.layout`: where the tensors sit in ``model.safetensors`` / ``optimizer.pt``;
 * :mod:`~tpde_hf.checkpoints.store`: entries, chains, keyframes, atomic writes;
-* :mod:`~tpde_hf.checkpoints.api`: :func:`pack`, :func:`restore`, :func:`compact`, :func:`collect`;
+* :mod:`~tpde_hf.checkpoints.backward`: backward deltas (the default): the newest checkpoint stays plain,
+  each older one is a delta against the next later one;
+* :mod:`~tpde_hf.checkpoints.api`: :func:`pack` (forward), :func:`restore`, :func:`compact`, :func:`collect`;
+* :mod:`~tpde_hf.checkpoints.assist`: the waiting training thread helps finish a pack;
 * :mod:`~tpde_hf.checkpoints.callback`: :class:`TpdeCheckpointCallback` for ``transformers.Trainer``;
 * :mod:`~tpde_hf.checkpoints.cli`: ``tpde ckpt ls | pack | restore``.
 
@@ -14,7 +17,8 @@ Example::
     from tpde_hf.checkpoints import TpdeCheckpointCallback, restore
     trainer = Trainer(..., callbacks=[TpdeCheckpointCallback()])
     trainer.train()
-    restore("out/checkpoint-40")                                  # before resuming from it
+    trainer.train(resume_from_checkpoint="out/checkpoint-60")    # the newest: plain, nothing to do
+    restore("out/checkpoint-40")                                  # an older one: one call first
     trainer.train(resume_from_checkpoint="out/checkpoint-40")
 """
 

@@ -17,10 +17,10 @@ Example (a custom loop)::
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ def is_packed(ckpt_dir: str | Path) -> bool:
 
 def pack(ckpt_dir: str | Path, *, parent: str | None | bool = True, param_names: Sequence[str] | None = None,
          keyframe_every: int = DEFAULT_KEYFRAME_EVERY, cache: S.Decoded | None = None, verify: bool | str = True,
-         keep_decoded: bool = False) -> PackResult:
+         keep_decoded: bool = False, runner: Any = None) -> PackResult:
     """Store ``ckpt_dir`` as an entry of the store beside it and remove its large files.
 
     ``parent=True`` picks the newest entry of an earlier step (a keyframe once its chain has
@@ -82,7 +82,9 @@ def pack(ckpt_dir: str | Path, *, parent: str | None | bool = True, param_names:
     each tensor's payload is decoded right after encoding (same prediction) and compared bit for bit,
     then the entry file is read back and compared with what was written, and every file's skeleton and
     tensor ranges are hashed against the original file's hash. ``verify="full"`` instead decodes the
-    entry from disk exactly as :func:`restore` does (slower, same guarantee).
+    entry from disk exactly as :func:`restore` does (slower, same guarantee). ``runner``: see
+    :func:`~tpde_hf.checkpoints.store.encode_entry`. This is the forward layout; the callback's default,
+    backward deltas, is :func:`tpde_hf.checkpoints.backward.advance`.
     """
     ckpt_dir = Path(ckpt_dir)
     if read_pointer(ckpt_dir) is not None:
@@ -96,7 +98,7 @@ def pack(ckpt_dir: str | Path, *, parent: str | None | bool = True, param_names:
     depth = (S.read_manifest(S.entry_path(root, parent))["depth"] + 1) if parent else 0
     cur = S.read_checkpoint(ckpt_dir)
     tensors, manifest = S.encode_entry(cur, prev, step=step, depth=depth, param_names=param_names,
-                                       verify=bool(verify))
+                                       verify=bool(verify), runner=runner)
     entry = S.entry_path(root, ckpt_dir.name)
     S.write_entry(entry, tensors, manifest)
     big = [f["name"] for f in manifest["files"] if f["ranges"] or f["size"] >= S.KEEP_FILE]
@@ -141,12 +143,15 @@ def _entry_of(ckpt_dir: Path) -> tuple[Path, str, dict[str, Any]]:
 def restore(ckpt_dir: str | Path, out: str | Path | None = None, files: Sequence[str] | None = None) -> list[Path]:
     """Write back the files of a packed checkpoint, byte for byte (each checked against its hash).
 
-    With ``out`` None the files return into ``ckpt_dir`` itself (what ``trainer.train(
+    A folder that is not packed (the newest checkpoint with backward deltas) is already plain: nothing
+    to do (with ``out``, a copy). With ``out`` None the files return into ``ckpt_dir`` itself (what ``trainer.train(
     resume_from_checkpoint=ckpt_dir)`` then reads); else ``out`` receives a full plain copy.
     ``files`` restricts it to those file names (e.g. only the weights). Returns the files written.
     Files are written under temporary names and moved into place.
     """
     ckpt_dir = Path(ckpt_dir)
+    if read_pointer(ckpt_dir) is None and ckpt_dir.is_dir():  # plain (the newest, with backward deltas)
+        return _copy_plain(ckpt_dir, out, files)
     root, name, ptr = _entry_of(ckpt_dir)
     dec = S.decode_chain(root, name)
     target = Path(out) if out is not None else ckpt_dir
@@ -158,11 +163,28 @@ def restore(ckpt_dir: str | Path, out: str | Path | None = None, files: Sequence
         if missing:
             raise ValueError(f"{ckpt_dir}: no file(s) {missing} in the packed checkpoint")
         names = [n for n in names if n in set(files)]
-    written = []
-    for fname in names:
-        S.write_file(dec, fname, target / fname)
-        written.append(target / fname)
-    return written
+    # one thread per file: each write is a copy into the page cache and an fsync, which overlap
+    with ThreadPoolExecutor(max(1, min(len(names), 4))) as pool:
+        for job in [pool.submit(S.write_file, dec, fname, target / fname) for fname in names]:
+            job.result()
+    return [target / fname for fname in names]
+
+
+def _copy_plain(ckpt_dir: Path, out: str | Path | None, files: Sequence[str] | None) -> list[Path]:
+    """:func:`restore` of a folder that is not packed: its files are already there (a copy with ``out``)."""
+    names = [p.name for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != S.POINTER]
+    if files is not None:
+        missing = sorted(set(files) - set(names))
+        if missing:
+            raise ValueError(f"{ckpt_dir}: no file(s) {missing} in the checkpoint")
+        names = [n for n in names if n in set(files)]
+    if out is None:
+        return []
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copyfile(ckpt_dir / n, target / n)
+    return [target / n for n in names]
 
 
 def compact(ckpt_dir: str | Path) -> list[str]:
@@ -192,51 +214,89 @@ def live_entries(output_dir: str | Path) -> set[str]:
     return live
 
 
-def collect(output_dir: str | Path) -> dict[str, list[str]]:
-    """Delete the entries no checkpoint folder needs any more, rebasing first so no chain breaks.
+def collect(output_dir: str | Path, dead: set[str] | frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Delete the entries and held folders no checkpoint needs any more, rebasing first so no chain breaks.
 
-    An entry is dead when its checkpoint folder is gone (Trainer's ``save_total_limit`` rotation).
-    A live entry whose parent is dead is re-encoded as a keyframe before anything is deleted;
-    then every dead entry that no live chain passes through is removed.
+    A checkpoint is dead when its folder is gone (Trainer's ``save_total_limit`` rotation, or its final
+    clean-up with ``load_best_model_at_end``). A live entry whose parent is dead is re-coded before
+    anything is deleted: a backward entry against the first live checkpoint along its old chain (a
+    keyframe if there is none), a forward one as a keyframe. The new entry is written under a
+    temporary name and checked; the old one stays until ``os.replace``. Then every dead entry and held
+    folder that no live chain passes through is removed (with backward deltas, the oldest checkpoint:
+    nothing depends on it). ``dead``: names to treat as gone although their folders exist (see
+    :func:`tpde_hf.checkpoints.backward.forget`).
     """
+    from tpde_hf.checkpoints import backward as B
+
     output_dir = Path(output_dir)
     root = output_dir / S.STORE_DIRNAME
     if not root.exists():
         return {"rebased": [], "deleted": []}
-    live = live_entries(output_dir)
+    live = {d.name for d in output_dir.glob("checkpoint-*") if d.is_dir()} - set(dead)
     mans = dict(S.entries(root))
+    held = B.holds(root)
     rebased = []
     for name in sorted(live & set(mans), key=lambda n: mans[n].get("step") or 0):
         par = mans[name].get("parent")
-        if par is not None and par not in live:
-            dec = S.decode_chain(root, name)
-            tensors, manifest = S.encode_entry(dec, None, step=mans[name].get("step"),
-                                               param_names=mans[name].get("param_names"), verify=True)
-            tmp = S.entry_path(root, f".rebase-{name}")
-            S.write_entry(tmp, tensors, manifest)
-            S.check_entry(tmp, tensors, manifest, dec, None)  # the old entry stays until the new one is proven
-            os.replace(tmp, S.entry_path(root, name))
-            mans[name] = manifest
-            rebased.append(name)
-    needed = set()
-    for name in live & set(mans):
+        if par is None or par in live:
+            continue
+        backward = mans[name].get("version") == S.BACKWARD_VERSION
+        new = None
+        if backward:  # the first live checkpoint along the old chain (chains only get shorter)
+            new, seen = par, set()
+            while new is not None and new not in live and new not in seen:
+                seen.add(new)
+                new = mans[new].get("parent") if new in mans and not S.raw_path(root, new).is_dir() else None
+        dec = S.decode_chain(root, name)
+        ref = S.decode_chain(root, new) if new is not None else None
+        tensors, manifest = S.encode_entry(dec, ref, step=mans[name].get("step"), depth=1 if ref is not None else 0,
+                                           param_names=mans[name].get("param_names"), verify=True, backward=backward)
+        B.write_checked(root, name, tensors, manifest, dec, ref, True)
+        mans[name] = manifest
+        rebased.append(name)
+    needed: set[str] = set()
+    for name in live & (set(mans) | set(held)):
         cur: str | None = name
         while cur is not None and cur not in needed:
             needed.add(cur)
-            cur = mans.get(cur, {}).get("parent")
+            cur = None if S.raw_path(root, cur).is_dir() else mans.get(cur, {}).get("parent")
     deleted = []
     for name in mans:
         if name not in needed:
             S.entry_path(root, name).unlink(missing_ok=True)
             deleted.append(name)
+    for tmp in [*root.glob(".*.tpde.new"), *root.glob(".*.rawtmp")]:  # left by a crash mid-write
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    for name in held:
+        if name not in needed or (name in mans and name not in live):
+            shutil.rmtree(S.raw_path(root, name), ignore_errors=True)
+            if name not in mans:
+                deleted.append(name)
     return {"rebased": rebased, "deleted": deleted}
 
 
-def pack_all(output_dir: str | Path, **kw: Any) -> list[PackResult]:
-    """Pack every unpacked ``checkpoint-N`` folder of ``output_dir``, oldest first."""
+def pack_all(output_dir: str | Path, *, backward: bool = False, **kw: Any) -> list[PackResult]:
+    """Pack every unpacked ``checkpoint-N`` folder of ``output_dir``, oldest first.
+
+    ``backward``: the newest stays plain (held in the store) and every older one becomes a delta against
+    the next later one (see :mod:`~tpde_hf.checkpoints.backward`); ``kw``: ``param_names``,
+    ``keyframe_every``, ``verify``.
+    """
     dirs = sorted((d for d in Path(output_dir).glob("checkpoint-*") if d.is_dir() and not is_packed(d)),
                   key=lambda d: _step(d.name) or 0)
-    return [pack(d, **kw) for d in dirs]
+    if not backward:
+        return [pack(d, **kw) for d in dirs]
+    from tpde_hf.checkpoints import backward as B
+
+    out, cache = [], None
+    for d in dirs:  # each save in turn, as the callback does it
+        done, cache = B.advance(d, cache=cache, keyframe_every=kw.get("keyframe_every", DEFAULT_KEYFRAME_EVERY),
+                                param_names=kw.get("param_names"), verify=kw.get("verify", True))
+        out += [PackResult(r["name"], r["entry"], r["parent"], r["raw"], r["stored"]) for r in done]
+    return out
 
 
 def remove_store(output_dir: str | Path) -> None:

@@ -1,23 +1,36 @@
-"""``TpdeCheckpointCallback``: every checkpoint Trainer writes, stored as an exact delta of the previous one.
+"""``TpdeCheckpointCallback``: every checkpoint Trainer writes, stored as an exact delta of its neighbour.
 
-Trainer writes ``checkpoint-N`` as usual; in ``on_save`` the callback hands the folder to one
-background thread, which packs it (:func:`tpde_hf.checkpoints.api.pack`: a delta against the previous
-checkpoint, a keyframe every ``keyframe_every``), decodes it back and compares every file, and only
-then deletes ``model.safetensors`` and ``optimizer.pt`` from the folder (the small files stay). Then
-it drops store entries whose folders Trainer's ``save_total_limit`` rotation deleted, re-encoding a
-surviving delta as a keyframe first when its parent is among them.
+Trainer writes ``checkpoint-N`` as usual; in ``on_save`` the callback hands it to one background thread.
+
+* ``backward=True`` (default): the newest checkpoint stays as Trainer wrote it (the store holds hard links
+  of its files), so resuming from it needs nothing; the previous checkpoint is re-coded as an exact
+  delta *against the new one* (:func:`tpde_hf.checkpoints.backward.advance`), a keyframe when the run of
+  deltas chained through it reaches ``keyframe_every``, so restoring any checkpoint decodes at most
+  ``keyframe_every`` entries;
+* ``backward=False``: the new checkpoint is packed as a delta against the previous one
+  (:func:`tpde_hf.checkpoints.api.pack`, a keyframe every ``keyframe_every``); resuming from it decodes
+  its chain back to a keyframe.
+
+Either way the entry is checked (every payload decoded at encode time, the bytes on disk, every file's
+hash) before ``model.safetensors`` and ``optimizer.pt`` are deleted from the folder (the small files
+stay). Then it drops store entries whose folders Trainer's ``save_total_limit`` rotation deleted,
+re-coding a surviving delta first when it depended on one of them.
 
 * Memory and disk stay bounded: at most one pack runs; before Trainer writes the next checkpoint
   (``on_step_end`` / ``on_epoch_end`` with ``should_save``) the callback waits for it. That also keeps
   Trainer's rotation from deleting a folder while it is being packed.
 * The packing thread runs at the lowest OS priority (``nice`` 19, Linux sets it per thread) and keeps
   its numba loops on itself (numba's shared worker threads would run at training's priority), so
-  training threads win the cores and packing uses the idle time.
+  training threads win the cores and packing uses the idle time. When Trainer must wait for it (the
+  next save), the waiting thread takes the rest of the pack's tensors beside it and the packing thread
+  returns to normal priority (:class:`~tpde_hf.checkpoints.assist.Assist`): the rest runs on every core.
 * A failure in the thread leaves the checkpoint's original files in place and is raised on the
   training thread at the next save or at the end of training.
 
-Resuming. Trainer loads ``model.safetensors`` and ``optimizer.pt`` in ``train()`` *before* the first
-callback event of the run (``on_train_begin``), so no callback can put them back in time for
+Resuming. With backward deltas the newest checkpoint is plain: ``trainer.train(resume_from_checkpoint=
+"out/checkpoint-60")`` just works. For an older (packed) checkpoint, or with forward deltas: Trainer
+loads ``model.safetensors`` and ``optimizer.pt`` in ``train()`` *before* the first callback event of the
+run (``on_train_begin``), so no callback can put them back in time for
 ``train(resume_from_checkpoint=path)``. One call does it::
 
     tpde_hf.checkpoints.restore("out/checkpoint-40")          # files back, byte for byte
@@ -43,22 +56,28 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from tpde_hf.checkpoints import api
+from tpde_hf.checkpoints import backward as B
 from tpde_hf.checkpoints import kernels as K
+from tpde_hf.checkpoints.assist import Assist
 from tpde_hf.checkpoints.store import Decoded
 
 logger = logging.getLogger(__name__)
 
 
-def _lower_priority(nice: int) -> None:
-    """Raise this thread's nice value (Linux: per thread), so training threads win the cores."""
+def _lower_priority(nice: int, idle: bool = False) -> None:
+    """Raise this thread's nice value (Linux: per thread), so training threads win the cores; ``idle``:
+    also the ``SCHED_IDLE`` class (runs only on a core nothing else wants)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        if idle:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError) as exc:  # not Linux/BSD, or not permitted: pack at normal priority
         logger.debug("tpde: cannot lower the packing thread's priority (%s)", exc)
 
@@ -77,21 +96,38 @@ def optimizer_param_names(model: Any, optimizer: Any) -> list[str] | None:
 
 
 class TpdeCheckpointCallback(TrainerCallback):
-    """Store Trainer's checkpoints as exact temporal deltas (see the module docstring)."""
+    """Store Trainer's checkpoints as exact temporal deltas (see the module docstring).
+
+    ``keyframe_every``: restoring any checkpoint decodes at most this many entries. ``verify``: True
+    (each payload decoded at encode time, the entry read back, every file hashed) or ``"full"`` (the
+    entry decoded from disk as a restore would). ``background``/``nice``/``sched_idle``: pack on one
+    thread at this OS priority (``sched_idle``: also Linux's ``SCHED_IDLE``; measured no better, off).
+    ``backward``: the newest checkpoint stays plain, older ones are deltas against the next (default);
+    False: each checkpoint a delta against the previous one. ``assist``: when Trainer must wait for a
+    pack, the waiting thread takes the rest of its tensors and the packing thread returns to normal
+    priority.
+    """
 
     def __init__(self, keyframe_every: int = api.DEFAULT_KEYFRAME_EVERY, verify: bool | str = True,
-                 background: bool = True, nice: int = 19):
+                 background: bool = True, nice: int = 19, backward: bool = True, assist: bool = True,
+                 sched_idle: bool = False):
         if keyframe_every < 1:
             raise ValueError("keyframe_every must be at least 1")
         self.keyframe_every = keyframe_every
         self.verify = verify
         self.background = background
         self.nice = nice
+        self.backward = backward
+        self.sched_idle = sched_idle  # the packing thread in SCHED_IDLE as well (Linux)
+        self.assist = assist  # the waiting training thread helps finish the pack (False: it only waits)
+        self._assist = Assist()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._cache: Decoded | None = None
+        self._cache: Decoded | None = None  # forward: the last packed checkpoint, decoded
+        self._cache_keep: Decoded | None = None  # backward: the newest (held) checkpoint, read
         self._restored_best: Path | None = None
         self.results: list[api.PackResult] = []
+        self.waits: list[float] = []  # seconds the training thread spent in each wait for a pack in flight
 
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -108,11 +144,19 @@ class TpdeCheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if control.should_save:
-            self.wait()
+            self._before_save(args, state)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if control.should_save:
-            self.wait()
+            self._before_save(args, state)
+
+    def _before_save(self, args: Any, state: Any) -> None:
+        self.wait()
+        name = f"checkpoint-{state.global_step}"
+        if args.should_save and (Path(args.output_dir) / name).exists():  # a resumed run writes it again
+            B.forget(args.output_dir, name)
+            if self._cache_keep is not None and self._cache_keep.name == name:
+                self._cache_keep = None
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                 **kw: Any) -> None:
@@ -153,9 +197,13 @@ class TpdeCheckpointCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ work
     def wait(self) -> None:
-        """Block until the pack in flight (if any) is done; re-raise its error on this thread."""
+        """Block until the pack in flight (if any) is done, helping it meanwhile; re-raise its error here."""
         if self._thread is not None:
+            t = time.perf_counter()
+            if self.assist and self._thread.is_alive():
+                self._assist.help(self._thread.is_alive)
             self._thread.join()
+            self.waits.append(time.perf_counter() - t)
             self._thread = None
         self._raise()
 
@@ -166,18 +214,28 @@ class TpdeCheckpointCallback(TrainerCallback):
 
     def _run(self, ckpt: Path, names: list[str] | None) -> None:
         try:
+            self._assist.owner_tid = threading.get_native_id()
             if self.background and self.nice:
-                _lower_priority(self.nice)
+                _lower_priority(self.nice, self.sched_idle)
             mtime = os.stat(ckpt)
+            runner = self._assist.map if self.background else None
             with K.serial(self.background):  # numba's shared workers would run at training's priority
-                res = api.pack(ckpt, param_names=names, keyframe_every=self.keyframe_every, cache=self._cache,
-                               verify=self.verify, keep_decoded=True)
+                if self.backward:
+                    done, head = B.advance(ckpt, keyframe_every=self.keyframe_every, param_names=names,
+                                           cache=self._cache_keep, verify=self.verify, runner=runner)
+                    self._cache_keep = head
+                    packed = [api.PackResult(r["name"], r["entry"], r["parent"], r["raw"], r["stored"]) for r in done]
+                else:
+                    res = api.pack(ckpt, param_names=names, keyframe_every=self.keyframe_every, cache=self._cache,
+                                   verify=self.verify, keep_decoded=True, runner=runner)
+                    self._cache, res.decoded = res.decoded, None
+                    packed = [res]
             os.utime(ckpt, ns=(mtime.st_atime_ns, mtime.st_mtime_ns))  # Trainer's rotation sorts by mtime
-            self._cache, res.decoded = res.decoded, None
-            self.results.append(res)
+            self.results += packed
             api.collect(ckpt.parent)
-            logger.info("tpde: %s packed %.1f%% of %d bytes (parent %s)", ckpt.name,
-                        100 * res.stored_bytes / max(1, res.raw_bytes), res.raw_bytes, res.parent)
+            for res in packed:
+                logger.info("tpde: %s packed %.1f%% of %d bytes (parent %s)", res.name,
+                            100 * res.stored_bytes / max(1, res.raw_bytes), res.raw_bytes, res.parent)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-            self._cache = None
+            self._cache = self._cache_keep = None
             self._error = exc

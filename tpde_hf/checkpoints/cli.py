@@ -4,6 +4,7 @@ Examples::
 
     tpde ckpt ls out/                          # every checkpoint: packed or not, parent, sizes
     tpde ckpt pack out/                        # pack every plain checkpoint-N folder of out/, oldest first
+    tpde ckpt pack out/ --backward             # the newest stays plain, older ones deltas against the next
     tpde ckpt pack out/checkpoint-40           # pack one folder (a delta against the newest earlier entry)
     tpde ckpt restore out/checkpoint-40        # put model.safetensors, optimizer.pt back, byte for byte
     tpde ckpt restore out/checkpoint-40 --out plain/   # a full plain copy elsewhere
@@ -34,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("folder", metavar="DIR", help="one checkpoint-N folder, or an output folder: all its plain ones")
     pk.add_argument("--keyframe-every", type=int, default=DEFAULT_KEYFRAME_EVERY, metavar="K",
                     help=f"a full keyframe every K checkpoints (default {DEFAULT_KEYFRAME_EVERY})")
+    pk.add_argument("--backward", action="store_true",
+                    help="OUTPUT_DIR only: keep the newest checkpoint plain and store each older one as a delta "
+                         "against the next later one (what TpdeCheckpointCallback does by default)")
     rs = s.add_parser("restore", help="write a packed checkpoint's files back, byte for byte")
     rs.add_argument("folder", metavar="CHECKPOINT_DIR", help="a packed checkpoint-N folder")
     rs.add_argument("--out", default=None, metavar="DIR", help="write a full plain copy here instead")
@@ -68,8 +72,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.ckpt_command == "pack":
         one = not any(d.is_dir() for d in folder.glob("checkpoint-*"))
+        if one and args.backward:
+            raise ValueError(f"{folder}: --backward packs a whole output folder (each checkpoint against the next)")
         res = [api.pack(folder, keyframe_every=args.keyframe_every)] if one \
-            else api.pack_all(folder, keyframe_every=args.keyframe_every)
+            else api.pack_all(folder, keyframe_every=args.keyframe_every, backward=args.backward)
         for r in res:
             print(f"{r.name}: {r.stored_bytes / 1e6:.1f} MB of {r.raw_bytes / 1e6:.1f} MB "
                   f"({'keyframe' if r.parent is None else 'delta of ' + r.parent})")

@@ -73,9 +73,14 @@ def _ratio(m: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Tensor] | None,
-            param_names: Sequence[str] | None) -> dict[str, Any]:
+            param_names: Sequence[str] | None, backward: bool = False) -> dict[str, Any]:
     """Codec options (``features``, ``ctx``) for ``key``; ``{}`` (plain previous-value delta) when the
-    inputs are missing. Both sides call this with the same already-decoded tensors."""
+    inputs are missing. Both sides call this with the same already-decoded tensors.
+
+    ``backward``: ``prev`` is the *later* checkpoint (N+1) and ``cur`` the one being coded (N). The
+    weight's and ``exp_avg``'s relations are symmetric in time (the fitted coefficients take the
+    sign and the decay); ``exp_avg_sq`` is ``v_N = (v_{N+1} - fresh) / b2^k``, predicted from
+    ``v_{N+1}`` and ``m_{N+1}^2`` (the fresh gradients' size), see :func:`_backward_v`."""
     if prev is None:
         return {}
     role, idx, file = _role(key)
@@ -85,6 +90,9 @@ def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.
         if v0 is None or ref is None or v0.size != ref.numel():
             return {}
         return {"ctx": exponent(v0, torch.float32) // 2}
+    if role == 1 and backward:
+        return _backward_v(_np(prev.get(f"{file}:state/{idx}/exp_avg")), _np(cur.get(f"{file}:state/{idx}/exp_avg")),
+                           _np(prev.get(key)))
     if role == 1:
         m1, v0 = _np(cur.get(f"{file}:state/{idx}/exp_avg")), _np(prev.get(key))
         if m1 is None or v0 is None or m1.size != v0.size:
@@ -109,3 +117,18 @@ def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.
     ctx = exponent(w0, torch.float32).astype(np.int32)
     ctx[v1 == 0] = -1000  # never touched by a gradient: moves by weight decay alone
     return {"features": [_ratio(m1, v1), _ratio(m0, v0)], "ctx": ctx}
+
+
+def _backward_v(m_later: np.ndarray | None, m_now: np.ndarray | None, v_later: np.ndarray | None) -> dict[str, Any]:
+    """Options for ``v_N`` given ``m_{N+1}``, ``m_N`` and ``v_{N+1}``: feature ``m_{N+1}^2``, context
+    ``exp(m_{N+1}^2) - exp(v_{N+1})`` (how much of ``v_{N+1}`` is fresh, i.e. missing from ``v_N``).
+
+    Measured on the MiniLM run (checkpoints 100 -> 120, 20 steps apart), bits per ``exp_avg_sq``:
+    this 22.04; with ``m_N^2`` as a second feature 22.04; ``m_N^2`` alone (the forward formula's
+    mirror) 22.50; no feature 22.69; the forward delta of the same pair 21.91.
+    """
+    if m_later is None or m_now is None or v_later is None or not m_later.size == m_now.size == v_later.size:
+        return {}
+    m2 = m_later * m_later
+    ctx = exponent(m2, torch.float32).astype(np.int32) - exponent(v_later, torch.float32)
+    return {"features": [m2], "ctx": ctx}

@@ -52,7 +52,12 @@ from tpde_hf.files import atomic_file
 STORE_DIRNAME = ".tpde-checkpoints"
 POINTER = "tpde_checkpoint.json"
 FORMAT = "tpde-ckpt"
-VERSION = 1
+VERSION = 1  # a forward entry: its parent is an earlier checkpoint's entry
+#: A backward entry: its parent is the next *later* checkpoint, an entry or a held raw folder (``<name>.raw``,
+#: hard links of the files Trainer wrote) which the resume reads as is.
+BACKWARD_VERSION = 2
+VERSIONS = (VERSION, BACKWARD_VERSION)
+RAW_SUFFIX = ".raw"
 CODEC = CheckpointDelta.name
 MIN_CODED = 4096  # tensors with fewer elements stay in the skeleton
 KEEP_FILE = 1 << 20  # files smaller than this (and without coded tensors) stay in the folder too
@@ -82,30 +87,44 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def read_checkpoint(ckpt_dir: str | Path) -> Decoded:
-    """Split every file of ``ckpt_dir`` into coded tensors and a skeleton (see the module docstring)."""
+def read_checkpoint(ckpt_dir: str | Path, name: str | None = None) -> Decoded:
+    """Split every file of ``ckpt_dir`` into coded tensors and a skeleton (see the module docstring);
+    ``name``: the checkpoint's name if it is not the folder's (a held raw folder)."""
     ckpt_dir = Path(ckpt_dir)
-    dec = Decoded(ckpt_dir.name)
+    dec = Decoded(name or ckpt_dir.name)
     files = []
     for path in sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name != POINTER
                        and not p.name.startswith(".")):
-        data = path.read_bytes()
+        data = _read_array(path)  # one writable buffer: the tensors are views of it, no second copy
         ranges = [r for r in tensor_ranges(path) if r.nbytes // max(1, _itemsize(r.dtype)) >= MIN_CODED]
         skel, pos, rec = bytearray(), 0, []
         for r in ranges:
             key = f"{path.name}:{r.name}"
             if key in dec.tensors or r.offset < pos:
                 continue  # a storage seen twice or overlapping ranges: leave it in the skeleton
-            skel += data[pos:r.offset]
-            arr = np.frombuffer(data, _INT[r.dtype], r.nbytes // _itemsize(r.dtype), r.offset).copy()
+            skel += memoryview(data[pos:r.offset])
+            arr = data[r.offset:r.offset + r.nbytes].view(_INT[r.dtype])
+            if r.offset % _itemsize(r.dtype):
+                arr = arr.copy()  # unaligned: the kernels want aligned arrays
             dec.tensors[key] = torch.from_numpy(arr).view(r.dtype)
             rec.append([key, r.offset, r.nbytes, _DTYPE_NAMES[r.dtype]])
             pos = r.offset + r.nbytes
-        skel += data[pos:]
+        skel += memoryview(data[pos:])
         dec.skeletons[path.name] = bytes(skel)
         files.append({"name": path.name, "size": len(data), "xxh3": file_hash(data), "ranges": rec})
     dec.manifest = {"files": files}
     return dec
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """The bytes of ``path`` as a writable uint8 array (read straight into it)."""
+    size = path.stat().st_size
+    buf = np.empty(size, np.uint8)
+    with open(path, "rb") as f:
+        got = f.readinto(memoryview(buf))
+    if got != size:
+        raise TpdeFormatError(str(path), f"changed while being read ({got} of {size} bytes)")
+    return buf
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -113,33 +132,41 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def encode_entry(cur: Decoded, parent: Decoded | None, *, step: int | None = None, depth: int = 0,
-                 param_names: Sequence[str] | None = None,
-                 verify: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                 param_names: Sequence[str] | None = None, verify: bool = False, backward: bool = False,
+                 runner: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and manifest of ``cur``'s entry, coded against ``parent`` (None: a keyframe).
 
     Each tensor's prediction sees exactly the tensors :func:`decode_entry` has when it decodes it (those
     of earlier :func:`~tpde_hf.checkpoints.predict.stages`), so both sides compute it from the same
     inputs. With ``verify`` every tensor's payload is decoded right after it is made and compared bit
-    for bit.
+    for bit. ``backward``: ``parent`` is the *next later* checkpoint (a version-2 entry, whose features
+    follow :func:`~tpde_hf.checkpoints.predict.options`' backward relations). ``runner(fn, items)``
+    maps the tensors of one stage (default: in order on this thread; the callback's lets the waiting
+    training thread help, see :mod:`~tpde_hf.checkpoints.assist`).
     """
     codec = TENSOR_CODECS.get(CODEC)
     out: dict[str, torch.Tensor] = {}
     prev = parent.tensors if parent is not None else None
     done: dict[str, torch.Tensor] = {}
+
+    def one(key: str) -> dict[str, torch.Tensor]:
+        opts = predict.options(key, done, prev, param_names, backward=backward)
+        if verify:
+            opts["verify"] = True
+        ref = prev.get(key) if prev is not None else None
+        return stored_parts(key, CODEC, codec.encode(cur.tensors[key], CodecContext(key, ref, opts)))
+
     for stage in predict.stages(list(cur.tensors)):
-        for key in stage:
-            opts = predict.options(key, done, prev, param_names)
-            if verify:
-                opts["verify"] = True
-            ref = prev.get(key) if prev is not None else None
-            out.update(stored_parts(key, CODEC, codec.encode(cur.tensors[key], CodecContext(key, ref, opts))))
+        big_first = sorted(stage, key=lambda k: -cur.tensors[k].numel())  # longest jobs first when shared
+        for parts in (runner(one, big_first) if runner is not None else map(one, big_first)):
+            out.update(parts)
         done.update((k, cur.tensors[k]) for k in stage)
     for i, f in enumerate(cur.manifest["files"]):
         d = parent.skeletons.get(f["name"]) if parent is not None else None
         zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
         blob = zstandard.ZstdCompressor(level=10, dict_data=zd).compress(cur.skeletons[f["name"]])
         out[f"skeleton.{i}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    manifest = {"format": FORMAT, "version": VERSION, "name": cur.name, "step": step,
+    manifest = {"format": FORMAT, "version": BACKWARD_VERSION if backward else VERSION, "name": cur.name, "step": step,
                 "parent": parent.name if parent is not None else None, "depth": depth if parent is not None else 0,
                 "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
     return out, manifest
@@ -209,7 +236,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(meta[FORMAT])
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise TpdeFormatError(str(path), f"not a readable tpde checkpoint entry ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") not in VERSIONS:
         raise TpdeFormatError(str(path), "not a tpde checkpoint entry of a known version")
     return manifest
 
@@ -229,12 +256,13 @@ def decode_entry(path: Path, parent: Decoded | None, threads: int | None = None)
     dec = Decoded(manifest["name"], manifest=manifest)
     prev = parent.tensors if parent is not None else None
     names = manifest.get("param_names")
+    backward = manifest.get("version") == BACKWARD_VERSION
 
     def one(key: str, parts: dict[str, torch.Tensor], done: dict[str, torch.Tensor]) -> torch.Tensor:
         # one tensor per thread, each on serial loops (numba's shared pool is not re-entrant); on one
         # thread the caller's choice stands (the packing thread keeps its loops serial)
         with K.serial(workers > 1 or K.is_serial()):
-            opts = predict.options(key, done, prev, names)
+            opts = predict.options(key, done, prev, names, backward=backward)
             ref = prev.get(key) if prev is not None else None
             return codec.decode(parts, CodecContext(key, ref, opts)).reshape(-1)
 
@@ -339,32 +367,71 @@ def entry_path(root: Path, name: str) -> Path:
     return Path(root) / f"{name}.tpde"
 
 
-def chain(root: Path, name: str) -> list[Path]:
-    """Entry files from the keyframe to ``name``; :class:`TpdeFormatError` if a link is missing."""
+def raw_path(root: Path, name: str) -> Path:
+    """Where the store holds checkpoint ``name``'s files as Trainer wrote them (hard links)."""
+    return Path(root) / f"{name}{RAW_SUFFIX}"
+
+
+def raw_source(root: Path, name: str) -> Path | None:
+    """The plain files of checkpoint ``name``: its held raw folder, else its own unpacked folder, else None."""
+    held = raw_path(root, name)
+    if held.is_dir():
+        return held
+    own = Path(root).parent / name
+    if own.is_dir() and not (own / POINTER).exists() and any(own.iterdir()):
+        return own
+    return None
+
+
+def links(root: Path, name: str) -> tuple[list[Path], Path | None]:
+    """The entries to decode for ``name``, in decoding order, and the plain folder the first one is coded
+    against (None: it is a keyframe). A backward chain ends at a later checkpoint's plain files; a
+    forward one at a keyframe. :class:`TpdeFormatError` if a link is missing or the chain loops.
+
+    A held raw folder wins over an entry of the same checkpoint (a crash between writing the entry and
+    dropping the hold leaves both, and they hold the same bytes): it needs no decoding.
+    """
     out, seen = [], set()
     cur: str | None = name
     while cur is not None:
         p = entry_path(root, cur)
-        if not p.exists():
-            raise TpdeFormatError(str(p), f"missing: checkpoint {name} needs it (its chain is broken)")
+        held = raw_path(root, cur)
+        if held.is_dir() or not p.exists():
+            raw = held if held.is_dir() else raw_source(root, cur)
+            if raw is None:
+                raise TpdeFormatError(str(p), f"missing: checkpoint {name} needs it (its chain is broken)")
+            return out[::-1], raw
         if cur in seen:
             raise TpdeFormatError(str(p), "checkpoint chain loops (corrupt manifest)")
         seen.add(cur)
         out.append(p)
         cur = read_manifest(p).get("parent")
-    return out[::-1]
+    return out[::-1], None
+
+
+def chain(root: Path, name: str) -> list[Path]:
+    """Entry files from the keyframe (or the plain checkpoint a backward chain ends at) to ``name``."""
+    return links(root, name)[0]
+
+
+def _raw_name(root: Path, raw: Path) -> str:
+    return raw.name[: -len(RAW_SUFFIX)] if raw.parent == Path(root) and raw.name.endswith(RAW_SUFFIX) else raw.name
 
 
 def decode_chain(root: Path, name: str, cache: Decoded | None = None) -> Decoded:
-    """Decode checkpoint ``name`` from its keyframe (starting from ``cache`` if it is on the chain)."""
-    paths = chain(root, name)
-    dec: Decoded | None = None
+    """Decode checkpoint ``name``: read the plain files its chain ends at (if any), then decode every link
+    (starting from ``cache`` if it is on the chain)."""
+    paths, raw = links(root, name)
     names = [p.name[: -len(".tpde")] for p in paths]
+    dec: Decoded | None = None
     if cache is not None and cache.name in names:
-        start = names.index(cache.name) + 1
-        dec = cache
+        start, dec = names.index(cache.name) + 1, cache
+    elif raw is not None and cache is not None and cache.name == _raw_name(root, raw):
+        start, dec = 0, cache
     else:
         start = 0
+        if raw is not None:
+            dec = read_checkpoint(raw, name=_raw_name(root, raw))
     for p in paths[start:]:
         dec = decode_entry(p, dec)
     assert dec is not None

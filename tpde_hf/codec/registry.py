@@ -146,6 +146,10 @@ class BaseStorage(Protocol):
       (``qweight, scales, zeros``) of ``weight``, which the storage must reproduce exactly;
     * ``decode_base(parts, context)``: ``qweight, scales, zeros`` from the ``base_`` parts alone;
     * ``decode(parts, context)``: the exact weight.
+
+    A storage may declare ``reads_resident_delta = False`` when ``encode`` codes its own delta from the weight and
+    the base: a writer then skips the resident delta encode and passes no ``context.options["encoded"]``. Absent,
+    it counts as True (the writer runs the resident encode first and hands it over): the safe default.
     """
 
     name: str

@@ -28,6 +28,7 @@ class ResidentStorage:
     """The resident layout as a :class:`~tpde_hf.codec.registry.BaseStorage` (see the module docstring)."""
 
     name = "resident"
+    reads_resident_delta = True  # it stores the writer's own delta parts
 
     def encode(self, weight: torch.Tensor, base: Mapping[str, torch.Tensor],
                context: CodecContext) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 A task laid out by a base storage (``--storage``) computes only what it writes: the base, the checksum and
 the meta, then the storage's parts (:func:`encode_written`); the resident delta is not encoded unless the
-meta records it (class-width) or the storage reads it (``resident``).
+meta records it (class-width) or the storage declares that it reads it (``resident``).
 
 A task names its tensors by file and byte range, not by value, so nothing large crosses a process
 boundary: each worker reads its own inputs, writes its own ``tensors/<task>.safetensors`` and
@@ -23,14 +23,21 @@ from pathlib import Path
 
 import torch
 
-from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensor, encode_tensors
+from tpde_hf.codec import CodecParams, EncodedTensor, decode_tensors, encode_tensors
 from tpde_hf.codec.registry import STORAGE_TOKEN
 from tpde_hf.codec.tensor_codec import encode_base_and_meta, meta_needs_delta
 from tpde_hf.conversion.memory import peak_rss, reset_peak
 from tpde_hf.conversion.streaming import TensorInfo, load_tensor, read_header, write_tensor_file
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import SUFFIXES, as_encoded, module_prefix
-from tpde_hf.storage_format import check_written, storage_parts, stored_parts, stored_sizes, weight_part_keys
+from tpde_hf.storage_format import (
+    check_written,
+    reads_resident_delta,
+    storage_parts,
+    stored_parts,
+    stored_sizes,
+    weight_part_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -105,36 +112,11 @@ class WrittenWeight:
     checksum: int
 
 
-class EncodeOnFirstUse:
-    """Stands in for the writer's :class:`EncodedTensor` of one weight (a storage's ``context.options["encoded"]``):
-    the first attribute read runs the full :func:`encode_tensor` with the writer's parameters, so a storage that
-    reads the resident delta (``resident``) gets it, and one that never does (``narrow-rans``) costs no delta encode.
-
-    Example: ``EncodeOnFirstUse(w, params, "up.weight").delta`` encodes ``w`` once, then reads its delta.
-    """
-
-    def __init__(self, weight: torch.Tensor, params: CodecParams, name: str) -> None:
-        self._weight, self._params, self._name = weight, params, name
-        self.encoded: EncodedTensor | None = None
-
-    def __getattr__(self, attr: str):  # only for attributes not set in __init__: those of the EncodedTensor
-        if attr.startswith("__") or attr in ("encoded", "_weight", "_params", "_name"):  # copy/pickle probes, or
-            raise AttributeError(attr)  # an instance built without __init__: not reads of the encode
-        if self.encoded is None:
-            self.encoded = encode_tensor(self._weight, self._params, self._name)
-        return getattr(self.encoded, attr)
-
-
-#: Base storages seen reading ``context.options["encoded"]`` in this process: their later tasks encode in full
-#: up front (one base quantization instead of two), the bytes are the same.
-_reads_encoded: set[str] = set()
-
-
 def skips_resident_delta(params: CodecParams) -> bool:
-    """Whether a task writes without the resident delta encode: a base storage lays the weights out (it codes
-    its own delta from the weight and the base), the meta records nothing of the resident delta, and the
-    storage has not been seen reading the writer's encode."""
-    return params.storage is not None and not meta_needs_delta(params) and params.storage not in _reads_encoded
+    """Whether a task writes without the resident delta encode: a base storage lays the weights out and declares
+    that it codes its own delta (``reads_resident_delta = False``), and the meta records nothing of the
+    resident delta (:func:`meta_needs_delta`)."""
+    return params.storage is not None and not meta_needs_delta(params) and not reads_resident_delta(params.storage)
 
 
 def encode_written(weights: dict[str, torch.Tensor], params: CodecParams,
@@ -143,8 +125,8 @@ def encode_written(weights: dict[str, torch.Tensor], params: CodecParams,
 
     ``skip_delta`` (default :func:`skips_resident_delta`) computes only what the storage layout writes: the
     base, the checksum and the meta (:func:`encode_base_and_meta`), then the storage's parts; the resident
-    delta is encoded only if the storage reads it (:class:`EncodeOnFirstUse`). ``False``: the full encode of
-    every weight first (what a resident-layout task needs). Both write the same bytes.
+    resident delta is not encoded. ``False``: the full encode of every weight first (what a resident-layout task
+    needs, or a storage that reads the writer's encode). Both write the same bytes.
 
     Example: ``encode_written({"up.weight": w}, CodecParams(storage="narrow-rans"))["up.weight"].parts``.
     """
@@ -160,16 +142,7 @@ def encode_written(weights: dict[str, torch.Tensor], params: CodecParams,
     for name, w in weights.items():
         base_t, meta, checksum = encode_base_and_meta(w, params, name)
         base = {"qweight": base_t.qweight, "scales": base_t.scales, "zeros": base_t.zeros}
-        stand_in = EncodeOnFirstUse(w, params, name)
-        parts = storage_parts(name, params.storage, w, base, meta, module_prefix(name), encoded=stand_in)
-        full = stand_in.encoded
-        if full is not None:
-            _reads_encoded.add(params.storage)
-        if full is not None and (full.checksum != checksum or not torch.equal(full.meta_tensor(), meta) or
-                                 not all(_same_bits(getattr(full, k), t) for k, t in base.items())):
-            # the storage's delta was coded against the full encode's base: it must be the base written
-            raise TpdeFormatError(name, "the full encode's base or meta differs from the one written (codec bug); "
-                                        "nothing was written")
+        parts = storage_parts(name, params.storage, w, base, meta, module_prefix(name), encoded=None)
         out[name] = WrittenWeight(parts, base, checksum)
     return out
 

@@ -191,22 +191,40 @@ def _ctx_map(n_eb: int, n_prev: int) -> np.ndarray:
     return m
 
 
-def decode_luts(freq: np.ndarray, prob_bits: int) -> np.ndarray:
-    """Per context and slot, one uint32: ``freq | (slot - cum) << 13 | symbol << 25`` (one load per step).
-
-    ``freq`` must be validated first (each context sums to ``2**prob_bits``).
-    """
-    lut = np.empty(freq.shape[0] << prob_bits, np.uint32)
-    K.decode_lut(np.ascontiguousarray(freq, dtype=np.int64), prob_bits, lut)
-    return lut
-
-
 def prev_bucket_map(n_prev: int) -> np.ndarray:
     """The previous-symbol bucket of every symbol (what :func:`kernels._prev_bucket` computes)."""
     s = np.arange(K.N_SYM)
     if n_prev == 1:
         return np.zeros(K.N_SYM, np.int64)
     return np.select([s == 0, s <= 2, s < K.DIRECT], [0, 1, 2], 3).astype(np.int64)
+
+
+def decode_tables(freq: np.ndarray, prob_bits: int, n_eb: int, n_prev: int, e_low: int,
+                  exp_mask: int) -> tuple[np.ndarray, ...]:
+    """``(ctxtab, symlut, fctab, symtab)``: the decode kernel's tables (:func:`kernels._decode_chunk`).
+
+    ``freq`` must be validated first (each context sums to ``2**prob_bits``, which must be 12). ``ctxtab``: reference
+    exponent -> its context row << 12; ``symlut``: per context and slot, the symbol (one byte); ``fctab``: per
+    context (rows of 128) and symbol, ``freq | cum << 13``; ``symtab``: per symbol, the previous-symbol row it
+    selects (<< 12), its raw bit count << 16 and the value bits it stands for << 22.
+
+    Example::
+
+        ctxtab, symlut, fctab, symtab = decode_tables(freq, 12, 16, 1, 110, 0xFF)
+    """
+    n_ctx = freq.shape[0]
+    e = np.arange(exp_mask + 1)
+    ctxtab = ((np.clip(e - e_low, 0, n_eb - 1) * n_prev) << prob_bits).astype(np.int64)
+    symlut = np.repeat(np.tile(np.arange(K.N_SYM, dtype=np.uint8), n_ctx), freq.reshape(-1))
+    fctab = np.zeros((n_ctx, 128), np.int32)
+    fctab[:, : K.N_SYM] = freq | ((np.cumsum(freq, axis=1) - freq) << 13)
+    s = np.arange(K.N_SYM)
+    ex = 4 + ((s - K.DIRECT) >> 1)
+    big = s >= K.DIRECT
+    value = np.where(big, (1 << np.where(big, ex, 0)) | (((s - K.DIRECT) & 1) << np.where(big, ex - 1, 0)), s)
+    symtab = np.zeros(128, np.int64)  # symbols >= N_SYM have no slot: never read
+    symtab[: K.N_SYM] = (prev_bucket_map(n_prev) << prob_bits) | (np.where(big, ex - 1, 0) << 16) | (value << 22)
+    return ctxtab, symlut, fctab.reshape(-1), symtab
 
 
 class RefOrd:
@@ -310,14 +328,14 @@ class RefOrd:
         states = np.ascontiguousarray(chunks[2:, :-1].T)
         if chunks[0, -1] != n_words or chunks[1, -1] != n_raw or (states < 0).any() or (states >= 1 << 32).any():
             raise TpdeFormatError(key, "ref-ord chunk table is damaged")
-        lut = decode_luts(freq, prob_bits)
         width, shift, emask = FLOATS[dtype]
+        tables = decode_tables(freq, prob_bits, n_eb, n_prev, e_low, emask)
         out = torch.empty(shape, dtype=dtype)
         status = np.zeros(n_chunks, np.int64)
         # one thread when asked (a pool decodes whole tensors in parallel at load) or when the tensor is small
         run = K.rans_decode if n_chunks > 2 and not context.options.get("serial") else K.rans_decode_serial
-        run(_bits(ref), _bits(out), width, shift, emask, e_low, n_eb, n_prev, chunk, prob_bits, lut,
-            prev_bucket_map(n_prev), words, chunks[0], states.astype(np.uint64), raw_words, chunks[1], status)
+        run(_bits(ref), _bits(out), width, shift, emask, chunk, *tables, np.append(words, np.uint16(0)), chunks[0],
+            states, np.append(raw_words, np.uint32(0)), chunks[1], status)  # one spare word each: see the kernel
         if status.any():
             bad = int(np.flatnonzero(status)[0])
             raise TpdeFormatError(key, f"ref-ord stream of chunk {bad} is damaged (code {int(status[bad])})")

@@ -134,118 +134,109 @@ def rans_encode(sym, ctx, nraw, raw, freq, cum, prob_bits, chunk, word_buf, word
             raw_words[w] = np.uint32(acc & np.uint64(0xFFFFFFFF))
 
 
-@njit(cache=True, inline="always")
-def _decode_one(x, pb, rv, wmask, width, exp_shift, exp_mask, e_low, n_eb, n_prev, prob_bits, lut, pbmap,
-                words, wp, wend, raw_words, rp, rend, acc, nacc, bad):
-    """One element of one lane: ``(x, pb, bit pattern, wp, rp, acc, nacc, bad)``."""
-    eb = _exp_bucket(rv & wmask, exp_shift, exp_mask, e_low, n_eb)
-    idx = ((eb * n_prev + pb) << prob_bits) + np.int64(x & np.uint64((1 << prob_bits) - 1))
-    e = np.uint64(lut[idx])  # freq (13 bits) | slot - cum (12 bits) << 13 | symbol << 25
-    x = (e & np.uint64(0x1FFF)) * (x >> np.uint64(prob_bits)) + ((e >> np.uint64(13)) & np.uint64(0xFFF))
-    s = np.int64(e >> np.uint64(25))
-    if x < np.uint64(STATE_LOW):
-        if wp < wend:
-            x = (x << np.uint64(16)) | np.uint64(words[wp])
-            wp += 1
-        else:
-            bad = 2
-            x = x << np.uint64(16)
-    if s < DIRECT:
-        u = s
-    else:
-        ex = 4 + ((s - DIRECT) >> 1)
-        m = (s - DIRECT) & 1
-        nr = ex - 1
-        while nacc < nr:
-            if rp < rend:
-                acc |= np.uint64(raw_words[rp]) << np.uint64(nacc)
-                rp += 1
-            else:
-                bad = 3
-            nacc += 32
-        u = (np.int64(1) << ex) | (m << (ex - 1)) | np.int64(acc & np.uint64((np.int64(1) << nr) - 1))
-        acc >>= np.uint64(nr)
-        nacc -= nr
-    d = (u >> 1) ^ -(u & 1)
-    o = _wrap(_ordinal(rv, width) + d, width)
-    return x, np.int64(pbmap[s]), _ordinal(o, width), wp, rp, acc, nacc, bad
+@njit(cache=True)
+def _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab, words,
+                  word_start, states, raw_words, raw_start):
+    """Decode chunk ``c``; returns its status: 0 when it consumed exactly its words and raw bits and both lanes
+    ended on the initial state, else a failure code.
 
-
-@njit(cache=True, inline="always")
-def _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits, lut, pbmap,
-                  words, word_start, states, raw_words, raw_start):
-    """Decode chunk ``c``; returns its status: 0 when it consumed exactly its words and raw bits and every lane
-    ended on the initial state, else a failure code. Two lanes (even and odd elements) are unrolled so that their
-    dependency chains overlap."""
+    Per element: two small loads find the symbol (``symlut``: one byte per slot) and its ``freq | cum << 13``
+    (``fctab``), so the tables stay in cache; ``symtab[s]`` packs the lane's next previous-symbol row, the raw bit
+    count and the value bits the symbol stands for (:func:`tpde_hf.reference.codec.decode_tables`). The
+    renormalisation is a select; the raw-bit refill is the one data-dependent branch (rare). Indices are unsigned
+    (no negative-index code). ``words`` and ``raw_words`` end with one spare word and every read is clamped, so a
+    read past a chunk's end stays in the array; such a chunk fails the final check (positions only grow). The two
+    lanes are written out in full, not through a helper: a call per element costs reference counting on every
+    array argument (measured ~25% of the decode).
+    """
     n = r_bits.shape[0]
-    wmask = (np.int64(1) << width) - 1
+    wlast = words.shape[0] - 1
+    rlast = raw_words.shape[0] - 1
     lo = c * chunk
     hi = min(lo + chunk, n)
     wp = word_start[c]
     wend = word_start[c + 1]
     rp = raw_start[c]
     rend = raw_start[c + 1]
-    if wp < 0 or wend > words.shape[0] or wp > wend or rp < 0 or rend > raw_words.shape[0] or rp > rend:
+    if wp < 0 or wend > wlast or wp > wend or rp < 0 or rend > rlast or rp > rend:
         return 1
-    x0 = np.uint64(states[c, 0])
-    x1 = np.uint64(states[c, 1])
-    acc = np.uint64(0)
+    x0 = np.int64(states[c, 0])
+    x1 = np.int64(states[c, 1])
+    acc = np.int64(0)
     nacc = np.int64(0)
-    p0 = np.int64(0)
-    p1 = np.int64(0)
-    bad = 0
+    p0 = symtab[0] & 0xFFFF
+    p1 = p0
     i = lo
-    while i + 1 < hi:
-        x0, p0, v0, wp, rp, acc, nacc, bad = _decode_one(
-            x0, p0, np.int64(r_bits[i]), wmask, width, exp_shift, exp_mask, e_low, n_eb, n_prev, prob_bits,
-            lut, pbmap, words, wp, wend, raw_words, rp, rend, acc, nacc, bad)
-        x1, p1, v1, wp, rp, acc, nacc, bad = _decode_one(
-            x1, p1, np.int64(r_bits[i + 1]), wmask, width, exp_shift, exp_mask, e_low, n_eb, n_prev, prob_bits,
-            lut, pbmap, words, wp, wend, raw_words, rp, rend, acc, nacc, bad)
-        out[i] = v0
-        out[i + 1] = v1
-        i += 2
-    if i < hi:
-        x0, p0, v0, wp, rp, acc, nacc, bad = _decode_one(
-            x0, p0, np.int64(r_bits[i]), wmask, width, exp_shift, exp_mask, e_low, n_eb, n_prev, prob_bits,
-            lut, pbmap, words, wp, wend, raw_words, rp, rend, acc, nacc, bad)
-        out[i] = v0
-    if bad == 0 and (x0 != np.uint64(STATE_LOW) or x1 != np.uint64(STATE_LOW) or wp != wend or rp != rend):
-        bad = 4
-    return bad
+    while i < hi:
+        # lane 0 (even offsets)
+        rv = np.int64(r_bits[np.uint64(i)])
+        cb = ctxtab[np.uint64((rv >> exp_shift) & exp_mask)] + p0  # context row << 12
+        slot = x0 & 0xFFF
+        s = np.int64(symlut[np.uint64(cb + slot)])
+        ent = np.int64(fctab[np.uint64((cb >> 5) + s)])  # row ctx * 128 + s
+        x0 = (ent & 0x1FFF) * (x0 >> 12) + slot - (ent >> 13)
+        need = np.int64(x0 < STATE_LOW)
+        w = np.int64(words[np.uint64(min(wp, wlast))])
+        x0 = (x0 << (need << 4)) | (w & -need)
+        wp += need
+        st = symtab[np.uint64(s)]
+        nb = (st >> 16) & 0x3F
+        if nacc < nb:
+            acc |= np.int64(raw_words[np.uint64(min(rp, rlast))]) << nacc
+            rp += 1
+            nacc += 32
+        u = (st >> 22) | (acc & ((np.int64(1) << nb) - 1))
+        acc >>= nb
+        nacc -= nb
+        p0 = st & 0xFFFF
+        out[np.uint64(i)] = _ordinal(_wrap(_ordinal(rv, width) + ((u >> 1) ^ -(u & 1)), width), width)
+        i += 1
+        if i >= hi:
+            break
+        # lane 1 (odd offsets): the same step; its chain overlaps lane 0's
+        rv = np.int64(r_bits[np.uint64(i)])
+        cb = ctxtab[np.uint64((rv >> exp_shift) & exp_mask)] + p1
+        slot = x1 & 0xFFF
+        s = np.int64(symlut[np.uint64(cb + slot)])
+        ent = np.int64(fctab[np.uint64((cb >> 5) + s)])
+        x1 = (ent & 0x1FFF) * (x1 >> 12) + slot - (ent >> 13)
+        need = np.int64(x1 < STATE_LOW)
+        w = np.int64(words[np.uint64(min(wp, wlast))])
+        x1 = (x1 << (need << 4)) | (w & -need)
+        wp += need
+        st = symtab[np.uint64(s)]
+        nb = (st >> 16) & 0x3F
+        if nacc < nb:
+            acc |= np.int64(raw_words[np.uint64(min(rp, rlast))]) << nacc
+            rp += 1
+            nacc += 32
+        u = (st >> 22) | (acc & ((np.int64(1) << nb) - 1))
+        acc >>= nb
+        nacc -= nb
+        p1 = st & 0xFFFF
+        out[np.uint64(i)] = _ordinal(_wrap(_ordinal(rv, width) + ((u >> 1) ^ -(u & 1)), width), width)
+        i += 1
+    if x0 != STATE_LOW or x1 != STATE_LOW or wp != wend or rp != rend:
+        return 4
+    return 0
 
 
 @njit(cache=True, parallel=True)
-def rans_decode(r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits, lut, pbmap,
-                words, word_start, states, raw_words, raw_start, status):
+def rans_decode(r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab, words, word_start,
+                states, raw_words, raw_start, status):
     """Decode every chunk into ``out`` (bit patterns of the out dtype), chunks in parallel; ``status[c]`` as
-    :func:`_decode_chunk` returns it."""
-    n_chunks = status.shape[0]
-    for c in prange(n_chunks):
-        status[c] = _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits,
-                                  lut, pbmap, words, word_start, states, raw_words, raw_start)
+    :func:`_decode_chunk` returns it. The tables are :func:`tpde_hf.reference.codec.decode_tables`'."""
+    for c in prange(status.shape[0]):
+        status[c] = _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab,
+                                  words, word_start, states, raw_words, raw_start)
 
 
 @njit(cache=True, nogil=True)
-def rans_decode_serial(r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits, lut, pbmap,
-                       words, word_start, states, raw_words, raw_start, status):
+def rans_decode_serial(r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab, words,
+                       word_start, states, raw_words, raw_start, status):
     """:func:`rans_decode` on this thread, without the GIL: small tensors, where waking the thread pool costs more
     than it saves (tens of milliseconds on a busy machine), and the load's pool that decodes tensors in parallel
     (:mod:`tpde_hf.reference.prefetch`)."""
     for c in range(status.shape[0]):
-        status[c] = _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, e_low, n_eb, n_prev, chunk, prob_bits,
-                                  lut, pbmap, words, word_start, states, raw_words, raw_start)
-
-
-@njit(cache=True, nogil=True)
-def decode_lut(freq, prob_bits, lut):
-    """Per context and slot: ``freq | (slot - cum) << 13 | symbol << 25`` (one uint32 load per decode step)."""
-    n_ctx, n_sym = freq.shape
-    for cx in range(n_ctx):
-        slot = 0
-        base = cx << prob_bits
-        for s in range(n_sym):
-            f = freq[cx, s]
-            for j in range(f):
-                lut[base + slot] = np.uint32(f | (j << 13) | (s << 25))
-                slot += 1
+        status[c] = _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab,
+                                  words, word_start, states, raw_words, raw_start)

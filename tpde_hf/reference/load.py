@@ -131,6 +131,47 @@ def load_prefetch(hf_quantizer: Any) -> Any:
         return pf or None
 
 
+def _warm_kernels() -> None:
+    """Load the decode kernels' compiled code (numba's cache: ~0.15 CPU-s in a fresh process) with empty calls."""
+    import numpy as np
+
+    from tpde_hf.reference import kernels as K
+
+    i8, e = np.zeros(1, np.int64), np.zeros(0, np.int64)
+    K.rans_decode_serial(np.zeros(0, np.int16), np.zeros(0, np.int16), 16, 7, 0xFF, 1, i8, np.zeros(1, np.uint8),
+                         np.zeros(1, np.int32), i8, np.zeros(1, np.uint16), i8, np.zeros((0, 2), np.int64),
+                         np.zeros(1, np.uint32), i8, e)
+    from tpde_hf.reference.sparse import varints_to_positions
+
+    varints_to_positions(np.frombuffer(b"", np.uint8), 0, e)  # read-only bytes, as ref-sparse's decode passes
+
+
+def warm_up_reference_decode(hf_quantizer: Any) -> None:
+    """For a delta repo, load the decode kernels on a background thread now (no-op for other repos).
+
+    Called from the quantizer's constructor: the kernels then load while transformers resolves the checkpoint and
+    builds the model, instead of on the decode pool's critical path.
+    """
+    if reference_info(hf_quantizer) is not None and os.environ.get("TPDE_REFERENCE_WORKERS") != "0":
+        threading.Thread(target=_warm_kernels, name="tpde-ref-warm", daemon=True).start()
+
+
+def start_reference_prefetch(hf_quantizer: Any) -> None:
+    """Start decoding a delta repo's reference-coded tensors now (no-op for other repos).
+
+    Called by the quantizer as soon as it knows the checkpoint files, before it checks them and before
+    transformers builds the load plan, so that the decode overlaps that work. Anything wrong here (an unreadable
+    file) turns the prefetch off: the loading thread then meets the same problem and reports it clearly.
+    """
+    if reference_info(hf_quantizer) is None:
+        return
+    try:
+        capture_download_kwargs(hf_quantizer)  # inside from_pretrained: its token goes to the reference download
+        load_prefetch(hf_quantizer)
+    except Exception:
+        hf_quantizer._tpde_prefetch = False
+
+
 class ReferenceDecode(ConversionOps):
     """Decode one reference-coded tensor: input ``{pattern: [blob]}``, output ``{full_layer_name: tensor}``."""
 

@@ -58,10 +58,10 @@ from torch import nn
 
 from tpde_hf.nn import TpdeLinear
 from tpde_hf.nn.weight_access import weight_for_forward
-from tpde_hf.speculative import rowcheck
+from tpde_hf.speculative import headmax, rowcheck
 from tpde_hf.speculative.draft import DraftError, _structural_copy, draft_model, is_draft
 from tpde_hf.speculative.stats import record_tree_round
-from tpde_hf.speculative.tree import TreeOptions, generate_tree
+from tpde_hf.speculative.tree import TreeOptions, generate_tree, torch_threads
 
 ATTN_NAME = "tpde_rowwise_sdpa"
 _DRAFTS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -83,6 +83,16 @@ class _Rows:
         self.segments: list[int] = []
         self.keys: list[torch.Tensor | None] = []
         self.batch = False
+        #: torch's thread count of plain decoding while a forward runs with fewer (``TreeOptions.row_threads``):
+        #: products that must or should run as plain decoding runs them switch back to it (``RowwiseLinear``)
+        self.ambient: int | None = None
+        #: set by the tree loop: the lm_head returns ``placeholder`` and leaves each row's plain argmax in ``best``
+        #: (:mod:`~tpde_hf.speculative.headmax`); ``head_fallbacks`` counts rows it had to compute in full
+        self.want_argmax = False
+        self.best: list[int] | None = None
+        self.placeholder: torch.Tensor | None = None
+        self.head_fallbacks = 0
+        self.head_rows = 0
         self._planned: tuple[list[int], list[torch.Tensor | None]] | None = None
 
     def plan(self, segments: list[int], keys: list[torch.Tensor | None]) -> None:
@@ -110,6 +120,12 @@ class _Rows:
         return self.segments if sum(self.segments) == m else [1] * m
 
 
+#: weights this large (``out * in``) keep plain decoding's thread count in a reduced-thread forward: SmolLM2's
+#: tied ``lm_head`` (49152 x 576) ran 5.1 ms per row on 2 threads against 7.7 on one; its 576..1536-wide
+#: products ran faster on one (2-core EPYC, OMP_WAIT_POLICY=PASSIVE, 2026-12-07)
+FEW_THREADS_MAX_NUMEL = 1 << 22
+
+
 class RowwiseLinear(nn.Module):
     """A linear layer (``TpdeLinear`` in lossless mode, ``nn.Linear`` or ``Conv1D``) applied per row group."""
 
@@ -118,15 +134,53 @@ class RowwiseLinear(nn.Module):
         self.source = source
         self.rows = rows
         self.transposed = type(source).__name__ == "Conv1D" or bool(getattr(source, "transposed", False))
+        self.head_argmax = False  # the output layer, a plain resident nn.Linear (exact_verifier sets it)
+        self._norms: headmax.HeadNorms | None = None
 
     def _weight(self, device: torch.device) -> torch.Tensor:
-        if isinstance(self.source, TpdeLinear):
-            return weight_for_forward(self.source, device, None)  # one rebuild per forward
+        if isinstance(self.source, TpdeLinear):  # one rebuild per forward
+            return weight_for_forward(self.source, device, None)
         return self.source.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight(x.device)
         bias = self.source.bias
+        ambient = self.rows.ambient
+        if ambient is not None and ambient != torch.get_num_threads() and not self._few_threads_ok(w, x, bias):
+            with torch_threads(ambient):
+                return self._rows(x, w, bias)
+        return self._rows(x, w, bias)
+
+    def _argmax_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Each row's plain greedy token (certified, else from the plain one-row product) into ``rows.best``;
+        returns a placeholder the caller recognises (no logits are materialized)."""
+        if self._norms is None or self._norms.key != headmax.HeadNorms.key_of(w):
+            self._norms = headmax.HeadNorms.of(w)
+        h = x.reshape(-1, x.shape[-1])
+        best = headmax.certified_argmax(h, w, self._norms)
+        for i, b in enumerate(best):
+            if b is None:  # plain decoding's own product and its argmax of the float32 copy
+                best[i] = int(self._one(h[i:i + 1].view(1, 1, -1), w, None).to(torch.float32).argmax())
+                self.rows.head_fallbacks += 1
+        self.rows.head_rows += len(best)
+        self.rows.best = best
+        self.rows.placeholder = x.new_empty((*x.shape[:-1], 0))
+        return self.rows.placeholder
+
+    def _few_threads_ok(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether this product may run at the forward's reduced thread count: one-row products of a weight
+        under :data:`FEW_THREADS_MAX_NUMEL` (a large one, the ``lm_head``, is faster on every thread) whose
+        one-row bits :func:`~tpde_hf.speculative.rowcheck.threads_identical` found unchanged."""
+        if self.rows.batch or x.dim() < 2 or x.shape[-2] != len(self.rows.split(x.shape[-2])) or self.transposed:
+            return False
+        if w.numel() >= FEW_THREADS_MAX_NUMEL or rowcheck.unsupported(w, x.dtype):
+            return False
+        return rowcheck.threads_identical(w.shape[1], w.shape[0], w.dtype, bias is not None,
+                                          torch.get_num_threads(), self.rows.ambient)
+
+    def _rows(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.head_argmax and self.rows.want_argmax and x.dim() >= 2 and headmax.supported(w, x, bias):
+            return self._argmax_rows(x, w)
         if x.dim() < 2:
             return self._one(x, w, bias)
         parts, start = [], 0
@@ -272,6 +326,9 @@ def exact_verifier(model: nn.Module) -> nn.Module:
             ids = kwargs.get("inputs_embeds")
         rows.start_forward(int(ids.shape[1]))
 
+    head = view.get_output_embeddings() if hasattr(view, "get_output_embeddings") else None
+    if isinstance(head, RowwiseLinear) and type(head.source) is nn.Linear:
+        head.head_argmax = True
     view.register_forward_pre_hook(pre, with_kwargs=True)
     view.__dict__.pop("save_pretrained", None)
     view.__dict__["_tpde_rows"] = rows
@@ -353,4 +410,4 @@ def generate_exact(model: nn.Module, input_ids: torch.Tensor | None = None, *, d
                                  **generate_kwargs)
 
 
-__all__ = ["ATTN_NAME", "RowwiseLinear", "exact_verifier", "generate_exact"]
+__all__ = ["ATTN_NAME", "FEW_THREADS_MAX_NUMEL", "RowwiseLinear", "exact_verifier", "generate_exact"]

@@ -9,6 +9,9 @@ shape ``(K, N, m)`` once per process (random inputs of several magnitudes agains
 for bit on integer views) and remembers the answer; :func:`largest_identical_chunk` picks the largest
 checked chunk. The answer is keyed by dtype, bias and torch's thread count (the kernel can depend on it).
 
+:func:`threads_identical` checks the same way whether a one-row product keeps its bits at fewer torch threads
+(the tree's verification forwards run at one thread: ``TreeOptions.row_threads``).
+
 The check is empirical: equal bits on random inputs show that the two calls take the same kernel path
 for that shape (a different path rounds differently on almost every random input). The verifier also
 compares its first real batched call of each shape with the one-row calls and gives up batching that
@@ -91,6 +94,44 @@ def rows_identical(k: int, n: int, m: int, dtype: torch.dtype, bias: bool) -> bo
     return got
 
 
+def threads_identical(k: int, n: int, dtype: torch.dtype, bias: bool, threads: int, ambient: int) -> bool:
+    """Whether a one-row ``F.linear`` with ``[N, K]`` weights gives the same bits at ``threads`` torch threads as
+    at ``ambient`` threads (the plain decode's), on the same random inputs as :func:`rows_identical` (cached).
+
+    The verifier computes its one-row products single-threaded (no OpenMP wake-up per tiny product); a kernel
+    that split the sum over ``K`` between threads would round differently on almost every heavy-tailed input.
+    """
+    if threads == ambient:
+        return True
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    key = ("threads", k, n, dtype, bias, threads, ambient)
+    got = _PROVEN.get(key)
+    if got is None:
+        g = torch.Generator().manual_seed(k * 1_000_003 + n * 101 + threads * 7 + ambient)
+        before = torch.get_num_threads()
+        got = True
+        try:
+            for trial in range(_TRIALS):
+                if trial % 2 == 0:
+                    scale = (0.05, 1.0, 30.0)[trial // 2 % 3]
+                    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+                    x = (torch.randn(1, 1, k, generator=g) * scale).to(dtype)
+                else:
+                    w, x = _heavy((n, k), g).to(dtype), _heavy((1, 1, k), g).to(dtype)
+                b = torch.randn(n, generator=g).to(dtype) if bias else None
+                torch.set_num_threads(ambient)
+                want = F.linear(x, w, b)
+                torch.set_num_threads(threads)
+                if not torch.equal(bits(F.linear(x, w, b)), bits(want)):
+                    got = False
+                    break
+        finally:
+            torch.set_num_threads(before)
+        _PROVEN[key] = got
+    return got
+
+
 def largest_identical_chunk(k: int, n: int, run: int, dtype: torch.dtype, bias: bool) -> int:
     """The largest ``m <= run`` whose batched product was found row-identical (1 if none)."""
     for m in range(min(run, MAX_CHUNK), 1, -1):
@@ -119,4 +160,4 @@ def reset() -> None:
 
 
 __all__ = ["MAX_CHUNK", "bits", "confirmed", "largest_identical_chunk", "record", "reset", "rows_identical",
-           "unsupported"]
+           "threads_identical", "unsupported"]

@@ -18,6 +18,13 @@ at its own position. After a round the exact cache keeps the accepted rows only,
 keys and values are those plain decoding would have stored. The emitted tokens are the exact model's
 greedy tokens, bit for bit.
 
+Two things make the rows cheaper without changing a bit (``TreeOptions``): after the prefill the forward runs
+at one torch thread (one-row products and attention calls are too small to share; a product keeps the plain
+thread count unless :func:`~tpde_hf.speculative.rowcheck.threads_identical` found its one-row bits unchanged);
+and, opt-in (``head_argmax=True``), each row's greedy token comes from
+:func:`~tpde_hf.speculative.headmax.certified_argmax` (one batched ``lm_head`` product and error bounds that pin
+plain decoding's argmax; a row it cannot certify runs the plain one-row product).
+
 Example::
 
     out = generate_tree(verifier, draft, input_ids, max_new_tokens=64, eos_token_ids={2})
@@ -25,7 +32,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +49,16 @@ class TreeOptions:
     ``alternatives``: leaves considered per depth (the draft's 2nd, 3rd... choices); ``max_rows``: chain
     plus leaves at most; ``batch``: let the verifier batch rows where :mod:`.rowcheck` found them row-identical
     (off by default: a random check is evidence, not proof; with a weaker check, batching changed SmolLM2's
-    greedy tokens at exact logit ties, benchmarks/results/speculative_tree.md).
+    greedy tokens at exact logit ties, benchmarks/results/speculative_tree.md). ``row_threads``: torch threads
+    of a verification forward after the prefill (``None``: unchanged): its one-row products and attention calls
+    are too small to share between threads (with ``OMP_WAIT_POLICY=PASSIVE`` each call wakes the other
+    threads); a product keeps the plain thread count where its one-row bits could differ
+    (:func:`~tpde_hf.speculative.rowcheck.threads_identical`) or where it is large (the ``lm_head``).
+    ``draft_threads``: torch threads while drafting (the draft's output need not match anything).
+    ``head_argmax``: take each row's greedy token from one batched ``lm_head`` product and error bounds that
+    certify plain decoding's argmax (:mod:`~tpde_hf.speculative.headmax`; uncertified rows run the plain product).
+    Off by default: its gain measured within the noise on SmolLM2 (1.854 vs 1.836 tokens/s), and it assumes the
+    plain kernel accumulates in fp32 and rounds once, which the row-by-row path does not need to assume.
     """
 
     max_depth: int = 8
@@ -50,12 +67,35 @@ class TreeOptions:
     alternatives: int = 3
     max_rows: int = 14
     batch: bool = False
+    row_threads: int | None = 1
+    draft_threads: int | None = 1
+    head_argmax: bool = False  # opt-in: measured within the noise of the plain head, and it rests on a bound
 
     def __post_init__(self) -> None:
         if self.max_depth < 0 or self.alternatives < 0 or self.max_rows < 0:
             raise ValueError(f"tpde TreeOptions: negative sizes in {self}")
         if not (0.0 <= self.chain_min <= 1.0 and 0.0 <= self.leaf_min <= 1.0):
             raise ValueError(f"tpde TreeOptions: chain_min / leaf_min must lie in [0, 1] ({self})")
+        if any(t is not None and t < 1 for t in (self.row_threads, self.draft_threads)):
+            raise ValueError(f"tpde TreeOptions: row_threads / draft_threads must be >= 1 or None ({self})")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block at ``n`` torch threads (``None``: unchanged), then restore the previous count."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+#: model classes whose forward changes the lm_head's output: the certified argmax does not apply to them
+_HEAD_POSTPROCESSED: set[type] = set()
 
 
 @dataclass
@@ -70,7 +110,8 @@ def _draft_tree(draft: nn.Module, cache, feed: list[int], depth_cap: int, opts: 
     cands: list[tuple[float, int, int]] = []  # (estimated probability, depth, token)
     reach, fed = 1.0, 0
     while len(chain) < depth_cap:
-        out = draft(input_ids=torch.tensor([feed]), cache=cache, use_cache=True, logits_to_keep=1)
+        with torch_threads(opts.draft_threads):
+            out = draft(input_ids=torch.tensor([feed]), cache=cache, use_cache=True, logits_to_keep=1)
         fed += len(feed)
         probs = out.logits[0, -1].float().softmax(-1)
         top = torch.topk(probs, 1 + opts.alternatives)
@@ -122,72 +163,93 @@ def generate_tree(verifier: nn.Module, draft: nn.Module, input_ids: torch.Tensor
     opts = opts or TreeOptions()
     rows = verifier.__dict__["_tpde_rows"]
     rows.batch = opts.batch
+    ambient = torch.get_num_threads()
     seq: list[int] = input_ids[0].tolist()
     prompt_len = len(seq)
     cache, dcache = DynamicCache(config=verifier.config), DynamicCache(config=draft.config)
     n_exact, n_draft = 0, 0  # tokens whose keys and values each cache holds
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    while True:
-        new = len(seq) - prompt_len
-        pending = seq[n_exact:]  # the prompt in the first round, then the last emitted token
-        # the root row yields one token; a chain deeper than the tokens still wanted is wasted
-        depth_cap = min(opts.max_depth, max_new_tokens - new - 1)
-        tree, fed = (_draft_tree(draft, dcache, seq[n_draft:], depth_cap, opts) if depth_cap > 0
-                     else (_Tree([], []), 0))
-        n_draft += fed
-        k = len(tree.chain)
-        base = n_exact + len(pending)  # cache length through the root (the last pending token)
-        ids = pending + tree.chain + [t for _, t in tree.leaves]
-        positions = list(range(n_exact, base)) + [base - 1 + j for j in range(1, k + 1)]
-        positions += [base - 1 + d for d, _ in tree.leaves]
-        segments = ([len(pending)] if n_exact == 0 else [1] * len(pending)) + [1] * (k + len(tree.leaves))
-        keys: list[torch.Tensor | None] = [None] * (len(segments) - len(tree.leaves))
-        for i, (d, _) in enumerate(tree.leaves):
-            keys.append(torch.cat([torch.arange(base + d - 1), torch.tensor([base + k + i])]))
-        rows.plan(segments, keys)
-        n_logits = 1 + k + len(tree.leaves)
-        with torch.no_grad():
-            logits = verifier(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), cache=cache,
-                              use_cache=True, logits_to_keep=n_logits).logits[0]
-        # plain greedy decoding: argmax of the float32 copy of the last row's logits
-        best = logits.to(dtype=torch.float32).argmax(-1).tolist()
-        emitted, accepted, leaf = [], 0, None
-        t = best[0]
+    try:
         while True:
-            emitted.append(t)
-            if t in eos_token_ids or new + len(emitted) >= max_new_tokens:
-                break
-            if accepted < k and t == tree.chain[accepted]:
-                accepted += 1
-                t = best[accepted]
-                continue
-            hit = next((i for i, (d, tok) in enumerate(tree.leaves) if d == accepted + 1 and tok == t), None)
-            if hit is not None:  # the exact token is a leaf: its own exact row gives one more
-                leaf = hit
-                t = best[1 + k + hit]
+            new = len(seq) - prompt_len
+            pending = seq[n_exact:]  # the prompt in the first round, then the last emitted token
+            # the root row yields one token; a chain deeper than the tokens still wanted is wasted
+            depth_cap = min(opts.max_depth, max_new_tokens - new - 1)
+            tree, fed = (_draft_tree(draft, dcache, seq[n_draft:], depth_cap, opts) if depth_cap > 0
+                         else (_Tree([], []), 0))
+            n_draft += fed
+            k = len(tree.chain)
+            base = n_exact + len(pending)  # cache length through the root (the last pending token)
+            ids = pending + tree.chain + [t for _, t in tree.leaves]
+            positions = list(range(n_exact, base)) + [base - 1 + j for j in range(1, k + 1)]
+            positions += [base - 1 + d for d, _ in tree.leaves]
+            segments = ([len(pending)] if n_exact == 0 else [1] * len(pending)) + [1] * (k + len(tree.leaves))
+            keys: list[torch.Tensor | None] = [None] * (len(segments) - len(tree.leaves))
+            for i, (d, _) in enumerate(tree.leaves):
+                keys.append(torch.cat([torch.arange(base + d - 1), torch.tensor([base + k + i])]))
+            n_logits = 1 + k + len(tree.leaves)
+            # after the prefill every row is a one-row product: fewer threads where that keeps the bits (TreeOptions)
+            few = opts.row_threads if n_exact > 0 and (opts.row_threads or ambient) < ambient else None
+            argmax = opts.head_argmax and type(verifier) not in _HEAD_POSTPROCESSED
+            while True:
+                rows.plan(segments, keys)
+                rows.want_argmax, rows.best, rows.placeholder = argmax, None, None
+                rows.ambient = ambient if few is not None else None
+                try:
+                    with torch.no_grad(), torch_threads(few):
+                        logits = verifier(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                                          cache=cache, use_cache=True, logits_to_keep=n_logits).logits
+                finally:
+                    rows.ambient, rows.want_argmax = None, False
+                if rows.best is None or logits is rows.placeholder:
+                    break
+                # the model changed the lm_head's output (scaled, capped...): this forward again, with real logits
+                _HEAD_POSTPROCESSED.add(type(verifier))
+                argmax = False
+                _crop(cache, n_exact)
+            if rows.best is not None:
+                best = rows.best
+            else:  # plain greedy decoding: argmax of the float32 copy of each row's logits
+                best = logits[0].to(dtype=torch.float32).argmax(-1).tolist()
+            emitted, accepted, leaf = [], 0, None
+            t = best[0]
+            while True:
                 emitted.append(t)
-            break
-        if on_round is not None:
-            on_round(k, accepted, int(leaf is not None), k + len(tree.leaves))
-        seq += emitted
-        if streamer is not None:
-            streamer.put(torch.tensor(emitted))
-        done = emitted[-1] in eos_token_ids or len(seq) - prompt_len >= max_new_tokens
-        if done:
-            break
-        # the exact cache keeps the accepted rows only, in order (the last emitted token is not in it yet)
-        keep = torch.arange(base + accepted)
-        if leaf is not None:
-            keep = torch.cat([keep, torch.tensor([base + k + leaf])])
-        _keep_rows(cache, keep)
-        n_exact = len(seq) - 1
-        # the draft holds the tokens it was fed; keep those still on the accepted path
-        n_draft = min(n_draft, base + accepted)
-        _crop(dcache, n_draft)
+                if t in eos_token_ids or new + len(emitted) >= max_new_tokens:
+                    break
+                if accepted < k and t == tree.chain[accepted]:
+                    accepted += 1
+                    t = best[accepted]
+                    continue
+                hit = next((i for i, (d, tok) in enumerate(tree.leaves) if d == accepted + 1 and tok == t), None)
+                if hit is not None:  # the exact token is a leaf: its own exact row gives one more
+                    leaf = hit
+                    t = best[1 + k + hit]
+                    emitted.append(t)
+                break
+            if on_round is not None:
+                on_round(k, accepted, int(leaf is not None), k + len(tree.leaves))
+            seq += emitted
+            if streamer is not None:
+                streamer.put(torch.tensor(emitted))
+            done = emitted[-1] in eos_token_ids or len(seq) - prompt_len >= max_new_tokens
+            if done:
+                break
+            # the exact cache keeps the accepted rows only, in order (the last emitted token is not in it yet)
+            keep = torch.arange(base + accepted)
+            if leaf is not None:
+                keep = torch.cat([keep, torch.tensor([base + k + leaf])])
+            _keep_rows(cache, keep)
+            n_exact = len(seq) - 1
+            # the draft holds the tokens it was fed; keep those still on the accepted path
+            n_draft = min(n_draft, base + accepted)
+            _crop(dcache, n_draft)
+    finally:
+        rows.ambient = None
     if streamer is not None:
         streamer.end()
     return torch.tensor([seq])
 
 
-__all__ = ["TreeOptions", "generate_tree"]
+__all__ = ["TreeOptions", "generate_tree", "torch_threads"]

@@ -51,7 +51,8 @@ import xxhash
 from tpde_hf.codec import base_quant, rans
 from tpde_hf.codec.ordinal import CODE_DTYPES, DTYPE_CODES, INT_VIEW, bit_width, check_dtype
 from tpde_hf.codec.registry import CodecContext
-from tpde_hf.codec.storage import kernels as K
+from tpde_hf.codec.storage import bins as K
+from tpde_hf.codec.storage import delta as D
 from tpde_hf.codec.storage import streams as S
 from tpde_hf.codec.storage.blob import pack_blob, unpack_blob, words_of, zstd_pack, zstd_unpack
 from tpde_hf.errors import TpdeFormatError
@@ -111,8 +112,8 @@ def _run(fn: Callable, jobs: list[tuple], make_cache: Callable[[], object] | Non
 
 def _scale_ids(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(distinct scales as float32, index of each group's scale)``: bins are built once per scale."""
-    uniq, inv = np.unique(scales.view(np.uint16), return_inverse=True)
-    return uniq.view(np.float16).astype(np.float32), inv.reshape(scales.shape).astype(np.int32)
+    uniq, ids = S.scale_ids(np.ascontiguousarray(scales).view(np.uint16))
+    return uniq.view(np.float16).astype(np.float32), ids.reshape(scales.shape)
 
 
 @lru_cache(maxsize=4)
@@ -174,6 +175,11 @@ def _bins(q: np.ndarray, z: np.ndarray, sids: np.ndarray, uscales: np.ndarray, g
     # Concurrent stores of True into ``need`` are benign: every writer stores the same byte value.
     _run(lambda r0, r1, _: K.mark_bins(q, z, sids, r0, r1, in_f, gshift, need),
          [(r, min(r + step, out_f)) for r in range(0, out_f, step)])
+    return _build_bins(need, uscales, width, mb, tz, lut)
+
+
+def _build_bins(need: np.ndarray, uscales: np.ndarray, width: int, mb: int, tz: int, lut: np.ndarray) -> tuple:
+    """The bin tables with every (scale id, level) set in ``need`` built, on the codec's threads."""
     cache = K.new_cache(uscales.size)
     ustep = max(1, -(-uscales.size // 16))
     _run(lambda u0, u1, _: K.build_bins(need, uscales, u0, u1, width, mb, tz, lut, cache),
@@ -244,7 +250,7 @@ def encode_delta(bits: np.ndarray, q: np.ndarray, z: np.ndarray, s16: np.ndarray
     lm = _lmask(version)
 
     def symbols(i0: int, i1: int, st: np.ndarray, fr: np.ndarray, _: object) -> int:
-        return K.delta_symbols(bits, q, z, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, st,
+        return D.delta_symbols(bits, q, z, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, st,
                                fr, exc[i0:i1], lm)
 
     index, words = _encode_streams(symbols, bits.size, K.PB, K.MAX_SYMBOLS, version)
@@ -299,7 +305,7 @@ def _decode_streams(decode: Callable, index: np.ndarray, words: np.ndarray, nume
 
 
 def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
-    """The resident base plus what the delta decode needs (``q``, ``z``, ``s32``, ``dtype``, ``shape``)."""
+    """The resident base plus what the delta decode needs (``q``, ``z``, ``dtype``, ``shape``, ``group_size``)."""
     if "base_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'base_blob' is missing")
     fields, (index_b, words_b, table_b, hi_b, lo_b, zeros_b) = _parse_base(parts["base_blob"], name)
@@ -325,9 +331,9 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
     lm = _lmask(version)
     _decode_streams(lambda w, s0, s1, i0, i1, _: S.q_decode(w, s0, s1, z, i0, i1, in_f, gshift, lut, cum, freq, q,
                                                             lm), index, words, out_f * in_f, name, "q")
-    qfull = np.repeat(z, g, axis=1)
-    qfull[:, :in_f] = q
-    base = {"qweight": torch.from_numpy(pack4(qfull)), "scales": scales, "zeros": torch.from_numpy(pack4(z))}
+    qweight = np.empty((out_f, ng * g // 2), dtype=np.uint8)
+    S.pack_codes(q, z, g, qweight)  # the padding past in_f: each group's zero point
+    base = {"qweight": torch.from_numpy(qweight), "scales": scales, "zeros": torch.from_numpy(pack4(z))}
     arrays = (base[k].numpy() for k in ("qweight", "scales", "zeros"))
     if _checksum(*arrays, header=(dcode, g, out_f, in_f)) != checksum:
         raise TpdeFormatError(name, "the base does not match its checksum (corrupt)")
@@ -376,7 +382,7 @@ def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str) -> tupl
     uscales, sids = _scale_ids(b["base"]["scales"].numpy())
     cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
     lm = _lmask(version)
-    _decode_streams(lambda w, s0, s1, i0, i1, _: K.delta_decode(w, s0, s1, q, z, sids, uscales, i0, i1, in_f, gshift,
+    _decode_streams(lambda w, s0, s1, i0, i1, _: D.delta_decode(w, s0, s1, q, z, sids, uscales, i0, i1, in_f, gshift,
                                                                 width, mb, tz, lut, cache, out[i0:i1], lm),
                     index, words, numel, name, "delta")
     if n_exc:
@@ -397,6 +403,7 @@ class NarrowRans:
     """
 
     name = "narrow-rans"
+    reads_resident_delta = False  # it codes its own delta from the weight and the base
 
     def encode(self, weight: torch.Tensor, base: Mapping[str, torch.Tensor],
                context: CodecContext) -> dict[str, torch.Tensor]:

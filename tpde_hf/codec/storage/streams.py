@@ -123,3 +123,38 @@ def q_decode(words, state0, state1, zeros, i0, i1, in_f, gshift, lutq, cumq, fre
             col = 0
             row += 1
     return xs[0], xs[1], pos
+
+
+@njit(cache=True, nogil=True)
+def scale_ids(s16):
+    """``(distinct values of uint16 ``s16``, sorted; the index of each element's value among them)``: what
+    ``np.unique(s16, return_inverse=True)`` returns, by counting (no sort)."""
+    slot = np.zeros(1 << 16, dtype=np.int32)
+    flat = s16.ravel()
+    for v in flat:
+        slot[v] = 1
+    n = 0
+    for p in range(1 << 16):
+        if slot[p]:
+            slot[p] = n
+            n += 1
+    uniq = np.empty(n, dtype=np.uint16)
+    ids = np.empty(flat.size, dtype=np.int32)
+    for i in range(flat.size):
+        ids[i] = slot[flat[i]]
+        uniq[slot[flat[i]]] = flat[i]
+    return uniq, ids
+
+
+@njit(cache=True, nogil=True)
+def pack_codes(q, z, g, out):
+    """The resident ``qweight`` ([out, ng * g / 2] uint8, two codes a byte, low nibble first) of codes ``q``
+    ([out, in]) in groups of ``g``, the padding past ``in`` being each group's zero point ``z`` ([out, ng])."""
+    out_f, in_f = q.shape
+    half = out.shape[1]
+    for r in range(out_f):
+        for k in range(half):
+            c = 2 * k
+            lo = q[r, c] if c < in_f else z[r, c // g]
+            hi = q[r, c + 1] if c + 1 < in_f else z[r, (c + 1) // g]
+            out[r, k] = lo | (hi << 4)
