@@ -22,7 +22,7 @@ from tpde_hf.conversion.verify import verify_repo
 from tpde_hf.format import MANIFEST_NAME, dtype_name
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
-NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())  # the repos (not ckpt-*)
 
 
 def _load(folder: Path, mode: str) -> torch.nn.Module:

@@ -430,7 +430,8 @@ def _storage_weights(stored: dict[str, StoredWeight], index: dict[str, TensorInf
 def _stored_delta_bytes(w: StoredWeight, index: dict[str, TensorInfo]) -> int:
     """The bytes of ``w``'s stored delta parts (those neither ``meta`` nor ``base_*``): what a ``device_map``
     plans for the rebuilt resident delta. An estimate: the rebuilt delta codes the same residual, in a layout
-    made for decoding rather than for size (on MiniLM's bf16 weights about 4% larger than narrow-rans's)."""
+    made for decoding rather than for size (MiniLM bf16: 7.40 bits per weight resident against 7.03 on disk for
+    narrow-rans, so the plan is about 5% low)."""
     return sum(index[k].nbytes for p, k in w.parts.items() if not is_base_part(p))
 
 
