@@ -194,8 +194,9 @@ def _class_figure(run: dict, k: int, key: str) -> float | None:
 
 
 def _pct_plain(value: Any) -> str | None:
+    """A fraction as a percent: ``0.0234`` -> ``'2.3%'``."""
     v = num(value)
-    return None if v is None else f"{100 * v:.1f}%"
+    return None if v is None else _percent(100 * v)
 
 
 def conversion_section(data: dict) -> str:

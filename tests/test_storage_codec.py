@@ -9,7 +9,7 @@ import torch
 from tpde_hf.codec import base_quant
 from tpde_hf.codec.ordinal import INT_VIEW
 from tpde_hf.codec.registry import BASE_STORAGE, BaseStorage, CodecContext
-from tpde_hf.codec.storage import NarrowRans, kernels
+from tpde_hf.codec.storage import NarrowRans, bins
 from tpde_hf.codec.storage import codec as storage_codec
 from tpde_hf.codec.storage.blob import unpack_blob
 from tpde_hf.errors import TpdeFormatError
@@ -131,7 +131,7 @@ def test_lower_edge_is_the_quantizer_boundary():
     f32 = u32.view(np.float32)
     for s in (np.float32(0.0101), np.float32(2.0**-24), np.float32(3.5)):
         for k in range(-15, 17):
-            o = kernels.lower_edge(k, s, 16, 7, 0, lut, u32, f32)
+            o = bins.lower_edge(k, s, 16, 7, 0, lut, u32, f32)
             vals = torch.tensor([o, o - 1], dtype=torch.int64)
             w = storage_codec.torch.from_numpy(
                 (vals ^ ((vals >> 15) & 0x7FFF)).numpy().astype(np.int16)).view(torch.bfloat16).float()
@@ -261,24 +261,24 @@ def test_bins_built_once_for_exactly_the_levels_in_use(dtype, monkeypatch):
     for threads in ("1", "2"):
         monkeypatch.setenv("TPDE_CODEC_THREADS", threads)
         caches.append(storage_codec._bins(q, z, sids, uscales, 7, width, mb, 0, lut))
-    used = np.zeros((uscales.size, kernels.NLEV), dtype=bool)
+    used = np.zeros((uscales.size, bins.NLEV), dtype=bool)
     levels = q.astype(np.int64) - np.repeat(z, 128, axis=1)[:, :in_f] + 15
     used[np.repeat(sids, 128, axis=1)[:, :in_f], levels] = True
     one, two = caches
     assert np.array_equal(one[2], used) and np.array_equal(two[2], used)
     assert np.array_equal(one[4], two[4]) and np.array_equal(one[4][~used], np.zeros(int((~used).sum())))
-    kinds = np.where(one[8], kernels.ONE, np.where(one[4] > 0, kernels.MULTI, kernels.EMPTY))
+    kinds = np.where(one[8], bins.ONE, np.where(one[4] > 0, bins.MULTI, bins.EMPTY))
     assert np.array_equal(one[10], kinds) and np.array_equal(two[10], kinds)
     for u, li in zip(*np.nonzero(one[8]), strict=True):  # one-symbol bins: their records
-        r = (u * kernels.NLEV + li) * kernels.REC
+        r = (u * bins.NLEV + li) * bins.REC
         n = one[4][u, li]
-        rec = one[9][r: r + kernels.REC]
-        assert np.array_equal(rec, two[9][r: r + kernels.REC])
-        cum = np.concatenate(([0], rec[1:4], [1 << kernels.PB]))  # CUM0..3, then the end
+        rec = one[9][r: r + bins.REC]
+        assert np.array_equal(rec, two[9][r: r + bins.REC])
+        cum = np.concatenate(([0], rec[1:4], [1 << bins.PB]))  # CUM0..3, then the end
         uf, st, cnt = rec[4:8], rec[12:16], rec[16:20]
-        assert (cum[n:4] == 1 << kernels.PB).all() and (cum[: n + 1] == np.sort(cum[: n + 1])).all()
+        assert (cum[n:4] == 1 << bins.PB).all() and (cum[: n + 1] == np.sort(cum[: n + 1])).all()
         fr = uf[:n] * cnt[:n] + np.array([rec[0]] + [0] * (n - 1))
-        assert fr.sum() == 1 << kernels.PB and np.array_equal(np.diff(cum[: n + 1]), fr)
+        assert fr.sum() == 1 << bins.PB and np.array_equal(np.diff(cum[: n + 1]), fr)
         assert (uf[:n] >= 1).all() and np.array_equal(rec[8:8 + n], (1 << 32) // uf[:n] + 1)  # reciprocals
         L, H = one[3][u, li]
         assert cnt[:n].sum() == H - L + 1 and st[:n].min() == L and (st[:n] + cnt[:n]).max() == H + 1

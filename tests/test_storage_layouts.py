@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from tpde_hf.codec import base_quant, tensor_checksum
 from tpde_hf.codec.ordinal import INT_VIEW
 from tpde_hf.codec.registry import CodecContext
-from tpde_hf.codec.storage import NarrowRans, kernels, streams
+from tpde_hf.codec.storage import NarrowRans, bins, streams
 from tpde_hf.codec.storage import codec as storage_codec
 from tpde_hf.codec.storage.blob import unpack_blob
 from tpde_hf.errors import TpdeFormatError
@@ -162,7 +162,7 @@ def test_reciprocal_division_is_exact() -> None:
     (a float division) is ``2**32 // b + 1`` for every divisor."""
     a = np.arange(1 << 16, dtype=np.int64)
     for b in (1, 2, 3, 5, 7, 255, 256, 257, 4095, 32767, 32768, 40503, 65535, 65536):
-        magic = kernels._magic(np.int64(b))
+        magic = bins._magic(np.int64(b))
         assert np.array_equal((a * magic) >> 32, a // b), b
     divisors = np.arange(1, (1 << 16) + 1, dtype=np.int64)
     assert np.array_equal(_magics(divisors), (1 << 32) // divisors + 1)
@@ -172,7 +172,7 @@ def test_reciprocal_division_is_exact() -> None:
 def _magics(bs: np.ndarray) -> np.ndarray:
     out = np.empty_like(bs)
     for i in range(bs.size):
-        out[i] = kernels._magic(bs[i])
+        out[i] = bins._magic(bs[i])
     return out
 
 

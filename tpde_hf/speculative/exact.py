@@ -60,8 +60,9 @@ from tpde_hf.nn import TpdeLinear
 from tpde_hf.nn.weight_access import weight_for_forward
 from tpde_hf.speculative import headmax, rowcheck
 from tpde_hf.speculative.draft import DraftError, _structural_copy, draft_model, is_draft
+from tpde_hf.speculative.rowcheck import torch_threads
 from tpde_hf.speculative.stats import record_tree_round
-from tpde_hf.speculative.tree import TreeOptions, generate_tree, torch_threads
+from tpde_hf.speculative.tree import TreeOptions, generate_tree
 
 ATTN_NAME = "tpde_rowwise_sdpa"
 _DRAFTS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()

@@ -25,6 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -109,25 +112,22 @@ def threads_identical(k: int, n: int, dtype: torch.dtype, bias: bool, threads: i
     got = _PROVEN.get(key)
     if got is None:
         g = torch.Generator().manual_seed(k * 1_000_003 + n * 101 + threads * 7 + ambient)
-        before = torch.get_num_threads()
         got = True
-        try:
-            for trial in range(_TRIALS):
-                if trial % 2 == 0:
-                    scale = (0.05, 1.0, 30.0)[trial // 2 % 3]
-                    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-                    x = (torch.randn(1, 1, k, generator=g) * scale).to(dtype)
-                else:
-                    w, x = _heavy((n, k), g).to(dtype), _heavy((1, 1, k), g).to(dtype)
-                b = torch.randn(n, generator=g).to(dtype) if bias else None
-                torch.set_num_threads(ambient)
+        for trial in range(_TRIALS):
+            if trial % 2 == 0:
+                scale = (0.05, 1.0, 30.0)[trial // 2 % 3]
+                w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+                x = (torch.randn(1, 1, k, generator=g) * scale).to(dtype)
+            else:
+                w, x = _heavy((n, k), g).to(dtype), _heavy((1, 1, k), g).to(dtype)
+            b = torch.randn(n, generator=g).to(dtype) if bias else None
+            with torch_threads(ambient):
                 want = F.linear(x, w, b)
-                torch.set_num_threads(threads)
-                if not torch.equal(bits(F.linear(x, w, b)), bits(want)):
-                    got = False
-                    break
-        finally:
-            torch.set_num_threads(before)
+            with torch_threads(threads):
+                one = F.linear(x, w, b)
+            if not torch.equal(bits(one), bits(want)):
+                got = False
+                break
         _PROVEN[key] = got
     return got
 
@@ -160,4 +160,18 @@ def reset() -> None:
 
 
 __all__ = ["MAX_CHUNK", "bits", "confirmed", "largest_identical_chunk", "record", "reset", "rows_identical",
-           "threads_identical", "unsupported"]
+           "threads_identical", "torch_threads", "unsupported"]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block at ``n`` torch threads (``None``: unchanged), then restore the previous count."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -32,12 +32,13 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tpde_hf.speculative.rowcheck import torch_threads
 
 
 @dataclass(frozen=True)
@@ -78,20 +79,6 @@ class TreeOptions:
             raise ValueError(f"tpde TreeOptions: chain_min / leaf_min must lie in [0, 1] ({self})")
         if any(t is not None and t < 1 for t in (self.row_threads, self.draft_threads)):
             raise ValueError(f"tpde TreeOptions: row_threads / draft_threads must be >= 1 or None ({self})")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block at ``n`` torch threads (``None``: unchanged), then restore the previous count."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 #: model classes whose forward changes the lm_head's output: the certified argmax does not apply to them

@@ -46,6 +46,15 @@ from tpde_hf.codec.storage.bins import (
 from tpde_hf.codec.storage.streams import LANE_SHIFT, STATE_LOW
 
 
+@njit(cache=True, inline="always")
+def _group_run(start, i1, in_f, gshift):
+    """The run of elements from ``start`` (before ``i1``) in one group: ``(row, group, first col, end col)``."""
+    row = start // in_f
+    col0 = start - row * in_f
+    g = col0 >> gshift
+    return row, g, col0, min(min((g + 1) << gshift, in_f), col0 + (i1 - start))
+
+
 @njit(cache=True, nogil=True)
 def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache, sym_st,
                   sym_fr, exc, lmask):
@@ -62,10 +71,7 @@ def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb
     # Runs of one group (same row, scale and zero point): the group's fields are read once per run.
     start = i0
     while start < i1:
-        row = start // in_f
-        col0 = start - row * in_f
-        g = col0 >> gshift
-        col1 = min(min((g + 1) << gshift, in_f), col0 + (i1 - start))
+        row, g, col0, col1 = _group_run(start, i1, in_f, gshift)
         u = sids[row, g]
         zg = np.int64(zeros[row, g])
         kind_u = kind[u]
@@ -151,10 +157,7 @@ def delta_decode(words, state0, state1, q, zeros, sids, uscales, i0, i1, in_f, g
     # Runs of one group (same row, scale and zero point): the group's fields are read once per run.
     start = i0
     while start < i1:
-        row = start // in_f
-        col0 = start - row * in_f
-        g = col0 >> gshift
-        col1 = min(min((g + 1) << gshift, in_f), col0 + (i1 - start))
+        row, g, col0, col1 = _group_run(start, i1, in_f, gshift)
         u = sids[row, g]
         zg = np.int64(zeros[row, g])
         kind_u = kind[u]
