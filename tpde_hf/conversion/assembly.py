@@ -108,22 +108,21 @@ def _assemble(run: _Run, results: dict[str, TensorResult], parts_of: dict[str, l
     bar = hf_tqdm(total=sum(i.nbytes for i in run.infos), unit="B", unit_scale=True, desc="Writing shards",
                   name="tpde_hf", smoothing=0)  # the average rate: a first tiny tensor gives no odd early figure
     checks = []
+    task_files = _TaskFileRelease(plans, run.partial / "tensors")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpde-reread") as rereader:
         try:
             for shard, plan in zip(shards, plans, strict=True):
                 parts = [t for _, tensors in plan for t in tensors]
                 hashes = write_planned_shard(shard, parts, hashed={i.name for i, _ in plan if i.name not in encoded})
                 checks.append((shard, rereader.submit(verify_file_copies, shard, {t.name: t for t in parts})))
+                task_files.release_checked(checks)
                 for info, tensors in plan:
                     res = results[info.name] if info.name in encoded else None
                     _record_tensor(info, tensors, hashes, res, shard.name, manifest, classes, weight_map)
                     if info.nbytes > report.largest_tensor_bytes:
                         report.largest_tensor_bytes, report.largest_tensor = info.nbytes, info.name
                     bar.update(info.nbytes)
-            for shard, check in checks:
-                bad = check.result()
-                if bad:
-                    raise VerificationError(f"{shard}: tensors differ after writing: {bad[:5]}", bad)
+            task_files.release_checked(checks, wait=True)
         finally:
             bar.close()
 
@@ -146,6 +145,44 @@ def _assemble(run: _Run, results: dict[str, TensorResult], parts_of: dict[str, l
     report.output_bytes = sum(c.output_bytes for c in classes.values())
     report.n_shards = n
     return manifest
+
+
+class _TaskFileRelease:
+    """Deletes each encode task file once every shard that copies from it has been written and re-read.
+
+    Without this a conversion holds its output twice at the end (the task files and the shards): a
+    22.7 GB checkpoint ran out of disk that way. A task file is only a verified copy of what the shards
+    now hold; a conversion interrupted after a release re-encodes that task on ``resume=True`` (the
+    journal's entry no longer finds its file), so nothing is lost but time.
+
+    Example: ``_TaskFileRelease(plans, partial / "tensors").release_checked(checks, wait=True)``.
+    """
+
+    def __init__(self, plans: list[list[tuple[TensorInfo, list[TensorInfo]]]], tasks_dir: Path):
+        tasks_dir = tasks_dir.resolve()
+        self.shard_files: list[set[Path]] = [
+            {t.file for _, tensors in plan for t in tensors if t.file.resolve().parent == tasks_dir} for plan in plans]
+        self.readers: dict[Path, int] = {}
+        for files in self.shard_files:
+            for f in files:
+                self.readers[f] = self.readers.get(f, 0) + 1
+        self.checked = 0
+
+    def release_checked(self, checks: list, wait: bool = False) -> None:
+        """Raise on a shard whose re-read differs; release the task files of the shards checked so far, in
+        order (``wait``: every submitted check, else only those already done)."""
+        while self.checked < len(checks):
+            shard, check = checks[self.checked]
+            if not wait and not check.done():
+                return
+            bad = check.result()
+            if bad:
+                raise VerificationError(f"{shard}: tensors differ after writing: {bad[:5]}", bad)
+            for f in self.shard_files[self.checked]:
+                self.readers[f] -= 1
+                if self.readers[f] == 0:
+                    f.unlink(missing_ok=True)
+            self.checked += 1
 
 
 def _encoded_parts(units: dict[str, list[TensorInfo]], task_files: dict[str, Path]) -> dict[str, list[TensorInfo]]:
