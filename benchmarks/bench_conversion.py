@@ -250,6 +250,18 @@ def _proc_sample(t0: float) -> dict:
             "rss_mb": round(rss / MB, 1), "major_faults": int(stat[9]), "load_1min": os.getloadavg()[0]}
 
 
+def _disk_mb(dst: Path) -> float:
+    """MB the conversion holds on disk now: its partial folder (task files, shards in progress) and the output."""
+    total = 0
+    for root in (dst, dst.parent / f".{dst.name}.tpde-partial"):
+        for p in root.rglob("*") if root.is_dir() else ():
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except OSError:  # released while walking
+                pass
+    return round(total / MB, 1)
+
+
 def child_convert_traced(src: Path, dst: Path, workers: int) -> dict:
     """:func:`child_convert` with a timeline: bytes encoded+verified, CPU, I/O and RSS every ``interval`` seconds.
 
@@ -278,14 +290,14 @@ def child_convert_traced(src: Path, dst: Path, workers: int) -> dict:
 
     def sample() -> None:
         while not stop.wait(float(os.environ.get("TPDE_BENCH_INTERVAL", "5"))):
-            samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1)})
+            samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1), "disk_mb": _disk_mb(dst)})
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     report = convert(src, dst, workers=workers, overwrite=True, storage=os.environ.get("TPDE_BENCH_STORAGE") or None)
     stop.set()
     th.join()
-    samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1)})
+    samples.append({**_proc_sample(t0), "encoded_mb": round(done["bytes"] / MB, 1), "disk_mb": _disk_mb(dst)})
     out = report.to_dict()
     out["timeline"] = samples
     out["task_done"] = done["tasks"]
@@ -420,6 +432,7 @@ def bench_real_size(size_gb: float, repeat: int, trees: dict[str, Path]) -> dict
                 "seconds": {n: round(v, 2) for n, v in r["seconds"].items()},
                 "throughput_mb_s_end_to_end": round(r["throughput_mb_s"]["end_to_end"], 2),
                 "throughput_mb_s_encode_verify": round(r["throughput_mb_s"]["encode_verify"], 2),
+                "peak_disk_mb": max((x.get("disk_mb", 0) for x in tl), default=0),
                 "cpu_seconds": tl[-1]["cpu_s"], "cpu_s_per_gb": round(tl[-1]["cpu_s"] / (r["source_bytes"] / 1e9), 1),
                 "peak_rss_mb": round(r["peak_rss_bytes"] / MB, 1), "verified_tensors": r["verified_tensors"],
                 "n_encoded": r["n_encoded"], "timeline": tl, "task_done": r["task_done"],
