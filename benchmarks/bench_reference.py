@@ -268,6 +268,19 @@ def bench_pair(name: str, work: Path, with_zipnn: bool, load_repeat: int = 3) ->
     return res
 
 
+def ref_ord_layouts(folder: Path) -> dict[str, int]:
+    """How many ``ref-ord`` blobs of the repo are in each byte layout (header word 0)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+        for k in fh.keys():
+            if k.endswith(".ref-ord.blob"):
+                v = str(int(fh.get_slice(k)[:8].view(torch.int64)[0]))
+                counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -280,6 +293,7 @@ def time_pair(name: str, work: Path, load_repeat: int) -> dict:
         raise SystemExit(f"bench_reference: run --part bits for {name} first ({out} is missing)")
     res = {"uptime_start": uptime(), "date_utc": subprocess.run(["date", "-u"], capture_output=True,
                                                                 text=True).stdout.strip()}
+    res["ref_ord_layouts"] = ref_ord_layouts(out)
     res["rebuild"] = rebuild_speed(out, folder / "base")
     auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
     res["load"] = load_times(out, folder / "finetune", auto, repeat=load_repeat)
@@ -287,14 +301,99 @@ def time_pair(name: str, work: Path, load_repeat: int) -> dict:
     return res
 
 
+def profile_child(path: str, auto: str) -> dict:
+    """One ``from_pretrained`` in this (fresh) process with time stamps per phase: wall, process CPU and the
+    loading thread's CPU at each; for a delta repo also the decode pool's work (kernel, reference reads, Python)
+    and how long the loading thread waited for it. Hooks wrap tpde-hf functions only (no behaviour change)."""
+    import threading
+
+    t0 = time.perf_counter()
+    marks: list[dict] = []
+
+    def mark(what: str) -> None:
+        marks.append({"at_s": time.perf_counter() - t0, "what": what, "process_cpu_s": time.process_time(),
+                      "thread": threading.current_thread().name, "thread_cpu_s": time.thread_time()})
+
+    import transformers
+
+    import tpde_hf  # noqa: F401
+
+    mark("imports done")
+    import tpde_hf.reference.codec as C
+    import tpde_hf.reference.kernels as K
+    import tpde_hf.reference.load as L
+    import tpde_hf.reference.prefetch as P
+    from tpde_hf.quantizer import TpdeHfQuantizer
+
+    acc = {"decode_jobs": 0, "decode_cpu_s": 0.0, "kernel_cpu_s": 0.0, "reference_read_cpu_s": 0.0,
+           "loading_thread_wait_s": 0.0, "first_decode_start_s": None, "last_decode_end_s": 0.0}
+    lock = threading.Lock()
+
+    def timed(owner: object, name: str, key: str | None = None, label: str | None = None) -> None:
+        orig = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            if label:
+                mark(label)
+            c = time.thread_time()
+            w = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                with lock:
+                    if key == "decode":
+                        acc["decode_jobs"] += 1
+                        acc["decode_cpu_s"] += time.thread_time() - c
+                        if acc["first_decode_start_s"] is None:
+                            acc["first_decode_start_s"] = w - t0
+                        acc["last_decode_end_s"] = max(acc["last_decode_end_s"], time.perf_counter() - t0)
+                    elif key == "wait":
+                        acc["loading_thread_wait_s"] += time.perf_counter() - w
+                    elif key and threading.current_thread().name != "tpde-ref-warm":  # warm-up: numba's start
+                        acc[key] += time.thread_time() - c
+                if label:
+                    mark(label + " end")
+
+        setattr(owner, name, wrapper)
+
+    timed(P, "decode_blob", "decode")
+    timed(P.Prefetch, "take", "wait")
+    timed(K, "rans_decode_serial", "kernel_cpu_s")
+    timed(L.LoadReference, "tensor", "reference_read_cpu_s")
+    timed(L, "_warm_kernels", label="numba warm-up (background thread)")
+    timed(TpdeHfQuantizer, "__init__", label="quantizer init")
+    timed(TpdeHfQuantizer, "_process_model_before_weight_loading", label="quantizer before weight loading")
+    del C
+    mark("from_pretrained start")
+    getattr(transformers, auto).from_pretrained(path)
+    mark("from_pretrained end")
+    return {"marks": marks, "decode": acc}
+
+
+def profile_load(out: Path, dense: Path, auto: str, repeat: int) -> dict:
+    """:func:`profile_child` of the delta repo and the dense fine-tune, alternating, in fresh processes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    runs: dict[str, list] = {"delta": [], "dense": []}
+    for _ in range(repeat):
+        for label, path in (("delta", out), ("dense", dense)):
+            p = subprocess.run([sys.executable, __file__, "--profile-child", str(path), auto], capture_output=True,
+                               text=True, env=env, check=True)
+            runs[label].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    return {"runs": runs, "note": "one process per run; CPU figures from time.process_time / thread_time"}
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--profile-child":
+        print(json.dumps(profile_child(sys.argv[2], sys.argv[3])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", nargs="+", default=["minilm", "smollm2"])
     ap.add_argument("--no-zipnn", action="store_true")
     ap.add_argument("--load-repeat", type=int, default=3, help="from_pretrained runs per repo (fresh processes)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/reference_<pairs>.json")
-    ap.add_argument("--part", choices=["bits", "timing", "all"], default="all",
-                    help="bits: sizes (any priority); timing: rebuild + load of the repos bits wrote (bench lock)")
+    ap.add_argument("--part", choices=["bits", "timing", "profile", "all"], default="all",
+                    help="bits: sizes (any priority); timing: rebuild + load of the repos bits wrote (bench lock); "
+                         "profile: per-phase time stamps of the loads (bench lock; not part of 'all')")
     a = ap.parse_args()
     work = PAIRS / "bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -311,6 +410,11 @@ def main() -> None:
         if a.part in ("bits", "all"):
             result["pairs"][name] = bench_pair(name, work, not a.no_zipnn, a.load_repeat)
             print(json.dumps({name: result["pairs"][name]["bits_per_weight"]}, indent=1), flush=True)
+        if a.part == "profile":
+            auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
+            result["pairs"].setdefault(name, {})["profile"] = {
+                "uptime_start": uptime(), **profile_load(work / f"{name}-ref", PAIRS / name / "finetune", auto,
+                                                         a.load_repeat), "uptime_end": uptime()}
         if a.part in ("timing", "all"):
             result["pairs"].setdefault(name, {})["timing_part"] = time_pair(name, work, a.load_repeat)
             print(json.dumps({name: result["pairs"][name]["timing_part"]}, indent=1, default=str), flush=True)

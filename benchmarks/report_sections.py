@@ -32,18 +32,53 @@ from benchmarks.report_text import (
 )
 
 
-# ==================================================================== dedicated sections
-def codec_section(data: dict) -> str:
-    """Bits per weight per method and dtype, coder comparison, throughput (``codec.json``)."""
-    runs = [r for r in data.get("runs", []) if isinstance(r, dict)]
-    if not runs:
-        return generic_tables(data)
-    cols = [str(r.get("dtype", f"run {i}")) for i, r in enumerate(runs)]
-    source_bits = {"bfloat16": 16, "float16": 16, "float32": 32}
+# ==================================================================== what the sections share
+def _runs(data: dict) -> list[dict]:
+    """The ``runs`` of a result (one per dtype, model or group size), each a dict; empty when there are none."""
+    return [r for r in data.get("runs", []) if isinstance(r, dict)]
+
+
+def _models(data: dict) -> dict | None:
+    """The ``models`` of a result (``{name: figures}``), or None when the file has none."""
+    models = data.get("models")
+    return models if isinstance(models, dict) and models else None
+
+
+def _row_maker(runs: list[dict]) -> Callable[[str, Callable[[dict], Any]], list[Any]]:
+    """``row(label, fn)``: a table row of ``label`` then ``fn(run)`` for every run (one column per run)."""
 
     def row(label: str, fn: Callable[[dict], Any]) -> list[Any]:
         return [label, *(fn(r) for r in runs)]
 
+    return row
+
+
+def _gpu_row(data: dict, runs: list[dict], label: str, fn: Callable[[dict], Any], not_measured: str) -> list[Any]:
+    """The GPU row of a per-run table: measured, or ``not_measured`` with the no-GPU note stated once."""
+    if measured_on_gpu(data):
+        return _row_maker(runs)(label, fn)
+    return [not_measured, NO_GPU, *(["\u2014"] * (len(runs) - 1))]
+
+
+def _stated(data: dict, key: str = "goal", label: str = "Goal") -> list[str]:
+    """The opening paragraph of a section whose result file states its ``key`` (none otherwise)."""
+    return [f"{label}: {data[key]}."] if isinstance(data.get(key), str) else []
+
+
+def _with_details(data: dict, parts: list[str]) -> str:
+    """A section's paragraphs and tables, then every figure of its file folded away (:func:`_details`)."""
+    return "\n\n".join([*parts, _details(data)])
+
+
+# ==================================================================== dedicated sections
+def codec_section(data: dict) -> str:
+    """Bits per weight per method and dtype, coder comparison, throughput (``codec.json``)."""
+    runs = _runs(data)
+    if not runs:
+        return generic_tables(data)
+    cols = [str(r.get("dtype", f"run {i}")) for i, r in enumerate(runs)]
+    source_bits = {"bfloat16": 16, "float16": 16, "float32": 32}
+    row = _row_maker(runs)
     bpw = [
         row("source dtype (uncompressed)", lambda r: source_bits.get(str(r.get("dtype")))),
         row("**tpde total (lossless: base + delta + metadata)**", lambda r: num(get(r, "bits_per_weight", "total"))),
@@ -84,10 +119,9 @@ def codec_section(data: dict) -> str:
         row("ZipNN decode, MB/s", lambda r: num(get(r, "baselines", "zipnn", "decode_MBps"))),
         row("zstd-19 encode, s", lambda r: num(get(r, "baselines", "zstd19", "encode_s"))),
     ]
-    if measured_on_gpu(data):
-        speed.append(row("tpde decode on GPU, MB/s", lambda r: num(get(r, "gpu_decode_MBps"))))
-    else:  # one GPU row, stated once rather than repeated per dtype
-        speed.append(["tpde decode on GPU", NO_GPU, *(["\u2014"] * (len(runs) - 1))])
+    # one GPU row, its absence stated once rather than repeated per dtype
+    speed.append(_gpu_row(data, runs, "tpde decode on GPU, MB/s", lambda r: num(get(r, "gpu_decode_MBps")),
+                          "tpde decode on GPU"))
     weights = runs[0].get("weights")
     intro = (f"{fmt(weights)} weights in {fmt(runs[0].get('tensors'))} tensors of {data.get('model', 'the model')}; "
              f"codec parameters {fmt(', '.join(f'{k}={v}' for k, v in (data.get('params') or {}).items()))}. "
@@ -102,13 +136,11 @@ def codec_section(data: dict) -> str:
 
 def delta_codes_section(data: dict) -> str:
     """rANS against class-width delta, per model, dtype and group size (``delta_codes.json``)."""
-    runs = [r for r in data.get("runs", []) if isinstance(r, dict)]
+    runs = _runs(data)
     if not runs:
         return generic_tables(data)
     cols = [_run_label(r, i) for i, r in enumerate(runs)]
-
-    def row(label: str, fn: Callable[[dict], Any]) -> list[Any]:
-        return [label, *(fn(r) for r in runs)]
+    row = _row_maker(runs)
 
     def b(*path: str) -> Callable[[dict], Any]:
         return lambda r: num(get(r, "bits_per_weight", *path))
@@ -168,15 +200,13 @@ def delta_codes_section(data: dict) -> str:
         row("base quantizer alone (torch), MB/s", t("base_quantize_MBps")),
         row("load average, 1 min (before, after)", lambda r: r.get("load_avg_1min")),
     ]
-    if measured_on_gpu(data):
-        speed.append(row("class-width decode on GPU, MB/s", t("class_width", "gpu_decode_MBps")))
-    else:
-        speed.append(["class-width decode on GPU", NO_GPU, *(["\u2014"] * (len(runs) - 1))])
+    speed.append(_gpu_row(data, runs, "class-width decode on GPU, MB/s", t("class_width", "gpu_decode_MBps"),
+                          "class-width decode on GPU"))
     edges = get(data, "class_width", "class_edges")
     intro = (f"{data.get('model', 'the model')}. Both delta codes sit on the same 4-bit base (checked bit for bit in "
              f"the run){'; class edges ' + fmt(edges) if edges else ''}. Bits per weight, lower is better"
              f"{'; quick smoke run, figures not representative' if data.get('quick') else ''}.")
-    return "\n\n".join([
+    return _with_details(data, [
         intro,
         md_table(["bits per weight", *cols], sizes),
         "Per context class of the class-width code: every field of a class in a group has the width of that "
@@ -184,7 +214,6 @@ def delta_codes_section(data: dict) -> str:
         "add up to the payload and to the bound above:",
         md_table(["class", *cols], classes),
         md_table(["CPU time (best of the repeats)", *cols], speed),
-        _details(data),
     ])
 
 
@@ -201,8 +230,8 @@ def _pct_plain(value: Any) -> str | None:
 
 def conversion_section(data: dict) -> str:
     """Whole-model conversions: per model and worker count, time, throughput, memory, size (``conversion.json``)."""
-    models = data.get("models")
-    if not isinstance(models, dict) or not models:
+    models = _models(data)
+    if models is None:
         return generic_tables(data)
     rows = []
     for name, m in models.items():
@@ -223,9 +252,7 @@ def conversion_section(data: dict) -> str:
             ])
     if not rows:
         return generic_tables(data)
-    parts = []
-    if isinstance(data.get("goal"), str):
-        parts.append(f"Goal: {data['goal']}.")
+    parts = _stated(data)
     parts.append(md_table(
         ["model (source dtype)", "source MB", "processes x threads", "layout", "total s", "MB/s end to end",
          "MB/s encode+verify", "MB/s plain load+save", "peak RSS above baseline, MB", "peak / largest tensor",
@@ -248,8 +275,7 @@ def conversion_section(data: dict) -> str:
         parts.append("llama-synthetic is a 1.2 GB bf16 Llama-architecture checkpoint with random weights, measured "
                      "for its throughput at a size where start-up costs stop dominating; its bits per weight and "
                      "ratio describe random mantissas, not a trained model.")
-    parts.append(_details(data))
-    return "\n\n".join(parts)
+    return _with_details(data, parts)
 
 
 def modes_section(data: dict) -> str:
@@ -283,17 +309,14 @@ def modes_section(data: dict) -> str:
         row.append(" / ".join(str(r.get("new_tokens")) for r in runs.values())
                    + (f" of {requested}" if requested else "") + (" (stopped by its time budget)" if cut else ""))
         rows.append(row)
-    parts = []
-    if isinstance(data.get("model"), str):
-        parts.append(f"Model: {data['model']}.")
+    parts = _stated(data, "model", "Model")
     parts.append(md_table(headers, rows))
     if data.get("cpu_default_mode"):
         parts.append(f"CPU default mode: **{data['cpu_default_mode']}**. {data.get('cpu_default_reason', '')}")
     if not measured_on_gpu(data):
         gpu_rows = [[m, NO_GPU] for m in ("lossless", "lossless-offload", "base", "dequantize")]
         parts.append("On a GPU:\n\n" + md_table(["mode", "tokens/s, memory"], gpu_rows))
-    parts.append(_details(data))
-    return "\n\n".join(parts)
+    return _with_details(data, parts)
 
 
 def _kernel_rows(rows: list[dict]) -> list[list[Any]]:
@@ -344,8 +367,7 @@ def kernels_section(data: dict) -> str:
                                                      [[sh or "all", NO_GPU] for sh in shapes or ["all shapes"]]))
     if not parts:
         return generic_tables(data)
-    parts.append(_details(data))
-    return "\n\n".join(parts)
+    return _with_details(data, parts)
 
 
 _CLASS_WIDTH_HEADERS = ["shape", "delta bits/weight", "reconstruct ms", "reconstruct GB/s (bf16 written)",
@@ -378,9 +400,9 @@ def sass_section(data: dict) -> str:
     head = (f"Static figures, Triton {data.get('triton', '?')}, target {data.get('target', '?')}: an SM issues "
             "4 warp-instructions per cycle, so N instructions per element allow at most 128 / N elements per "
             "cycle per SM with every latency hidden. A ceiling, not a measurement of speed.")
-    return "\n\n".join([head, md_table(["kernel (launch default)", "instructions / element",
-                                         "elements / cycle / SM (ceiling)", "registers", "stack bytes (spills)"],
-                                        rows), _details(data)])
+    return _with_details(data, [head, md_table(["kernel (launch default)", "instructions / element",
+                                                "elements / cycle / SM (ceiling)", "registers",
+                                                "stack bytes (spills)"], rows)])
 
 
 def _percent(value: Any) -> str | None:
@@ -391,8 +413,8 @@ def _percent(value: Any) -> str | None:
 
 def integrity_section(data: dict) -> str:
     """Load time with and without the integrity checks, per model and mode (``integrity.json``)."""
-    models = data.get("models")
-    if not isinstance(models, dict) or not models:
+    models = _models(data)
+    if models is None:
         return generic_tables(data)
     rows = []
     for name, m in models.items():
@@ -406,9 +428,7 @@ def integrity_section(data: dict) -> str:
                          num(r.get("hash_gb_per_s")), len(r.get("on_s") or [])])
     if not rows:
         return generic_tables(data)
-    parts = []
-    if isinstance(data.get("goal"), str):
-        parts.append(f"Goal: {data['goal']}.")
+    parts = _stated(data)
     parts.append(md_table(
         ["model", "mode", "repo MB", "load s, checks on (median)", "load s, check_integrity=False (median)",
          "overhead s", "overhead / CPU default-mode load", "overhead / this mode's load",
@@ -425,8 +445,7 @@ def integrity_section(data: dict) -> str:
     notes = [f"{n}: {m['note']}." for n, m in models.items() if isinstance(m, dict) and isinstance(m.get("note"), str)]
     if notes:
         parts.append("\n".join(f"- {n}" for n in notes))
-    parts.append(_details(data))
-    return "\n\n".join(parts)
+    return _with_details(data, parts)
 
 
 def _rendered_by(script: str) -> Callable[[dict], str]:

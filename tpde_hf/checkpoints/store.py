@@ -13,7 +13,7 @@ a dictionary. A keyframe has no parent. Restoring rebuilds each file byte for by
 xxh3 hash before it is moved into place.
 
 Every write is a temporary file then ``os.replace``; an entry's pointer is written only after the
-entry is on disk (and, by default, decoded back and compared), and the original files are deleted
+entry is on disk (and, by default, checked), and the original files are deleted
 only after that. A crash at any point leaves either the original files or a complete entry.
 
 Example::
@@ -138,8 +138,9 @@ def encode_entry(cur: Decoded, parent: Decoded | None, *, step: int | None = Non
 
     Each tensor's prediction sees exactly the tensors :func:`decode_entry` has when it decodes it (those
     of earlier :func:`~tpde_hf.checkpoints.predict.stages`), so both sides compute it from the same
-    inputs. With ``verify`` every tensor's payload is decoded right after it is made and compared bit
-    for bit. ``backward``: ``parent`` is the *next later* checkpoint (a version-2 entry, whose features
+    inputs. With ``verify`` every tensor's payload is checked right after it is made (the decoder's inverse
+    of every element, sampled chunks decoded and compared bit for bit: ``CheckpointDelta._verify``).
+    ``backward``: ``parent`` is the *next later* checkpoint (a version-2 entry, whose features
     follow :func:`~tpde_hf.checkpoints.predict.options`' backward relations). ``runner(fn, items)``
     maps the tensors of one stage (default: in order on this thread; the callback's lets the waiting
     training thread help, see :mod:`~tpde_hf.checkpoints.assist`).
@@ -190,7 +191,7 @@ def check_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str
     """Check that the entry on disk holds exactly ``tensors`` and ``manifest`` and that its skeletons and
     ranges rebuild every file of ``cur`` to its recorded hash; :class:`TpdeFormatError` if not.
 
-    With ``encode_entry(..., verify=True)`` (each payload decoded back) this proves the entry decodes to
+    With ``encode_entry(..., verify=True)`` (each payload checked) this proves the entry decodes to
     the original files without decoding it a second time.
     """
     if read_manifest(path) != json.loads(json.dumps(manifest)):

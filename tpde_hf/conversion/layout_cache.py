@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from tpde_hf.conversion import selection
-from tpde_hf.conversion.selection import ModelLayout
+from tpde_hf.conversion import model_layout
+from tpde_hf.conversion.model_layout import ModelLayout
 from tpde_hf.errors import TpdeFormatError
 
 logger = logging.getLogger("tpde_hf.conversion")
@@ -62,11 +62,11 @@ def layout_key(folder: Path, trust_remote_code: bool, keys: Iterable[str] | None
     for part in (f"entry={_ENTRY_VERSION}", f"transformers={_version('transformers')}",
                  f"tpde-hf={_version('tpde-hf')}", f"trust_remote_code={bool(trust_remote_code)}"):
         h.update(part.encode() + b"\0")
-    here = Path(selection.__file__)
-    for built_by in (here, here.parents[1] / "loading.py"):  # how layouts are built (KeyMap: loading.py)
+    here = Path(model_layout.__file__)
+    for built_by in (here, here.parents[1] / "load_plan.py"):  # how layouts are built (KeyMap: load_plan.py)
         h.update(built_by.read_bytes())
     h.update((folder / "config.json").read_bytes())
-    names = sorted(keys) if keys is not None else sorted(selection._checkpoint_keys(folder))
+    names = sorted(keys) if keys is not None else sorted(model_layout._checkpoint_keys(folder))
     h.update(b"\0keys\0" + "\n".join(names).encode())
     for code in sorted(folder.glob("*.py")):  # custom modeling code
         h.update(b"\0" + code.name.encode() + b"\0" + code.read_bytes())

@@ -375,6 +375,18 @@ def mark_bins(q, zeros, sids, r0, r1, in_f, gshift, need):
 
 
 @njit(cache=True, nogil=True)
+def mark_group_bins(zeros, sids, need):
+    """Set ``need[u, c + 15]`` for every level ``c = -z .. 15 - z`` of every group (scale id ``u``, zero point
+    ``z``): the bins its codes can use."""
+    for row in range(zeros.shape[0]):
+        for g in range(zeros.shape[1]):
+            z = np.int64(zeros[row, g])
+            u = sids[row, g]
+            for li in range(15 - z, 31 - z):
+                need[u, li] = True
+
+
+@njit(cache=True, nogil=True)
 def build_bins(need, uscales, u0, u1, width, mb, tz, lut, cache):
     """Build every needed bin of scale ids ``[u0, u1)`` (threads take disjoint ranges of one cache)."""
     u32 = np.zeros(1, dtype=np.uint32)

@@ -13,7 +13,10 @@ index holds one state, not two). Both decode to exactly the resident layout (``q
 of :mod:`tpde_hf.codec.base_quant`) and to the exact weight. Elements are coded in blocks of ``BLOCK``
 consecutive elements (row-major), each its own rANS stream, so blocks decode on several threads. Before
 any block, the bins that the tensor's codes use are built once, into one table shared by the threads
-(:func:`_bins`); the per-element loops then only read tables.
+(:func:`_bins`); the per-element loops then only read tables. Inside :func:`.table.shared_bins` (a load's
+decode workers, :mod:`tpde_hf.storage_prefetch`) the calling thread keeps its bins across tensors instead,
+so a scale that many tensors share is built once. Decoding the weight alone (:func:`decode_weight`) skips
+building the resident base: the weight's checksum covers the codes it was decoded with.
 
 Layouts (all little-endian; ``u32 lengths`` of the sections follow each header):
 
@@ -54,11 +57,13 @@ from tpde_hf.codec.registry import CodecContext
 from tpde_hf.codec.storage import bins as K
 from tpde_hf.codec.storage import delta as D
 from tpde_hf.codec.storage import streams as S
+from tpde_hf.codec.storage import table as T
 from tpde_hf.codec.storage.blob import pack_blob, unpack_blob, words_of, zstd_pack, zstd_unpack
 from tpde_hf.errors import TpdeFormatError
 
 VERSION = 2  # the layout this writer writes (both blobs' version byte)
 VERSIONS = (1, 2)  # layouts this reader decodes: 1, one rANS state per block; 2, two interleaved states
+_LANES = {1: 1, 2: 2}  # rANS states per block
 BLOCK = 1 << 16
 ZSTD_LEVEL = 12
 _BASE = struct.Struct("<BBHIIQ")
@@ -190,23 +195,25 @@ def _build_bins(need: np.ndarray, uscales: np.ndarray, width: int, mb: int, tz: 
 # ==================================================================== encode
 def _lmask(version: int) -> int:
     """Lane mask of a layout: element ``i`` of a block starting at ``i0`` goes to lane ``(i - i0) & mask``."""
-    return 0 if version == 1 else 1
+    return _LANES[version] - 1
 
 
 def _encode_streams(symbols: Callable, numel: int, pb: int, max_syms: int, version: int,
                     make_cache: Callable[[], object] | None = None) -> tuple[bytes, bytes]:
     """Run ``symbols(i0, i1, st, fr, cache)`` per block and rANS-code each: ``(block index, words)`` bytes;
     the index holds per block its final state(s) (one in layout 1, two in layout 2) and its word count."""
+    nl = _LANES[version]
+
     def one(i0: int, i1: int, cache: object) -> tuple[tuple[int, ...], np.ndarray]:
         st = np.empty(max_syms * (i1 - i0), dtype=np.int32)  # starts (with the lane), freqs: int32 is enough
         fr = np.empty_like(st)
         ns = symbols(i0, i1, st, fr, cache)
         words = np.empty(ns + 2, dtype=np.uint16)
-        x0, x1, first = S.rans_encode(st, fr, ns, pb, words)
-        return ((int(x0),) if version == 1 else (int(x0), int(x1))), words[first:]
+        xs, first = S.rans_encode(st, fr, ns, pb, words)
+        return (*(int(x) for x in xs[:nl]), words.size - first), words[first:]
 
     res = _run(one, _blocks(numel), make_cache)
-    index = np.array([(*s, w.size) for s, w in res], dtype="<u4").reshape(len(res), -1)
+    index = np.array([row for row, _ in res], dtype="<u4").reshape(len(res), -1)
     return index.tobytes(), b"".join(w.astype("<u2").tobytes() for _, w in res)
 
 
@@ -279,33 +286,42 @@ def _parse_base(blob: torch.Tensor, name: str) -> tuple[tuple[int, ...], list[me
     return fields, sections
 
 
-def _block_index(data: memoryview, numel: int, n_words: int, name: str, what: str, version: int) -> np.ndarray:
-    """``[blocks, 3]``: each block's state of lane 0, of lane 1 (``2**16``, unused, in layout 1), word count."""
+def _block_index(data: memoryview, numel: int, n_words: int, name: str, what: str,
+                 version: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(states [blocks, 2], word counts [blocks])`` of a layout's block index (layout 1: lane 1 unused, its
+    state ``2**16``)."""
     nb = len(_blocks(numel))
-    cols = 2 if version == 1 else 3
-    if len(data) != nb * 4 * cols:
-        raise TpdeFormatError(name, f"{what} block index holds {len(data)} bytes, expected {nb * 4 * cols}")
-    index = np.frombuffer(data, dtype="<u4").reshape(nb, cols).astype(np.int64)
-    if cols == 2:
-        index = np.stack((index[:, 0], np.full(nb, S.STATE_LOW, dtype=np.int64), index[:, 1]), axis=1)
-    if int(index[:, 2].sum()) != n_words or bool((index[:, :2] < S.STATE_LOW).any()):
+    nl = _LANES[version]
+    if len(data) != nb * 4 * (nl + 1):
+        raise TpdeFormatError(name, f"{what} block index holds {len(data)} bytes, expected {nb * 4 * (nl + 1)}")
+    index = np.frombuffer(data, dtype="<u4").reshape(nb, nl + 1).astype(np.int64)
+    states = np.full((nb, S.NLANES), S.STATE_LOW, dtype=np.int64)
+    states[:, :nl] = index[:, :nl]
+    counts = np.ascontiguousarray(index[:, nl])
+    if int(counts.sum()) != n_words or bool((states < S.STATE_LOW).any()):
         raise TpdeFormatError(name, f"{what} block index disagrees with its words (truncated or corrupt)")
-    return index
+    return states, counts
 
 
-def _decode_streams(decode: Callable, index: np.ndarray, words: np.ndarray, numel: int, name: str,
-                    what: str, make_cache: Callable[[], object] | None = None) -> None:
-    starts = np.concatenate(([0], np.cumsum(index[:, 2])))
+def _decode_streams(decode: Callable, index: tuple[np.ndarray, np.ndarray], words: np.ndarray, numel: int,
+                    name: str, what: str, make_cache: Callable[[], object] | None = None) -> None:
+    """``decode(block words, states, read position, i0, i1, cache)`` per block (states and position updated in
+    place), then the check that every block ended on its initial states with every word read."""
+    states, counts = index
+    starts = np.concatenate(([0], np.cumsum(counts)))
     pad = np.zeros(1, dtype=np.uint16)  # the kernels read one word ahead (branch-free): never an empty array
-    jobs = [(words[starts[b]:starts[b + 1]] if starts[b + 1] > starts[b] else pad, int(index[b, 0]),
-             int(index[b, 1]), i0, i1) for b, (i0, i1) in enumerate(_blocks(numel))]
-    for b, (x0, x1, read) in enumerate(_run(decode, jobs, make_cache)):
-        if int(x0) != S.STATE_LOW or int(x1) != S.STATE_LOW or int(read) != starts[b + 1] - starts[b]:
+    jobs = [(words[starts[b]:starts[b + 1]] if starts[b + 1] > starts[b] else pad, states[b].copy(),
+             np.zeros(1, dtype=np.int64), i0, i1) for b, (i0, i1) in enumerate(_blocks(numel))]
+    _run(lambda w, xs, ps, i0, i1, cache: decode(w, xs, ps, i0, i1, cache), jobs, make_cache)
+    for b, (_, xs, ps, _, _) in enumerate(jobs):
+        if bool((xs != S.STATE_LOW).any()) or int(ps[0]) != counts[b]:
             raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt)")
 
 
-def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
-    """The resident base plus what the delta decode needs (``q``, ``z``, ``dtype``, ``shape``, ``group_size``)."""
+def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str, resident: bool = True) -> dict:
+    """The resident base plus what the delta decode needs (``q``, ``z``, ``dtype``, ``shape``, ``group_size``);
+    ``resident=False`` skips packing (and checksumming) the resident base: ``base`` holds the scales only (the
+    weight's own checksum then covers the codes: a wrong code decodes a wrong weight)."""
     if "base_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'base_blob' is missing")
     fields, (index_b, words_b, table_b, hi_b, lo_b, zeros_b) = _parse_base(parts["base_blob"], name)
@@ -317,7 +333,8 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
     if bool((freq.sum(axis=1) != 1 << S.QPB).any()):
         raise TpdeFormatError(name, "q tables do not sum to the probability scale")
     cum = np.cumsum(freq, axis=1) - freq
-    lut = np.repeat(np.tile(np.arange(16, dtype=np.uint8), 16), freq.ravel()).reshape(16, 1 << S.QPB)
+    lut = np.repeat(np.tile(np.arange(16, dtype=np.uint8), 16), freq.ravel())  # [16 * 2**QPB]: code of a slot
+    fcq = ((freq << 16) | cum).ravel()  # freq (<= 2**QPB) << 16 | cum, one read per code
     hi = zstd_unpack(hi_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
     lo = zstd_unpack(lo_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
     scales = torch.from_numpy(((hi << 8) | lo).view(np.int16).reshape(out_f, ng).copy()).view(torch.float16)
@@ -329,8 +346,12 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
     q = np.empty((out_f, in_f), dtype=np.uint8)
     gshift = g.bit_length() - 1
     lm = _lmask(version)
-    _decode_streams(lambda w, s0, s1, i0, i1, _: S.q_decode(w, s0, s1, z, i0, i1, in_f, gshift, lut, cum, freq, q,
-                                                            lm), index, words, out_f * in_f, name, "q")
+    qflat = q.reshape(-1)
+    _decode_streams(lambda w, xs, ps, i0, i1, _: S.q_decode(w, xs, ps, z, i0, i1, in_f, gshift, lut, fcq, qflat, lm),
+                    index, words, out_f * in_f, name, "q")
+    if not resident:
+        return {"base": {"scales": scales}, "q": q, "z": z, "dtype": CODE_DTYPES[dcode], "shape": (out_f, in_f),
+                "group_size": g}
     qweight = np.empty((out_f, ng * g // 2), dtype=np.uint8)
     S.pack_codes(q, z, g, qweight)  # the padding past in_f: each group's zero point
     base = {"qweight": torch.from_numpy(qweight), "scales": scales, "zeros": torch.from_numpy(pack4(z))}
@@ -342,13 +363,15 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str) -> dict:
 
 
 def decode_weight(parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """The exact weight from both blobs."""
-    return decode_weight_and_base(parts, name)[0]
+    """The exact weight from both blobs (the resident base is not built)."""
+    return decode_weight_and_base(parts, name, resident=False)[0]
 
 
-def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, dict]:
-    """``(exact weight, resident base)`` from both blobs, the base decoded once."""
-    b = decode_base_arrays(parts, name)
+def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str,
+                           resident: bool = True) -> tuple[torch.Tensor, dict]:
+    """``(exact weight, resident base)`` from both blobs, the base decoded once (``resident=False``: the base
+    holds the scales only, see :func:`decode_base_arrays`)."""
+    b = decode_base_arrays(parts, name, resident)
     if "delta_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'delta_blob' is missing")
     (version, tz, n_exc, checksum), (index_b, words_b, exc_b) = unpack_blob(parts["delta_blob"], _DELTA, 3, name)
@@ -379,11 +402,17 @@ def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str) -> tupl
     out = np.empty(numel, dtype=np.int16 if width == 16 else np.int32)
     gshift = g.bit_length() - 1
     q, z = b["q"], b["z"]
-    uscales, sids = _scale_ids(b["base"]["scales"].numpy())
-    cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
+    table = T.table_for(width, mb, tz, lut)
+    if table is None:  # one tensor's bins, built on the codec's threads
+        uscales, sids = _scale_ids(b["base"]["scales"].numpy())
+        cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
+    else:  # the calling thread's bins, kept across tensors (see table.shared_bins)
+        sids = table.slots(b["base"]["scales"].numpy().view(np.uint16))
+        cache, uscales = table.build(z, sids), table.uscales
     lm = _lmask(version)
-    _decode_streams(lambda w, s0, s1, i0, i1, _: D.delta_decode(w, s0, s1, q, z, sids, uscales, i0, i1, in_f, gshift,
-                                                                width, mb, tz, lut, cache, out[i0:i1], lm),
+    qflat = q.reshape(-1)
+    _decode_streams(lambda w, xs, ps, i0, i1, _: D.delta_decode(w, xs, ps, qflat, z, sids, uscales, i0, i1, in_f,
+                                                                gshift, width, mb, tz, lut, cache, out[i0:i1], lm),
                     index, words, numel, name, "delta")
     if n_exc:
         patch = patt

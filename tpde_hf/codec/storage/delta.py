@@ -5,8 +5,9 @@ pass of the encoder (:func:`delta_symbols`, symbols that :func:`.streams.rans_en
 All rANS here: 32-bit state in ``[2**16, 2**32)``, 16-bit words, at most one word per step. The encoder
 runs backwards over a block's symbols and the decoder must end on ``2**16`` with every word read. Layout 2
 gives alternate elements of a block two states (lanes, ``lmask = 1``) over one word stream, so that the
-CPU overlaps their dependency chains; layout 1 (``lmask = 0``) has one. Every read of a payload is clamped,
-so corrupt input never reads out of bounds; the drivers reject the result.
+CPU overlaps their dependency chains; layout 1 (``lmask = 0``) has one. Hot loops index with unsigned
+integers: numba then emits no negative-index wraparound (measured 10-25% of the loop). Every read of a
+payload is clamped, so corrupt input never reads out of bounds; the drivers reject the result.
 
 The decoder's common case (a level c != 0 of a 16-bit dtype: one symbol per weight) reads the bin's record
 (:data:`.bins.REC` int64s) and nothing else, with no branch on the data but the one on the bin's kind.
@@ -14,7 +15,7 @@ The decoder's common case (a level c != 0 of a 16-bit dtype: one symbol per weig
 Example::
 
     ns = delta_symbols(bits, q, z, sids, uscales, 0, n, in_f, 7, 16, 7, 0, lut, cache, st, fr, exc, 1)
-    x0, x1, read = delta_decode(words, s0, s1, q, z, sids, uscales, 0, n, in_f, 7, 16, 7, 0, lut, cache, out, 1)
+    delta_decode(words, xs, ps, q.ravel(), z, sids, uscales, 0, n, in_f, 7, 16, 7, 0, lut, cache, out, 1)
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from tpde_hf.codec.storage.bins import (
     _where,
 )
 from tpde_hf.codec.storage.streams import LANE_SHIFT, STATE_LOW
+
+_U0, _U1, _U2, _U3, _U4, _U8, _U12 = (np.uint64(k) for k in (0, 1, 2, 3, 4, 8, 12))  # unsigned offsets: see below
 
 
 @njit(cache=True, inline="always")
@@ -139,97 +142,95 @@ def delta_symbols(bits, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb
 
 
 @njit(cache=True, nogil=True)
-def delta_decode(words, state0, state1, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache,
+def delta_decode(words, xs, ps, q, zeros, sids, uscales, i0, i1, in_f, gshift, width, mb, tz, lut, cache,
                  out, lmask):
-    """Decode elements ``[i0, i1)`` into ``out`` (bit patterns); element ``i`` reads lane ``(i - i0) & lmask``.
-    Returns ``(final state of lane 0, of lane 1, words read)``; the caller checks them (``2**16`` each and
-    ``words.size``). ``words`` is never empty (the driver passes one pad word for an empty stream): reads are
-    clamped to it, so a corrupt stream never reads out of bounds.
+    """Decode elements ``[i0, i1)`` into ``out`` (bit patterns). Element ``i`` reads lane ``l = (i - i0) & lmask``:
+    state ``xs[l]``, the next word at ``ps[0]`` (both updated in place; the caller checks them: ``2**16`` each
+    and every word read). ``words`` is never empty (the driver passes one pad word for an empty stream):
+    reads are clamped to it, so a corrupt stream never reads out of bounds.
     Bins come prebuilt (:func:`build_bins`)."""
     built, nseg, tab, inv, rec, kind = cache[2], cache[4], cache[5], cache[6], cache[9], cache[10]
     n_scales = built.shape[0]
-    nw = words.size
-    pos = 0
-    xs = np.empty(2, dtype=np.int64)  # in memory, so that the lanes' chains overlap (see streams.rans_encode)
-    xs[0] = state0
-    xs[1] = state1
+    nw = words.size  # q: flat, row-major [out, in]
+    # the states and read positions live in memory, so that the lanes' chains overlap (see streams.rans_encode)
     mask = (np.int64(1) << PB) - 1
+    kindf = kind.reshape(kind.size)  # flat: (scale, level) -> kind, one index per element
     # Runs of one group (same row, scale and zero point): the group's fields are read once per run.
     start = i0
     while start < i1:
         row, g, col0, col1 = _group_run(start, i1, in_f, gshift)
-        u = sids[row, g]
+        u = np.int64(sids[row, g])
         zg = np.int64(zeros[row, g])
-        kind_u = kind[u]
-        rbase = (u * NLEV + 15 - zg) * REC  # + q * REC: the record of level q - zg
-        i = start - 1
-        start += col1 - col0
-        for col in range(col0, col1):
-            i += 1
-            qc = np.int64(q[row, col])
-            kd = kind_u[qc - zg + 15]
-            ln = (i - i0) & lmask
+        kbase = u * NLEV + 15 - zg  # + q: the (scale, level) of code q
+        end = start + (col1 - col0)
+        for i in range(start, end):
+            # unsigned indices (every one here is >= 0): numba then emits no negative-index wraparound
+            iu = np.uint64(i)
+            qc = np.int64(q[iu])
+            kd = kindf[np.uint64(kbase + qc)]
+            ln = np.uint64((i - i0) & lmask)
             if kd == ONE:  # one symbol per weight (see bins._single, bins._record)
                 x = xs[ln]
-                r = rbase + qc * REC
+                r = np.uint64((kbase + qc) * REC)
                 slot = x & mask
                 # branch-free segment search: CUM of the unused segments is 2**PB, n <= SMALL
-                j = np.int64(slot >= rec[r + 1]) + np.int64(slot >= rec[r + 2]) + np.int64(slot >= rec[r + 3])
+                j = np.uint64((slot >= rec[r + _U1]) + (slot >= rec[r + _U2]) + (slot >= rec[r + _U3]))
                 sub = rec[r + j]  # CUM_j + UR_j (segment 0: UR_0, the first ordinal's extra frequency)
-                wj = rec[r + 4 + j]
-                off = _div(max(slot - sub, np.int64(0)), rec[r + 8 + j])
-                first = (j == 0) & (off == 0)  # the first ordinal: slots [0, UF_0 + UR_0)
+                wj = rec[r + _U4 + j]
+                off = _div(max(slot - sub, np.int64(0)), rec[r + _U8 + j])
+                first = (j == _U0) & (off == 0)  # the first ordinal: slots [0, UF_0 + UR_0)
                 a = np.int64(0) if first else sub + off * wj
                 f = wj + sub if first else wj
                 x = f * (x >> PB) + slot - a
-                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # read unconditionally: a select, no branch
+                pos = ps[0]
+                nxt = (x << 16) | np.int64(words[np.uint64(min(pos, nw - 1))])  # read unconditionally: a select
                 renorm = x < STATE_LOW
-                x = nxt if renorm else x
-                pos += np.int64(renorm)
-                xs[ln] = x
+                xs[ln] = nxt if renorm else x
+                ps[0] = pos + np.int64(renorm)
                 # off < CNT_j always: slot < CUM_{j+1} = CUM_j + UR_j + UF_j * CNT_j (corrupt streams too)
-                out[i - i0] = _pattern(_real(rec[r + 12 + j] + off, tz), width)
+                out[np.uint64(i - i0)] = _pattern(_real(rec[r + _U12 + j] + off, tz), width)
                 continue
             if kd == 0:  # EMPTY: an exception, patched by the driver
-                out[i - i0] = 0
+                out[np.uint64(i - i0)] = 0
                 continue
             c = qc - zg
             li = c + 15
             n = nseg[u, li]
             x = xs[ln]
+            pos = ps[0]
             b, w, ib = _where(c, u, li, n_scales)
             j = 0
             if n > 1:
                 slot = x & mask
                 # the first four steps of the search branch-free (most weights of the zero bin lie in its top
                 # binades, the first segments), then one by one; reads past the n used segments are masked
-                cm = b + CUM * w
-                j = np.int64((n > 1) & (slot >= tab[cm + 1])) + np.int64((n > 2) & (slot >= tab[cm + 2])) \
-                    + np.int64((n > 3) & (slot >= tab[cm + 3])) + np.int64((n > 4) & (slot >= tab[cm + 4]))
-                while j < n - 1 and slot >= tab[b + CUM * w + j] + tab[b + FR * w + j]:
+                cm = np.uint64(b + CUM * w)
+                j = np.int64((n > 1) & (slot >= tab[cm + _U1])) + np.int64((n > 2) & (slot >= tab[cm + _U2])) \
+                    + np.int64((n > 3) & (slot >= tab[cm + _U3])) + np.int64((n > 4) & (slot >= tab[cm + _U4]))
+                while j < n - 1 and slot >= tab[np.uint64(b + CUM * w + j)] + tab[np.uint64(b + FR * w + j)]:
                     j += 1
-                x = tab[b + FR * w + j] * (x >> PB) + slot - tab[b + CUM * w + j]
-                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # a select, no branch (see above)
+                x = tab[np.uint64(b + FR * w + j)] * (x >> PB) + slot - tab[np.uint64(b + CUM * w + j)]
+                nxt = (x << 16) | np.int64(words[np.uint64(min(pos, nw - 1))])  # a select, no branch (see above)
                 renorm = x < STATE_LOW
                 x = nxt if renorm else x
                 pos += np.int64(renorm)
-            sh = tab[b + SH * w + j]
-            nh = tab[b + NH * w + j]
+            sh = tab[np.uint64(b + SH * w + j)]
+            nh = tab[np.uint64(b + NH * w + j)]
             off = np.int64(0)
             if nh > 1:
                 slot = x & mask
-                f = tab[b + UF * w + j]
-                ur = tab[b + UR * w + j]
+                f = tab[np.uint64(b + UF * w + j)]
+                ur = tab[np.uint64(b + UR * w + j)]
                 big = ur * (f + 1)
                 # both halves computed, one selected: which half a slot falls in is data (a branch mispredicts)
                 hi = slot >= big
-                v_lo = _div(slot, inv[ib + 2 * j])
-                v_hi = ur + _div(max(slot - big, np.int64(0)), inv[ib + 2 * j + 1])
+                v_lo = _div(slot, inv[np.uint64(ib + 2 * j)])
+                v_hi = ur + _div(max(slot - big, np.int64(0)), inv[np.uint64(ib + 2 * j + 1)])
                 v = v_hi if hi else v_lo
                 a = big + (v_hi - ur) * f if hi else v_lo * (f + 1)
                 f = f if hi else f + 1
                 x = f * (x >> PB) + slot - a
-                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # a select, no branch (see above)
+                nxt = (x << 16) | np.int64(words[np.uint64(min(pos, nw - 1))])  # a select, no branch (see above)
                 renorm = x < STATE_LOW
                 x = nxt if renorm else x
                 pos += np.int64(renorm)
@@ -242,12 +243,13 @@ def delta_decode(words, state0, state1, q, zeros, sids, uscales, i0, i1, in_f, g
                 f = np.int64(1) << (PB - nb)
                 lo = slot >> (PB - nb)
                 x = f * (x >> PB) + slot - lo * f
-                nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # a select, no branch (see above)
+                nxt = (x << 16) | np.int64(words[np.uint64(min(pos, nw - 1))])  # a select, no branch (see above)
                 renorm = x < STATE_LOW
                 x = nxt if renorm else x
                 pos += np.int64(renorm)
                 off |= lo << k
             xs[ln] = x
-            off = min(off, tab[b + CNT * w + j] - 1)  # a corrupt stream may point past the segment: stay in the bin
-            out[i - i0] = _pattern(_real(tab[b + ST * w + j] + off, tz), width)
-    return xs[0], xs[1], pos
+            ps[0] = pos
+            off = min(off, tab[np.uint64(b + CNT * w + j)] - 1)  # a corrupt stream may point past the segment
+            out[np.uint64(i - i0)] = _pattern(_real(tab[np.uint64(b + ST * w + j)] + off, tz), width)
+        start = end

@@ -5,9 +5,11 @@ All rANS here: 32-bit state in ``[2**16, 2**32)``, 16-bit words, at most one wor
 backwards over a block's symbols; the decoder must end on ``2**16`` with every word read (the drivers check).
 
 Layout 2 interleaves two rANS states per block (element ``i`` of a block starting at ``i0`` goes to lane
-``(i - i0) & 1``) over one word stream, so that two dependency chains overlap; layout 1 has one.
+``(i - i0) & 1``) over one word stream; layout 1 has one. (Four states with a word stream each, so that no
+lane waits for another's refill, measured no faster on 2026-12-07: the loops are bound by their instruction
+count, not by that chain; they were not kept, as their block index costs 0.005 bits per weight.)
 
-Example: ``x0, x1, first = rans_encode(starts, freqs, n, 16, words)``; the block's words are ``words[first:]``.
+Example: ``xs, first = rans_encode(starts, freqs, n, 16, words)``; the block's words are ``words[first:]``.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ QPB = 12  # probability bits of the q stream (stored tables: coarser is cheaper)
 STATE_LOW = 1 << 16
 LANE_SHIFT = 20  # symbol starts (< 2**16) carry their element's lane above this bit
 LANE_MASK = (1 << LANE_SHIFT) - 1
+NLANES = 2  # rANS states per block (layout 1 uses 1, layout 2 both)
 
 
 @njit(cache=True, nogil=True)
 def rans_encode(sym_st, sym_fr, ns, pb, words):
-    """rANS-encode symbols ``[0, ns)`` backwards into the end of ``words``; ``(state of lane 0, state of
-    lane 1, first word)``. A symbol's start carries its lane above bit :data:`LANE_SHIFT` (layout 1: all lane 0)."""
-    # Two states (lanes) in memory, not registers: a select between registers would make each symbol wait
-    # for the other lane's chain; through memory each lane waits only for itself, so the chains overlap.
-    xs = np.full(2, np.uint64(STATE_LOW), dtype=np.uint64)
+    """rANS-encode symbols ``[0, ns)`` backwards into the end of ``words``; ``(state of each lane, first word)``.
+    A symbol's start carries its lane above bit :data:`LANE_SHIFT` (layout 1: all lane 0). The lanes share the
+    word stream. Unused lanes end in ``2**16``."""
+    # The states (lanes) in memory, not registers: a select between registers would make each symbol wait
+    # for the other lanes' chains; through memory each lane waits only for itself, so the chains overlap.
+    xs = np.full(NLANES, np.uint64(STATE_LOW), dtype=np.uint64)
     p = words.size
     for t in range(ns - 1, -1, -1):
         st = np.int64(sym_st[t])
@@ -46,7 +50,7 @@ def rans_encode(sym_st, sym_fr, ns, pb, words):
         elif (d + np.uint64(1)) * f <= x:
             d += np.uint64(1)
         xs[ln] = (d << np.uint64(pb)) + (x - d * f) + np.uint64(st & LANE_MASK)
-    return xs[0], xs[1], p
+    return xs, p
 
 
 @njit(cache=True, nogil=True)
@@ -94,35 +98,37 @@ def q_symbols(q, zeros, i0, i1, in_f, gshift, cumq, freqq, sym_st, sym_fr, lmask
 
 
 @njit(cache=True, nogil=True)
-def q_decode(words, state0, state1, zeros, i0, i1, in_f, gshift, lutq, cumq, freqq, q, lmask):
-    """Decode the codes of elements ``[i0, i1)`` into ``q`` ([out, in]); ``(final state of lane 0, of lane 1,
-    words read)``. ``words`` is never empty (the driver passes one pad word for an empty stream)."""
+def q_decode(words, xs, ps, zeros, i0, i1, in_f, gshift, lutq, fcq, q, lmask):
+    """Decode the codes of elements ``[i0, i1)`` into ``q`` (flat, row-major [out, in]). Element ``i`` reads lane
+    ``l = (i - i0) & lmask``: state ``xs[l]``, the next word at ``ps[0]`` (both updated in place: the driver
+    checks them). ``lutq`` (flat ``[16 * 2**QPB]``): the code of each slot per zero point; ``fcq`` (flat
+    ``[16 * 16]``): ``freq << 16 | cum`` per (zero point, code). ``words`` is never empty (the driver passes one
+    pad word for an empty stream); reads are clamped to it, so a corrupt stream never reads out of bounds."""
     nw = words.size
-    pos = 0
-    xs = np.empty(2, dtype=np.int64)  # in memory: see rans_encode
-    xs[0] = state0
-    xs[1] = state1
     mask = (np.int64(1) << QPB) - 1
-    row = i0 // in_f
-    col = i0 - row * in_f
-    for i in range(i0, i1):
-        ln = (i - i0) & lmask
-        x = xs[ln]
-        z = zeros[row, col >> gshift]
-        slot = x & mask
-        v = lutq[z, slot]
-        x = freqq[z, v] * (x >> QPB) + slot - cumq[z, v]
-        nxt = (x << 16) | np.int64(words[min(pos, nw - 1)])  # read unconditionally (nw >= 1): a select
-        renorm = x < STATE_LOW
-        x = nxt if renorm else x
-        pos += np.int64(renorm)
-        xs[ln] = x
-        q[row, col] = v
-        col += 1
-        if col == in_f:
-            col = 0
-            row += 1
-    return xs[0], xs[1], pos
+    start = i0
+    while start < i1:  # runs of one group: its zero point's tables are found once per run
+        row = start // in_f
+        col0 = start - row * in_f
+        end = start + min(min(((col0 >> gshift) + 1) << gshift, in_f) - col0, i1 - start)
+        z = np.int64(zeros[row, col0 >> gshift])
+        lbase = z << QPB
+        fbase = z << 4
+        for i in range(start, end):
+            # unsigned indices (every one here is >= 0): numba then emits no negative-index wraparound
+            ln = np.uint64((i - i0) & lmask)
+            x = xs[ln]  # in memory: see rans_encode
+            slot = x & mask
+            v = np.int64(lutq[np.uint64(lbase + slot)])
+            fc = fcq[np.uint64(fbase + v)]
+            x = (fc >> 16) * (x >> QPB) + slot - (fc & 0xFFFF)
+            p = ps[0]
+            nxt = (x << 16) | np.int64(words[np.uint64(min(p, nw - 1))])  # read unconditionally (nw >= 1)
+            renorm = x < STATE_LOW
+            xs[ln] = nxt if renorm else x
+            ps[0] = p + np.int64(renorm)
+            q[np.uint64(i)] = v
+        start = end
 
 
 @njit(cache=True, nogil=True)
