@@ -196,6 +196,9 @@ class TpdeHfQuantizer(HfQuantizer):
 
         end_watch(self)
         if self._errors:
+            from tpde_hf.storage_prefetch import close
+
+            close(self)  # the failed load's decode workers stop and drop what they decoded
             raise self._errors[0]
         from tpde_hf.reference.load import strip_converters
 

@@ -312,7 +312,7 @@ def _decode_streams(decode: Callable, index: tuple[np.ndarray, np.ndarray], word
     pad = np.zeros(1, dtype=np.uint16)  # the kernels read one word ahead (branch-free): never an empty array
     jobs = [(words[starts[b]:starts[b + 1]] if starts[b + 1] > starts[b] else pad, states[b].copy(),
              np.zeros(1, dtype=np.int64), i0, i1) for b, (i0, i1) in enumerate(_blocks(numel))]
-    _run(lambda w, xs, ps, i0, i1, cache: decode(w, xs, ps, i0, i1, cache), jobs, make_cache)
+    _run(decode, jobs, make_cache)
     for b, (_, xs, ps, _, _) in enumerate(jobs):
         if bool((xs != S.STATE_LOW).any()) or int(ps[0]) != counts[b]:
             raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt)")
