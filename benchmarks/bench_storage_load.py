@@ -10,7 +10,7 @@ against the cast source. The overhead of a storage is its dequantize load time o
 measured in the same run; ``decode_s`` times the decode alone (every converted weight from its stored parts,
 in memory, no transformers, one weight after another, each on all cores), which separates the storage's codec
 from the load machinery; ``decode_workers_s`` (storage-laid repos) decodes them as a ``dequantize`` load does:
-whole weights on the load's worker threads, read from the files (:mod:`tpde_hf.storage_prefetch`).
+whole weights on the load's worker threads, read from the files (:mod:`tpde_hf.loading.storage_prefetch`).
 
 Example::
 
@@ -85,11 +85,12 @@ def _decode_all(repo: Path) -> float:
 
 def _decode_pool(repo: Path) -> float | None:
     """Seconds to decode every storage-laid weight of ``repo`` the way a ``dequantize`` load does: whole weights
-    on the load's worker threads (:mod:`tpde_hf.storage_prefetch`), from the files; None without such weights."""
+    on the load's worker threads (:mod:`tpde_hf.loading.storage_prefetch`), from the files; None without such
+    weights."""
     from safetensors import safe_open
 
+    from tpde_hf.loading.storage_prefetch import StoragePrefetch, content_key
     from tpde_hf.storage_format import storage_weights
-    from tpde_hf.storage_prefetch import StoragePrefetch, content_key
 
     files = sorted(str(f) for f in repo.glob("*.safetensors"))
     keys = []
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_start_end": [list(load_start), list(os.getloadavg())],
         "note": "load times are from_pretrained wall clock, best of repeats, page cache warm; storage-laid weights "
                 "are decoded by the load's worker threads from the quantizer's weight conversions on "
-                "(tpde_hf.storage_prefetch)",
+                "(tpde_hf.loading.storage_prefetch)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -188,7 +188,7 @@ def linear_like_keys(model: torch.nn.Module, keys: list[str]) -> set[str]:
     """The oracle: checkpoint keys that a linear-like module uses, found with transformers' own key mapping."""
     from transformers.core_model_loading import dot_natural_key, rename_source_key
 
-    from tpde_hf.loading import _model_transforms
+    from tpde_hf.loading.ops import _model_transforms
 
     keys = sorted(keys, key=dot_natural_key)
     renamings, converters = _model_transforms(model)

@@ -344,7 +344,7 @@ def test_other_load_reports_still_show(tiny_llama_dir: Path, tmp_path: Path) -> 
 
 def test_the_report_filter_keeps_reports_that_transformers_raises_after() -> None:
     """Only a tpde load with a recorded error loses its report, and not when transformers' own error points at it."""
-    from tpde_hf.load_messages import LoadReportFilter, watch_load
+    from tpde_hf.loading.messages import LoadReportFilter, watch_load
 
     class Quantizer:
         _errors: list[Exception] = []

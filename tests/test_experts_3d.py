@@ -35,7 +35,7 @@ from tpde_hf.format import (
     parse_expert_slice,
     stack_expert_slices,
 )
-from tpde_hf.loading import StackExperts
+from tpde_hf.loading.ops import StackExperts
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # GPT-OSS: [E, H, 2I], the model computes x @ W[e]
 

@@ -151,7 +151,7 @@ def test_base_loads_with_a_garbage_delta(family: Family, tmp_path: Path):
     """The delta bytes are never read in base mode: overwriting them changes nothing."""
     if family.name not in ("llama", "gpt2", "mixtral"):
         pytest.skip("one dense, one Conv1D and one MoE family are enough")
-    from tpde_hf.loading import read_safetensors_header
+    from tpde_hf.loading.ops import read_safetensors_header
 
     repo = tmp_path / "repo"
     shutil.copytree(family.tpde, repo)

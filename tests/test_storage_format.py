@@ -353,7 +353,7 @@ def test_offload_builds_the_host_delta_from_the_storage(llama) -> None:
 
 def test_cli_storage_option_and_manifest(llama, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tpde_hf.conversion.cli import main
-    from tpde_hf.loading import write_manifest
+    from tpde_hf.loading.ops import write_manifest
 
     src, repo, _, _ = llama
     assert main(["convert", str(src), str(tmp_path / "cli"), "--storage", "resident"]) == 0

@@ -1,4 +1,4 @@
-"""The load's decode of storage-laid weights ahead of transformers (:mod:`tpde_hf.storage_prefetch`) and the
+"""The load's decode of storage-laid weights ahead of transformers (:mod:`tpde_hf.loading.storage_prefetch`) and the
 ``narrow-rans`` bin tables kept across tensors (:mod:`tpde_hf.codec.storage.table`).
 
 Checked: bins shared across tensors (dtypes, a coarse grid, a table that grows past its capacity) decode bit for
@@ -20,13 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tpde_hf
-from tpde_hf import storage_prefetch
 from tpde_hf.codec import base_quant
 from tpde_hf.codec.backend import limit_codec_threads
 from tpde_hf.codec.ordinal import INT_VIEW
 from tpde_hf.codec.registry import CodecContext
 from tpde_hf.conversion import convert
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.loading import storage_prefetch
 
 pytest.importorskip("tpde_hf.codec.storage")
 from tpde_hf.codec.storage import NarrowRans  # noqa: E402

@@ -81,7 +81,7 @@ def weights_to_encode(model, keys: list[str], keep_dense=("lm_head",), experts: 
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from transformers.pytorch_utils import Conv1D
 
-    from tpde_hf.loading import _model_transforms
+    from tpde_hf.loading.ops import _model_transforms
 
     renamings, converters = _model_transforms(model)
     assert all(isinstance(t, (WeightRenaming, WeightConverter)) for t in renamings + converters)
@@ -112,7 +112,7 @@ def make_tpde_repo(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, mod
                    params: CodecParams | None = None, experts: bool = True, other: bool = False,
                    max_shard_bytes: int | None = None) -> Path:
     """Turn a dense ``save_pretrained`` folder into a tpde repo (what ``tpde convert`` produces)."""
-    from tpde_hf.loading import write_manifest
+    from tpde_hf.loading.ops import write_manifest
 
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ transformers is imported, see :mod:`tpde_hf._autoregister`). The loading uses th
    checksum), moves the delta to pinned host memory for ``lossless-offload``, and makes
    ``save_pretrained`` add ``tpde_manifest.json``.
 
-The hooks stay on the class; what they run lives in one module per job: :mod:`tpde_hf.load_env` (devices
-and mode), :mod:`tpde_hf.module_swap` (layers in and out), :mod:`tpde_hf.load_converters` (the ``dequantize``
-converters) and :mod:`tpde_hf.after_load` (the loaded layers). The reference-repo hooks are the
+The hooks stay on the class; what they run lives in one module per job: :mod:`tpde_hf.loading.env` (devices
+and mode), :mod:`tpde_hf.loading.module_swap` (layers in and out), :mod:`tpde_hf.loading.converters` (the ``dequantize``
+converters) and :mod:`tpde_hf.loading.after_load` (the loaded layers). The reference-repo hooks are the
 ``tpde_hf.reference.load`` calls in ``__init__`` and ``_process_model_before_weight_loading``.
 
 Example::
@@ -43,7 +43,7 @@ from transformers.quantizers.base import HfQuantizer
 from tpde_hf.config import TpdeConfig
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.format import QUANT_METHOD
-from tpde_hf.load_env import check_environment
+from tpde_hf.loading.env import check_environment
 
 
 class TpdeHfQuantizer(HfQuantizer):
@@ -83,8 +83,8 @@ class TpdeHfQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ before loading: replace modules
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
-        from tpde_hf.load_messages import watch_load
-        from tpde_hf.loading import read_checkpoint_index
+        from tpde_hf.loading.messages import watch_load
+        from tpde_hf.loading.ops import read_checkpoint_index
 
         watch_load(self, model)  # a recorded error hides transformers' load report of this load
 
@@ -97,7 +97,7 @@ class TpdeHfQuantizer(HfQuantizer):
         start_reference_prefetch(self)  # a delta repo: its decode runs from here on, beside transformers' set-up
         index = read_checkpoint_index(files)
         from tpde_hf.integrity import check_checkpoint
-        from tpde_hf.loading import DELTA_SUFFIXES, build_load_plan
+        from tpde_hf.loading.ops import DELTA_SUFFIXES, build_load_plan
 
         cfg = self.quantization_config  # every stored byte this load reads must match its checksum (base: no delta)
         check_checkpoint(files, integrity=cfg.integrity, enabled=getattr(cfg, "check_integrity", True),
@@ -122,7 +122,7 @@ class TpdeHfQuantizer(HfQuantizer):
                 f"this parameter is built from both tpde and dense checkpoint tensors; mode={mode!r} cannot hold it. "
                 "Load with TpdeConfig(mode='dequantize').",
             )
-        from tpde_hf.module_swap import replace_modules
+        from tpde_hf.loading.module_swap import replace_modules
 
         replace_modules(model, plan, mode, self._dtype, self._holders)
         for prefix, holder in self._holders.items():  # storage-laid: its delta parts are rebuilt at load
@@ -138,7 +138,7 @@ class TpdeHfQuantizer(HfQuantizer):
     def get_weight_conversions(self) -> list:
         if not self.quantization_config.dequantize:
             return []
-        from tpde_hf.load_converters import catch_all_converters
+        from tpde_hf.loading.converters import catch_all_converters
 
         return catch_all_converters(self)
 
@@ -149,12 +149,12 @@ class TpdeHfQuantizer(HfQuantizer):
         refs = reference_converters(self) if reference_info(self) is not None else []
         if refs:
             weight_conversions = refs + list(weight_conversions)
-        from tpde_hf.storage_loading import storage_converters, storage_dequantize_suffixes
+        from tpde_hf.loading.storage_ops import storage_converters, storage_dequantize_suffixes
 
         stored = storage_converters(self, self._plan, self.quantization_config.mode)  # weights laid out by a storage
         if not self.quantization_config.dequantize:
             return stored + list(weight_conversions)
-        from tpde_hf.load_converters import dequantize_converters
+        from tpde_hf.loading.converters import dequantize_converters
 
         stacks = self._plan.stacks if self._plan is not None else []
         first = dequantize_converters(self, weight_conversions, storage_dequantize_suffixes(self._plan), stacks,
@@ -176,7 +176,7 @@ class TpdeHfQuantizer(HfQuantizer):
         """Called by the load ops: the first error is raised after loading, with its own message.
 
         Until then transformers' load report of this load is not printed (it would list the damaged
-        weight as "MISSING ... newly initialized"): see :mod:`tpde_hf.load_messages`.
+        weight as "MISSING ... newly initialized"): see :mod:`tpde_hf.loading.messages`.
         """
         self._errors.append(exc)
 
@@ -185,34 +185,34 @@ class TpdeHfQuantizer(HfQuantizer):
         """transformers (5.2x) drops the quantization config of a dequantized model, and with it the
         weight conversions it loaded through; without them ``save_pretrained`` would not write the
         checkpoint's original key layout (e.g. per-expert MoE weights). Keep them:
-        :func:`~tpde_hf.load_converters.restore_converters` then takes the tpde ops out."""
+        :func:`~tpde_hf.loading.converters.restore_converters` then takes the tpde ops out."""
         conversions = getattr(model, "_weight_conversions", None)
         super().remove_quantization_config(model)
         if conversions is not None:
             model._weight_conversions = conversions
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from tpde_hf.load_messages import end_watch
+        from tpde_hf.loading.messages import end_watch
 
         end_watch(self)
         if self._errors:
-            from tpde_hf.storage_prefetch import close
+            from tpde_hf.loading.storage_prefetch import close
 
             close(self)  # the failed load's decode workers stop and drop what they decoded
             raise self._errors[0]
         from tpde_hf.reference.load import strip_converters
 
         strip_converters(model)  # a loaded model saves its reference-coded tensors dense
-        from tpde_hf.storage_loading import strip_storage_converters
+        from tpde_hf.loading.storage_ops import strip_storage_converters
 
         strip_storage_converters(model)  # the model holds the resident layout whatever the repo's storage
         cfg = self.quantization_config
         if cfg.dequantize:
-            from tpde_hf.load_converters import restore_converters
+            from tpde_hf.loading.converters import restore_converters
 
             restore_converters(model, self._original_converters)
             return model
-        from tpde_hf.after_load import own_cpu_parts, pack_for_gpu, verify_holders, wrap_save_pretrained
+        from tpde_hf.loading.after_load import own_cpu_parts, pack_for_gpu, verify_holders, wrap_save_pretrained
         from tpde_hf.nn.linear import validate_holder
 
         for holder in self._holders.values():
@@ -234,7 +234,7 @@ class TpdeHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------ dequantize / serialization
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        from tpde_hf.module_swap import dense_model
+        from tpde_hf.loading.module_swap import dense_model
 
         return dense_model(model, self._holders, self.quantization_config.mode, dtype)
 
@@ -277,10 +277,10 @@ def register() -> None:
         auto.register_quantizer(QUANT_METHOD)(TpdeHfQuantizer)
     if TpdeConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
         auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, TpdeConfig)
-    from tpde_hf.load_messages import install
+    from tpde_hf.loading.messages import install
 
     install(auto)  # merge a passed TpdeConfig without transformers' "will be overwritten" warning
-    from tpde_hf import load_guard
+    from tpde_hf.loading import guard as load_guard
 
     load_guard.install()  # a tpde checkpoint read without this quantizer (damaged config.json) raises
 

@@ -191,10 +191,11 @@ def _run(name: str, storage: str, what: str, fn):
 
 
 def _take(kind: str, storage: str, parts: Mapping[str, torch.Tensor], use_prefetch: bool) -> tuple[bool, object]:
-    """A result that a load's workers decoded ahead (:mod:`tpde_hf.storage_prefetch`), found by the parts' bytes."""
+    """A result that a load's workers decoded ahead (:mod:`tpde_hf.loading.storage_prefetch`), found by the
+    parts' bytes."""
     if not use_prefetch:
         return False, None
-    from tpde_hf.storage_prefetch import take
+    from tpde_hf.loading.storage_prefetch import take
 
     return take(kind, storage, parts)
 
@@ -234,7 +235,7 @@ def _checked_base(name: str, storage: str, stored: StoredMeta, parts: Mapping[st
 def decode_weight(name: str, storage: str, parts: Mapping[str, torch.Tensor], verify: bool = False,
                   use_prefetch: bool = True) -> torch.Tensor:
     """The exact weight from all stored parts; ``verify`` also checks it against the meta's checksum
-    (``use_prefetch``: a load's workers may have decoded it already, see :mod:`tpde_hf.storage_prefetch`).
+    (``use_prefetch``: a load's workers may have decoded it already, see :mod:`tpde_hf.loading.storage_prefetch`).
 
     Example: ``decode_weight("up.weight", "coded", parts, verify=True)``.
     """

@@ -63,7 +63,7 @@ def layout_key(folder: Path, trust_remote_code: bool, keys: Iterable[str] | None
                  f"tpde-hf={_version('tpde-hf')}", f"trust_remote_code={bool(trust_remote_code)}"):
         h.update(part.encode() + b"\0")
     here = Path(model_layout.__file__)
-    for built_by in (here, here.parents[1] / "load_plan.py"):  # how layouts are built (KeyMap: load_plan.py)
+    for built_by in (here, here.parents[1] / "loading" / "plan.py"):  # how layouts are built (KeyMap: loading/plan.py)
         h.update(built_by.read_bytes())
     h.update((folder / "config.json").read_bytes())
     names = sorted(keys) if keys is not None else sorted(model_layout._checkpoint_keys(folder))

@@ -2,7 +2,7 @@
 
 :func:`load_layout` builds the model class named in ``config.json`` without memory or init, and resolves
 every checkpoint key to the model parameter it loads into through transformers' own key mapping
-(:class:`tpde_hf.load_plan.KeyMap`, the same code the loader uses). A key is *linear-like* when that
+(:class:`tpde_hf.loading.plan.KeyMap`, the same code the loader uses). A key is *linear-like* when that
 parameter is an ``nn.Linear`` / ``Conv1D`` weight, an MoE router's weight, a fused expert parameter, a linear
 weight a converter builds, or an expert tensor stored natively as 3-D (kind ``experts-3d``); its
 :class:`WeightRole` says which, or why tpde cannot store it yet (kind ``unsupported``). What is then
@@ -135,7 +135,7 @@ def load_layout(folder: Path, keys: Iterable[str] | None = None, *, trust_remote
     """
     from transformers.core_model_loading import dot_natural_key
 
-    from tpde_hf.load_plan import KeyMap
+    from tpde_hf.loading.plan import KeyMap
 
     keys = list(keys) if keys is not None else _checkpoint_keys(folder)
     config, arch, model = _build_meta_model(folder, trust_remote_code)
@@ -207,7 +207,7 @@ def _is_experts(module: torch.nn.Module | None, target: str) -> bool:
 
 def _role_of(model: torch.nn.Module, keymap: Any, kt: Any, params: dict[str, torch.Tensor],
              tied: dict[str, str]) -> WeightRole | None:
-    """The role of one resolved checkpoint key (``kt``: :class:`tpde_hf.load_plan.KeyTarget`); None if not
+    """The role of one resolved checkpoint key (``kt``: :class:`tpde_hf.loading.plan.KeyTarget`); None if not
     linear-like."""
     from transformers.pytorch_utils import Conv1D
 

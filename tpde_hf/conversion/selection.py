@@ -5,7 +5,7 @@ too): the model class named in ``config.json`` is built on the ``meta`` device (
 every checkpoint key is resolved to the model parameter it loads into through transformers' own
 key mapping (renamings such as ViT's ``encoder.layer.N.attention.attention.query`` ->
 ``layers.N.attention.q_proj``, and converters such as the per-expert MoE weights that Mixtral and
-Qwen2-MoE fuse into 3-D parameters: :class:`tpde_hf.load_plan.KeyMap`, the same code the loader
+Qwen2-MoE fuse into 3-D parameters: :class:`tpde_hf.loading.plan.KeyMap`, the same code the loader
 uses). A key is *linear-like* when that parameter is
 
 * the weight of an ``nn.Linear`` (subclasses included) or of GPT-2's ``Conv1D``;

@@ -15,7 +15,7 @@ that the checkpoint stores natively as 3-D (GPT-OSS ``experts.gate_up_proj``) ar
 tpde weight per expert, held under the parameter's own name (``gate_up_proj.tpde_expert.3``,
 where the model's renamings load them: the hooked parameter itself is never a registered
 attribute, and the forward's value shadows the container), and stacked back by
-:class:`tpde_hf.load_plan.StackExperts`.
+:class:`tpde_hf.loading.plan.StackExperts`.
 
 Example::
 

@@ -136,7 +136,7 @@ def setup_offload(holders: dict[str, nn.Module], weights: dict[str, Any], verify
     """Read every holder's delta from its shard into pinned host memory and install the prefetcher.
 
     ``holders`` maps checkpoint prefixes to modules; ``weights`` maps them to
-    :class:`tpde_hf.load_plan.EncodedWeight`. One weight at a time: host memory grows by the delta only.
+    :class:`tpde_hf.loading.plan.EncodedWeight`. One weight at a time: host memory grows by the delta only.
     Every delta is validated against its base; ``verify`` also decodes it and checks the checksum.
     """
     from safetensors import safe_open

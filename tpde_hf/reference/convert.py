@@ -174,7 +174,7 @@ def _keys_the_model_converts(std: Path, names: list[str], trust_remote_code: boo
     from transformers.core_model_loading import dot_natural_key
 
     from tpde_hf.conversion.selection import _build_meta_model
-    from tpde_hf.loading import KeyMap
+    from tpde_hf.loading.ops import KeyMap
 
     config = json.loads((std / "config.json").read_text())
     config.pop("quantization_config", None)

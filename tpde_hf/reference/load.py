@@ -188,7 +188,7 @@ class ReferenceDecode(ConversionOps):
                 model: torch.nn.Module | None = None, **kwargs: Any) -> dict[str, Any]:
         import numpy as np
 
-        from tpde_hf.loading import _target_dtype
+        from tpde_hf.loading.ops import _target_dtype
         from tpde_hf.reference import codec as C
 
         key = full_layer_name or "?"

@@ -14,7 +14,7 @@ of :mod:`tpde_hf.codec.base_quant`) and to the exact weight. Elements are coded 
 consecutive elements (row-major), each its own rANS stream, so blocks decode on several threads. Before
 any block, the bins that the tensor's codes use are built once, into one table shared by the threads
 (:func:`_bins`); the per-element loops then only read tables. Inside :func:`.table.shared_bins` (a load's
-decode workers, :mod:`tpde_hf.storage_prefetch`) the calling thread keeps its bins across tensors instead,
+decode workers, :mod:`tpde_hf.loading.storage_prefetch`) the calling thread keeps its bins across tensors instead,
 so a scale that many tensors share is built once. Decoding the weight alone (:func:`decode_weight`) skips
 building the resident base: the weight's checksum covers the codes it was decoded with.
 

@@ -7,7 +7,7 @@ tensor uses it, and builds each (slot, level) bin the first time a tensor needs 
 
 A table belongs to one thread at a time (it grows by reallocation): :func:`shared_bins` keeps one per (dtype,
 grid) for the calling thread until the block ends, which is how a load's decode workers use it
-(:mod:`tpde_hf.storage_prefetch`). Outside such a block the codec builds a fresh table per tensor, on all its
+(:mod:`tpde_hf.loading.storage_prefetch`). Outside such a block the codec builds a fresh table per tensor, on all its
 threads, as before. The tables' *values* never change the bytes: a table built here equals the per-tensor one
 (tests compare the decoded weights and the layout fixtures).
 

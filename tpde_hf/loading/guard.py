@@ -19,7 +19,7 @@ imported) covers every import order, where a method of ``PreTrainedModel`` would
 
 Example::
 
-    from tpde_hf.load_guard import install
+    from tpde_hf.loading.guard import install
     install()   # what tpde_hf.quantizer.register() does
 """
 

@@ -7,7 +7,7 @@ parts (the delta re-encoded from the exact weight); in ``dequantize`` mode
 :class:`~tpde_hf.loading.TpdeDequantize` decodes the exact weight. ``lossless-offload`` builds the host delta
 in :func:`tpde_hf.nn.offload.setup_offload` (:func:`tpde_hf.nn.holder.stored_delta`). In ``dequantize`` and
 ``lossless`` mode, :func:`storage_converters` also starts the load's decode workers
-(:mod:`tpde_hf.storage_prefetch`), which decode whole weights ahead of the converters; the converters take
+(:mod:`tpde_hf.loading.storage_prefetch`), which decode whole weights ahead of the converters; the converters take
 their results, and :func:`strip_storage_converters` stops them.
 
 Example::
@@ -24,7 +24,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from tpde_hf.codec.registry import STORAGE_TOKEN
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.loading import DELTA_SUFFIXES, LoadPlan, TpdeDequantize
+from tpde_hf.loading.ops import DELTA_SUFFIXES, LoadPlan, TpdeDequantize
 from tpde_hf.storage_format import META_PART, StoredWeight, decode_base, is_base_part, resident_parts, storage_suffixes
 
 
@@ -101,7 +101,7 @@ def storage_converters(hf_quantizer: Any, plan: LoadPlan | None, mode: str) -> l
     stored = [StoredWeight(w.prefix, w.storage, {p: "" for p in w.parts})
               for w in plan.weights.values() if w.storage is not None]
     if stored:  # from here on the cores decode whole weights, beside transformers' own work on its thread
-        from tpde_hf.storage_prefetch import start
+        from tpde_hf.loading.storage_prefetch import start
 
         start(hf_quantizer, mode)
     out = []
@@ -120,7 +120,7 @@ def storage_converters(hf_quantizer: Any, plan: LoadPlan | None, mode: str) -> l
 def strip_storage_converters(model: torch.nn.Module) -> None:
     """A loaded model holds, and saves, the resident layout: forget the converters that read a storage's parts
     (transformers would reverse them on ``save_pretrained``); the load's decode workers stop."""
-    from tpde_hf.storage_prefetch import close
+    from tpde_hf.loading.storage_prefetch import close
 
     close(getattr(model, "hf_quantizer", None))
     conversions = getattr(model, "_weight_conversions", None)

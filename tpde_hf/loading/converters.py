@@ -27,7 +27,7 @@ def catch_all_converters(hf_quantizer: Any) -> list:
     """One converter that decodes every remaining ``X.{qweight,...}`` group into ``X.weight``."""
     from transformers.core_model_loading import WeightConverter
 
-    from tpde_hf.loading import TpdeDequantize
+    from tpde_hf.loading.ops import TpdeDequantize
 
     return [WeightConverter(list(SUFFIXES), "weight", [TpdeDequantize(hf_quantizer)], force_cpu=True)]
 
@@ -42,7 +42,7 @@ def dequantize_converters(hf_quantizer: Any, weight_conversions: list, storage: 
     """
     from transformers.core_model_loading import WeightConverter
 
-    from tpde_hf.loading import TpdeDequantize, expert_stack_dequantize_converter
+    from tpde_hf.loading.ops import TpdeDequantize, expert_stack_dequantize_converter
 
     extra = [s for sfx in storage.values() for s in sfx]
     updated = []
@@ -66,7 +66,7 @@ def dequantize_converters(hf_quantizer: Any, weight_conversions: list, storage: 
 
 def restore_converters(model: nn.Module, originals: dict[int, Any]) -> None:
     """A dequantized model saves as a plain one: drop the tpde ops from its saved conversions."""
-    from tpde_hf.loading import TpdeDequantize
+    from tpde_hf.loading.ops import TpdeDequantize
 
     kept = []
     for conv in getattr(model, "_weight_conversions", None) or []:

@@ -5,8 +5,8 @@
   :class:`StackExperts` rebuilds a 3-D expert tensor from its decoded slices (in every mode);
 * :func:`write_manifest` writes ``tpde_manifest.json`` for a saved repo.
 
-Which weight goes where (the headers, the key mapping, expert stacks) is :mod:`tpde_hf.load_plan`; its names
-are re-exported here. :mod:`tpde_hf.storage_loading` holds the ops for weights laid out by a base storage.
+Which weight goes where (the headers, the key mapping, expert stacks) is :mod:`tpde_hf.loading.plan`; its names
+are re-exported here. :mod:`tpde_hf.loading.storage_ops` holds the ops for weights laid out by a base storage.
 
 Example::
 
@@ -38,7 +38,7 @@ from tpde_hf.format import (
     manifest_entry,
     parse_expert_slice,
 )
-from tpde_hf.load_plan import (  # noqa: F401  (re-exported: the public names of the load path)
+from tpde_hf.loading.plan import (  # noqa: F401  (re-exported: the public names of the load path)
     BASE_SUFFIXES,
     DELTA_SUFFIXES,
     DirectTarget,

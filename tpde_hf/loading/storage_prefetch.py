@@ -4,7 +4,7 @@ transformers converts one weight at a time on its loading thread. A storage's de
 a few rANS passes per weight) either runs on one core, or splits each weight over the cores with a fork and
 join per stage (idle cores at every join, and the loading thread's own work between weights idle too). Here
 each worker decodes *whole weights* on one core, from the moment the quantizer hands transformers its
-converters (:func:`tpde_hf.storage_loading.storage_converters`) on, so the cores stay busy across weights and
+converters (:func:`tpde_hf.loading.storage_ops.storage_converters`) on, so the cores stay busy across weights and
 transformers' own work on its thread overlaps the decoding. Workers share each storage's derived tables
 across the weights they decode (``narrow-rans``: :func:`tpde_hf.codec.storage.table.shared_bins`).
 

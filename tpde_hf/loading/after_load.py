@@ -88,7 +88,7 @@ def wrap_save_pretrained(model: nn.Module) -> None:
 
     @functools.wraps(original)
     def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
-        from tpde_hf.loading import write_manifest
+        from tpde_hf.loading.ops import write_manifest
 
         if kwargs.get("push_to_hub"):
             from transformers.utils import logging

@@ -9,7 +9,7 @@
 
 Weights laid out on disk by a base storage (``X.tpde_storage.S.<part>``, :mod:`tpde_hf.storage_format`) join
 the plan with the resident parts' specs read from their meta. The conversion ops that execute the plan live in
-:mod:`tpde_hf.loading`.
+:mod:`tpde_hf.loading.ops`.
 
 Example::
 

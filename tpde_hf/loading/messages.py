@@ -23,7 +23,7 @@ Two messages of transformers 5.x misled users of tpde repos:
 Example::
 
     from transformers.quantizers import auto
-    from tpde_hf.load_messages import install
+    from tpde_hf.loading.messages import install
     install(auto)   # what tpde_hf.quantizer.register() does
 """
 

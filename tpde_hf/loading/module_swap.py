@@ -1,6 +1,6 @@
 """Swap a model's layers for tpde holders before its weights load, and back to dense ones on ``dequantize()``.
 
-:func:`replace_modules` follows the load plan (:mod:`tpde_hf.load_plan`): an ``nn.Linear`` / ``Conv1D``
+:func:`replace_modules` follows the load plan (:mod:`tpde_hf.loading.plan`): an ``nn.Linear`` / ``Conv1D``
 becomes a :class:`~tpde_hf.nn.TpdeLinear`; any other module keeps its class and gets its weight rebuilt by
 a forward hook; a fused parameter (MoE experts) gets one :class:`~tpde_hf.nn.linear.TpdeWeightStore` per
 stored weight plus a hook (:mod:`tpde_hf.nn.fused`). Every part gets its exact stored shape, so accelerate's
@@ -27,14 +27,14 @@ from tpde_hf.errors import TpdeFormatError
 
 def replace_modules(model: nn.Module, plan: Any, mode: str, dtype: torch.dtype | None,
                     holders: dict[str, nn.Module]) -> None:
-    """Put a tpde holder wherever ``plan`` (a :class:`~tpde_hf.load_plan.LoadPlan`) stores a weight.
+    """Put a tpde holder wherever ``plan`` (a :class:`~tpde_hf.loading.plan.LoadPlan`) stores a weight.
 
     ``holders`` receives ``{weight prefix: holder module}``. Raises :class:`TpdeFormatError` for a tied
     weight stored in tpde form, or the error a fused target recorded while the plan was built.
     """
     from transformers.pytorch_utils import Conv1D
 
-    from tpde_hf.loading import BASE_SUFFIXES
+    from tpde_hf.loading.ops import BASE_SUFFIXES
     from tpde_hf.nn.fused import HookTarget, attach_param_hook
     from tpde_hf.nn.linear import TpdeLinear, TpdeWeightStore, register_parts, set_tpde_attrs
     from tpde_hf.nn.weight_access import remember_parent
