@@ -15,6 +15,7 @@ whole weights on the load's worker threads, read from the files (:mod:`tpde_hf.l
 Example::
 
     python benchmarks/bench_storage_load.py --repeats 5    # -> benchmarks/results/storage_load.json
+    python benchmarks/bench_storage_load.py --repeats 7 --out benchmarks/results/storage_load_s5.json
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ def _decode_pool(repo: Path) -> float | None:
         pf.close()
 
 
+def _uptime() -> str:
+    """``uptime``'s line (the load averages of the shared machine), or "" where there is none."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _load(repo: Path, mode: str, dtype: torch.dtype) -> tuple[float, torch.nn.Module]:
     t = time.perf_counter()
     model = transformers.AutoModel.from_pretrained(repo, dtype=dtype, quantization_config=tpde_hf.TpdeConfig(mode=mode))
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     transformers.logging.set_verbosity_error()
     dtype = getattr(torch, args.dtype)
-    load_start = os.getloadavg()
+    load_start, uptime_start = os.getloadavg(), _uptime()
     src = Path(example_path("minilm"))
     ref = transformers.AutoModel.from_pretrained(src, dtype=dtype).state_dict()
     rows, repos = [], []
@@ -168,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"MiniLM (all-MiniLM-L6-v2), fp32 source cast to {args.dtype} at conversion",
         "repeats": args.repeats, "rows": rows,
         "load_average_start_end": [list(load_start), list(os.getloadavg())],
+        "uptime_start_end": [uptime_start, _uptime()],
         "note": "load times are from_pretrained wall clock, best of repeats, page cache warm; storage-laid weights "
                 "are decoded by the load's worker threads from the quantizer's weight conversions on "
                 "(tpde_hf.loading.storage_prefetch)",

@@ -166,15 +166,41 @@ def storage_suffixes(weights: Iterable[StoredWeight]) -> dict[str, list[str]]:
             for s, parts in sorted(out.items())}
 
 
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, detached: ``t`` itself when it already is (what a load reads). Each torch call here would
+    release and re-take the GIL, which on a load's decode workers waits for the loading thread's Python."""
+    return t if t.device.type == "cpu" and not t.requires_grad else t.detach().to("cpu")
+
+
+_parsed: dict[bytes, StoredMeta] = {}  # meta bytes -> parse (StoredMeta is frozen; bounded below)
+
+
+def _parse(meta: torch.Tensor, name: str) -> StoredMeta:
+    """:func:`parse_meta`, remembered by the meta's bytes: a load parses each meta twice (its decode worker, then
+    the loading thread), and the parse reads the meta element by element (a GIL round trip each). Only successful
+    parses are kept, and a parse depends on the bytes alone (``name`` only names the tensor in an error)."""
+    meta = _cpu(meta)
+    if meta.dtype != torch.int64 or meta.dim() != 1 or not meta.is_contiguous():
+        return parse_meta(meta, name)
+    key = meta.numpy().tobytes()
+    stored = _parsed.get(key)
+    if stored is None:
+        stored = parse_meta(meta, name)
+        if len(_parsed) >= 4096:
+            _parsed.clear()
+        _parsed[key] = stored
+    return stored
+
+
 def _split(name: str, parts: Mapping[str, torch.Tensor]) -> tuple[StoredMeta, dict[str, torch.Tensor]]:
     if META_PART not in parts:
         raise TpdeFormatError(name, "its stored meta is missing")
-    stored = parse_meta(parts[META_PART].detach().to("cpu"), name)
-    return stored, {p: t.detach().to("cpu") for p, t in parts.items() if p != META_PART}
+    stored = _parse(parts[META_PART], name)
+    return stored, {p: _cpu(t) for p, t in parts.items() if p != META_PART}
 
 
 def _context(name: str, stored: StoredMeta, parts: Mapping[str, torch.Tensor]) -> CodecContext:
-    return context_for(name, stored, parts[META_PART].detach().to("cpu"))
+    return context_for(name, stored, _cpu(parts[META_PART]))
 
 
 def _run(name: str, storage: str, what: str, fn):
@@ -247,6 +273,22 @@ def decode_weight(name: str, storage: str, parts: Mapping[str, torch.Tensor], ve
     return _checked_weight(name, storage, stored, w, verify)
 
 
+def decode_weight_ahead(name: str, storage: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`decode_weight` for a load's decode workers (:mod:`tpde_hf.loading.storage_prefetch`), whose result
+    the loading thread checks against the meta when it takes it (:func:`decode_weight`). A storage that declares
+    ``decodes_without_meta = True`` (its parts describe themselves and carry their own checksums, as
+    ``narrow-rans``'s do) is decoded without parsing the meta here: the parse reads it element by element, a GIL
+    round trip each, which on a worker waits for the loading thread. Example: ``decode_weight_ahead(n, s, parts)``.
+    """
+    codec = storage_codec(storage, name)
+    if not getattr(codec, "decodes_without_meta", False):
+        return decode_weight(name, storage, parts, use_prefetch=False)
+    if META_PART not in parts:
+        raise TpdeFormatError(name, "its stored meta is missing")
+    rest = {p: _cpu(t) for p, t in parts.items() if p != META_PART}
+    return _run(name, storage, "weight", lambda: codec.decode(rest, CodecContext(name)))
+
+
 def _checked_weight(name: str, storage: str, stored: StoredMeta, w: object, verify: bool) -> torch.Tensor:
     """A storage's decoded weight, checked against the meta (see :func:`decode_weight`)."""
     if not isinstance(w, torch.Tensor) or w.dtype != stored.dtype or tuple(w.shape) != stored.shape:
@@ -269,7 +311,7 @@ def resident_parts(name: str, storage: str, parts: Mapping[str, torch.Tensor],
     found, got = _take("resident", storage, parts, use_prefetch)
     if found:
         return got  # type: ignore[return-value]  # built and checked by the worker, as below
-    stored = parse_meta(parts[META_PART].detach().to("cpu"), name) if META_PART in parts else None
+    stored = _parse(parts[META_PART], name) if META_PART in parts else None
     w = decode_weight(name, storage, parts, use_prefetch=use_prefetch)
     assert stored is not None  # decode_weight raised otherwise
     enc = encode_tensor(w, stored.params, name)

@@ -388,14 +388,14 @@ def parse_meta(meta: torch.Tensor, name: str | None) -> StoredMeta:
     """
     if meta.dtype != torch.int64 or meta.dim() != 1 or meta.numel() < 1:
         raise TpdeFormatError(name, f"meta must be a 1-D int64 tensor, got {meta.dtype}{list(meta.shape)}")
-    version = int(meta[0])
+    v = meta.tolist()  # one call: indexing element by element is a torch call (and a GIL round trip) each
+    version = v[0]
     if version > FORMAT_VERSION:
         raise TpdeFormatError(
             name, f"format version {version} is newer than this tpde-hf supports ({FORMAT_VERSION}); upgrade tpde-hf"
         )
     if version not in META_LENS or meta.numel() != META_LENS[version]:
         raise TpdeFormatError(name, f"unknown format version {version} or malformed meta")
-    v = [int(x) for x in meta]
     if v[1] not in CODE_DTYPES:
         raise TpdeFormatError(name, f"unknown source dtype code {v[1]}")
     if v[2] <= 0 or v[3] <= 0 or v[2] * v[3] >= 1 << 40:

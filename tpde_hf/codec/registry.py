@@ -150,6 +150,10 @@ class BaseStorage(Protocol):
     A storage may declare ``reads_resident_delta = False`` when ``encode`` codes its own delta from the weight and
     the base: a writer then skips the resident delta encode and passes no ``context.options["encoded"]``. Absent,
     it counts as True (the writer runs the resident encode first and hands it over): the safe default.
+
+    A storage may declare ``decodes_without_meta = True`` when ``decode`` needs nothing from the meta (its parts
+    describe themselves and carry their own checksums): a load's decode workers then skip parsing the meta, and the
+    loading thread still checks every result against it. Absent, it counts as False.
     """
 
     name: str

@@ -5,8 +5,9 @@ a few rANS passes per weight) either runs on one core, or splits each weight ove
 join per stage (idle cores at every join, and the loading thread's own work between weights idle too). Here
 each worker decodes *whole weights* on one core, from the moment the quantizer hands transformers its
 converters (:func:`tpde_hf.loading.storage_ops.storage_converters`) on, so the cores stay busy across weights and
-transformers' own work on its thread overlaps the decoding. Workers share each storage's derived tables
-across the weights they decode (``narrow-rans``: :func:`tpde_hf.codec.storage.table.shared_bins`).
+transformers' own work on its thread overlaps the decoding. The workers share each storage's derived tables
+across the weights they decode (``narrow-rans``: :func:`tpde_hf.codec.storage.table.shared_bins`, one set for
+all of them), and a ``narrow-rans`` weight decodes in one compiled call (:mod:`tpde_hf.codec.storage.fused`).
 
 A result is found again by the *content* of the weight's stored parts (xxh3 of the meta, which holds the
 weight's checksum, and of each part's dtype, shape and first bytes, with the kind of result), so it needs no
@@ -47,6 +48,8 @@ HEAD_BYTES = 256  # of each part beside the meta, in a result's key
 # slower for a storage whose base decode is a copy (``resident``: 0.069 -> 0.110 s on MiniLM, 2026-12-07)
 KINDS = {"dequantize": "weight", "lossless": "resident"}
 _active: weakref.WeakSet[StoragePrefetch] = weakref.WeakSet()
+_NP_SAFE = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+            torch.float64, torch.bool}  # dtypes that ``Tensor.numpy()`` takes (not bfloat16)
 
 
 def content_key(kind: str, storage: str, parts: Mapping[str, torch.Tensor]) -> tuple[str, str, int]:
@@ -56,13 +59,68 @@ def content_key(kind: str, storage: str, parts: Mapping[str, torch.Tensor]) -> t
     workers and the loading thread read the same files, so they see the same bytes."""
     h = xxhash.xxh3_64()
     for p in sorted(parts):
-        t = parts[p].detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
+        t = parts[p]
         h.update(f"{p}|{t.dtype}|{tuple(t.shape)}|".encode())
-        raw = t.contiguous().view(torch.uint8).reshape(-1)
-        h.update(np.ascontiguousarray((raw if p == "meta" else raw[:HEAD_BYTES]).numpy()).data)
+        h.update(_head(t, None if p == "meta" else HEAD_BYTES))
     return kind, storage, h.intdigest()
+
+
+def _head(t: torch.Tensor, n: int | None) -> memoryview:
+    """The first ``n`` bytes of ``t`` (all: ``n`` None), through numpy where it can: each torch call would release
+    and re-take the GIL, which on a worker waits for the loading thread's Python (measured: listing the jobs took
+    36 ms inside a load, 3 ms alone)."""
+    if t.device.type == "cpu" and not t.requires_grad and t.is_contiguous() and t.dtype in _NP_SAFE:
+        raw = t.numpy().reshape(-1).view(np.uint8)
+    else:
+        raw = t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
+    return memoryview(np.ascontiguousarray(raw if n is None else raw[:n])).cast("B")
+
+
+class _Shard:
+    """A safetensors file read as numpy views of one memory map: ``keys()`` and ``get_tensor(key)`` like
+    ``safetensors.safe_open``, without a torch call per tensor (each would be a GIL round trip on a worker, see
+    :func:`_head`). Tensors of a dtype numpy lacks (bfloat16 ...) come from ``safe_open``. A malformed header
+    raises (the workers then list nothing; the loading thread reads the file itself and reports it)."""
+
+    _NP = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16,
+           "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
+
+    def __init__(self, path: str):
+        import json
+        import mmap
+
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+            # copy-on-write: a writable buffer (torch.from_numpy warns on a read-only one); nothing is written
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.header else None
+        self.start = 8 + n
+        self._fallback: Any = None
+
+    def __enter__(self) -> _Shard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fallback is not None:
+            self._fallback.__exit__(*exc)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        e = self.header[key]
+        dt = self._NP.get(e["dtype"])
+        b0, b1 = (int(x) for x in e["data_offsets"])
+        shape = tuple(int(x) for x in e["shape"])
+        size = int(np.prod(shape, dtype=np.int64))
+        if dt is None or b1 - b0 != size * np.dtype(dt).itemsize or self.start + b1 > len(self.map):
+            if self._fallback is None:  # a dtype numpy lacks, or sizes that disagree: safetensors decides
+                from safetensors import safe_open
+
+                self._fallback = safe_open(self.path, framework="pt").__enter__()
+            return self._fallback.get_tensor(key)
+        return torch.from_numpy(np.frombuffer(self.map, dtype=dt, count=size, offset=self.start + b0).reshape(shape))
 
 
 def _nbytes(result: Any) -> int:
@@ -87,7 +145,7 @@ def default_workers() -> int:
 def _job(kind: str) -> Callable[[str, str, dict[str, torch.Tensor]], Any]:
     from tpde_hf import storage_format as F
 
-    return {"weight": lambda n, s, p: F.decode_weight(n, s, p, use_prefetch=False),
+    return {"weight": F.decode_weight_ahead,  # checked against the meta by the loading thread as it takes it
             "resident": lambda n, s, p: F.resident_parts(n, s, p, use_prefetch=False)}[kind]
 
 
@@ -108,6 +166,7 @@ class StoragePrefetch:
         self._claimed: set[tuple] = set()  # the loading thread decodes these itself: a worker skips them
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._fn = _job(self.kind)
+        self._tables: dict = {}  # the narrow-rans bin tables the workers share (codec.storage.table)
         self._alive = max(1, workers or default_workers())
         for i in range(self._alive):
             threading.Thread(target=self._work, name=f"tpde-storage-prefetch-{i}", daemon=True).start()
@@ -115,15 +174,14 @@ class StoragePrefetch:
 
     def _list_jobs(self) -> None:
         """Queue every storage-laid weight of the files, in the order transformers loads them."""
-        from safetensors import safe_open
         from transformers.core_model_loading import dot_natural_key
 
         from tpde_hf.storage_format import storage_weights
 
         try:
             with ExitStack() as files:  # each file opened once (its header parsed once)
-                handles = {f: files.enter_context(safe_open(f, framework="pt")) for f in self._files}
-                weights = [(w, fh) for fh in handles.values() for w in storage_weights(list(fh.keys())).values()]
+                handles = {f: files.enter_context(_Shard(f)) for f in self._files}
+                weights = [(w, fh) for fh in handles.values() for w in storage_weights(fh.keys()).values()]
                 weights.sort(key=lambda wf: dot_natural_key(wf[0].name))
                 for w, fh in weights:  # queued one by one: the other workers start on the first
                     self._put(w.name, w.storage, {p: fh.get_tensor(k) for p, k in w.parts.items()})
@@ -154,7 +212,10 @@ class StoragePrefetch:
         try:
             from tpde_hf.codec.storage.table import shared_bins
         except ImportError:  # no narrow-rans in this build
-            from contextlib import nullcontext as shared_bins
+            from contextlib import nullcontext
+
+            def shared_bins(_tables: dict) -> nullcontext:
+                return nullcontext()
         with self._cond:
             first, self._listing = not self._listing, True
         if first:
@@ -162,7 +223,7 @@ class StoragePrefetch:
                 self._list_jobs()
             except Exception:  # noqa: BLE001 - an unreadable file: the loading thread meets it and reports it
                 pass
-        with shared_bins():
+        with shared_bins(self._tables):  # one set of bins for all the workers: each bin built once per load
             while True:
                 with self._cond:  # the next job, once there is room in the window (else give up)
                     self._cond.wait_for(lambda: self._listed or self._closed or not self._queue.empty())

@@ -14,8 +14,9 @@ of :mod:`tpde_hf.codec.base_quant`) and to the exact weight. Elements are coded 
 consecutive elements (row-major), each its own rANS stream, so blocks decode on several threads. Before
 any block, the bins that the tensor's codes use are built once, into one table shared by the threads
 (:func:`_bins`); the per-element loops then only read tables. Inside :func:`.table.shared_bins` (a load's
-decode workers, :mod:`tpde_hf.loading.storage_prefetch`) the calling thread keeps its bins across tensors instead,
-so a scale that many tensors share is built once. Decoding the weight alone (:func:`decode_weight`) skips
+decode workers, :mod:`tpde_hf.loading.storage_prefetch`) the bins are kept across tensors instead, so a scale
+that many tensors share is built once, and the weight is decoded by one compiled call (:mod:`.fused`).
+Decoding the weight alone (:func:`decode_weight`) skips
 building the resident base: the weight's checksum covers the codes it was decoded with.
 
 Layouts (all little-endian; ``u32 lengths`` of the sections follow each header):
@@ -57,7 +58,6 @@ from tpde_hf.codec.registry import CodecContext
 from tpde_hf.codec.storage import bins as K
 from tpde_hf.codec.storage import delta as D
 from tpde_hf.codec.storage import streams as S
-from tpde_hf.codec.storage import table as T
 from tpde_hf.codec.storage.blob import pack_blob, unpack_blob, words_of, zstd_pack, zstd_unpack
 from tpde_hf.errors import TpdeFormatError
 
@@ -318,10 +318,10 @@ def _decode_streams(decode: Callable, index: tuple[np.ndarray, np.ndarray], word
             raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt)")
 
 
-def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str, resident: bool = True) -> dict:
-    """The resident base plus what the delta decode needs (``q``, ``z``, ``dtype``, ``shape``, ``group_size``);
-    ``resident=False`` skips packing (and checksumming) the resident base: ``base`` holds the scales only (the
-    weight's own checksum then covers the codes: a wrong code decodes a wrong weight)."""
+def _base_sections(parts: Mapping[str, torch.Tensor], name: str) -> dict:
+    """The ``base_blob`` parsed and checked, all but the q stream decoded: ``fields`` (the header), ``index``
+    and ``words`` of the q stream, its tables ``lutq`` / ``fcq``, ``s16`` (the scales' uint16 patterns, [out, ng])
+    and ``z`` (the zero points, [out, ng])."""
     if "base_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'base_blob' is missing")
     fields, (index_b, words_b, table_b, hi_b, lo_b, zeros_b) = _parse_base(parts["base_blob"], name)
@@ -333,22 +333,38 @@ def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str, resident: b
     if bool((freq.sum(axis=1) != 1 << S.QPB).any()):
         raise TpdeFormatError(name, "q tables do not sum to the probability scale")
     cum = np.cumsum(freq, axis=1) - freq
-    lut = np.repeat(np.tile(np.arange(16, dtype=np.uint8), 16), freq.ravel())  # [16 * 2**QPB]: code of a slot
+    lutq = np.repeat(np.tile(np.arange(16, dtype=np.uint8), 16), freq.ravel())  # [16 * 2**QPB]: code of a slot
     fcq = ((freq << 16) | cum).ravel()  # freq (<= 2**QPB) << 16 | cum, one read per code
     hi = zstd_unpack(hi_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
     lo = zstd_unpack(lo_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
-    scales = torch.from_numpy(((hi << 8) | lo).view(np.int16).reshape(out_f, ng).copy()).view(torch.float16)
-    if not bool(torch.isfinite(scales).all()):
+    s16 = ((hi << 8) | lo).reshape(out_f, ng)
+    if bool(((s16 & 0x7C00) == 0x7C00).any()):  # fp16 exponent all ones: inf or NaN
         raise TpdeFormatError(name, "scales contain inf or NaN")
     z = zstd_unpack(zeros_b, "u1", out_f * ng, name, "zero points").reshape(out_f, ng)
     if bool((z > 15).any()):
         raise TpdeFormatError(name, "a zero point exceeds 15")
+    return {"fields": fields, "index": index, "words": words, "lutq": lutq, "fcq": fcq, "s16": s16, "z": z}
+
+
+def _scales(s16: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(s16.view(np.float16).copy())  # numpy's float16: no torch call (a GIL round trip)
+
+
+def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str, resident: bool = True) -> dict:
+    """The resident base plus what the delta decode needs (``q``, ``z``, ``dtype``, ``shape``, ``group_size``);
+    ``resident=False`` skips packing (and checksumming) the resident base: ``base`` holds the scales only (the
+    weight's own checksum then covers the codes: a wrong code decodes a wrong weight)."""
+    b = _base_sections(parts, name)
+    version, dcode, g, out_f, in_f, checksum = b["fields"]
+    ng = base_quant.n_groups(in_f, g)
+    scales, z, lutq, fcq = _scales(b["s16"]), b["z"], b["lutq"], b["fcq"]
     q = np.empty((out_f, in_f), dtype=np.uint8)
     gshift = g.bit_length() - 1
     lm = _lmask(version)
     qflat = q.reshape(-1)
-    _decode_streams(lambda w, xs, ps, i0, i1, _: S.q_decode(w, xs, ps, z, i0, i1, in_f, gshift, lut, fcq, qflat, lm),
-                    index, words, out_f * in_f, name, "q")
+    _decode_streams(lambda w, xs, ps, i0, i1, _: S.q_decode(w, xs, ps, z, i0, i1, in_f, gshift, lutq, fcq, qflat,
+                                                             lm),
+                    b["index"], b["words"], out_f * in_f, name, "q")
     if not resident:
         return {"base": {"scales": scales}, "q": q, "z": z, "dtype": CODE_DTYPES[dcode], "shape": (out_f, in_f),
                 "group_size": g}
@@ -370,15 +386,41 @@ def decode_weight(parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
 def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str,
                            resident: bool = True) -> tuple[torch.Tensor, dict]:
     """``(exact weight, resident base)`` from both blobs, the base decoded once (``resident=False``: the base
-    holds the scales only, see :func:`decode_base_arrays`)."""
+    holds the scales only, see :func:`decode_base_arrays`). Inside :func:`.table.shared_bins` (a load's decode
+    workers) the weight alone is decoded by one compiled call (:mod:`.fused`)."""
+    if not resident:
+        from tpde_hf.codec.storage.fused import decode_weight_fused
+
+        fast = decode_weight_fused(parts, name)
+        if fast is not None:
+            return fast
     b = decode_base_arrays(parts, name, resident)
+    dtype, (out_f, in_f), g = b["dtype"], b["shape"], b["group_size"]
+    numel = out_f * in_f
+    d = _delta_sections(parts, name, numel, dtype)
+    width, mb, lut = _geometry(dtype)
+    tz = d["tz"]
+    out = np.empty(numel, dtype=np.int16 if width == 16 else np.int32)
+    gshift = g.bit_length() - 1
+    q, z = b["q"], b["z"]
+    uscales, sids = _scale_ids(b["base"]["scales"].numpy())
+    cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
+    lm = _lmask(d["version"])
+    qflat = q.reshape(-1)
+    _decode_streams(lambda w, xs, ps, i0, i1, _: D.delta_decode(w, xs, ps, qflat, z, sids, uscales, i0, i1, in_f,
+                                                                gshift, width, mb, tz, lut, cache, out[i0:i1], lm),
+                    d["index"], d["words"], numel, name, "delta")
+    return _finish_weight(out, d, dtype, (out_f, in_f), name), b["base"]
+
+
+def _delta_sections(parts: Mapping[str, torch.Tensor], name: str, numel: int, dtype: torch.dtype) -> dict:
+    """The ``delta_blob`` parsed and checked: ``version``, ``tz``, ``checksum``, the stream's ``index`` and
+    ``words``, and the exceptions' positions ``pos`` and bit patterns ``patt``."""
     if "delta_blob" not in parts:
         raise TpdeFormatError(name, "narrow-rans part 'delta_blob' is missing")
     (version, tz, n_exc, checksum), (index_b, words_b, exc_b) = unpack_blob(parts["delta_blob"], _DELTA, 3, name)
     if version not in VERSIONS:
         raise TpdeFormatError(name, f"narrow-rans delta layout {version} is not one of {VERSIONS}; upgrade tpde-hf")
-    dtype, (out_f, in_f), g = b["dtype"], b["shape"], b["group_size"]
-    numel = out_f * in_f
     words = words_of(words_b, name)
     index = _block_index(index_b, numel, words.size, name, "delta", version)
     pos = np.zeros(0, dtype=np.int64)
@@ -396,30 +438,21 @@ def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str,
             raise TpdeFormatError(name, "exception positions are out of range")
     elif len(exc_b):
         raise TpdeFormatError(name, "an exception list without exceptions")
-    width, mb, lut = _geometry(dtype)
+    mb = _MANTISSA[dtype]
     if tz > mb:
         raise TpdeFormatError(name, f"grid shift {tz} exceeds the {mb} mantissa bits of {dtype}")
-    out = np.empty(numel, dtype=np.int16 if width == 16 else np.int32)
-    gshift = g.bit_length() - 1
-    q, z = b["q"], b["z"]
-    table = T.table_for(width, mb, tz, lut)
-    if table is None:  # one tensor's bins, built on the codec's threads
-        uscales, sids = _scale_ids(b["base"]["scales"].numpy())
-        cache = _bins(q, z, sids, uscales, gshift, width, mb, tz, lut)
-    else:  # the calling thread's bins, kept across tensors (see table.shared_bins)
-        sids = table.slots(b["base"]["scales"].numpy().view(np.uint16))
-        cache, uscales = table.build(z, sids), table.uscales
-    lm = _lmask(version)
-    qflat = q.reshape(-1)
-    _decode_streams(lambda w, xs, ps, i0, i1, _: D.delta_decode(w, xs, ps, qflat, z, sids, uscales, i0, i1, in_f,
-                                                                gshift, width, mb, tz, lut, cache, out[i0:i1], lm),
-                    index, words, numel, name, "delta")
-    if n_exc:
-        patch = patt
-        out[pos] = patch.astype(np.uint16).view(np.int16) if width == 16 else patch.view(np.int32)
-    if _checksum(out) != checksum:
+    return {"version": version, "tz": tz, "checksum": checksum, "index": index, "words": words, "pos": pos,
+            "patt": patt}
+
+
+def _finish_weight(out: np.ndarray, d: dict, dtype: torch.dtype, shape: tuple[int, int], name: str) -> torch.Tensor:
+    """The decoded bit patterns ``out`` with the exceptions patched in, checked against the weight's checksum."""
+    if d["pos"].size:
+        patt = d["patt"]
+        out[d["pos"]] = patt.astype(np.uint16).view(np.int16) if out.dtype == np.int16 else patt.view(np.int32)
+    if _checksum(out) != d["checksum"]:
         raise TpdeFormatError(name, "the decoded weight does not match its checksum (corrupt delta)")
-    return torch.from_numpy(out.reshape(out_f, in_f)).view(dtype), b["base"]
+    return torch.from_numpy(out.reshape(shape)).view(dtype)
 
 
 class NarrowRans:
@@ -433,6 +466,9 @@ class NarrowRans:
 
     name = "narrow-rans"
     reads_resident_delta = False  # it codes its own delta from the weight and the base
+    # its blobs hold shape, dtype and checksums: a load's decode worker skips the meta (storage_format.
+    # decode_weight_ahead); the loading thread checks the result against it
+    decodes_without_meta = True
 
     def encode(self, weight: torch.Tensor, base: Mapping[str, torch.Tensor],
                context: CodecContext) -> dict[str, torch.Tensor]:
