@@ -505,6 +505,8 @@ CONFIGS = {
     # no pack thread: each save packs on the training thread (numba's workers on every core), nothing runs
     # beside training between saves
     "backward-sync": {"backward": True, "background": False},
+    # the pack runs only in the wait at the next save, on every core at normal priority, nothing beside training
+    "backward-defer": {"backward": True, "defer": True},
 }
 
 

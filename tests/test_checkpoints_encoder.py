@@ -32,7 +32,7 @@ from tpde_hf.errors import TpdeFormatError
 
 
 def _tables(sym: np.ndarray, ctx: np.ndarray, n_ctx: int, nsym: int) -> tuple[np.ndarray, np.ndarray]:
-    freq = C.CheckpointDelta._tables(sym, ctx, n_ctx, nsym)
+    freq = C.CheckpointDelta._tables(K.histogram(sym, ctx, n_ctx, nsym))
     return freq, (np.cumsum(freq, 1) - freq).astype(np.int64)
 
 
@@ -50,12 +50,20 @@ def test_encoder_writes_the_previous_kernels_stream(mode: int, n: int, chunk: in
         with K.serial(serial):
             old = K.encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk)
             new = E.encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk)
-        assert new[5] == 0
-        for a, b in zip(old[:3], new[:3], strict=True):
-            assert np.array_equal(a, b)
+            compact = E.encode_compact(sym, nraw, raw, ctx, freq, cum, chunk)
+        assert new[5] == 0 and compact[5] == 0
+        for a, b, c in zip(old[:3], new[:3], compact[:3], strict=True):
+            assert np.array_equal(a, b) and np.array_equal(a, c)
         for c in range(len(old[0])):
             assert np.array_equal(old[3][c, old[3].shape[1] - old[1][c]:], new[3][c, new[3].shape[1] - new[1][c]:])
             assert np.array_equal(old[4][c, :old[2][c]], new[4][c, :new[2][c]])
+        # the stored streams: every chunk's words, then every chunk's bit words, one after the other
+        cap = old[3].shape[1]
+        words = [old[3][c, cap - old[1][c]:] for c in range(len(old[0]))]
+        bitwords = [old[4][c, :old[2][c]] for c in range(len(old[0]))]
+        assert np.array_equal(compact[3], np.concatenate(words) if words else np.zeros(0, np.uint16))
+        assert np.array_equal(compact[4], np.concatenate(bitwords) if bitwords else np.zeros(0, np.uint32))
+        assert compact[3].dtype == np.uint16 and compact[4].dtype == np.uint32
 
 
 @pytest.mark.parametrize("width,mb", [(16, 7), (16, 10)])

@@ -66,6 +66,7 @@ from tpde_hf.checkpoints import api
 from tpde_hf.checkpoints import backward as B
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints.assist import Assist
+from tpde_hf.checkpoints.codec import warm_up
 from tpde_hf.checkpoints.store import Decoded
 
 logger = logging.getLogger(__name__)
@@ -105,12 +106,13 @@ class TpdeCheckpointCallback(TrainerCallback):
     ``backward``: the newest checkpoint stays plain, older ones are deltas against the next (default);
     False: each checkpoint a delta against the previous one. ``assist``: when Trainer must wait for a
     pack, the waiting thread takes the rest of its tensors and the packing thread returns to normal
-    priority.
+    priority. ``defer``: the pack does not run beside training at all; it starts when Trainer reaches the
+    next save (or the end) and runs there on every core at normal priority.
     """
 
     def __init__(self, keyframe_every: int = api.DEFAULT_KEYFRAME_EVERY, verify: bool | str = True,
                  background: bool = True, nice: int = 19, backward: bool = True, assist: bool = True,
-                 sched_idle: bool = False):
+                 sched_idle: bool = False, defer: bool = False):
         if keyframe_every < 1:
             raise ValueError("keyframe_every must be at least 1")
         self.keyframe_every = keyframe_every
@@ -120,6 +122,8 @@ class TpdeCheckpointCallback(TrainerCallback):
         self.backward = backward
         self.sched_idle = sched_idle  # the packing thread in SCHED_IDLE as well (Linux)
         self.assist = assist  # the waiting training thread helps finish the pack (False: it only waits)
+        self.defer = defer  # pack only once Trainer waits for it (at the next save), at normal priority
+        self._go = threading.Event()
         self._assist = Assist()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -136,6 +140,10 @@ class TpdeCheckpointCallback(TrainerCallback):
             api.restore(resume)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if args.should_save and self.background:
+            # once, while the cores are free: the first pack would load the compiled kernels at nice 19,
+            # beside training, and most of that would land in the wait at the next save
+            warm_up()
         out = Path(args.output_dir)
         if args.should_save and out.is_dir():
             for d in out.glob("checkpoint-*"):
@@ -168,6 +176,7 @@ class TpdeCheckpointCallback(TrainerCallback):
             return
         names = optimizer_param_names(model, optimizer)
         if self.background:
+            self._go = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(ckpt, names), name="tpde-pack", daemon=False)
             self._thread.start()
         else:
@@ -200,6 +209,7 @@ class TpdeCheckpointCallback(TrainerCallback):
         """Block until the pack in flight (if any) is done, helping it meanwhile; re-raise its error here."""
         if self._thread is not None:
             t = time.perf_counter()
+            self._go.set()
             if self.assist and self._thread.is_alive():
                 self._assist.help(self._thread.is_alive)
             self._thread.join()
@@ -215,7 +225,9 @@ class TpdeCheckpointCallback(TrainerCallback):
     def _run(self, ckpt: Path, names: list[str] | None) -> None:
         try:
             self._assist.owner_tid = threading.get_native_id()
-            if self.background and self.nice:
+            if self.background and self.defer:
+                self._go.wait()  # until Trainer waits for this pack: nothing runs beside training
+            elif self.background and self.nice:
                 _lower_priority(self.nice, self.sched_idle)
             mtime = os.stat(ckpt)
             runner = self._assist.map if self.background else None

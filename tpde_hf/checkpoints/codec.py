@@ -8,7 +8,10 @@ encoder fits the coefficients by least squares on a sample, estimates the coded 
 candidates (``p = reference``, the fitted one, ``p = 0``) in both modes of
 :mod:`tpde_hf.checkpoints.kernels`, and keeps the cheapest. Symbols are coded with a context: the
 bucket of a small integer per element, by default the exponent of the reference (so a weight's
-delta is coded knowing how many ulps one learning-rate step is).
+delta is coded knowing how many ulps one learning-rate step is). For fp32 the encoder makes a scaled
+prediction in one compiled pass (:func:`tpde_hf.checkpoints.enc_kernels.predict_f32`, the same float32
+operations in the same order; numpy's where a prediction is NaN); the decoder keeps numpy's, and the
+pack-time verify decodes its sampled chunks against numpy's, so the two are checked to agree.
 
 Parts: ``meta`` (int64), ``shape`` (int64), ``coef`` (float32), ``tables`` (zstd of the uint16
 frequency tables), ``chunks`` (int64 ``[n, LANES + 2]``: rANS states, words, bit words), ``words`` and
@@ -68,18 +71,38 @@ def exponent(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 def predict(ref: np.ndarray | None, coef: Sequence[float], features: Sequence[np.ndarray], n: int,
             np_dtype: Any) -> np.ndarray:
-    """``c0 * ref + sum c_i * f_i`` in ``np_dtype``, one correctly rounded operation at a time."""
+    """``c0 * ref + sum c_i * f_i`` in ``np_dtype``, one correctly rounded operation at a time (read only: it
+    may be ``ref`` itself)."""
     c0 = np_dtype.type(coef[0]) if coef else np_dtype.type(0)
+    terms = any(c != 0 for c, _ in zip(coef[1:], features, strict=False))
     if ref is None or c0 == 0:
         p = np.zeros(n, np_dtype)
     elif c0 == 1:
-        p = ref.astype(np_dtype, copy=True)
+        p = ref.astype(np_dtype, copy=terms)  # no terms to add: the reference itself, no copy
     else:
         p = ref * c0
     for c, f in zip(coef[1:], features, strict=False):
         if c != 0:
             p += np_dtype.type(c) * f
     return p
+
+
+def _prediction(ref: np.ndarray | None, coef: Sequence[float], features: Sequence[np.ndarray], n: int, np_dtype: Any,
+                dtype: torch.dtype) -> tuple[np.ndarray, bool]:
+    """The prediction's bit patterns and whether compiled code made them: :func:`predict`'s arithmetic, for
+    float32 with a scaled reference and up to 2 features in one pass (:func:`enc_kernels.predict_f32`), else
+    numpy's (the decoder always uses numpy's)."""
+    n_feat = min(max(0, len(coef) - 1), len(features))
+    if (dtype == torch.float32 and ref is not None and len(coef) <= 3 and n_feat <= 2
+            and np.float32(coef[0]) not in (0, 1) and all(f.dtype == np.float32 for f in features[:n_feat])):
+        c = np.zeros(3, np.float32)
+        c[:len(coef)] = coef
+        empty = np.zeros(0, np.float32)
+        fs = [*features[:n_feat], empty, empty]
+        p, nan = E.predict_f32(ref, fs[0], fs[1], c, n_feat)
+        if not nan:
+            return _as_dtype_bits(p, dtype), True
+    return _as_dtype_bits(predict(ref, coef, features, n, np_dtype), dtype), False
 
 
 def _np_float(dtype: torch.dtype) -> Any:
@@ -117,6 +140,16 @@ def _fit(target: np.ndarray, ref: np.ndarray | None, feats: list[np.ndarray]) ->
         return None
     sol = [float(np.float32(s)) for s in sol]
     return sol if ref is not None else [0.0] + sol
+
+
+def _payload_view(t: torch.Tensor, dt: Any) -> np.ndarray:
+    """A uint8 payload part as ``dt`` words (little-endian, as stored): a view when aligned, else a copy."""
+    a = np.ascontiguousarray(t.numpy()).reshape(-1)
+    if a.size % np.dtype(dt).itemsize:
+        raise ValueError(f"payload of {a.size} bytes is not a whole number of {np.dtype(dt).name} words")
+    if a.ctypes.data % np.dtype(dt).itemsize:
+        a = a.copy()
+    return a.view(np.dtype(dt).newbyteorder("<"))
 
 
 #: A context value at or below this is its own bucket (0): e.g. a parameter no gradient has touched.
@@ -165,18 +198,22 @@ class CheckpointDelta:
         lo = _low(src, n_ctx)
         ctx = _buckets(src, lo, n_ctx)
         coef, mode = self._choose(bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context)
-        pbits = _as_dtype_bits(predict(refn, coef, feats, n, npf), dtype)
         nsym = K.n_symbols(mode, width, mb)
+        pbits, compiled = _prediction(refn, coef, feats, n, npf, dtype)
         sym, nraw, raw = K.symbolize(bits, pbits, mode, width, mb)
-        freq = self._tables(sym, ctx, n_ctx, nsym)
+        # the decoder's inverse of the symbol map, on every element
+        bad = E.unsymbolize_check(bits, pbits, sym, raw, mode, width, mb) if context.options.get("verify") else 0
+        hist = K.histogram(sym, ctx, n_ctx, nsym)
+        if bad:
+            raise TpdeFormatError(context.key, "ckpt-delta: the encoded payload does not decode to the tensor "
+                                               "(encoder bug); nothing was stored")
+        freq = self._tables(hist)
         cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
-        states, n_words, n_bitwords, words, bitwords, bad = E.encode_chunks(sym, nraw, raw, ctx, freq, cum, CHUNK)
+        states, n_words, n_bitwords, w, b, bad = E.encode_compact(sym, nraw, raw, ctx, freq, cum, CHUNK)
+        del sym, nraw, raw
         if bad:
             raise TpdeFormatError(context.key, f"ckpt-delta: {bad} rANS steps fail their inverse check (encoder bug); "
                                                "nothing was stored")
-        cap = words.shape[1]
-        w = np.concatenate([words[c, cap - n_words[c]:] for c in range(len(states))]) if n else np.zeros(0, np.uint16)
-        b = np.concatenate([bitwords[c, :n_bitwords[c]] for c in range(len(states))]) if n else np.zeros(0, np.uint32)
         meta = [VERSION, mode, code, n, CHUNK, n_ctx, nsym, len(coef), checksum(bits), lo, len(states)]
         tables = zstandard.ZstdCompressor(level=9).compress(freq.astype("<u2").tobytes())
         parts = {
@@ -190,7 +227,8 @@ class CheckpointDelta:
             "bits": torch.from_numpy(b.astype("<u4", copy=False).view(np.uint8)),
         }
         if context.options.get("verify"):
-            self._verify(parts, bits, pbits, ctx, sym, raw, context.key)
+            # a compiled prediction is checked against the decoder's (numpy) on the sampled chunks
+            self._verify(parts, bits, pbits, ctx, context.key, (refn, coef, feats, npf) if compiled else None)
         return parts
 
     def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
@@ -220,8 +258,8 @@ class CheckpointDelta:
             shape = [int(v) for v in parts["shape"].tolist()]
             coef = [float(v) for v in parts["coef"].tolist()]
             tables_b, chunks = parts["tables"].numpy().tobytes(), parts["chunks"].numpy()
-            words = np.frombuffer(parts["words"].numpy().tobytes(), "<u2")
-            bitw = np.frombuffer(parts["bits"].numpy().tobytes(), "<u4")
+            words = _payload_view(parts["words"], np.uint16)
+            bitw = _payload_view(parts["bits"], np.uint32)
         except (KeyError, AttributeError, TypeError, RuntimeError, ValueError) as exc:
             raise TpdeFormatError(key, f"ckpt-delta parts are missing or malformed ({exc})") from None
         if len(meta) != _META_LEN or meta[0] != VERSION:
@@ -280,25 +318,34 @@ class CheckpointDelta:
 
     @classmethod
     def _verify(cls, parts: Mapping[str, torch.Tensor], bits: np.ndarray, pbits: np.ndarray, ctx: np.ndarray,
-                sym: np.ndarray, raw: np.ndarray, key: str) -> None:
+                key: str, numpy_pred: tuple | None = None) -> None:
         """Pack-time check that ``parts`` decode to ``bits`` (:class:`TpdeFormatError` if not; nothing is stored).
 
-        Every element: the decoder's inverse of the symbol map (and, in the encoder, of every rANS step).
-        Sampled chunks (the first, the last and every 64th): decoded from the parsed parts, as a restore
-        decodes them, and compared bit for bit; this covers the stream layout, tables and header.
+        Every element was checked at encode time against the decoder's inverse of the symbol map (and of every
+        rANS step). Sampled chunks (the last chunk of every tensor, and the first and every 64th of a tensor
+        over :data:`VERIFY_EVERY` chunks) are decoded from the parsed parts as a restore decodes them and
+        compared bit for bit; this covers the stream layout, the chunk table, tables and header.
+        ``numpy_pred`` (``(ref, coef, features, np dtype)``): ``pbits`` came from compiled code; the sampled
+        chunks are decoded against the decoder's own numpy prediction instead, which checks that the two agree.
         """
         pp = cls._parse(parts, key)
         _, _, width, mb = DTYPES[pp["dtype"]]
-        fail = E.unsymbolize_check(bits, pbits, sym, raw, pp["mode"], width, mb) != 0
-        nch = len(pp["chunks"])
-        if nch and not fail:
-            which = np.unique(np.r_[np.arange(0, nch, VERIFY_EVERY), nch - 1]).astype(np.int64)
-            lut, cum, ws, words_s, bs, bits_s, states = cls._decoder_inputs(pp)
-            out = np.empty_like(bits)
-            fail = E.decode_some(which, pbits, ctx, lut, pp["freq"], cum, states, ws, words_s, bs, bits_s,
-                                 pp["mode"], width, mb, pp["chunk"], out) != 0
-            ch = pp["chunk"]
-            fail = fail or any(not np.array_equal(out[c * ch:(c + 1) * ch], bits[c * ch:(c + 1) * ch]) for c in which)
+        nch, ch = len(pp["chunks"]), pp["chunk"]
+        if not nch:
+            return
+        which = np.array(sorted({nch - 1, *(range(0, nch, VERIFY_EVERY) if nch > VERIFY_EVERY else ())}), np.int64)
+        if numpy_pred is not None:  # only the sampled chunks' elements are written (and their pages touched)
+            ref, coef, feats, npf = numpy_pred
+            pbits = np.empty_like(pbits)
+            for c in which:
+                lo, hi = c * ch, min(bits.size, (c + 1) * ch)
+                pbits[lo:hi] = _as_dtype_bits(predict(None if ref is None else ref[lo:hi], coef,
+                                                      [f[lo:hi] for f in feats], hi - lo, npf), pp["dtype"])
+        lut, cum, ws, words_s, bs, bits_s, states = cls._decoder_inputs(pp)
+        out = np.empty_like(bits)
+        fail = E.decode_some(which, pbits, ctx, lut, pp["freq"], cum, states, ws, words_s, bs, bits_s,
+                             pp["mode"], width, mb, ch, out) != 0
+        fail = fail or any(not np.array_equal(out[c * ch:(c + 1) * ch], bits[c * ch:(c + 1) * ch]) for c in which)
         if fail:
             raise TpdeFormatError(key, "ckpt-delta: the encoded payload does not decode to the tensor "
                                        "(encoder bug); nothing was stored")
@@ -358,15 +405,36 @@ class CheckpointDelta:
         best = None
         for coef in cands:
             pb = _as_dtype_bits(predict(rs, coef, fs, idx.size, npf), dtype)
+            costs = E.sample_costs(bits, pb, ctx, idx, width, mb, n_ctx)  # both modes in one call
             for mode in modes:
-                c = E.sample_cost(bits, pb, ctx, idx, mode, width, mb, n_ctx, K.n_symbols(mode, width, mb))
-                if best is None or c < best[0]:
-                    best = (c, coef, mode)
+                if best is None or costs[mode] < best[0]:
+                    best = (costs[mode], coef, mode)
         return best[1], best[2]
 
     @staticmethod
-    def _tables(sym: np.ndarray, ctx: np.ndarray, n_ctx: int, nsym: int) -> np.ndarray:
+    def _tables(hist: np.ndarray) -> np.ndarray:
+        """Frequency tables (``[n_ctx, nsym]``, each row summing to 2**12) from the symbol counts."""
         from tpde_hf.codec.rans import quantize_frequencies
 
-        h = K.histogram(sym, ctx, n_ctx, nsym)
-        return quantize_frequencies(h, K.PROB_BITS).numpy().astype(np.int64)
+        return quantize_frequencies(hist, K.PROB_BITS).numpy().astype(np.int64)
+
+
+def warm_up() -> None:
+    """Load every compiled function a pack of fp32 tensors calls, on serial loops as the packing thread runs
+    them (numba's on-disk cache, else a compile), so that the first pack of a run does not pay for it.
+
+    Example::
+
+        warm_up()   # once, before training starts
+    """
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(5000).astype(np.float32)
+    feat = rng.standard_normal(5000).astype(np.float32)
+    new = torch.from_numpy(np.float32(0.9) * ref + np.float32(0.1) * feat)
+    src = exponent(ref, torch.float32)
+    codec = CheckpointDelta()
+    with K.serial(True):
+        for opts in ({}, {"features": [feat], "ctx": src // 2},
+                     {"features": [feat, feat * np.float32(0.5)], "ctx": src.astype(np.int32)}):
+            codec.encode(new, CodecContext("warm-up", torch.from_numpy(ref), {**opts, "verify": True}))
+

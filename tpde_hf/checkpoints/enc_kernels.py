@@ -173,14 +173,79 @@ def _encode_ser(sym, nraw, raw, ctx, tab, rcp, nsym, chunk):
     return states, n_words, n_bitwords, words, bitwords, bad.sum()
 
 
-def encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk):
-    """rANS-encode and pack raw bits chunk by chunk, as :func:`tpde_hf.checkpoints.kernels.encode_chunks`
-    (same output), plus the count of failed inline checks. Chunks in parallel unless ``kernels.serial``."""
+@njit(cache=True, nogil=True)
+def _encode_ser_compact(sym, nraw, raw, ctx, tab, rcp, nsym, chunk):
+    """:func:`_encode_ser`, writing the streams as stored: each chunk's words (encoded into a scratch row that
+    stays in cache) and bit words one after the other, no ``[n_chunks, cap]`` arrays to gather from."""
+    n = sym.shape[0]
+    nch = (n + chunk - 1) // chunk
+    states = np.empty((nch, LANES), np.int64)
+    n_words = np.empty(nch, np.int64)
+    n_bitwords = np.empty(nch, np.int64)
+    scratch = np.empty(chunk + 4, np.uint16)
+    # at most one word per element and 32 raw bits per element: only the pages written are ever touched
+    w_out = np.empty(n + 4, np.uint16)
+    b_out = np.empty(n + nch + 2, np.uint32)
+    wpos = 0
+    bpos = 0
+    bad = 0
+    for c in range(nch):
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        nw, nb, bd = _encode_chunk(lo, hi, sym, nraw, raw, ctx, tab, rcp, nsym, states[c], scratch,
+                                   b_out[bpos:])
+        cap = scratch.shape[0]
+        w_out[wpos:wpos + nw] = scratch[cap - nw:]
+        n_words[c] = nw
+        n_bitwords[c] = nb
+        wpos += nw
+        bpos += nb
+        bad += bd
+    return states, n_words, n_bitwords, w_out[:wpos], b_out[:bpos], bad
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _gather(words, n_words, bitwords, n_bitwords):
+    nch = n_words.shape[0]
+    ws = np.zeros(nch + 1, np.int64)
+    bs = np.zeros(nch + 1, np.int64)
+    for c in range(nch):
+        ws[c + 1] = ws[c] + n_words[c]
+        bs[c + 1] = bs[c] + n_bitwords[c]
+    w_out = np.empty(ws[nch], np.uint16)
+    b_out = np.empty(bs[nch], np.uint32)
+    cap = words.shape[1]
+    for c in prange(nch):
+        w_out[ws[c]:ws[c + 1]] = words[c, cap - n_words[c]:]
+        b_out[bs[c]:bs[c + 1]] = bitwords[c, :n_bitwords[c]]
+    return w_out, b_out
+
+
+def encode_compact(sym, nraw, raw, ctx, freq, cum, chunk):
+    """:func:`encode_chunks` with the streams as stored: ``(states, n_words, n_bitwords, words, bitwords, bad)``,
+    ``words`` (uint16) the chunks' words one after the other, ``bitwords`` (uint32) likewise."""
+    tab, rcp = _flat_tables(freq, cum)
+    if is_serial():
+        return _encode_ser_compact(sym, nraw, raw, ctx, tab, rcp, np.int64(freq.shape[1]), chunk)
+    states, n_words, n_bitwords, words, bitwords, bad = _encode_par(sym, nraw, raw, ctx, tab, rcp,
+                                                                    np.int64(freq.shape[1]), chunk)
+    w, b = _gather(words, n_words, bitwords, n_bitwords)
+    return states, n_words, n_bitwords, w, b, bad
+
+
+def _flat_tables(freq, cum):
     freq = np.asarray(freq, np.int64)
     if freq.min(initial=0) < 0 or (np.asarray(cum) + freq).max(initial=0) > 1 << PROB_BITS:
         raise ValueError("rANS tables out of range")
     tab = np.ascontiguousarray(freq | (np.asarray(cum, np.int64) << 16)).reshape(-1)
     rcp = (1.0 / np.maximum(freq, 1)).reshape(-1)
+    return tab, rcp
+
+
+def encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk):
+    """rANS-encode and pack raw bits chunk by chunk, as :func:`tpde_hf.checkpoints.kernels.encode_chunks`
+    (same output), plus the count of failed inline checks. Chunks in parallel unless ``kernels.serial``."""
+    tab, rcp = _flat_tables(freq, cum)
     fn = _encode_ser if is_serial() else _encode_par
     return fn(sym, nraw, raw, ctx, tab, rcp, np.int64(freq.shape[1]), chunk)
 
@@ -221,6 +286,55 @@ def sample_cost(x, p, ctx, idx, mode, width, mant_bits, n_ctx, nsym) -> float:
 
 
 @njit(cache=True, nogil=True)
+def predict_f32(ref, f1, f2, coef, n_feat):
+    """``codec.predict`` for float32 in one pass: the same correctly rounded float32 operations in the same
+    order (``ref * c0``, then ``+ c_i * f_i`` for each nonzero ``c_i`` of the first ``n_feat``; no fused
+    multiply-add: numba sets no fast-math flags). ``coef``: float32 ``[c0, c1, c2]`` with ``c0`` not 0 or 1.
+    Returns ``(p, nan)``, ``nan`` the count of NaN predictions (x86 passes an operand's NaN payload on, and
+    the operand order of a compiled multiply is not pinned down: the caller then uses numpy's)."""
+    n = ref.shape[0]
+    p = np.empty(n, np.float32)
+    c0, c1, c2 = coef[0], coef[1], coef[2]
+    use1 = n_feat >= 1 and c1 != 0
+    use2 = n_feat >= 2 and c2 != 0
+    nan = 0
+    for i in range(n):
+        v = ref[i] * c0
+        if use1:
+            v = v + c1 * f1[i]
+        if use2:
+            v = v + c2 * f2[i]
+        p[i] = v
+        nan += v != v
+    return p, nan
+
+
+@njit(cache=True, nogil=True)
+def _entropy_bits(hist):
+    ent = 0.0
+    for c in range(hist.shape[0]):
+        tot = 0
+        for s in range(hist.shape[1]):
+            tot += hist[c, s]
+        for s in range(hist.shape[1]):
+            h = hist[c, s]
+            if h > 0:
+                ent -= h * np.log2(h / tot)
+    return ent
+
+
+@njit(cache=True, nogil=True)
+def sample_costs(x, p, ctx, idx, width, mant_bits, n_ctx):
+    """:func:`sample_cost` of both modes at once (``(cost MODE_ORD, cost MODE_FLD)``), in one compiled call."""
+    out = np.empty(2)
+    for mode in range(2):
+        nsym = 4 + (width - 2) * 4 if mode == 0 else 1 << (width - mant_bits)
+        h, nr = _sample_hist(x, p, ctx, idx, mode, width, mant_bits, n_ctx, nsym)
+        out[mode] = _entropy_bits(h) + nr
+    return out
+
+
+@njit(cache=True, nogil=True)
 def decode_some(which, p, ctx, lut, freq, cum, states, word_start, words, bit_start, bitwords,
                 mode, width, mant_bits, chunk, out):
     """Decode only the chunks ``which`` into ``out`` (the rest of ``out`` is left as is); the count of
@@ -232,4 +346,5 @@ def decode_some(which, p, ctx, lut, freq, cum, states, word_start, words, bit_st
     return bad
 
 
-__all__ = ["decode_some", "encode_chunks", "sample_cost", "unsymbolize_check"]
+__all__ = ["decode_some", "encode_chunks", "encode_compact", "predict_f32", "sample_cost", "sample_costs",
+           "unsymbolize_check"]

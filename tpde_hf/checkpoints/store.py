@@ -39,11 +39,11 @@ import torch
 import xxhash
 import zstandard
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints.codec import CheckpointDelta
+from tpde_hf.checkpoints.entry_file import write_tensors
 from tpde_hf.checkpoints.layout import tensor_ranges
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, group_coded_keys, stored_parts
 from tpde_hf.errors import TpdeFormatError
@@ -177,8 +177,9 @@ def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={FORMAT: json.dumps(manifest)})
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:  # save_file's bytes, the writeback started as it goes (entry_file)
+            write_tensors(f, tensors, {FORMAT: json.dumps(manifest)})
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
