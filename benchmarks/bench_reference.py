@@ -131,7 +131,25 @@ def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
         return d.numel() * d.element_size()
 
     workers = default_workers()
-    modes = {"pool over tensors (the load path)":
+
+    def batch() -> int:
+        import threading
+
+        from tpde_hf.reference.batch import BatchDecode
+
+        b = BatchDecode()
+        threads = [threading.Thread(target=b.work) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        idx = b.add([C.prepare_ord(blob, r, name) for name, codec, blob, r in items if codec == "ref-ord"])
+        b.close()
+        nbytes = sum(d.numel() * d.element_size() for d in (b.result(i) for i in idx))
+        for t in threads:
+            t.join()
+        return nbytes + sum(one(it, True) for it in items if it[1] != "ref-ord")
+
+    modes = {"job list over batches of chunks (the load path: tpde_hf.reference.batch)": batch,
+             "pool over tensors (the previous load path)":
              lambda: sum(ThreadPoolExecutor(workers).map(lambda it: one(it, True), items)),
              "one tensor at a time, numba threads inside": lambda: sum(one(it, False) for it in items)}
     res: dict = {"threads": workers, "note": "wall-clock MB/s of decoded output on a machine shared with other "
@@ -150,20 +168,32 @@ def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
     return res
 
 
-def load_times(out: Path, dense: Path, auto: str, repeat: int = 3) -> dict:
-    """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes."""
-    code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; "
+EARLY_HOOK = "from tpde_hf.reference.early import install; install(); "
+
+
+def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool = True) -> dict:
+    """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes; with
+    ``early`` also the delta repo with :func:`tpde_hf.reference.early.install` called first (the decode then starts
+    at ``config.json``): what ``import tpde_hf`` would do once that hook is wired into it."""
+    code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; {hook}"
             f"m = transformers.{auto}.from_pretrained(sys.argv[1]); print(time.perf_counter() - t0)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    runs: dict[str, list[float]] = {"delta": [], "dense": []}
+    variants = [("delta", out, ""), ("dense", dense, "")] + ([("delta_early_hook", out, EARLY_HOOK)] if early else [])
+    runs: dict[str, list[float]] = {v[0]: [] for v in variants}
     for _ in range(repeat):
-        for label, path in (("delta", out), ("dense", dense)):
-            p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
-                               check=True)
+        for label, path, hook in variants:
+            p = subprocess.run([sys.executable, "-c", code.format(hook=hook), str(path)], capture_output=True,
+                               text=True, env=env, check=True)
             runs[label].append(float(p.stdout.strip().splitlines()[-1]))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    return {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
-            "note": "fresh process per run, imports included; reference and repos on local disk, page-cached"}
+    res = {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
+           "note": "fresh process per run, imports included; reference and repos on local disk, page-cached; "
+                   "variants alternated in one loop"}
+    if early:
+        res["delta_early_hook_over_dense"] = med["delta_early_hook"] / med["dense"]
+        res["early_hook_note"] = ("delta_early_hook: the child calls tpde_hf.reference.early.install() after "
+                                  "`import tpde_hf` (" + EARLY_HOOK.strip() + "); not yet called by tpde_hf itself")
+    return res
 
 
 def codec_bytes(codec: str, t: torch.Tensor, ref: torch.Tensor) -> int:
@@ -320,12 +350,11 @@ def profile_child(path: str, auto: str) -> dict:
 
     mark("imports done")
     import tpde_hf.reference.codec as C
-    import tpde_hf.reference.kernels as K
     import tpde_hf.reference.load as L
     import tpde_hf.reference.prefetch as P
     from tpde_hf.quantizer import TpdeHfQuantizer
 
-    acc = {"decode_jobs": 0, "decode_cpu_s": 0.0, "kernel_cpu_s": 0.0, "reference_read_cpu_s": 0.0,
+    acc = {"decode_jobs": 0, "decode_cpu_s": 0.0, "prepare_cpu_s": 0.0, "reference_read_cpu_s": 0.0,
            "loading_thread_wait_s": 0.0, "first_decode_start_s": None, "last_decode_end_s": 0.0}
     lock = threading.Lock()
 
@@ -356,9 +385,11 @@ def profile_child(path: str, auto: str) -> dict:
 
         setattr(owner, name, wrapper)
 
-    timed(P, "decode_blob", "decode")
+    import tpde_hf.reference.batch as BD
+
+    timed(BD.BatchDecode, "work", "decode")  # one call per decode thread: its whole share of the job list
+    timed(P.Prefetch, "_run", "prepare_cpu_s")  # blobs read, references checked, tensors prepared (GIL)
     timed(P.Prefetch, "take", "wait")
-    timed(K, "rans_decode_serial", "kernel_cpu_s")
     timed(L.LoadReference, "tensor", "reference_read_cpu_s")
     timed(L, "_warm_kernels", label="numba warm-up (background thread)")
     timed(TpdeHfQuantizer, "__init__", label="quantizer init")

@@ -37,4 +37,9 @@ def __getattr__(name: str) -> Any:
 
 # Register the "tpde" quantizer with transformers now, or as soon as transformers loads its registry.
 _autoregister.install()
+
+if __import__("os").environ.get("TPDE_REFERENCE_EARLY") == "1":  # opt-in: see tpde_hf.reference.early
+    from tpde_hf.reference.early import install as _install_early_reference
+
+    _install_early_reference()
 _LAZY.update(draft_model="tpde_hf.speculative", generate_exact="tpde_hf.speculative")  # drafting by the base

@@ -36,6 +36,7 @@ from tpde_hf.codec.rans import quantize_frequencies
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.reference import kernels as K
+from tpde_hf.reference.fastload import call
 
 VERSION = 1
 HEADER = 20
@@ -295,51 +296,105 @@ class RefOrd:
         return {"blob": blob}
 
     def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
-        key = context.key
-        h, shape, payload = read_header(_blob(parts, key), self.name, key)
-        dtype = dtype_of(int(h[2]), key)
-        if dtype not in FLOATS:
-            raise TpdeFormatError(key, f"ref-ord blob names dtype {dtype}, which it cannot code")
-        chunk, n_eb, n_prev, e_low, prob_bits, n_chunks, n_table, n_words, n_raw = (int(v) for v in h[8:17])
-        n = int(h[5])
-        if (chunk <= 0 or n_eb not in (1, 4, 16) or n_prev not in (1, 4) or prob_bits != PROB_BITS
-                or n_chunks != (n + chunk - 1) // max(chunk, 1) or min(n_table, n_words, n_raw) < 0):
-            raise TpdeFormatError(key, "ref-ord blob header is damaged")
-        ref = ref_as(context.reference, None, key, dtype, shape)
-        pos = 0
-        table, pos = take(payload, pos, n_table, "u1", key)
-        rows = 2 + K.LANES  # word starts, raw starts, one final state per lane
-        chunks, pos = take(payload, pos, rows * (n_chunks + 1) * 8, "<i8", key)
-        words, pos = take(payload, pos, 2 * n_words, "<u2", key)
-        raw_words, pos = take(payload, pos, 4 * n_raw, "<u4", key)
-        n_ctx = n_eb * n_prev
-        try:
-            freq = np.frombuffer(zstandard.ZstdDecompressor().decompress(table.tobytes(),
-                                                                         max_output_size=2 * n_ctx * K.N_SYM),
-                                 dtype="<u2").astype(np.int64)
-        except zstandard.ZstdError as exc:
-            raise TpdeFormatError(key, f"ref-ord frequency table is damaged ({exc})") from None
-        if freq.size != n_ctx * K.N_SYM:
-            raise TpdeFormatError(key, "ref-ord frequency table is damaged (wrong size)")
-        freq = freq.reshape(n_ctx, K.N_SYM)
-        if not (freq.sum(axis=1) == 1 << prob_bits).all():
-            raise TpdeFormatError(key, "ref-ord frequency table is damaged (a context does not sum to 2**prob_bits)")
-        chunks = chunks.reshape(rows, n_chunks + 1)
-        states = np.ascontiguousarray(chunks[2:, :-1].T)
-        if chunks[0, -1] != n_words or chunks[1, -1] != n_raw or (states < 0).any() or (states >= 1 << 32).any():
-            raise TpdeFormatError(key, "ref-ord chunk table is damaged")
-        width, shift, emask = FLOATS[dtype]
-        tables = decode_tables(freq, prob_bits, n_eb, n_prev, e_low, emask)
-        out = torch.empty(shape, dtype=dtype)
-        status = np.zeros(n_chunks, np.int64)
+        job = prepare_ord(_blob(parts, context.key), context.reference, context.key)
         # one thread when asked (a pool decodes whole tensors in parallel at load) or when the tensor is small
-        run = K.rans_decode if n_chunks > 2 and not context.options.get("serial") else K.rans_decode_serial
-        run(_bits(ref), _bits(out), width, shift, emask, chunk, *tables, np.append(words, np.uint16(0)), chunks[0],
-            states, np.append(raw_words, np.uint32(0)), chunks[1], status)  # one spare word each: see the kernel
+        run = K.rans_decode if job.n_chunks > 2 and not context.options.get("serial") else K.rans_decode_serial
+        status = np.zeros(job.n_chunks, np.int64)
+        call(run, *job.kernel_args(), status)  # through fastload: no numba typing set-up in a fresh process
+        return job.finish(status)
+
+
+class OrdJob:
+    """One ``ref-ord`` tensor, checked and ready for the kernel (:func:`prepare_ord`): its reference, its (empty)
+    output, the decode tables and chunk table, and where its two streams lie in the blob. :meth:`finish` checks the
+    kernel's status and the xxh3."""
+
+    __slots__ = ("key", "header", "ref", "out", "width", "shift", "emask", "chunk", "n_chunks", "tables", "blob",
+                 "words_at", "raw_at", "word_start", "states", "raw_start")
+
+    def stream(self, which: str, spare_in_blob: bool = False) -> np.ndarray:
+        """``words`` (uint16) or ``raw`` (uint32) with one spare word after it (see the kernel): a view of the blob
+        when ``spare_in_blob`` and the blob holds that word and the section is aligned, else a copy."""
+        start, n = self.words_at if which == "words" else self.raw_at
+        dtype, size = (np.uint16, 2) if which == "words" else (np.uint32, 4)
+        raw = self.blob.numpy()
+        if spare_in_blob and start + (n + 1) * size <= raw.size and (raw.ctypes.data + start) % size == 0:
+            return raw[start : start + (n + 1) * size].view(dtype)
+        out = np.zeros(n + 1, dtype)
+        out[:n] = raw[start : start + n * size].view(f"<u{size}")
+        return out
+
+    def kernel_args(self) -> tuple:
+        """The arguments of :func:`kernels.rans_decode_serial` up to ``status``."""
+        return (_bits(self.ref), _bits(self.out), self.width, self.shift, self.emask, self.chunk, *self.tables,
+                self.stream("words"), self.word_start, self.states, self.stream("raw"), self.raw_start)
+
+    def finish(self, status: np.ndarray) -> torch.Tensor:
+        """The decoded tensor; :class:`TpdeFormatError` naming the tensor if a chunk or the checksum failed."""
         if status.any():
             bad = int(np.flatnonzero(status)[0])
-            raise TpdeFormatError(key, f"ref-ord stream of chunk {bad} is damaged (code {int(status[bad])})")
-        return finish(out, h, key, self.name)
+            raise TpdeFormatError(self.key, f"ref-ord stream of chunk {bad} is damaged (code {int(status[bad])})")
+        return finish(self.out, self.header, self.key, "ref-ord")
+
+
+def _section(payload: np.ndarray, pos: int, nbytes: int, key: str) -> int:
+    """Check that ``nbytes`` at ``pos`` lie in the payload; the next section's position (8-byte padded)."""
+    if nbytes < 0 or pos + nbytes > payload.size:
+        raise TpdeFormatError(key, "reference-coded blob is truncated")
+    return pos + nbytes + (-nbytes % 8)
+
+
+def prepare_ord(blob: torch.Tensor, reference: torch.Tensor | None, key: str) -> OrdJob:
+    """Parse and check a ``ref-ord`` blob against its reference tensor; :class:`TpdeFormatError` naming ``key``
+    on any damage. The streams stay in the blob until :meth:`OrdJob.stream` reads them.
+
+    Example::
+
+        job = prepare_ord(blob, reference, "model.layers.0.mlp.up_proj.weight")
+    """
+    name = RefOrd.name
+    blob = blob.detach().to("cpu").contiguous().view(torch.uint8) if isinstance(blob, torch.Tensor) else blob
+    h, shape, payload = read_header(blob, name, key)
+    dtype = dtype_of(int(h[2]), key)
+    if dtype not in FLOATS:
+        raise TpdeFormatError(key, f"ref-ord blob names dtype {dtype}, which it cannot code")
+    chunk, n_eb, n_prev, e_low, prob_bits, n_chunks, n_table, n_words, n_raw = (int(v) for v in h[8:17])
+    n = int(h[5])
+    if (chunk <= 0 or n_eb not in (1, 4, 16) or n_prev not in (1, 4) or prob_bits != PROB_BITS
+            or n_chunks != (n + chunk - 1) // max(chunk, 1) or min(n_table, n_words, n_raw) < 0):
+        raise TpdeFormatError(key, "ref-ord blob header is damaged")
+    ref = ref_as(reference, None, key, dtype, shape)
+    pos = 0
+    table, pos = take(payload, pos, n_table, "u1", key)
+    rows = 2 + K.LANES  # word starts, raw starts, one final state per lane
+    chunks, pos = take(payload, pos, rows * (n_chunks + 1) * 8, "<i8", key)
+    base = blob.numel() - payload.size  # the payload's offset in the blob
+    words_at, pos = (base + pos, n_words), _section(payload, pos, 2 * n_words, key)
+    raw_at, pos = (base + pos, n_raw), _section(payload, pos, 4 * n_raw, key)
+    n_ctx = n_eb * n_prev
+    try:
+        freq = np.frombuffer(zstandard.ZstdDecompressor().decompress(table.tobytes(),
+                                                                     max_output_size=2 * n_ctx * K.N_SYM),
+                             dtype="<u2").astype(np.int64)
+    except zstandard.ZstdError as exc:
+        raise TpdeFormatError(key, f"ref-ord frequency table is damaged ({exc})") from None
+    if freq.size != n_ctx * K.N_SYM:
+        raise TpdeFormatError(key, "ref-ord frequency table is damaged (wrong size)")
+    freq = freq.reshape(n_ctx, K.N_SYM)
+    if not (freq.sum(axis=1) == 1 << prob_bits).all():
+        raise TpdeFormatError(key, "ref-ord frequency table is damaged (a context does not sum to 2**prob_bits)")
+    chunks = chunks.reshape(rows, n_chunks + 1)
+    states = np.ascontiguousarray(chunks[2:, :-1].T)
+    if chunks[0, -1] != n_words or chunks[1, -1] != n_raw or (states < 0).any() or (states >= 1 << 32).any():
+        raise TpdeFormatError(key, "ref-ord chunk table is damaged")
+    job = OrdJob()
+    job.key, job.header, job.ref, job.out = key, h, ref, torch.empty(shape, dtype=dtype)
+    job.width, job.shift, job.emask = FLOATS[dtype]
+    job.chunk, job.n_chunks = chunk, n_chunks
+    job.tables = decode_tables(freq, prob_bits, n_eb, n_prev, e_low, job.emask)
+    job.blob, job.words_at, job.raw_at = blob, words_at, raw_at
+    job.word_start, job.raw_start, job.states = np.ascontiguousarray(chunks[0]), np.ascontiguousarray(chunks[1]), states
+    return job
 
 
 TENSOR_CODECS.register(RefSame)

@@ -17,7 +17,9 @@ chunk reports a status and the driver (:mod:`tpde_hf.reference.codec`) raises on
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from tpde_hf.codec.compiled_kernels import _ordinal, _wrap  # the format's ord map, shared
 
@@ -235,8 +237,62 @@ def rans_decode(r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, 
 def rans_decode_serial(r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab, words,
                        word_start, states, raw_words, raw_start, status):
     """:func:`rans_decode` on this thread, without the GIL: small tensors, where waking the thread pool costs more
-    than it saves (tens of milliseconds on a busy machine), and the load's pool that decodes tensors in parallel
-    (:mod:`tpde_hf.reference.prefetch`)."""
+    than it saves (tens of milliseconds on a busy machine), and tensors decoded one call each (``ref-sparse``'s
+    values; a load decodes its ``ref-ord`` tensors through :func:`decode_units`)."""
     for c in range(status.shape[0]):
         status[c] = _decode_chunk(c, r_bits, out, width, exp_shift, exp_mask, chunk, ctxtab, symlut, fctab, symtab,
                                   words, word_start, states, raw_words, raw_start)
+
+
+@intrinsic
+def _voidptr(typingctx, addr):
+    """An address (int64) as a ``void*`` for :func:`numba.carray`: the load's tensors, each its own buffer."""
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
+#: columns of :func:`decode_units`' job table (one row per tensor): addresses (``*``) and sizes
+(J_REF, J_OUT, J_N, J_WIDTH, J_SHIFT, J_EMASK, J_CHUNK, J_NCTX, J_CTX, J_SYMLUT, J_FC, J_SYM, J_WORDS, J_NWORDS,
+ J_RAW, J_NRAW, J_WSTART, J_RSTART, J_STATES, J_NCHUNKS) = range(20)
+J_FIELDS = 20
+
+
+@njit(cache=True, nogil=True)
+def decode_units(lo, hi, unit_job, unit_chunk, jobs, status):
+    """Decode units ``lo..hi-1`` (one chunk of one tensor each) of a whole load in one call, without the GIL.
+
+    ``jobs[j]`` (columns ``J_*``) holds the addresses of tensor ``j``'s arrays, each its own buffer kept alive by
+    the caller (:class:`tpde_hf.reference.batch.BatchDecode`): reference and output bits (int16 for width 16,
+    int32 for 32), the tables of :func:`tpde_hf.reference.codec.decode_tables`, the word and raw streams (each
+    with its spare word: :func:`_decode_chunk` clamps every read into them), chunk starts and final states; and
+    its sizes and format constants. The tables are built by the caller, not read from the stream, so their
+    indices stay inside them. ``status[u]`` as :func:`_decode_chunk` returns it for unit ``u``.
+    """
+    for u in range(lo, hi):
+        j = unit_job[u]
+        n = jobs[j, J_N]
+        nk = jobs[j, J_NCHUNKS]
+        nctx = jobs[j, J_NCTX]
+        emask = jobs[j, J_EMASK]
+        ctx = carray(_voidptr(jobs[j, J_CTX]), emask + 1, np.int64)
+        lut = carray(_voidptr(jobs[j, J_SYMLUT]), nctx << 12, np.uint8)
+        fc = carray(_voidptr(jobs[j, J_FC]), nctx * 128, np.int32)
+        sym = carray(_voidptr(jobs[j, J_SYM]), 128, np.int64)
+        words = carray(_voidptr(jobs[j, J_WORDS]), jobs[j, J_NWORDS] + 1, np.uint16)
+        raw = carray(_voidptr(jobs[j, J_RAW]), jobs[j, J_NRAW] + 1, np.uint32)
+        ws = carray(_voidptr(jobs[j, J_WSTART]), nk + 1, np.int64)
+        rs = carray(_voidptr(jobs[j, J_RSTART]), nk + 1, np.int64)
+        st = carray(_voidptr(jobs[j, J_STATES]), (nk, LANES), np.int64)
+        if jobs[j, J_WIDTH] == 16:
+            rb = carray(_voidptr(jobs[j, J_REF]), n, np.int16)
+            ob = carray(_voidptr(jobs[j, J_OUT]), n, np.int16)
+            status[u] = _decode_chunk(unit_chunk[u], rb, ob, 16, jobs[j, J_SHIFT], emask, jobs[j, J_CHUNK], ctx, lut,
+                                      fc, sym, words, ws, st, raw, rs)
+        else:
+            rb32 = carray(_voidptr(jobs[j, J_REF]), n, np.int32)
+            ob32 = carray(_voidptr(jobs[j, J_OUT]), n, np.int32)
+            status[u] = _decode_chunk(unit_chunk[u], rb32, ob32, 32, jobs[j, J_SHIFT], emask, jobs[j, J_CHUNK], ctx,
+                                      lut, fc, sym, words, ws, st, raw, rs)

@@ -26,7 +26,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from tpde_hf.codec.registry import CODEC_TOKEN, TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.reference.resolve import ReferenceError, ResolvedReference, check_reference_tensor, resolve_reference
+from tpde_hf.reference.resolve import LoadReference, ReferenceError
 
 PART = "blob"
 
@@ -43,44 +43,6 @@ def has_reference_parts(keys: Any) -> bool:
 
     marks = tuple(f".{CODEC_TOKEN}.{c}.{PART}" for c in CODEC_NAMES)
     return any(k.endswith(marks) for k in keys)
-
-
-class LoadReference:
-    """The reference of one load: resolved on first use, each tensor checked once against its checksum."""
-
-    def __init__(self, info: dict, token: Any = None, cache_dir: Any = None, local_files_only: bool | None = None):
-        if not isinstance(info.get("model"), str) or not isinstance(info.get("tensors"), list):
-            raise TpdeFormatError("config.json", "quantization_config.reference is malformed (needs 'model' and "
-                                                 "'tensors')")
-        self.info = info
-        self.token = token
-        self.cache_dir = cache_dir
-        self.local_files_only = local_files_only
-        self._ref: ResolvedReference | None = None
-        self._lock = threading.Lock()
-        self._read_lock = threading.Lock()  # one reader of the reference's safetensors handles at a time
-
-    @property
-    def label(self) -> str:
-        i = self.info
-        return f"{i['model']}@{i['commit']}" if i.get("commit") else i["model"]
-
-    def resolved(self) -> ResolvedReference:
-        with self._lock:
-            if self._ref is None:
-                i = self.info
-                # a Hub reference is fetched at the recorded commit: the bytes it was coded against
-                self._ref = resolve_reference(i["model"], revision=i.get("commit") or i.get("revision"),
-                                              token=self.token, cache_dir=self.cache_dir,
-                                              local_files_only=self.local_files_only)
-            return self._ref
-
-    def tensor(self, index: int, key: str) -> torch.Tensor:
-        tensors = self.info["tensors"]
-        if not 0 <= index < len(tensors) or not isinstance(tensors[index], list) or len(tensors[index]) != 2:
-            raise TpdeFormatError(key, f"names reference tensor #{index}, which config.json does not list")
-        name, digest = tensors[index]
-        return check_reference_tensor(self.resolved(), name, digest, self._read_lock)
 
 
 def from_pretrained_download_kwargs() -> dict[str, Any]:
@@ -126,24 +88,46 @@ def load_prefetch(hf_quantizer: Any) -> Any:
 
             files = getattr(hf_quantizer, "_tpde_checkpoint_files", None)  # recorded by the quantizer before loading
             off = os.environ.get("TPDE_REFERENCE_WORKERS") == "0"
-            pf = Prefetch(files, load_reference(hf_quantizer)) if files and not off else False
+            pf = _adopt_early(hf_quantizer, files) if files and not off else None
+            if pf is None:
+                pf = Prefetch(files, load_reference(hf_quantizer)) if files and not off else False
             hf_quantizer._tpde_prefetch = pf
         return pf or None
 
 
+def _adopt_early(hf_quantizer: Any, files: list[str]) -> Any:
+    """The prefetch :mod:`tpde_hf.reference.early` started for this load at ``config.json``, or None. Its
+    reference becomes the load's (one resolution, one check per reference tensor)."""
+    from tpde_hf.reference.early import adopt
+
+    capture_download_kwargs(hf_quantizer)
+    pf = adopt(files, reference_info(hf_quantizer) or {}, hf_quantizer._tpde_download)
+    if pf is not None:
+        from tpde_hf.reference.prefetch import default_workers
+
+        pf.use_workers(default_workers())  # the load will wait for it from here: every core decodes
+        if getattr(hf_quantizer, "_tpde_reference", None) is None:
+            hf_quantizer._tpde_reference = pf.reference
+    return pf
+
+
 def _warm_kernels() -> None:
-    """Load the decode kernels' compiled code (numba's cache: ~0.15 CPU-s in a fresh process) with empty calls."""
+    """Load the decode kernels' compiled code with empty calls (through :mod:`~tpde_hf.reference.fastload`:
+    ~0.03 CPU-s from numba's cache, instead of ~0.3 with numba's typing set-up)."""
     import numpy as np
 
     from tpde_hf.reference import kernels as K
+    from tpde_hf.reference.fastload import call
 
     i8, e = np.zeros(1, np.int64), np.zeros(0, np.int64)
-    K.rans_decode_serial(np.zeros(0, np.int16), np.zeros(0, np.int16), 16, 7, 0xFF, 1, i8, np.zeros(1, np.uint8),
-                         np.zeros(1, np.int32), i8, np.zeros(1, np.uint16), i8, np.zeros((0, 2), np.int64),
-                         np.zeros(1, np.uint32), i8, e)
+    for width, bits in ((16, np.int16), (32, np.int32)):  # bf16 / fp16, and fp32
+        call(K.rans_decode_serial, np.zeros(0, bits), np.zeros(0, bits), width, 7, 0xFF, 1, i8,
+             np.zeros(1, np.uint8), np.zeros(1, np.int32), i8, np.zeros(1, np.uint16), i8, np.zeros((0, 2), np.int64),
+             np.zeros(1, np.uint32), i8, e)
+    call(K.decode_units, 0, 0, e, e, np.zeros((1, K.J_FIELDS), np.int64), i8)  # the load's batch decode
     from tpde_hf.reference.sparse import varints_to_positions
 
-    varints_to_positions(np.frombuffer(b"", np.uint8), 0, e)  # read-only bytes, as ref-sparse's decode passes
+    call(varints_to_positions, np.frombuffer(b"", np.uint8), 0, e)  # read-only bytes, as ref-sparse's decode passes
 
 
 def warm_up_reference_decode(hf_quantizer: Any) -> None:

@@ -1,15 +1,17 @@
-"""Decode a delta repo's reference-coded tensors on a thread pool, ahead of transformers asking for them.
+"""Decode a delta repo's reference-coded tensors on background threads, ahead of transformers asking for them.
 
-transformers converts one tensor at a time on its loading thread; a ``ref-ord`` tensor decoded there uses the
-numba thread pool inside the tensor (one fork/join per tensor, which stalls on a busy machine). Here each worker
-decodes *whole tensors* with the single-threaded, GIL-free kernel, so the cores stay busy across tensor
-boundaries and transformers' own per-tensor work on its thread overlaps the decoding.
+transformers converts one tensor at a time on its loading thread, which runs Python throughout. Here a
+``tpde-ref`` thread reads every ``K.tpde_codec.<ref codec>.blob`` of the checkpoint files (memory-mapped
+safetensors), checks each reference tensor it needs and prepares every ``ref-ord`` tensor
+(:func:`tpde_hf.reference.codec.prepare_ord`), then decodes them all as one job list
+(:class:`tpde_hf.reference.batch.BatchDecode`: compiled calls over batches of chunks, no GIL, no Python per
+tensor) on ``workers`` threads. The few other reference-coded tensors (``ref-same``, ``ref-sparse``) are decoded
+by the same thread, one call each.
 
-The first :class:`~tpde_hf.reference.load.ReferenceDecode` call of a load builds one :class:`Prefetch` from the
-checkpoint files being loaded: it reads every ``K.tpde_codec.<ref codec>.blob`` (memory-mapped safetensors) and
-submits its decode. A decode is found again by its blob header's ``(reference index, xxh3 of the result)``,
-so it needs no key renaming; what it returns is checked like any decode (the xxh3 of the rebuilt tensor), and
-an error inside a worker is raised on the loading thread, for the tensor that asked for it.
+A decode is found again by its blob header's ``(reference index, xxh3 of the result)``, so it needs no key
+renaming; what it returns is checked like any decode (the xxh3 of the rebuilt tensor), and an error met on a
+decode thread is raised on the loading thread, for the tensor that asked for it. Anything the prefetch cannot
+do (an unreadable file) leaves the tensor to the loading thread, which reports the problem clearly.
 
 Example::
 
@@ -22,15 +24,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
 from tpde_hf.codec.registry import CODEC_TOKEN, TENSOR_CODECS, CodecContext
+from tpde_hf.errors import TpdeFormatError
 
 PART = "blob"
+GROUP = 16  # tensors prepared before they are handed to the decode threads
 
 
 def default_workers() -> int:
@@ -41,6 +44,13 @@ def default_workers() -> int:
     from numba import config
 
     return max(1, int(config.NUMBA_NUM_THREADS))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key of a state-dict name, numbers by value (the order transformers loads tensors in, near enough;
+    ``transformers.core_model_loading.dot_natural_key`` is not imported: a load may start before that module).
+    Example: ``sorted(["l.10.w", "l.9.w"], key=natural_key)``."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
 def decode_blob(key: str, codec: str, blob: torch.Tensor, ref: Any, serial: bool = False) -> torch.Tensor:
@@ -56,20 +66,35 @@ class Prefetch:
     """Every reference-coded tensor of ``files``, decoded on ``workers`` threads (see the module docstring)."""
 
     def __init__(self, files: Sequence[str], ref: Any, workers: int | None = None):
+        self._files = [str(f) for f in files if str(f).endswith(".safetensors")]
+        self._ref = ref
+        self._workers = workers or default_workers()
+        self._where: dict[tuple[int, int], tuple[str, Any]] = {}  # ident -> ("batch", index) / ("single", slot)
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._batch: Any = None
+        self._running = 0  # decode threads started
+        self._cancelled = False
+        # not daemons: the interpreter waits for them at exit (a daemon stopped inside torch's C++ aborts it);
+        # they end on their own once the job list is done or cancelled
+        threading.Thread(target=self._run, name="tpde-ref").start()
+
+    @property
+    def reference(self) -> Any:
+        """The :class:`~tpde_hf.reference.resolve.LoadReference` the decodes use."""
+        return self._ref
+
+    def _blobs(self) -> list[tuple[tuple[int, int], str, str, torch.Tensor, np.ndarray]]:
+        """``(ident, tensor key, codec, blob, header)`` of every readable reference-coded blob, in load order."""
         from safetensors import safe_open
 
         from tpde_hf.reference import CODEC_NAMES
         from tpde_hf.reference import codec as C
 
-        self._futures: dict[tuple[int, int], Future] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="tpde-ref")
         marks = {f".{CODEC_TOKEN}.{c}.{PART}": c for c in CODEC_NAMES}
-        jobs = []
-        for f in files:
-            if not str(f).endswith(".safetensors"):
-                continue
-            with safe_open(str(f), framework="pt") as fh:
+        found, seen = [], set()
+        for f in self._files:
+            with safe_open(f, framework="pt") as fh:
                 for k in fh.keys():
                     codec = next((c for m, c in marks.items() if k.endswith(m)), None)
                     if codec is None:
@@ -79,23 +104,97 @@ class Prefetch:
                         h, _, _ = C.read_header(blob, codec, k)
                     except Exception:  # a damaged blob: the loading thread decodes it and reports it
                         continue
-                    jobs.append(((int(h[3]), int(h[6])), k.split(f".{CODEC_TOKEN}.")[0], codec, blob))
-        from transformers.core_model_loading import dot_natural_key
+                    ident = (int(h[3]), int(h[6]))
+                    if ident not in seen:
+                        seen.add(ident)
+                        found.append((ident, k.split(f".{CODEC_TOKEN}.")[0], codec, blob, h))
+        return sorted(found, key=lambda j: natural_key(j[1]))  # the order of a load
 
-        for ident, key, codec, blob in sorted(jobs, key=lambda j: dot_natural_key(j[1])):  # the order of a load
-            if ident not in self._futures:
-                self._futures[ident] = self._pool.submit(decode_blob, key, codec, blob, ref, True)
-        self._pool.shutdown(wait=False)  # the submitted work runs; the threads end with it
+    def _run(self) -> None:
+        from tpde_hf.reference.batch import BatchDecode
+        from tpde_hf.reference.codec import prepare_ord
+
+        batch = BatchDecode()
+        singles: list[tuple[tuple[int, int], str, str, torch.Tensor]] = []
+        try:
+            group: list[tuple[tuple[int, int], Any]] = []
+            blobs = self._blobs()
+            for n, (ident, key, codec, blob, h) in enumerate(blobs):
+                if codec != "ref-ord":
+                    singles.append((ident, key, codec, blob))
+                else:
+                    try:
+                        group.append((ident, prepare_ord(blob, self._ref.tensor(int(np.int64(h[3])), key), key)))
+                    except TpdeFormatError as exc:  # names the tensor or reference: raised when the load asks
+                        self._where[ident] = ("error", exc)
+                    except Exception:  # anything else: the loading thread meets it again and reports it
+                        pass
+                if len(group) >= GROUP or (group and n == len(blobs) - 1):
+                    for (ident_g, _), index in zip(group, batch.add([j for _, j in group]), strict=True):
+                        self._where[ident_g] = ("batch", index)
+                    group = []
+                    if self._batch is None:  # decode from the first group on, while the rest is prepared
+                        self._batch = batch
+                        self.use_workers(self._workers)
+            batch.close()
+            slots = [(key, codec, blob, [threading.Event(), None]) for _, key, codec, blob in singles]
+            for (ident, *_), slot in zip(singles, slots, strict=True):
+                self._where[ident] = ("single", slot[3])
+        except Exception:  # nothing more prefetched: the loading thread decodes (and reports) the rest
+            batch.close()
+            slots = []
+        self._batch = batch
+        try:
+            self.use_workers(self._workers)  # (none started yet when no ref-ord tensor was found)
+        except Exception:  # no thread: nothing is prefetched
+            self._where.clear()
+            batch.cancel()
+        finally:
+            self._ready.set()
+        for key, codec, blob, slot in slots:
+            if not self._cancelled:
+                try:
+                    slot[1] = decode_blob(key, codec, blob, self._ref, True)
+                except TpdeFormatError as exc:
+                    slot[1] = exc
+                except Exception:  # left to the loading thread (None)
+                    pass
+            slot[0].set()
+
+    def _more_threads(self, n: int) -> None:
+        for _ in range(max(n, 0)):
+            threading.Thread(target=self._batch.work, name="tpde-ref").start()
+
+    def use_workers(self, workers: int) -> None:
+        """Decode on ``workers`` threads from now on (never fewer than already run). An early prefetch runs one
+        thread while the loading thread still imports the model's code, and more once the load waits for it."""
+        with self._lock:
+            self._workers = max(self._workers, workers)
+            more = self._workers - self._running if self._batch is not None else 0
+            self._running += max(more, 0)
+        self._more_threads(more)
 
     def take(self, header: np.ndarray) -> torch.Tensor | None:
         """The prefetched decode for a blob with this header (raises what the decode raised), or None."""
+        self._ready.wait()
         with self._lock:
-            fut = self._futures.pop((int(header[3]), int(header[6])), None)
-        return None if fut is None else fut.result()
+            where = self._where.pop((int(header[3]), int(header[6])), None)
+        if where is None or self._cancelled:
+            return None
+        kind, what = where
+        if kind == "error":
+            raise what
+        if kind == "batch":
+            return self._batch.result(what)
+        what[0].wait()
+        if isinstance(what[1], Exception):
+            raise what[1]
+        return what[1]
 
     def cancel(self) -> None:
         """Drop what has not started (the load failed)."""
+        self._cancelled = True
+        if self._batch is not None:
+            self._batch.cancel()
         with self._lock:
-            for fut in self._futures.values():
-                fut.cancel()
-            self._futures.clear()
+            self._where.clear()

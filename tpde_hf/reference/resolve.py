@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import threading
@@ -121,6 +122,7 @@ class ReferenceReader:
         if not files:
             raise ReferenceError(label, f"the reference model has no safetensors weights in {folder}")
         self._where: dict[str, Any] = {}
+        self._files: dict[int, Path] = {}
         self._handles = []
         for f in files:
             try:
@@ -128,6 +130,7 @@ class ReferenceReader:
             except Exception as exc:
                 raise ReferenceError(label, f"cannot read reference weights {f.name}: {exc}") from None
             self._handles.append(fh)
+            self._files[id(fh)] = f
             for k in fh.keys():
                 self._where[k] = fh
         config = folder / "config.json"
@@ -172,7 +175,8 @@ class ReferenceReader:
         if name not in self._dense_names:
             raise ReferenceError(self.label, f"the reference model has no tensor {name!r}")
         if name in self._where:
-            return self._where[name].get_tensor(name)
+            mapped = self._mapped_view(name)
+            return mapped if mapped is not None else self._where[name].get_tensor(name)
         from tpde_hf.codec import decode_tensors
         from tpde_hf.format import decode_expert_tensor, module_prefix, read_encoded
 
@@ -192,8 +196,54 @@ class ReferenceReader:
                     if k.startswith(name + ".tpde_expert"))
         return decode_expert_tensor(name, n, read, self._where.keys())
 
+    def _mapped_view(self, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` as a view of its file, memory-mapped copy-on-write (no copy, no read until used: the
+        decode touches it without the GIL); None when the file cannot be mapped (then it is read as usual)."""
+        fh = self._where[name]
+        maps = self.__dict__.setdefault("_maps", {})
+        if id(fh) not in maps:
+            maps[id(fh)] = _map_safetensors(self._files[id(fh)])
+        entries = maps[id(fh)]
+        if entries is None or name not in entries:
+            return None
+        buf, dtype, shape, start, end = entries[name]
+        n = (end - start) // dtype.itemsize
+        if n * dtype.itemsize != end - start or math.prod(shape) != n or start % dtype.itemsize:
+            return None  # (an unaligned tensor: read as usual)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=n, offset=start).view(shape)
+
     def _read(self, key: str) -> torch.Tensor:
         return self._where[key].get_tensor(key)
+
+
+def _map_safetensors(path: Path) -> dict[str, tuple] | None:
+    """``name -> (buffer, dtype, shape, start, end)`` of a safetensors file mapped copy-on-write, or None."""
+    import mmap
+    import struct
+
+    from tpde_hf.format import SAFETENSORS_DTYPES
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= size - 8:
+                return None
+            header = json.loads(f.read(n))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written back
+    except (OSError, ValueError, struct.error):
+        return None
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = getattr(torch, SAFETENSORS_DTYPES.get(e.get("dtype"), ""), None)
+        start, end = (8 + n + int(x) for x in e["data_offsets"])
+        if isinstance(dtype, torch.dtype) and 8 + n <= start <= end <= size:
+            out[name] = (buf, dtype, tuple(int(d) for d in e["shape"]), start, end)
+    return out
 
 
 def _storage_weights(keys: list[str]) -> dict[str, Any]:
@@ -219,3 +269,41 @@ def check_reference_tensor(ref: ResolvedReference, name: str, expected: str,
         raise ReferenceError(ref.label, f"reference tensor {name!r} differs from the one this repo was coded "
                                         f"against (xxh3 {got}, expected {expected}): wrong or modified reference model")
     return t
+
+
+class LoadReference:
+    """The reference of one load: resolved on first use, each tensor checked once against its checksum."""
+
+    def __init__(self, info: dict, token: Any = None, cache_dir: Any = None, local_files_only: bool | None = None):
+        if not isinstance(info.get("model"), str) or not isinstance(info.get("tensors"), list):
+            raise TpdeFormatError("config.json", "quantization_config.reference is malformed (needs 'model' and "
+                                                 "'tensors')")
+        self.info = info
+        self.token = token
+        self.cache_dir = cache_dir
+        self.local_files_only = local_files_only
+        self._ref: ResolvedReference | None = None
+        self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # one reader of the reference's safetensors handles at a time
+
+    @property
+    def label(self) -> str:
+        i = self.info
+        return f"{i['model']}@{i['commit']}" if i.get("commit") else i["model"]
+
+    def resolved(self) -> ResolvedReference:
+        with self._lock:
+            if self._ref is None:
+                i = self.info
+                # a Hub reference is fetched at the recorded commit: the bytes it was coded against
+                self._ref = resolve_reference(i["model"], revision=i.get("commit") or i.get("revision"),
+                                              token=self.token, cache_dir=self.cache_dir,
+                                              local_files_only=self.local_files_only)
+            return self._ref
+
+    def tensor(self, index: int, key: str) -> torch.Tensor:
+        tensors = self.info["tensors"]
+        if not 0 <= index < len(tensors) or not isinstance(tensors[index], list) or len(tensors[index]) != 2:
+            raise TpdeFormatError(key, f"names reference tensor #{index}, which config.json does not list")
+        name, digest = tensors[index]
+        return check_reference_tensor(self.resolved(), name, digest, self._read_lock)

@@ -31,6 +31,7 @@ from numba import njit
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.reference import codec as C
+from tpde_hf.reference.fastload import call
 
 #: skip the work when more than this fraction changed: the gaps then cost more than ``ref-ord``'s zero symbols
 MAX_FRACTION = 0.5
@@ -139,7 +140,7 @@ class RefSparse:
         except zstandard.ZstdError as exc:
             raise TpdeFormatError(key, f"ref-sparse position stream is damaged ({exc})") from None
         pos = np.empty(k, np.int64)
-        if var.size != n_var or varints_to_positions(var, n, pos):
+        if var.size != n_var or call(varints_to_positions, var, n, pos):
             raise TpdeFormatError(key, "ref-sparse position stream is damaged")
         out = ref.clone()
         if k and mode == RAW:
