@@ -73,29 +73,32 @@ def _register_quietly() -> bool:
         return False
 
 
-class _RegisteringLoader:
-    """Wraps the real loader of ``transformers.quantizers.auto``; registers tpde after it ran."""
+class AfterExecLoader:
+    """Wraps a module's real loader and calls ``then(module)`` once the module has executed (an import hook)."""
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, then: Any):
         self._inner = inner
+        self._then = then
 
     def create_module(self, spec: Any) -> Any:
         return self._inner.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
         self._inner.exec_module(module)
-        _register_quietly()
+        self._then(module)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
-def find_wrapped_spec(name: str, path: Any = None, target: Any = None) -> Any:
-    """The real spec of ``name`` from the other finders, with a loader that registers tpde afterwards."""
-    if name != TARGET:
-        return None
+def spec_then(name: str, path: Any, target: Any, flag: str, then: Any) -> Any:
+    """The spec that the other finders (those without the attribute ``flag``) give ``name``, its loader wrapped
+    to call ``then(module)`` after the module executed; None if no finder knows ``name``.
+
+    Example: ``spec_then("transformers.quantizers.auto", None, None, HOOK_FLAG, lambda m: ...)``.
+    """
     for finder in list(sys.meta_path):
-        if getattr(finder, HOOK_FLAG, False):
+        if getattr(finder, flag, False):
             continue
         find_spec = getattr(finder, "find_spec", None)
         if find_spec is None:
@@ -105,10 +108,16 @@ def find_wrapped_spec(name: str, path: Any = None, target: Any = None) -> Any:
             break
     else:
         return None
-    if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-        return spec
-    spec.loader = _RegisteringLoader(spec.loader)
+    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+        spec.loader = AfterExecLoader(spec.loader, then)
     return spec
+
+
+def find_wrapped_spec(name: str, path: Any = None, target: Any = None) -> Any:
+    """The real spec of ``name`` from the other finders, with a loader that registers tpde afterwards."""
+    if name != TARGET:
+        return None
+    return spec_then(name, path, target, HOOK_FLAG, lambda _module: _register_quietly())
 
 
 class _TpdeRegisterFinder:

@@ -149,42 +149,25 @@ def _wrap(module: Any) -> None:
     cls.get_config_dict = classmethod(get_config_dict)
 
 
-class _Loader:
-    """Runs the real loader of ``transformers.configuration_utils``, then wraps it."""
-
-    def __init__(self, inner: Any):
-        self._inner = inner
-
-    def create_module(self, spec: Any) -> Any:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._inner.exec_module(module)
-        try:
-            _wrap(module)
-        except Exception:
-            pass
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+def _wrap_quietly(module: Any) -> None:
+    try:
+        _wrap(module)
+    except Exception:  # the early start is an optimisation only
+        pass
 
 
 class _Finder:
+    """Wraps ``get_config_dict`` right after ``transformers.configuration_utils`` has executed."""
+
     _tpde_early_reference = True
 
     @staticmethod
     def find_spec(name: str, path: Any = None, target: Any = None) -> Any:
         if name != TARGET:
             return None
-        for finder in list(sys.meta_path):
-            if getattr(finder, _FLAG, False) or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader)
-                return spec
-        return None
+        from tpde_hf._autoregister import spec_then  # imports nothing heavy
+
+        return spec_then(name, path, target, _FLAG, _wrap_quietly)
 
 
 def install() -> None:
@@ -193,10 +176,7 @@ def install() -> None:
         return
     module = sys.modules.get(TARGET)
     if module is not None:
-        try:
-            _wrap(module)
-        except Exception:
-            pass
+        _wrap_quietly(module)
         return
     if not any(getattr(f, _FLAG, False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder)
