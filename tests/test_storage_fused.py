@@ -30,7 +30,7 @@ from tpde_hf.loading import storage_prefetch as P
 
 pytest.importorskip("tpde_hf.codec.storage")
 from tpde_hf import storage_format as F  # noqa: E402
-from tpde_hf.codec.storage import NarrowRans, fused  # noqa: E402
+from tpde_hf.codec.storage import NarrowRans  # noqa: E402
 from tpde_hf.codec.storage import codec as C  # noqa: E402
 from tpde_hf.codec.storage import table as T  # noqa: E402
 
@@ -53,7 +53,7 @@ def _encode(w: torch.Tensor, layout: int = 2, g: int = 128) -> dict[str, torch.T
 
 def _fused(parts: dict[str, torch.Tensor], name: str = "w", tables: dict | None = None) -> torch.Tensor:
     with T.shared_bins(tables):
-        out = fused.decode_weight_fused(parts, name)
+        out = C.decode_weight_fused(parts, name)
     assert out is not None  # inside the block: the one-call path
     return out[0]
 
@@ -69,7 +69,7 @@ def test_one_call_decode_equals_block_decode(dtype: torch.dtype, shape: tuple[in
     partial), both layouts: the one-call decode is bit for bit the weight, as the block-by-block decode is."""
     w = _special(dtype, shape, seed=sum(shape))
     parts = _encode(w, layout)
-    assert fused.decode_weight_fused(parts, "w") is None  # outside shared_bins: the caller decodes block by block
+    assert C.decode_weight_fused(parts, "w") is None  # outside shared_bins: the caller decodes block by block
     assert torch.equal(_iv(C.decode_weight(parts, "w")), _iv(w))
     assert torch.equal(_iv(_fused(parts)), _iv(w))
 

@@ -389,8 +389,6 @@ def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str,
     holds the scales only, see :func:`decode_base_arrays`). Inside :func:`.table.shared_bins` (a load's decode
     workers) the weight alone is decoded by one compiled call (:mod:`.fused`)."""
     if not resident:
-        from tpde_hf.codec.storage.fused import decode_weight_fused
-
         fast = decode_weight_fused(parts, name)
         if fast is not None:
             return fast
@@ -411,6 +409,37 @@ def decode_weight_and_base(parts: Mapping[str, torch.Tensor], name: str,
                                                                 gshift, width, mb, tz, lut, cache, out[i0:i1], lm),
                     d["index"], d["words"], numel, name, "delta")
     return _finish_weight(out, d, dtype, (out_f, in_f), name), b["base"]
+
+
+def decode_weight_fused(parts: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, dict] | None:
+    """:func:`decode_weight_and_base` (``resident=False``: the base holds the scales only) by one call of
+    :func:`.fused.decode_blocks`, with the shared bins of :func:`.table.shared_bins`; None outside such a block (the
+    caller then decodes block by block, on the codec's threads). The same checks as the block drivers: a corrupt
+    part raises :class:`TpdeFormatError` naming ``name``, and the weight must match its checksum."""
+    from tpde_hf.codec.storage import table as T
+    from tpde_hf.codec.storage.fused import Q_BAD, decode_blocks
+
+    if not T.active():  # before any parsing: the caller parses again
+        return None
+    b = _base_sections(parts, name)
+    version, dcode, g, out_f, in_f, _ = b["fields"]
+    dtype = CODE_DTYPES[dcode]
+    width, mb, lut = _geometry(dtype)
+    numel = out_f * in_f
+    d = _delta_sections(parts, name, numel, dtype)
+    table = T.table_for(width, mb, d["tz"], lut)
+    if table is None:
+        return None
+    sids, cache, _ = table.prepare(b["s16"], b["z"])
+    out = np.empty(numel, dtype=np.int16 if width == 16 else np.int32)
+    (qs, qc), (ds, dc) = b["index"], d["index"]
+    bad, block = decode_blocks(b["words"], qs, qc, d["words"], ds, dc, b["z"], sids, numel, in_f, g.bit_length() - 1,
+                               width, d["tz"], cache, b["lutq"], b["fcq"], out, _lmask(version),
+                               _lmask(d["version"]), BLOCK)
+    if bad:
+        what = "q" if bad == Q_BAD else "delta"
+        raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt, block {block})")
+    return _finish_weight(out, d, dtype, (out_f, in_f), name), {"scales": _scales(b["s16"])}
 
 
 def _delta_sections(parts: Mapping[str, torch.Tensor], name: str, numel: int, dtype: torch.dtype) -> dict:

@@ -17,14 +17,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
-import torch
 from numba import njit
 
-from tpde_hf.codec.storage import codec as C
-from tpde_hf.codec.storage import table as T
 from tpde_hf.codec.storage.bins import (
     CNT,
     CUM,
@@ -46,7 +41,6 @@ from tpde_hf.codec.storage.bins import (
 )
 from tpde_hf.codec.storage.delta import _U0, _U1, _U2, _U3, _U4, _U8, _U12, _group_run
 from tpde_hf.codec.storage.streams import QPB, STATE_LOW
-from tpde_hf.errors import TpdeFormatError
 
 Q_BAD, DELTA_BAD = 1, 2  # what :func:`decode_blocks` reports for a stream that does not end on its states
 
@@ -220,31 +214,3 @@ def decode_blocks(q_words, q_states, q_counts, d_words, d_states, d_counts, zero
         qs += qc
         ds += dc
     return 0, -1
-
-
-def decode_weight_fused(parts: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, dict] | None:
-    """:func:`.codec.decode_weight_and_base` (``resident=False``: the base holds the scales only) by one call of
-    :func:`decode_blocks`, with the shared bins of :func:`.table.shared_bins`; None outside such a block (the
-    caller then decodes block by block, on the codec's threads). The same checks as the block drivers: a corrupt
-    part raises :class:`TpdeFormatError` naming ``name``, and the weight must match its checksum."""
-    if not T.active():  # before any parsing: the caller parses again
-        return None
-    b = C._base_sections(parts, name)  # noqa: SLF001 - this module is the codec's other decode driver
-    version, dcode, g, out_f, in_f, _ = b["fields"]
-    dtype = C.CODE_DTYPES[dcode]
-    width, mb, lut = C._geometry(dtype)  # noqa: SLF001
-    numel = out_f * in_f
-    d = C._delta_sections(parts, name, numel, dtype)  # noqa: SLF001
-    table = T.table_for(width, mb, d["tz"], lut)
-    if table is None:
-        return None
-    sids, cache, _ = table.prepare(b["s16"], b["z"])
-    out = np.empty(numel, dtype=np.int16 if width == 16 else np.int32)
-    (qs, qc), (ds, dc) = b["index"], d["index"]
-    bad, block = decode_blocks(b["words"], qs, qc, d["words"], ds, dc, b["z"], sids, numel, in_f, g.bit_length() - 1,
-                               width, d["tz"], cache, b["lutq"], b["fcq"], out, C._lmask(version),  # noqa: SLF001
-                               C._lmask(d["version"]), C.BLOCK)  # noqa: SLF001
-    if bad:
-        what = "q" if bad == Q_BAD else "delta"
-        raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt, block {block})")
-    return C._finish_weight(out, d, dtype, (out_f, in_f), name), {"scales": C._scales(b["s16"])}  # noqa: SLF001
