@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +49,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import xxhash
 
 from tpde_hf.codec import base_quant, rans
 from tpde_hf.codec.ordinal import CODE_DTYPES, DTYPE_CODES, INT_VIEW, bit_width, check_dtype
@@ -58,17 +56,27 @@ from tpde_hf.codec.registry import CodecContext
 from tpde_hf.codec.storage import bins as K
 from tpde_hf.codec.storage import delta as D
 from tpde_hf.codec.storage import streams as S
-from tpde_hf.codec.storage.blob import pack_blob, unpack_blob, words_of, zstd_pack, zstd_unpack
+from tpde_hf.codec.storage.blob import pack_blob, zstd_pack
+from tpde_hf.codec.storage.reader import (  # noqa: F401  (re-exported: the layout's constants and parsers)
+    _BASE,
+    _DELTA,
+    _LANES,
+    _MANTISSA,
+    BLOCK,
+    VERSIONS,
+    _base_sections,
+    _block_index,
+    _blocks,
+    _checksum,
+    _delta_sections,
+    _finish_weight,
+    _parse_base,
+    _scales,
+)
 from tpde_hf.errors import TpdeFormatError
 
 VERSION = 2  # the layout this writer writes (both blobs' version byte)
-VERSIONS = (1, 2)  # layouts this reader decodes: 1, one rANS state per block; 2, two interleaved states
-_LANES = {1: 1, 2: 2}  # rANS states per block
-BLOCK = 1 << 16
 ZSTD_LEVEL = 12
-_BASE = struct.Struct("<BBHIIQ")
-_DELTA = struct.Struct("<BB2xIQ")
-_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
 def _threads() -> int:
@@ -145,18 +153,6 @@ def unpack4(packed: np.ndarray, length: int) -> np.ndarray:
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
     return out[..., :length]
-
-
-def _blocks(numel: int) -> list[tuple[int, int]]:
-    return [(i, min(i + BLOCK, numel)) for i in range(0, numel, BLOCK)]
-
-
-def _checksum(*arrays: np.ndarray, header: tuple[int, ...] = ()) -> int:
-    """xxh3-64 of ``header`` (as int64s) and the arrays' bytes."""
-    h = xxhash.xxh3_64(np.array(header, dtype="<i8").tobytes())
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).view(np.uint8).data)
-    return h.intdigest()
 
 
 def grid_bits(bits: np.ndarray, width: int, mb: int) -> int:
@@ -271,38 +267,7 @@ def encode_delta(bits: np.ndarray, q: np.ndarray, z: np.ndarray, s16: np.ndarray
     return pack_blob(_DELTA, (version, tz, pos.size, checksum), [index, words, exc_data])
 
 
-# ==================================================================== decode
-def _parse_base(blob: torch.Tensor, name: str) -> tuple[tuple[int, ...], list[memoryview]]:
-    fields, sections = unpack_blob(blob, _BASE, 6, name)
-    version, dcode, g, out_f, in_f, _ = fields
-    if version not in VERSIONS:
-        raise TpdeFormatError(name, f"narrow-rans layout {version} is not one of {VERSIONS}; upgrade tpde-hf")
-    if dcode not in CODE_DTYPES:
-        raise TpdeFormatError(name, f"unknown source dtype code {dcode}")
-    if g not in base_quant.SUPPORTED_GROUP_SIZES:
-        raise TpdeFormatError(name, f"group size {g} not in {base_quant.SUPPORTED_GROUP_SIZES}")
-    if out_f <= 0 or in_f <= 0 or out_f * in_f >= 1 << 40:
-        raise TpdeFormatError(name, f"invalid shape {[out_f, in_f]}")
-    return fields, sections
-
-
-def _block_index(data: memoryview, numel: int, n_words: int, name: str, what: str,
-                 version: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(states [blocks, 2], word counts [blocks])`` of a layout's block index (layout 1: lane 1 unused, its
-    state ``2**16``)."""
-    nb = len(_blocks(numel))
-    nl = _LANES[version]
-    if len(data) != nb * 4 * (nl + 1):
-        raise TpdeFormatError(name, f"{what} block index holds {len(data)} bytes, expected {nb * 4 * (nl + 1)}")
-    index = np.frombuffer(data, dtype="<u4").reshape(nb, nl + 1).astype(np.int64)
-    states = np.full((nb, S.NLANES), S.STATE_LOW, dtype=np.int64)
-    states[:, :nl] = index[:, :nl]
-    counts = np.ascontiguousarray(index[:, nl])
-    if int(counts.sum()) != n_words or bool((states < S.STATE_LOW).any()):
-        raise TpdeFormatError(name, f"{what} block index disagrees with its words (truncated or corrupt)")
-    return states, counts
-
-
+# ==================================================================== decode (the blobs are parsed by .reader)
 def _decode_streams(decode: Callable, index: tuple[np.ndarray, np.ndarray], words: np.ndarray, numel: int,
                     name: str, what: str, make_cache: Callable[[], object] | None = None) -> None:
     """``decode(block words, states, read position, i0, i1, cache)`` per block (states and position updated in
@@ -316,38 +281,6 @@ def _decode_streams(decode: Callable, index: tuple[np.ndarray, np.ndarray], word
     for b, (_, xs, ps, _, _) in enumerate(jobs):
         if bool((xs != S.STATE_LOW).any()) or int(ps[0]) != counts[b]:
             raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt)")
-
-
-def _base_sections(parts: Mapping[str, torch.Tensor], name: str) -> dict:
-    """The ``base_blob`` parsed and checked, all but the q stream decoded: ``fields`` (the header), ``index``
-    and ``words`` of the q stream, its tables ``lutq`` / ``fcq``, ``s16`` (the scales' uint16 patterns, [out, ng])
-    and ``z`` (the zero points, [out, ng])."""
-    if "base_blob" not in parts:
-        raise TpdeFormatError(name, "narrow-rans part 'base_blob' is missing")
-    fields, (index_b, words_b, table_b, hi_b, lo_b, zeros_b) = _parse_base(parts["base_blob"], name)
-    version, dcode, g, out_f, in_f, checksum = fields
-    ng = base_quant.n_groups(in_f, g)
-    words = words_of(words_b, name)
-    index = _block_index(index_b, out_f * in_f, words.size, name, "q", version)
-    freq = zstd_unpack(table_b, "<u2", 256, name, "q tables").astype(np.int64).reshape(16, 16)
-    if bool((freq.sum(axis=1) != 1 << S.QPB).any()):
-        raise TpdeFormatError(name, "q tables do not sum to the probability scale")
-    cum = np.cumsum(freq, axis=1) - freq
-    lutq = np.repeat(np.tile(np.arange(16, dtype=np.uint8), 16), freq.ravel())  # [16 * 2**QPB]: code of a slot
-    fcq = ((freq << 16) | cum).ravel()  # freq (<= 2**QPB) << 16 | cum, one read per code
-    hi = zstd_unpack(hi_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
-    lo = zstd_unpack(lo_b, "u1", out_f * ng, name, "scales").astype(np.uint16)
-    s16 = ((hi << 8) | lo).reshape(out_f, ng)
-    if bool(((s16 & 0x7C00) == 0x7C00).any()):  # fp16 exponent all ones: inf or NaN
-        raise TpdeFormatError(name, "scales contain inf or NaN")
-    z = zstd_unpack(zeros_b, "u1", out_f * ng, name, "zero points").reshape(out_f, ng)
-    if bool((z > 15).any()):
-        raise TpdeFormatError(name, "a zero point exceeds 15")
-    return {"fields": fields, "index": index, "words": words, "lutq": lutq, "fcq": fcq, "s16": s16, "z": z}
-
-
-def _scales(s16: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(s16.view(np.float16).copy())  # numpy's float16: no torch call (a GIL round trip)
 
 
 def decode_base_arrays(parts: Mapping[str, torch.Tensor], name: str, resident: bool = True) -> dict:
@@ -440,48 +373,6 @@ def decode_weight_fused(parts: Mapping[str, torch.Tensor], name: str) -> tuple[t
         what = "q" if bad == Q_BAD else "delta"
         raise TpdeFormatError(name, f"{what} stream does not decode to its end state (corrupt, block {block})")
     return _finish_weight(out, d, dtype, (out_f, in_f), name), {"scales": _scales(b["s16"])}
-
-
-def _delta_sections(parts: Mapping[str, torch.Tensor], name: str, numel: int, dtype: torch.dtype) -> dict:
-    """The ``delta_blob`` parsed and checked: ``version``, ``tz``, ``checksum``, the stream's ``index`` and
-    ``words``, and the exceptions' positions ``pos`` and bit patterns ``patt``."""
-    if "delta_blob" not in parts:
-        raise TpdeFormatError(name, "narrow-rans part 'delta_blob' is missing")
-    (version, tz, n_exc, checksum), (index_b, words_b, exc_b) = unpack_blob(parts["delta_blob"], _DELTA, 3, name)
-    if version not in VERSIONS:
-        raise TpdeFormatError(name, f"narrow-rans delta layout {version} is not one of {VERSIONS}; upgrade tpde-hf")
-    words = words_of(words_b, name)
-    index = _block_index(index_b, numel, words.size, name, "delta", version)
-    pos = np.zeros(0, dtype=np.int64)
-    patt = np.zeros(0, dtype=np.uint32)
-    if n_exc > numel:
-        raise TpdeFormatError(name, f"{n_exc} exceptions in a tensor of {numel} weights")
-    if n_exc:
-        raw = zstd_unpack(exc_b, "u1", n_exc * 12, name, "exceptions")
-        gaps = raw[: 8 * n_exc].view("<u8")
-        patt = raw[8 * n_exc:].view("<u4").astype(np.uint32)
-        if bool((gaps >= numel).any()) or bool((gaps[1:] == 0).any()):
-            raise TpdeFormatError(name, "exception positions are out of order or out of range")
-        pos = np.cumsum(gaps.astype(np.int64))
-        if pos[-1] >= numel:
-            raise TpdeFormatError(name, "exception positions are out of range")
-    elif len(exc_b):
-        raise TpdeFormatError(name, "an exception list without exceptions")
-    mb = _MANTISSA[dtype]
-    if tz > mb:
-        raise TpdeFormatError(name, f"grid shift {tz} exceeds the {mb} mantissa bits of {dtype}")
-    return {"version": version, "tz": tz, "checksum": checksum, "index": index, "words": words, "pos": pos,
-            "patt": patt}
-
-
-def _finish_weight(out: np.ndarray, d: dict, dtype: torch.dtype, shape: tuple[int, int], name: str) -> torch.Tensor:
-    """The decoded bit patterns ``out`` with the exceptions patched in, checked against the weight's checksum."""
-    if d["pos"].size:
-        patt = d["patt"]
-        out[d["pos"]] = patt.astype(np.uint16).view(np.int16) if out.dtype == np.int16 else patt.view(np.int32)
-    if _checksum(out) != d["checksum"]:
-        raise TpdeFormatError(name, "the decoded weight does not match its checksum (corrupt delta)")
-    return torch.from_numpy(out.reshape(shape)).view(dtype)
 
 
 class NarrowRans:
