@@ -5,7 +5,7 @@ unchanged), at a fraction of its CPU:
 
 * :func:`unsymbolize_check` runs the decoder's inverse of the symbol map on every element
   (``x == unsymbolize(sym, raw, p)``);
-* :func:`encode_chunks` replaces the rANS step's 64-bit integer division by a float reciprocal with an
+* :func:`encode_compact` replaces the rANS step's 64-bit integer division by a float reciprocal with an
   exact integer correction, writes each renormalisation word unconditionally (a select, no branch),
   and checks the decoder's inverse of every step: ``0 <= x mod f < f`` after the correction, so the
   decoder's ``f * (X >> 12) + slot - cum`` gives back the state (with tables whose ``cum + f <= 2**12``,
@@ -18,7 +18,7 @@ tensor with a nonzero count. Together with a decode-and-compare of sampled chunk
 Example::
 
     assert unsymbolize_check(x, p, sym, raw, MODE_ORD, 32, 23) == 0
-    states, n_words, n_bitwords, words, bitwords, bad = encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk)
+    states, n_words, n_bitwords, words, bitwords, bad = encode_compact(sym, nraw, raw, ctx, freq, cum, chunk)
 """
 
 from __future__ import annotations
@@ -166,17 +166,10 @@ def _encode_par(sym, nraw, raw, ctx, tab, rcp, nsym, chunk):
 
 
 @njit(cache=True, nogil=True)
-def _encode_ser(sym, nraw, raw, ctx, tab, rcp, nsym, chunk):
-    states, n_words, n_bitwords, words, bitwords, bad = _alloc(sym.shape[0], chunk)
-    for c in range(states.shape[0]):
-        bad[c] = _chunk(c, sym, nraw, raw, ctx, tab, rcp, nsym, chunk, states, n_words, n_bitwords, words, bitwords)
-    return states, n_words, n_bitwords, words, bitwords, bad.sum()
-
-
-@njit(cache=True, nogil=True)
 def _encode_ser_compact(sym, nraw, raw, ctx, tab, rcp, nsym, chunk):
-    """:func:`_encode_ser`, writing the streams as stored: each chunk's words (encoded into a scratch row that
-    stays in cache) and bit words one after the other, no ``[n_chunks, cap]`` arrays to gather from."""
+    """The chunks one after the other on this thread, writing the streams as stored: each chunk's words (encoded
+    into a scratch row that stays in cache) and bit words one after the other, no ``[n_chunks, cap]`` arrays to
+    gather from."""
     n = sym.shape[0]
     nch = (n + chunk - 1) // chunk
     states = np.empty((nch, LANES), np.int64)
@@ -222,8 +215,10 @@ def _gather(words, n_words, bitwords, n_bitwords):
 
 
 def encode_compact(sym, nraw, raw, ctx, freq, cum, chunk):
-    """:func:`encode_chunks` with the streams as stored: ``(states, n_words, n_bitwords, words, bitwords, bad)``,
-    ``words`` (uint16) the chunks' words one after the other, ``bitwords`` (uint32) likewise."""
+    """rANS-encode and pack raw bits chunk by chunk, the stream of :func:`tpde_hf.checkpoints.kernels.encode_chunks`
+    (same bytes) as stored: ``(states, n_words, n_bitwords, words, bitwords, bad)``, ``words`` (uint16) the chunks'
+    words one after the other, ``bitwords`` (uint32) likewise, ``bad`` the count of failed inline checks. Chunks
+    in parallel unless ``kernels.serial``."""
     tab, rcp = _flat_tables(freq, cum)
     if is_serial():
         return _encode_ser_compact(sym, nraw, raw, ctx, tab, rcp, np.int64(freq.shape[1]), chunk)
@@ -240,14 +235,6 @@ def _flat_tables(freq, cum):
     tab = np.ascontiguousarray(freq | (np.asarray(cum, np.int64) << 16)).reshape(-1)
     rcp = (1.0 / np.maximum(freq, 1)).reshape(-1)
     return tab, rcp
-
-
-def encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk):
-    """rANS-encode and pack raw bits chunk by chunk, as :func:`tpde_hf.checkpoints.kernels.encode_chunks`
-    (same output), plus the count of failed inline checks. Chunks in parallel unless ``kernels.serial``."""
-    tab, rcp = _flat_tables(freq, cum)
-    fn = _encode_ser if is_serial() else _encode_par
-    return fn(sym, nraw, raw, ctx, tab, rcp, np.int64(freq.shape[1]), chunk)
 
 
 @njit(cache=True, nogil=True)
@@ -346,5 +333,5 @@ def decode_some(which, p, ctx, lut, freq, cum, states, word_start, words, bit_st
     return bad
 
 
-__all__ = ["decode_some", "encode_chunks", "encode_compact", "predict_f32", "sample_cost", "sample_costs",
+__all__ = ["decode_some", "encode_compact", "predict_f32", "sample_cost", "sample_costs",
            "unsymbolize_check"]

@@ -144,7 +144,7 @@ def _encode_ser(sym, nraw, raw, ctx, freq, cum, chunk):
 def encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk):
     """rANS-encode symbols and pack raw bits, chunk by chunk (chunks in parallel unless :func:`serial`).
 
-    The plain reference encoder: the codec writes with :func:`tpde_hf.checkpoints.enc_kernels.encode_chunks`
+    The plain reference encoder: the codec writes with :func:`tpde_hf.checkpoints.enc_kernels.encode_compact`
     (flat tables, per-step inverse checks), which tests hold to this one's stream byte for byte.
 
     Returns ``(states, n_words, n_bitwords, words[n_chunks, cap16], bitwords[n_chunks, cap32])``;
