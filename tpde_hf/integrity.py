@@ -186,6 +186,54 @@ def read_shard_header(path: str | os.PathLike) -> ShardHeader:
     return ShardHeader(path, data_start, size, raw, tensors, metadata)
 
 
+#: numpy dtypes of the safetensors dtypes numpy has (a view through numpy is one torch call: a GIL round trip less)
+_NUMPY_DTYPES = {"U8": "u1", "I8": "i1", "I16": "<i2", "I32": "<i4", "I64": "<i8", "F16": "<f2", "F32": "<f4",
+                 "F64": "<f8", "BOOL": "?"}
+
+
+class MappedShard:
+    """A safetensors file's tensors as views of one copy-on-write memory map: no copy, nothing read until a
+    tensor is used (a compiled decoder then touches it without the GIL). The header is
+    :func:`read_shard_header`'s, so every entry was checked to lie inside the file.
+
+    Example::
+
+        shard = MappedShard("model.safetensors")   # TpdeFormatError for a malformed or truncated header
+        t = shard.view("lm_head.weight")           # None: read it another way (unknown dtype, unaligned)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import torch
+
+        self._torch = torch
+        self.header = read_shard_header(path)
+        with open(self.header.path, "rb") as fh:  # writable for torch, never written back
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if self.header.size else None
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def view(self, name: str) -> Any:
+        """Tensor ``name`` (a torch tensor viewing the map), or None when it cannot be a view: a dtype torch lacks,
+        or data not aligned to its item size."""
+        from tpde_hf.format import SAFETENSORS_DTYPES
+
+        torch = self._torch
+        t = self.header.tensors.get(name)
+        dtype = getattr(torch, SAFETENSORS_DTYPES.get(t.dtype, ""), None) if t is not None else None
+        if not isinstance(dtype, torch.dtype) or t.begin % dtype.itemsize:
+            return None
+        n = (t.end - t.begin) // dtype.itemsize
+        if n == 0:
+            return torch.empty(t.shape, dtype=dtype)
+        np_dtype = _NUMPY_DTYPES.get(t.dtype)
+        if np_dtype is not None:
+            import numpy as np
+
+            return torch.from_numpy(np.frombuffer(self._map, dtype=np_dtype, count=n, offset=t.begin).reshape(t.shape))
+        return torch.frombuffer(self._map, dtype=dtype, count=n, offset=t.begin).view(t.shape)
+
+
 def encode_header(header: dict[str, Any]) -> bytes:
     """The 8-byte length and the JSON of a safetensors header, padded so that the data starts 8-byte aligned."""
     blob = json.dumps(header, separators=(",", ":")).encode()

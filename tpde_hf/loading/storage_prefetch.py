@@ -77,25 +77,17 @@ def _head(t: torch.Tensor, n: int | None) -> memoryview:
 
 
 class _Shard:
-    """A safetensors file read as numpy views of one memory map: ``keys()`` and ``get_tensor(key)`` like
-    ``safetensors.safe_open``, without a torch call per tensor (each would be a GIL round trip on a worker, see
-    :func:`_head`). Tensors of a dtype numpy lacks (bfloat16 ...) come from ``safe_open``. A malformed header
-    raises (the workers then list nothing; the loading thread reads the file itself and reports it)."""
-
-    _NP = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16,
-           "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
+    """A safetensors file as views of one memory map (:class:`tpde_hf.integrity.MappedShard`): ``keys()`` and
+    ``get_tensor(key)`` like ``safetensors.safe_open``, without a torch call per tensor beyond the view (each
+    would be a GIL round trip on a worker, see :func:`_head`). What cannot be a view comes from ``safe_open``. A
+    malformed header raises (the workers then list nothing; the loading thread reads the file itself and reports
+    it)."""
 
     def __init__(self, path: str):
-        import json
-        import mmap
+        from tpde_hf.integrity import MappedShard
 
         self.path = path
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            self.header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
-            # copy-on-write: a writable buffer (torch.from_numpy warns on a read-only one); nothing is written
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.header else None
-        self.start = 8 + n
+        self._mapped = MappedShard(path)
         self._fallback: Any = None
 
     def __enter__(self) -> _Shard:
@@ -106,21 +98,17 @@ class _Shard:
             self._fallback.__exit__(*exc)
 
     def keys(self) -> list[str]:
-        return list(self.header)
+        return self._mapped.keys()
 
     def get_tensor(self, key: str) -> torch.Tensor:
-        e = self.header[key]
-        dt = self._NP.get(e["dtype"])
-        b0, b1 = (int(x) for x in e["data_offsets"])
-        shape = tuple(int(x) for x in e["shape"])
-        size = int(np.prod(shape, dtype=np.int64))
-        if dt is None or b1 - b0 != size * np.dtype(dt).itemsize or self.start + b1 > len(self.map):
-            if self._fallback is None:  # a dtype numpy lacks, or sizes that disagree: safetensors decides
-                from safetensors import safe_open
+        view = self._mapped.view(key)
+        if view is not None:
+            return view
+        if self._fallback is None:  # a dtype without a view, or unaligned data: safetensors reads it
+            from safetensors import safe_open
 
-                self._fallback = safe_open(self.path, framework="pt").__enter__()
-            return self._fallback.get_tensor(key)
-        return torch.from_numpy(np.frombuffer(self.map, dtype=dt, count=size, offset=self.start + b0).reshape(shape))
+            self._fallback = safe_open(self.path, framework="pt").__enter__()
+        return self._fallback.get_tensor(key)
 
 
 def _nbytes(result: Any) -> int:

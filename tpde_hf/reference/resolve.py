@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import threading
@@ -198,52 +197,21 @@ class ReferenceReader:
 
     def _mapped_view(self, name: str) -> torch.Tensor | None:
         """Tensor ``name`` as a view of its file, memory-mapped copy-on-write (no copy, no read until used: the
-        decode touches it without the GIL); None when the file cannot be mapped (then it is read as usual)."""
+        decode touches it without the GIL); None when it cannot be one (then it is read as usual)."""
         fh = self._where[name]
         maps = self.__dict__.setdefault("_maps", {})
         if id(fh) not in maps:
-            maps[id(fh)] = _map_safetensors(self._files[id(fh)])
-        entries = maps[id(fh)]
-        if entries is None or name not in entries:
-            return None
-        buf, dtype, shape, start, end = entries[name]
-        n = (end - start) // dtype.itemsize
-        if n * dtype.itemsize != end - start or math.prod(shape) != n or start % dtype.itemsize:
-            return None  # (an unaligned tensor: read as usual)
-        if n == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype, count=n, offset=start).view(shape)
+            from tpde_hf.integrity import MappedShard
+
+            try:
+                maps[id(fh)] = MappedShard(self._files[id(fh)])
+            except (OSError, ValueError):  # TpdeFormatError too: safetensors reads (and reports) the file
+                maps[id(fh)] = None
+        shard = maps[id(fh)]
+        return shard.view(name) if shard is not None else None
 
     def _read(self, key: str) -> torch.Tensor:
         return self._where[key].get_tensor(key)
-
-
-def _map_safetensors(path: Path) -> dict[str, tuple] | None:
-    """``name -> (buffer, dtype, shape, start, end)`` of a safetensors file mapped copy-on-write, or None."""
-    import mmap
-    import struct
-
-    from tpde_hf.format import SAFETENSORS_DTYPES
-
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= size - 8:
-                return None
-            header = json.loads(f.read(n))
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written back
-    except (OSError, ValueError, struct.error):
-        return None
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = getattr(torch, SAFETENSORS_DTYPES.get(e.get("dtype"), ""), None)
-        start, end = (8 + n + int(x) for x in e["data_offsets"])
-        if isinstance(dtype, torch.dtype) and 8 + n <= start <= end <= size:
-            out[name] = (buf, dtype, tuple(int(d) for d in e["shape"]), start, end)
-    return out
 
 
 def _storage_weights(keys: list[str]) -> dict[str, Any]:
