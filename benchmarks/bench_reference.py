@@ -29,6 +29,8 @@ Example::
 
     python benchmarks/bench_reference.py --pairs minilm smollm2 --part bits
     flock /tmp/lead/bench.lock python benchmarks/bench_reference.py --pairs minilm smollm2 --part timing
+    # the same, with an earlier tpde_hf package (a copy of the tree) timed in the same loop as delta_before
+    flock /tmp/lead/bench.lock python benchmarks/bench_reference.py --pairs smollm2 --part timing --before /tmp/old
 """
 
 from __future__ import annotations
@@ -171,24 +173,36 @@ def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
 EARLY_HOOK = "from tpde_hf.reference.early import install; install(); "
 
 
-def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool = True) -> dict:
+def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool = True,
+               before: Path | None = None) -> dict:
     """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes; with
     ``early`` also the delta repo with :func:`tpde_hf.reference.early.install` called first (the decode then starts
-    at ``config.json``): what ``import tpde_hf`` would do once that hook is wired into it."""
+    at ``config.json``): what ``import tpde_hf`` would do once that hook is wired into it. ``before``: a folder
+    holding an earlier ``tpde_hf`` package (e.g. ``git archive HEAD tpde_hf``), loaded as ``delta_before`` in the
+    same loop, so that old and new code are compared under the same machine load."""
     code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; {hook}"
             f"m = transformers.{auto}.from_pretrained(sys.argv[1]); print(time.perf_counter() - t0)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    variants = [("delta", out, ""), ("dense", dense, "")] + ([("delta_early_hook", out, EARLY_HOOK)] if early else [])
+    variants = [("delta", out, "", env), ("dense", dense, "", env)]
+    variants += [("delta_early_hook", out, EARLY_HOOK, env)] if early else []
+    if before is not None:
+        old_env = {**env, "PYTHONPATH": os.pathsep.join([str(before), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        variants.append(("delta_before", out, "", old_env))
+        subprocess.run([sys.executable, "-c", code.format(hook=""), str(out)], capture_output=True, text=True,
+                       env=old_env, check=True)  # its numba cache (another path): compiled once, not timed
     runs: dict[str, list[float]] = {v[0]: [] for v in variants}
     for _ in range(repeat):
-        for label, path, hook in variants:
+        for label, path, hook, run_env in variants:
             p = subprocess.run([sys.executable, "-c", code.format(hook=hook), str(path)], capture_output=True,
-                               text=True, env=env, check=True)
+                               text=True, env=run_env, check=True)
             runs[label].append(float(p.stdout.strip().splitlines()[-1]))
     med = {k: statistics.median(v) for k, v in runs.items()}
     res = {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
            "note": "fresh process per run, imports included; reference and repos on local disk, page-cached; "
                    "variants alternated in one loop"}
+    if before is not None:
+        res["delta_before_over_dense"] = med["delta_before"] / med["dense"]
+        res["before_note"] = f"delta_before: the same delta repo loaded by the tpde_hf package in {before}"
     if early:
         res["delta_early_hook_over_dense"] = med["delta_early_hook"] / med["dense"]
         res["early_hook_note"] = ("delta_early_hook: the child calls tpde_hf.reference.early.install() after "
@@ -315,7 +329,7 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def time_pair(name: str, work: Path, load_repeat: int) -> dict:
+def time_pair(name: str, work: Path, load_repeat: int, before: Path | None = None) -> dict:
     """Rebuild speed and from_pretrained time of the delta repo the bits part wrote (run under the bench lock)."""
     folder = PAIRS / name
     out = work / f"{name}-ref"
@@ -326,7 +340,7 @@ def time_pair(name: str, work: Path, load_repeat: int) -> dict:
     res["ref_ord_layouts"] = ref_ord_layouts(out)
     res["rebuild"] = rebuild_speed(out, folder / "base")
     auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
-    res["load"] = load_times(out, folder / "finetune", auto, repeat=load_repeat)
+    res["load"] = load_times(out, folder / "finetune", auto, repeat=load_repeat, before=before)
     res["uptime_end"] = uptime()
     return res
 
@@ -394,6 +408,11 @@ def profile_child(path: str, auto: str) -> dict:
     timed(L, "_warm_kernels", label="numba warm-up (background thread)")
     timed(TpdeHfQuantizer, "__init__", label="quantizer init")
     timed(TpdeHfQuantizer, "_process_model_before_weight_loading", label="quantizer before weight loading")
+    import transformers.modeling_utils as MU
+
+    # transformers' quantizer point (modeling_utils.from_pretrained calls get_hf_quantizer, then resolves the
+    # checkpoint files): marked for the dense load too, so the time left after it is comparable
+    timed(MU, "get_hf_quantizer", label="get_hf_quantizer")
     del C
     mark("from_pretrained start")
     getattr(transformers, auto).from_pretrained(path)
@@ -425,6 +444,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["bits", "timing", "profile", "all"], default="all",
                     help="bits: sizes (any priority); timing: rebuild + load of the repos bits wrote (bench lock); "
                          "profile: per-phase time stamps of the loads (bench lock; not part of 'all')")
+    ap.add_argument("--before", default=None, help="timing: a folder with an earlier tpde_hf package, timed as "
+                                                    "delta_before in the same loop")
     a = ap.parse_args()
     work = PAIRS / "bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -447,7 +468,8 @@ def main() -> None:
                 "uptime_start": uptime(), **profile_load(work / f"{name}-ref", PAIRS / name / "finetune", auto,
                                                          a.load_repeat), "uptime_end": uptime()}
         if a.part in ("timing", "all"):
-            result["pairs"].setdefault(name, {})["timing_part"] = time_pair(name, work, a.load_repeat)
+            result["pairs"].setdefault(name, {})["timing_part"] = time_pair(name, work, a.load_repeat,
+                                                                    Path(a.before) if a.before else None)
             print(json.dumps({name: result["pairs"][name]["timing_part"]}, indent=1, default=str), flush=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

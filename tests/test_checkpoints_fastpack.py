@@ -172,8 +172,9 @@ def test_deferred_packs_run_only_in_the_wait_and_restore_exactly(tmp_path: Path)
 def test_warm_up_loads_the_pack_kernels() -> None:
     """In a fresh process no pack kernel is loaded; after ``warm_up()`` the packing thread's are."""
     code = ("from tpde_hf.checkpoints import codec as C, enc_kernels as E, kernels as K\n"
-            "fns = [E._encode_ser_compact, E.predict_f32, E.sample_costs, E.unsymbolize_check, E.decode_some, "
-            "K.symbolize, K.histogram, K.buckets]\n"
+            "fns = [E._encode_range, E._predict_f32_into, E.sample_costs, E.unsymbolize_check, E.decode_some, "
+            "K.symbolize, K.histogram, K.buckets, E._ratio_into, K.symbolize_into, E._buckets_into, "
+            "E._half_exponent_into, E._square_ctx_into, E._weight_ctx_into]\n"
             "assert not any(f.signatures for f in fns)\n"
             "C.warm_up()\n"
             "assert all(f.signatures for f in fns), [f for f in fns if not f.signatures]\n")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tpde_hf.checkpoints import store as S
+from tpde_hf.checkpoints.chain import restore_files
 from tpde_hf.errors import TpdeFormatError
 
 DEFAULT_KEYFRAME_EVERY = 8
@@ -154,16 +155,24 @@ def restore(ckpt_dir: str | Path, out: str | Path | None = None, files: Sequence
     if read_pointer(ckpt_dir) is None and ckpt_dir.is_dir():  # plain (the newest, with backward deltas)
         return _copy_plain(ckpt_dir, out, files)
     root, name, ptr = _entry_of(ckpt_dir)
-    dec = S.decode_chain(root, name)
+    paths, raw = S.links(root, name)
+    man = S.read_manifest(paths[-1]) if paths else None
+    if man is None:  # the entry's own plain files are still held (a crash before the hold was dropped)
+        dec = S.decode_chain(root, name)
+        man = dec.manifest
     target = Path(out) if out is not None else ckpt_dir
-    target.mkdir(parents=True, exist_ok=True)
-    names = ptr["removed"] if out is None else [f["name"] for f in dec.manifest["files"]]
+    names = ptr["removed"] if out is None else [f["name"] for f in man["files"]]
     if files is not None:
-        known = {f["name"] for f in dec.manifest["files"]}
+        known = {f["name"] for f in man["files"]}
         missing = sorted(set(files) - known)
         if missing:
             raise ValueError(f"{ckpt_dir}: no file(s) {missing} in the packed checkpoint")
         names = [n for n in names if n in set(files)]
+    target.mkdir(parents=True, exist_ok=True)
+    if paths:  # decode the chain as one job graph, each file written as soon as its tensors are there
+        start = S.read_checkpoint(raw, name=S.raw_name(root, raw), hash_files=False) if raw is not None else None
+        restore_files(paths, start, {fname: target / fname for fname in names})
+        return [target / fname for fname in names]
     # one thread per file: each write is a copy into the page cache and an fsync, which overlap
     with ThreadPoolExecutor(max(1, min(len(names), 4))) as pool:
         for job in [pool.submit(S.write_file, dec, fname, target / fname) for fname in names]:

@@ -9,7 +9,7 @@ It also puts the packing thread back at normal priority while anyone waits for i
 Example::
 
     assist = Assist()
-    encode_entry(cur, ref, runner=assist.map)   # on the packing thread
+    encode_entry(cur, ref, runner=assist)       # on the packing thread (``assist.fork`` inside a job)
     assist.help(thread.is_alive)                # on the training thread, in wait()
 """
 
@@ -62,6 +62,35 @@ class Assist:
                     self._cv.wait(0.1)
                     continue
             self._run(job)
+        if batch.error is not None:
+            raise batch.error
+        return batch.results
+
+    __call__ = map  # a runner ``runner(fn, items)`` (e.g. for ``store.encode_entry``)
+
+    def fork(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``[fn(x) for x in items]`` from inside a job, on any thread: the items go to the front of the queue,
+        where idle helpers take them first; the calling thread runs the rest of its own (never another job:
+        the job it is part of waits for it) and then waits for those a helper took."""
+        items = list(items)
+        if len(items) <= 1:
+            return [fn(x) for x in items]
+        batch = _Batch(len(items))
+        jobs = [(batch, i, lambda x=x: fn(x)) for i, x in enumerate(items)]
+        with self._cv:
+            self._jobs.extendleft(reversed(jobs))
+            self._cv.notify_all()
+        while True:
+            with self._cv:
+                mine = next((j for j in self._jobs if j[0] is batch), None)
+                if mine is not None:
+                    self._jobs.remove(mine)
+                elif batch.pending == 0:
+                    break
+                else:
+                    self._cv.wait(0.1)
+                    continue
+            self._run(mine)
         if batch.error is not None:
             raise batch.error
         return batch.results

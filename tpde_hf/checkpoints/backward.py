@@ -34,7 +34,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import zstandard
+
+from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints import store as S
+from tpde_hf.checkpoints.entry_file import check_file
+from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, stored_parts
 from tpde_hf.errors import TpdeFormatError
 
 #: Files that stay in a packed folder: Trainer's small JSON/args files (the rest go into the entry).
@@ -128,8 +134,14 @@ def older_run(mans: dict[str, dict[str, Any]], name: str) -> int:
 
 
 def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.Decoded,
-                  ref: S.Decoded | None, verify: bool | str) -> Path:
-    """Write an entry under a temporary name, check it, then ``os.replace`` it into place."""
+                  ref: S.Decoded | None, verify: bool | str, runner: Any = None, digested: bool = False) -> Path:
+    """Write an entry under a temporary name, check it, then ``os.replace`` it into place.
+
+    The check (``verify=True``): the manifest read back through safetensors, every part's bytes on disk against
+    the part written (:func:`~tpde_hf.checkpoints.entry_file.check_file`, mapped with ``runner``), every
+    skeleton decompressed against ``cur``'s, and (unless ``digested``: :func:`encode_entry` did it) every file of
+    ``cur`` rebuilt to its recorded hash. ``"full"``: the entry decoded from disk as a restore would.
+    """
     final = S.entry_path(root, name)
     tmp = Path(root) / f".{name}.tpde.new"
     S.write_entry(tmp, tensors, manifest)
@@ -139,7 +151,17 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
             for f in manifest["files"]:
                 S.file_digest(dec, f["name"])
         elif verify:
-            S.check_entry(tmp, tensors, manifest, cur, ref)
+            if S.read_manifest(tmp) != json.loads(json.dumps(manifest)):
+                raise TpdeFormatError(str(tmp), "entry manifest on disk differs from the one written")
+            bad = check_file(tmp, tensors, runner)
+            if bad is not None:
+                raise TpdeFormatError(str(tmp), bad)
+            for i, rec in enumerate(manifest["files"]):
+                blob = tensors[f"skeleton.{i}"].numpy().tobytes()
+                if _skeleton_bytes(blob, ref, rec) != cur.skeletons[rec["name"]]:
+                    raise TpdeFormatError(str(tmp), f"skeleton of {rec['name']} does not decompress to the original")
+                if not digested:
+                    S.file_digest(cur, rec["name"])
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -147,8 +169,80 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
     return final
 
 
+def _zdict(parent: S.Decoded | None, name: str) -> zstandard.ZstdCompressionDict | None:
+    d = parent.skeletons.get(name) if parent is not None else None
+    return zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
+
+
+def _skeleton_bytes(blob: bytes, parent: S.Decoded | None, rec: dict) -> bytes:
+    return zstandard.ZstdDecompressor(dict_data=_zdict(parent, rec["name"])).decompress(
+        blob, max_output_size=int(rec["size"])) if blob else b""
+
+
 def big_files(manifest: dict[str, Any]) -> list[str]:
     return [f["name"] for f in manifest["files"] if f["ranges"] or f["size"] >= _KEEP_SMALL]
+
+
+def _call(job: tuple) -> dict:
+    return job[1](job[2])
+
+
+def encode_entry(cur: S.Decoded, parent: S.Decoded | None, *, step: int | None, depth: int,
+                 param_names: Sequence[str] | None, verify: bool, runner: Any = None) -> tuple[dict, dict]:
+    """:func:`tpde_hf.checkpoints.store.encode_entry` for a backward entry (the same tensors and manifest), with
+    every tensor in one job list, largest first, with the skeletons' compression and (``verify``) the check that
+    every file of ``cur`` rebuilds to its recorded hash.
+
+    The decoder needs the tensors of earlier :func:`~tpde_hf.checkpoints.predict.stages` before a tensor's
+    features; the encoder has all of ``cur`` from the start, so it gives each tensor exactly the tensors of
+    the earlier stages (what the decoder will have) and needs no barrier between stages: the two threads of a
+    wait finish together. ``runner(fn, items)``: a map (an :class:`~tpde_hf.checkpoints.assist.Assist`, whose
+    ``fork`` also lets idle threads take runs of a large tensor's chunks); default: in order on this thread.
+    """
+    codec = TENSOR_CODECS.get(S.CODEC)
+    prev = parent.tensors if parent is not None else None
+    stages = predict.stages(list(cur.tensors))
+    seen: dict[str, dict] = {}
+    earlier: dict = {}
+    for stage in stages:
+        for k in stage:
+            seen[k] = earlier  # the tensors of the earlier stages (shared by every tensor of this stage)
+        earlier = {**earlier, **{k: cur.tensors[k] for k in stage}}
+    fork = getattr(runner, "fork", None)
+
+    def one(key: str) -> dict:
+        opts = predict.options(key, seen[key], prev, param_names, backward=True)
+        if verify:
+            opts["verify"] = True
+        opts["pack"] = True
+        if fork is not None:
+            opts["fork"] = fork
+        ref = prev.get(key) if prev is not None else None
+        return stored_parts(key, S.CODEC, codec.encode(cur.tensors[key], CodecContext(key, ref, opts)))
+
+    def skeleton(i: int) -> dict:
+        f = cur.manifest["files"][i]
+        zc = zstandard.ZstdCompressor(level=10, dict_data=_zdict(parent, f["name"]))
+        blob = zc.compress(cur.skeletons[f["name"]])
+        return {f"skeleton.{i}": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+
+    def digest(name: str) -> dict:
+        S.file_digest(cur, name)  # the file rebuilds from its skeleton and tensors to its recorded hash
+        return {}
+
+    # longest first, so that both threads of a wait end together (a file's hash weighs about a tenth of coding)
+    jobs = [(cur.tensors[k].numel(), one, k) for k in cur.tensors]
+    jobs += [(len(cur.skeletons[f["name"]]) // 8, skeleton, i) for i, f in enumerate(cur.manifest["files"])]
+    if verify:
+        jobs += [(int(f["size"]) // 40, digest, f["name"]) for f in cur.manifest["files"]]
+    jobs.sort(key=lambda j: -j[0])
+    out: dict = {}
+    for parts in (runner(_call, jobs) if runner is not None else map(_call, jobs)):
+        out.update(parts)
+    manifest = {"format": S.FORMAT, "version": S.BACKWARD_VERSION, "name": cur.name, "step": step,
+                "parent": parent.name if parent is not None else None, "depth": depth if parent is not None else 0,
+                "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
+    return out, manifest
 
 
 def pack_older(root: Path, name: str, ref: S.Decoded, *, keyframe_every: int, cur: S.Decoded | None = None,
@@ -164,9 +258,9 @@ def pack_older(root: Path, name: str, ref: S.Decoded, *, keyframe_every: int, cu
         cur = S.read_checkpoint(src, name=name)
     keyframe = older_run(mans, name) + 1 >= keyframe_every
     parent = None if keyframe else ref
-    tensors, manifest = S.encode_entry(cur, parent, step=step_of(name), depth=0 if keyframe else 1,
-                                       param_names=param_names, verify=bool(verify), backward=True, runner=runner)
-    entry = write_checked(root, name, tensors, manifest, cur, parent, verify)
+    tensors, manifest = encode_entry(cur, parent, step=step_of(name), depth=0 if keyframe else 1,
+                                     param_names=param_names, verify=bool(verify), runner=runner)
+    entry = write_checked(root, name, tensors, manifest, cur, parent, verify, runner=runner, digested=True)
     del tensors
     stored = entry.stat().st_size
     release(root, name, manifest)
@@ -191,10 +285,11 @@ def release(root: Path, name: str, manifest: dict[str, Any]) -> None:
 
 def advance(head_dir: str | Path, *, keyframe_every: int, param_names: Sequence[str] | None = None,
             cache: S.Decoded | None = None, verify: bool | str = True,
-            runner: Any = None) -> tuple[list[dict], S.Decoded]:
+            runner: Any = None, gate: Any = None) -> tuple[list[dict], S.Decoded]:
     """Checkpoint ``head_dir`` was just written: hold it, and pack every older held checkpoint against the
     next later one (normally just the previous checkpoint). ``cache``: the previous head, decoded (what the
-    last call returned). Returns the packs' summaries and the decoded head (the next call's cache).
+    last call returned). ``gate()``: called after the head is held and read, before any packing. Returns the
+    packs' summaries and the decoded head (the next call's cache).
 
     An older held checkpoint whose folder is gone and that no entry depends on is dropped unpacked.
     """
@@ -205,6 +300,8 @@ def advance(head_dir: str | Path, *, keyframe_every: int, param_names: Sequence[
     head = S.read_checkpoint(S.raw_path(root, head_dir.name), name=head_dir.name)
     hstep = step_of(head_dir.name)
     older = [n for n in holds(root) if n != head_dir.name and (hstep is None or (step_of(n) or 0) < hstep)]
+    if gate is not None and older:
+        gate()  # e.g. until the training thread waits for this pack (the callback's ``defer``)
     done, ref = [], head
     for name in reversed(older):  # newest first: each is coded against the next later one
         mans = dict(S.entries(root))

@@ -106,8 +106,8 @@ class TpdeCheckpointCallback(TrainerCallback):
     ``backward``: the newest checkpoint stays plain, older ones are deltas against the next (default);
     False: each checkpoint a delta against the previous one. ``assist``: when Trainer must wait for a
     pack, the waiting thread takes the rest of its tensors and the packing thread returns to normal
-    priority. ``defer``: the pack does not run beside training at all; it starts when Trainer reaches the
-    next save (or the end) and runs there on every core at normal priority.
+    priority. ``defer``: no coding beside training (only the hold and the read of the new checkpoint, with
+    backward deltas); it starts when Trainer reaches the next save (or the end) and runs there on every core.
     """
 
     def __init__(self, keyframe_every: int = api.DEFAULT_KEYFRAME_EVERY, verify: bool | str = True,
@@ -122,7 +122,7 @@ class TpdeCheckpointCallback(TrainerCallback):
         self.backward = backward
         self.sched_idle = sched_idle  # the packing thread in SCHED_IDLE as well (Linux)
         self.assist = assist  # the waiting training thread helps finish the pack (False: it only waits)
-        self.defer = defer  # pack only once Trainer waits for it (at the next save), at normal priority
+        self.defer = defer  # code only once Trainer waits for it (at the next save), on every core
         self._go = threading.Event()
         self._assist = Assist()
         self._thread: threading.Thread | None = None
@@ -225,16 +225,19 @@ class TpdeCheckpointCallback(TrainerCallback):
     def _run(self, ckpt: Path, names: list[str] | None) -> None:
         try:
             self._assist.owner_tid = threading.get_native_id()
-            if self.background and self.defer:
+            if self.background and self.defer and not self.backward:
                 self._go.wait()  # until Trainer waits for this pack: nothing runs beside training
             elif self.background and self.nice:
                 _lower_priority(self.nice, self.sched_idle)
             mtime = os.stat(ckpt)
-            runner = self._assist.map if self.background else None
+            runner = self._assist if self.background else None
             with K.serial(self.background):  # numba's shared workers would run at training's priority
                 if self.backward:
+                    # defer: only the hold and the read of the new checkpoint run beside training; the coding
+                    # waits until Trainer waits for it, then runs on every core (the training thread helps)
+                    gate = self._go.wait if self.background and self.defer else None
                     done, head = B.advance(ckpt, keyframe_every=self.keyframe_every, param_names=names,
-                                           cache=self._cache_keep, verify=self.verify, runner=runner)
+                                           cache=self._cache_keep, verify=self.verify, runner=runner, gate=gate)
                     self._cache_keep = head
                     packed = [api.PackResult(r["name"], r["entry"], r["parent"], r["raw"], r["stored"]) for r in done]
                 else:

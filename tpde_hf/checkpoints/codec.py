@@ -38,6 +38,7 @@ import torch
 import xxhash
 import zstandard
 
+from tpde_hf.checkpoints import dec_kernels as D
 from tpde_hf.checkpoints import enc_kernels as E
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
@@ -46,6 +47,7 @@ from tpde_hf.errors import TpdeFormatError
 VERSION = 1
 CHUNK = 1 << 15  # small chunks: the pack-time verify decodes a sample of them
 VERIFY_EVERY = 64
+FORK_RUN = 1 << 20  # elements per run of chunks that another thread may take (option ``fork``)
 SAMPLE = 1 << 13  # elements the candidates are estimated on (16384: +0.015% of raw saved, +0.08 CPU-s per save)
 #: dtype -> (on-disk code, int view, width, mantissa bits)
 DTYPES: dict[torch.dtype, tuple[int, torch.dtype, int, int]] = {
@@ -177,7 +179,9 @@ class CheckpointDelta:
 
     ``context.options``: ``features`` (list of arrays/tensors, flattened, the tensor's float dtype),
     ``ctx`` (int array: each element's context before bucketing; default: the reference's exponent),
-    ``fit`` (default True: try fitted coefficients), ``modes`` (default both).
+    ``fit`` (default True: try fitted coefficients), ``modes`` (default both), ``fork`` (``fork(fn, items)``,
+    a map that idle threads may help with: a large tensor's chunks are then coded in runs), ``pack`` (True: the
+    large arrays in numpy-allocated buffers, which fault in huge pages; the same bytes).
     """
 
     name = "ckpt-delta"
@@ -196,11 +200,12 @@ class CheckpointDelta:
         src = self._ctx_source(refn, context, dtype, n)
         n_ctx = 1 if n < 4096 else (8 if n < 1 << 16 else 32)
         lo = _low(src, n_ctx)
-        ctx = _buckets(src, lo, n_ctx)
+        pack = bool(context.options.get("pack"))  # numpy-allocated outputs (huge pages), same arrays
+        ctx = E.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL) if pack else _buckets(src, lo, n_ctx)
         coef, mode = self._choose(bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context)
         nsym = K.n_symbols(mode, width, mb)
         pbits, compiled = _prediction(refn, coef, feats, n, npf, dtype)
-        sym, nraw, raw = K.symbolize(bits, pbits, mode, width, mb)
+        sym, nraw, raw = (E.symbolize if pack else K.symbolize)(bits, pbits, mode, width, mb)
         # the decoder's inverse of the symbol map, on every element
         bad = E.unsymbolize_check(bits, pbits, sym, raw, mode, width, mb) if context.options.get("verify") else 0
         hist = K.histogram(sym, ctx, n_ctx, nsym)
@@ -209,7 +214,12 @@ class CheckpointDelta:
                                                "(encoder bug); nothing was stored")
         freq = self._tables(hist)
         cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
-        states, n_words, n_bitwords, w, b, bad = E.encode_compact(sym, nraw, raw, ctx, freq, cum, CHUNK)
+        fork = context.options.get("fork")  # fork(fn, items): idle threads may take runs of chunks
+        if fork is not None and n >= 2 * FORK_RUN:
+            states, n_words, n_bitwords, w, b, bad = E.encode_split(sym, nraw, raw, ctx, freq, cum, CHUNK, fork,
+                                                                    min(16, n // FORK_RUN))
+        else:
+            states, n_words, n_bitwords, w, b, bad = E.encode_compact(sym, nraw, raw, ctx, freq, cum, CHUNK)
         del sym, nraw, raw
         if bad:
             raise TpdeFormatError(context.key, f"ckpt-delta: {bad} rANS steps fail their inverse check (encoder bug); "
@@ -243,12 +253,42 @@ class CheckpointDelta:
             raise TpdeFormatError(key, f"ckpt-delta needs {len(coef) - 1} feature tensors, got {len(feats)}")
         src = self._ctx_source(refn, context, dtype, n)
         ctx = _buckets(src, pp["lo"], pp["n_ctx"])
-        pbits = _as_dtype_bits(predict(refn, coef, feats, n, npf), dtype)
-        out = self._payload(pp, pbits, ctx, key)
-        if checksum(out) != pp["digest"]:
-            raise TpdeFormatError(key, "ckpt-delta payload does not decode to the stored checksum (corrupt file, "
-                                       "or decoded against the wrong previous checkpoint)")
+        out = self._fast_payload(pp, refn, coef, feats, ctx)
+        if out is None or checksum(out) != pp["digest"]:  # the reference decoder says what is wrong
+            pbits = _as_dtype_bits(predict(refn, coef, feats, n, npf), dtype)
+            out = self._payload(pp, pbits, ctx, key)
+            if checksum(out) != pp["digest"]:
+                raise TpdeFormatError(key, "ckpt-delta payload does not decode to the stored checksum (corrupt file, "
+                                           "or decoded against the wrong previous checkpoint)")
         return torch.from_numpy(out).view(dtype).reshape(shape)
+
+    @staticmethod
+    def _fast_payload(pp: dict[str, Any], refn: np.ndarray | None, coef: list[float], feats: list[np.ndarray],
+                      ctx: np.ndarray) -> np.ndarray | None:
+        """The tensor's bit patterns by :mod:`~tpde_hf.checkpoints.dec_kernels` (float32: the prediction formed
+        chunk by chunk in compiled code), or None where it declines (a NaN prediction, a chunk that does not
+        end as encoded): the caller then decodes with the reference decoder, which names the fault."""
+        dtype = pp["dtype"]
+        _, _, width, mb = DTYPES[dtype]
+        _, _, ws, words_s, bs, bits_s, states = CheckpointDelta._decoder_inputs(pp, tables=False)
+        tab = D.slot_table(pp["freq"], pp["mode"], mb)
+        out = np.empty(pp["n"], np.int32 if width == 32 else np.int16)
+        par = not K.is_serial()
+        n_feat = len(coef) - 1
+        if (dtype == torch.float32 and n_feat <= 2 and (refn is None or refn.dtype == np.float32)
+                and all(f.dtype == np.float32 and f.flags.c_contiguous for f in feats[:n_feat])):
+            c3 = np.zeros(3, np.float32)
+            c3[:len(coef)] = coef
+            fs = [*feats[:n_feat], None, None]
+            bad, nan = D.decode_f32(None if refn is None else np.ascontiguousarray(refn), fs[0], fs[1], c3, ctx, tab,
+                                    states, ws, words_s, bs, bits_s, pp["mode"], pp["chunk"], out, parallel=par)
+            if nan:
+                return None
+        else:
+            pbits = _as_dtype_bits(predict(refn, coef, feats, pp["n"], _np_float(dtype)), dtype)
+            bad = D.decode_bits(pbits, ctx, tab, states, ws, words_s, bs, bits_s, pp["mode"], width, pp["chunk"], out,
+                                parallel=par)
+        return None if bad.any() else out
 
     @staticmethod
     def _parse(parts: Mapping[str, torch.Tensor], key: str) -> dict[str, Any]:
@@ -292,11 +332,13 @@ class CheckpointDelta:
                 "n_words": n_words, "n_bitwords": n_bitwords, "words": words, "bitw": bitw}
 
     @staticmethod
-    def _decoder_inputs(pp: dict[str, Any]) -> tuple:
-        """``(lut, cum, word_start, words, bit_start, bitwords, states)`` of a parsed payload."""
+    def _decoder_inputs(pp: dict[str, Any], tables: bool = True) -> tuple:
+        """``(lut, cum, word_start, words, bit_start, bitwords, states)`` of a parsed payload (``tables``
+        False: no ``lut`` and ``cum``, None in their places)."""
         freq, n_ctx, nsym = pp["freq"], pp["n_ctx"], pp["nsym"]
-        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
-        lut = np.concatenate([np.repeat(np.arange(nsym, dtype=np.uint16), freq[c]) for c in range(n_ctx)])
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64) if tables else None
+        lut = np.concatenate([np.repeat(np.arange(nsym, dtype=np.uint16), freq[c]) for c in range(n_ctx)]) \
+            if tables else None
         ws = np.concatenate([[0], np.cumsum(pp["n_words"])]).astype(np.int64)
         bs = np.concatenate([[0], np.cumsum(pp["n_bitwords"])]).astype(np.int64)
         words_s = pp["words"] if pp["words"].size else np.zeros(1, np.uint16)
@@ -436,5 +478,18 @@ def warm_up() -> None:
     with K.serial(True):
         for opts in ({}, {"features": [feat], "ctx": src // 2},
                      {"features": [feat, feat * np.float32(0.5)], "ctx": src.astype(np.int32)}):
-            codec.encode(new, CodecContext("warm-up", torch.from_numpy(ref), {**opts, "verify": True}))
+            for pack in (False, True):  # the default path and the pack's (numpy-allocated outputs)
+                codec.encode(new, CodecContext("warm-up", torch.from_numpy(ref), {**opts, "verify": True,
+                                                                                  "pack": pack}))
+        # the pack's own paths: runs of chunks taken by other threads, the Adam features of predict.options
+        sym, nraw, raw = K.symbolize(new.numpy().view(np.int32), ref.view(np.int32), K.MODE_ORD, 32, 23)
+        zero = np.zeros(sym.size, np.uint8)
+        freq = CheckpointDelta._tables(K.histogram(sym, zero, 1, K.n_symbols(K.MODE_ORD, 32, 23)))
+        E.encode_split(sym, nraw, raw, zero, freq, (np.cumsum(freq, 1) - freq).astype(np.int64), 1024,
+                       lambda fn, items: [fn(x) for x in items], 2)
+        v = np.abs(feat)
+        E.ratio_f32(feat, v, np.ones(1, np.float32))
+        E.half_exponent(v)
+        E.square_ctx(feat, v)
+        E.weight_ctx(ref, v, -1000)
 

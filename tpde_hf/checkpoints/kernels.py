@@ -78,14 +78,11 @@ def n_symbols(mode: int, width: int, mant_bits: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def symbolize(x, p, mode, width, mant_bits):
-    """``(symbols uint16, raw bit counts uint8, raw values uint32)`` of every element."""
-    n = x.shape[0]
-    sym = np.empty(n, np.uint16)
-    nraw = np.empty(n, np.uint8)
-    raw = np.empty(n, np.uint32)
+def symbolize_into(x, p, mode, width, mant_bits, sym, nraw, raw):
+    """Fill ``sym`` (uint16), ``nraw`` (uint8), ``raw`` (uint32) with every element's symbol, raw bit count and
+    raw value (the caller allocates: the encoder uses numpy's allocator, see ``enc_kernels.symbolize``)."""
     sign_shift = width - 1 - mant_bits
-    for i in range(n):
+    for i in range(x.shape[0]):
         xv = np.int64(x[i])
         pv = np.int64(p[i])
         if mode == 0:
@@ -107,6 +104,16 @@ def symbolize(x, p, mode, width, mant_bits):
             sym[i] = (ub >> mant_bits) ^ (flip << sign_shift)
             nraw[i] = mant_bits
             raw[i] = ub & ((np.int64(1) << mant_bits) - 1)
+
+
+@njit(cache=True, nogil=True)
+def symbolize(x, p, mode, width, mant_bits):
+    """``(symbols uint16, raw bit counts uint8, raw values uint32)`` of every element."""
+    n = x.shape[0]
+    sym = np.empty(n, np.uint16)
+    nraw = np.empty(n, np.uint8)
+    raw = np.empty(n, np.uint32)
+    symbolize_into(x, p, mode, width, mant_bits, sym, nraw, raw)
     return sym, nraw, raw
 
 

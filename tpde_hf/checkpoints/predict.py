@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpde_hf.checkpoints.codec import exponent
+from tpde_hf.checkpoints import enc_kernels as E
 
 _OPT = re.compile(r"^(?P<file>[^:]*optimizer[^:]*):state/(?P<idx>\d+)/(?P<what>exp_avg|exp_avg_sq)$")
 EPS = np.float32(1e-8)
+_EPS_ARR = np.array([EPS], np.float32)
 
 
 def _role(key: str) -> tuple[int, int | None, str | None]:
@@ -69,6 +70,11 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 
 
 def _ratio(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``m / (sqrt(v) + eps)`` (float32): one compiled pass, numpy's bits (its own where any result is NaN)."""
+    if m.dtype == v.dtype == np.float32 and m.shape == v.shape:
+        r, nan = E.ratio_f32(m, v, _EPS_ARR)
+        if not nan:
+            return r
     return m / (np.sqrt(v) + EPS)
 
 
@@ -89,7 +95,7 @@ def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.
         ref = prev.get(key)
         if v0 is None or ref is None or v0.size != ref.numel():
             return {}
-        return {"ctx": exponent(v0, torch.float32) // 2}
+        return {"ctx": E.half_exponent(v0)}
     if role == 1 and backward:
         return _backward_v(_np(prev.get(f"{file}:state/{idx}/exp_avg")), _np(cur.get(f"{file}:state/{idx}/exp_avg")),
                            _np(prev.get(key)))
@@ -97,8 +103,7 @@ def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.
         m1, v0 = _np(cur.get(f"{file}:state/{idx}/exp_avg")), _np(prev.get(key))
         if m1 is None or v0 is None or m1.size != v0.size:
             return {}
-        m2 = m1 * m1
-        ctx = exponent(m2, torch.float32).astype(np.int32) - exponent(v0, torch.float32)
+        m2, ctx = E.square_ctx(m1, v0)  # m1 * m1, exponent(m1 * m1) - exponent(v0) as int32
         return {"features": [m2], "ctx": ctx}
     if not param_names or ":" not in key:
         return {}
@@ -114,8 +119,7 @@ def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.
     w0 = _np(prev.get(key))
     if any(a is None for a in (m1, v1, m0, v0, w0)) or len({a.size for a in (m1, v1, m0, v0, w0)}) != 1:
         return {}
-    ctx = exponent(w0, torch.float32).astype(np.int32)
-    ctx[v1 == 0] = -1000  # never touched by a gradient: moves by weight decay alone
+    ctx = E.weight_ctx(w0, v1, -1000)  # exponent(w0); -1000 where never touched by a gradient (decay alone)
     return {"features": [_ratio(m1, v1), _ratio(m0, v0)], "ctx": ctx}
 
 
@@ -129,6 +133,5 @@ def _backward_v(m_later: np.ndarray | None, m_now: np.ndarray | None, v_later: n
     """
     if m_later is None or m_now is None or v_later is None or not m_later.size == m_now.size == v_later.size:
         return {}
-    m2 = m_later * m_later
-    ctx = exponent(m2, torch.float32).astype(np.int32) - exponent(v_later, torch.float32)
+    m2, ctx = E.square_ctx(m_later, v_later)  # m_later ** 2, exponent(m_later ** 2) - exponent(v_later) (int32)
     return {"features": [m2], "ctx": ctx}

@@ -25,27 +25,25 @@ Example::
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 import xxhash
 import zstandard
 from safetensors import SafetensorError, safe_open
 
-from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints.codec import CheckpointDelta
 from tpde_hf.checkpoints.entry_file import write_tensors
 from tpde_hf.checkpoints.layout import tensor_ranges
-from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, group_coded_keys, stored_parts
+from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, stored_parts
 from tpde_hf.errors import TpdeFormatError
 from tpde_hf.files import atomic_file
 
@@ -87,15 +85,18 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def read_checkpoint(ckpt_dir: str | Path, name: str | None = None) -> Decoded:
+def read_checkpoint(ckpt_dir: str | Path, name: str | None = None, hash_files: bool = True) -> Decoded:
     """Split every file of ``ckpt_dir`` into coded tensors and a skeleton (see the module docstring);
-    ``name``: the checkpoint's name if it is not the folder's (a held raw folder)."""
+    ``name``: the checkpoint's name if it is not the folder's (a held raw folder). ``hash_files`` False (a
+    checkpoint read only as the reference of a later decode): the manifest's ``xxh3`` fields are None and the
+    files are memory-mapped copy-on-write instead of read (their tensors are views of the maps)."""
     ckpt_dir = Path(ckpt_dir)
     dec = Decoded(name or ckpt_dir.name)
     files = []
     for path in sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name != POINTER
                        and not p.name.startswith(".")):
-        data = _read_array(path)  # one writable buffer: the tensors are views of it, no second copy
+        # one writable buffer, the tensors views of it: read into memory, or (a reference only) mapped copy-on-write
+        data = _read_array(path) if hash_files else _map_array(path)
         ranges = [r for r in tensor_ranges(path) if r.nbytes // max(1, _itemsize(r.dtype)) >= MIN_CODED]
         skel, pos, rec = bytearray(), 0, []
         for r in ranges:
@@ -111,9 +112,20 @@ def read_checkpoint(ckpt_dir: str | Path, name: str | None = None) -> Decoded:
             pos = r.offset + r.nbytes
         skel += memoryview(data[pos:])
         dec.skeletons[path.name] = bytes(skel)
-        files.append({"name": path.name, "size": len(data), "xxh3": file_hash(data), "ranges": rec})
+        files.append({"name": path.name, "size": len(data), "xxh3": file_hash(data) if hash_files else None,
+                      "ranges": rec})
     dec.manifest = {"files": files}
     return dec
+
+
+def _map_array(path: Path) -> np.ndarray:
+    """The bytes of ``path`` as a copy-on-write memory map (pages come from the page cache, nothing copied;
+    writes stay private). Empty files are read instead (an empty file cannot be mapped)."""
+    size = path.stat().st_size
+    if not size:
+        return np.zeros(0, np.uint8)
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -218,14 +230,6 @@ def check_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str
         file_digest(cur, rec["name"])
 
 
-def _numel(f: Any, g: Any) -> int:
-    """Elements of a coded tensor, from its ``shape`` part (0 if unreadable: it fails later, clearly)."""
-    try:
-        return int(np.prod(f.get_tensor(g.parts["shape"]).tolist()))
-    except Exception:  # noqa: BLE001 - only an ordering hint
-        return 0
-
-
 def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
@@ -246,57 +250,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def decode_entry(path: Path, parent: Decoded | None, threads: int | None = None) -> Decoded:
     """Decode one entry against its decoded parent (None for a keyframe).
 
-    The tensors of a stage are decoded on ``threads`` threads at once (default: numba's thread
-    count), largest first; the kernels and numpy release the GIL.
+    Its tensors are decoded on ``threads`` threads at once (default: numba's thread count), largest first,
+    each as soon as the tensors it reads are there (:mod:`~tpde_hf.checkpoints.chain`); the kernels and numpy
+    release the GIL.
     """
-    manifest = read_manifest(path)
-    want = manifest.get("parent")
-    if (want is None) != (parent is None) or (parent is not None and parent.name != want):
-        raise TpdeFormatError(str(path), f"entry is a delta against {manifest.get('parent')!r}, "
-                                         f"decoded against {parent.name if parent else None!r}")
-    codec = TENSOR_CODECS.get(CODEC)
-    dec = Decoded(manifest["name"], manifest=manifest)
-    prev = parent.tensors if parent is not None else None
-    names = manifest.get("param_names")
-    backward = manifest.get("version") == BACKWARD_VERSION
+    from tpde_hf.checkpoints.chain import decode_links
 
-    def one(key: str, parts: dict[str, torch.Tensor], done: dict[str, torch.Tensor]) -> torch.Tensor:
-        # one tensor per thread, each on serial loops (numba's shared pool is not re-entrant); on one
-        # thread the caller's choice stands (the packing thread keeps its loops serial)
-        with K.serial(workers > 1 or K.is_serial()):
-            opts = predict.options(key, done, prev, names, backward=backward)
-            ref = prev.get(key) if prev is not None else None
-            return codec.decode(parts, CodecContext(key, ref, opts)).reshape(-1)
-
-    workers = max(1, min(threads if threads is not None else numba.get_num_threads(), os.cpu_count() or 1))
-    try:
-        with safe_open(str(path), "pt") as f, ThreadPoolExecutor(workers) as pool:
-            groups = group_coded_keys(f.keys())
-            for stage in predict.stages(list(groups)):
-                done = dict(dec.tensors)  # a snapshot: the workers read it while results arrive
-                jobs = {}
-                for key in sorted(stage, key=lambda k: -int(groups[k].parts and 1) * _numel(f, groups[k])):
-                    g = groups[key]
-                    if g.codec != CODEC:
-                        raise TpdeFormatError(key, f"unexpected codec {g.codec!r} in a checkpoint entry")
-                    parts = {p: f.get_tensor(k) for p, k in g.parts.items()}
-                    jobs[key] = pool.submit(one, key, parts, done) if workers > 1 else None
-                    if jobs[key] is None:
-                        dec.tensors[key] = one(key, parts, done)
-                for key, job in jobs.items():
-                    if job is not None:
-                        dec.tensors[key] = job.result()
-            for i, rec in enumerate(manifest["files"]):
-                blob = f.get_tensor(f"skeleton.{i}").numpy().tobytes()
-                d = parent.skeletons.get(rec["name"]) if parent is not None else None
-                zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
-                dec.skeletons[rec["name"]] = zstandard.ZstdDecompressor(dict_data=zd).decompress(
-                    blob, max_output_size=int(rec["size"])) if blob else b""
-    except TpdeFormatError as exc:
-        raise TpdeFormatError(str(path), str(exc)) from None
-    except (SafetensorError, zstandard.ZstdError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise TpdeFormatError(str(path), f"corrupt checkpoint entry ({type(exc).__name__}: {exc})") from None
-    return dec
+    return decode_links([Path(path)], parent, threads)
 
 
 def _pieces(dec: Decoded, name: str) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -416,7 +376,8 @@ def chain(root: Path, name: str) -> list[Path]:
     return links(root, name)[0]
 
 
-def _raw_name(root: Path, raw: Path) -> str:
+def raw_name(root: Path, raw: Path) -> str:
+    """The checkpoint name of a plain folder a chain ends at (a held ``<name>.raw`` or the folder itself)."""
     return raw.name[: -len(RAW_SUFFIX)] if raw.parent == Path(root) and raw.name.endswith(RAW_SUFFIX) else raw.name
 
 
@@ -428,14 +389,16 @@ def decode_chain(root: Path, name: str, cache: Decoded | None = None) -> Decoded
     dec: Decoded | None = None
     if cache is not None and cache.name in names:
         start, dec = names.index(cache.name) + 1, cache
-    elif raw is not None and cache is not None and cache.name == _raw_name(root, raw):
+    elif raw is not None and cache is not None and cache.name == raw_name(root, raw):
         start, dec = 0, cache
     else:
         start = 0
-        if raw is not None:
-            dec = read_checkpoint(raw, name=_raw_name(root, raw))
-    for p in paths[start:]:
-        dec = decode_entry(p, dec)
+        if raw is not None:  # the plain end of a backward chain; its file hashes are needed only if it is the result
+            dec = read_checkpoint(raw, name=raw_name(root, raw), hash_files=not paths)
+    if paths[start:]:
+        from tpde_hf.checkpoints.chain import decode_links
+
+        dec = decode_links(paths[start:], dec)  # every link as one graph of tensor jobs
     assert dec is not None
     return dec
 
@@ -449,3 +412,4 @@ def entries(root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         except TpdeFormatError:
             continue
     yield from sorted(found, key=lambda e: (e[1].get("step") is None, e[1].get("step") or 0, e[0]))
+

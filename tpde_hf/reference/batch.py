@@ -37,6 +37,8 @@ from tpde_hf.reference.fastload import call
 
 #: weights per batch: ~50 ms of decode, so a decode thread takes the GIL a few times per second, not per tensor
 BATCH_WEIGHTS = 1 << 23
+#: the last batch of a closed list is split in halves down to this many units (chunks) per claim
+TAIL_UNITS = 8
 
 
 def _offsets(sizes: Sequence[int]) -> np.ndarray:
@@ -136,7 +138,14 @@ class BatchDecode:
                 if self._cancelled or self._next >= len(self._queue):
                     return
                 seg, lo, hi = self._queue[self._next]
-                self._next += 1
+                if self._closed and self._next == len(self._queue) - 1 and hi - lo >= 2 * TAIL_UNITS:
+                    # the last batch: take half and leave half, so that the threads finish together (the load
+                    # waits for the last tensor; a whole batch left to one thread is up to ~50 ms alone)
+                    mid = (lo + hi) // 2
+                    self._queue[self._next] = (seg, mid, hi)
+                    hi = mid
+                else:
+                    self._next += 1
             try:
                 call(K.decode_units, lo, hi, seg.unit_job, seg.unit_chunk, seg.table, seg.status)
             except Exception:  # not a damaged stream (that is a status): leave these tensors to the caller

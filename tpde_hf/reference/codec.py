@@ -317,7 +317,7 @@ class OrdJob:
         when ``spare_in_blob`` and the blob holds that word and the section is aligned, else a copy."""
         start, n = self.words_at if which == "words" else self.raw_at
         dtype, size = (np.uint16, 2) if which == "words" else (np.uint32, 4)
-        raw = self.blob.numpy()
+        raw = self.blob  # uint8 numpy (prepare_ord)
         if spare_in_blob and start + (n + 1) * size <= raw.size and (raw.ctypes.data + start) % size == 0:
             return raw[start : start + (n + 1) * size].view(dtype)
         out = np.zeros(n + 1, dtype)
@@ -344,7 +344,7 @@ def _section(payload: np.ndarray, pos: int, nbytes: int, key: str) -> int:
     return pos + nbytes + (-nbytes % 8)
 
 
-def prepare_ord(blob: torch.Tensor, reference: torch.Tensor | None, key: str) -> OrdJob:
+def prepare_ord(blob: torch.Tensor | np.ndarray, reference: torch.Tensor | None, key: str) -> OrdJob:
     """Parse and check a ``ref-ord`` blob against its reference tensor; :class:`TpdeFormatError` naming ``key``
     on any damage. The streams stay in the blob until :meth:`OrdJob.stream` reads them.
 
@@ -353,7 +353,8 @@ def prepare_ord(blob: torch.Tensor, reference: torch.Tensor | None, key: str) ->
         job = prepare_ord(blob, reference, "model.layers.0.mlp.up_proj.weight")
     """
     name = RefOrd.name
-    blob = blob.detach().to("cpu").contiguous().view(torch.uint8) if isinstance(blob, torch.Tensor) else blob
+    if isinstance(blob, torch.Tensor):  # a numpy blob (the load's prefetch) costs no torch call: no GIL release
+        blob = blob.detach().to("cpu").contiguous().view(torch.uint8).numpy()
     h, shape, payload = read_header(blob, name, key)
     dtype = dtype_of(int(h[2]), key)
     if dtype not in FLOATS:
@@ -368,7 +369,7 @@ def prepare_ord(blob: torch.Tensor, reference: torch.Tensor | None, key: str) ->
     table, pos = take(payload, pos, n_table, "u1", key)
     rows = 2 + K.LANES  # word starts, raw starts, one final state per lane
     chunks, pos = take(payload, pos, rows * (n_chunks + 1) * 8, "<i8", key)
-    base = blob.numel() - payload.size  # the payload's offset in the blob
+    base = blob.size - payload.size  # the payload's offset in the blob
     words_at, pos = (base + pos, n_words), _section(payload, pos, 2 * n_words, key)
     raw_at, pos = (base + pos, n_raw), _section(payload, pos, 4 * n_raw, key)
     n_ctx = n_eb * n_prev

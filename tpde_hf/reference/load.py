@@ -120,11 +120,11 @@ def _warm_kernels() -> None:
     from tpde_hf.reference.fastload import call
 
     i8, e = np.zeros(1, np.int64), np.zeros(0, np.int64)
+    call(K.decode_units, 0, 0, e, e, np.zeros((1, K.J_FIELDS), np.int64), i8)  # the load's batch decode: first
     for width, bits in ((16, np.int16), (32, np.int32)):  # bf16 / fp16, and fp32
         call(K.rans_decode_serial, np.zeros(0, bits), np.zeros(0, bits), width, 7, 0xFF, 1, i8,
              np.zeros(1, np.uint8), np.zeros(1, np.int32), i8, np.zeros(1, np.uint16), i8, np.zeros((0, 2), np.int64),
              np.zeros(1, np.uint32), i8, e)
-    call(K.decode_units, 0, 0, e, e, np.zeros((1, K.J_FIELDS), np.int64), i8)  # the load's batch decode
     from tpde_hf.reference.sparse import varints_to_positions
 
     call(varints_to_positions, np.frombuffer(b"", np.uint8), 0, e)  # read-only bytes, as ref-sparse's decode passes
@@ -216,12 +216,29 @@ def reference_converters(hf_quantizer: Any) -> list[WeightConverter]:
                             force_cpu=True) for c in CODEC_NAMES]
 
 
+def close_reference_load(hf_quantizer: Any) -> None:
+    """After a load: close its reference prefetch (drops what was decoded but not taken, and the job list) and
+    forget the reference (its memory maps are unmapped once nothing else holds them: a loaded model holds no
+    view of them). A later load of the same quantizer resolves the reference again."""
+    pf = getattr(hf_quantizer, "_tpde_prefetch", None)
+    if pf:
+        pf.close()
+    if pf is not None:
+        hf_quantizer._tpde_prefetch = None
+    hf_quantizer._tpde_reference = None
+
+
 def strip_converters(model: torch.nn.Module) -> None:
-    """Drop the reference converters from the model's saved conversions: a loaded model saves dense tensors."""
+    """Drop the reference converters from the model's saved conversions (a loaded model saves dense tensors), and
+    close the load's reference prefetch (:func:`close_reference_load`; called once the weights are loaded)."""
     convs = getattr(model, "_weight_conversions", None)
     if convs:
+        ops = [op for c in convs for op in getattr(c, "operations", []) if isinstance(op, ReferenceDecode)]
+        for q in {id(op.hf_quantizer): op.hf_quantizer for op in ops}.values():
+            close_reference_load(q)
         model._weight_conversions = [c for c in convs if not any(isinstance(op, ReferenceDecode)
                                                                  for op in getattr(c, "operations", []))]
 
 
-__all__ = ["ReferenceDecode", "ReferenceError", "has_reference_parts", "reference_converters", "strip_converters"]
+__all__ = ["ReferenceDecode", "ReferenceError", "close_reference_load", "has_reference_parts",
+           "reference_converters", "strip_converters"]

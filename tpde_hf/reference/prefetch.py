@@ -1,17 +1,24 @@
 """Decode a delta repo's reference-coded tensors on background threads, ahead of transformers asking for them.
 
 transformers converts one tensor at a time on its loading thread, which runs Python throughout. Here a
-``tpde-ref`` thread reads every ``K.tpde_codec.<ref codec>.blob`` of the checkpoint files (memory-mapped
-safetensors), checks each reference tensor it needs and prepares every ``ref-ord`` tensor
-(:func:`tpde_hf.reference.codec.prepare_ord`), then decodes them all as one job list
-(:class:`tpde_hf.reference.batch.BatchDecode`: compiled calls over batches of chunks, no GIL, no Python per
-tensor) on ``workers`` threads. The few other reference-coded tensors (``ref-same``, ``ref-sparse``) are decoded
-by the same thread, one call each.
+``tpde-ref`` thread reads every ``K.tpde_codec.<ref codec>.blob`` of the checkpoint files (numpy views of the
+memory-mapped safetensors: no torch call, so it keeps the GIL instead of winning it back from the loading thread
+after each call) and prepares every ``ref-ord`` tensor (:func:`tpde_hf.reference.codec.prepare_ord`), then
+decodes them all as one job list (:class:`tpde_hf.reference.batch.BatchDecode`: compiled calls over batches of
+chunks, no GIL, no Python per tensor) on ``workers`` threads; the first tensor goes to them alone, so the decode
+starts while the rest is prepared. The few other reference-coded tensors (``ref-same``, ``ref-sparse``) are
+decoded by the same thread, one call each, against checked reference tensors.
+
+A ``ref-ord`` tensor is prepared against its reference tensor *unchecked*
+(:meth:`~tpde_hf.reference.resolve.LoadReference.unchecked`): the rebuilt tensor's own xxh3 covers every reference
+byte it was rebuilt from, so a wrong reference cannot give a wrong weight; only when a decode fails is the reference
+tensor checked, and a changed one reported as such (:class:`~tpde_hf.reference.resolve.ReferenceError`).
 
 A decode is found again by its blob header's ``(reference index, xxh3 of the result)``, so it needs no key
 renaming; what it returns is checked like any decode (the xxh3 of the rebuilt tensor), and an error met on a
 decode thread is raised on the loading thread, for the tensor that asked for it. Anything the prefetch cannot
-do (an unreadable file) leaves the tensor to the loading thread, which reports the problem clearly.
+do (an unreadable file) leaves the tensor to the loading thread, which reports the problem clearly. After the load,
+:meth:`Prefetch.close` drops whatever was not taken (:func:`tpde_hf.reference.load.close_reference_load`).
 
 Example::
 
@@ -84,30 +91,34 @@ class Prefetch:
         """The :class:`~tpde_hf.reference.resolve.LoadReference` the decodes use."""
         return self._ref
 
-    def _blobs(self) -> list[tuple[tuple[int, int], str, str, torch.Tensor, np.ndarray]]:
-        """``(ident, tensor key, codec, blob, header)`` of every readable reference-coded blob, in load order."""
-        from safetensors import safe_open
+    def _blobs(self) -> list[tuple[tuple[int, int], str, str, np.ndarray, np.ndarray]]:
+        """``(ident, tensor key, codec, blob, header)`` of every readable reference-coded blob, in load order.
 
+        The blobs are numpy views of the memory-mapped files: no torch call, so this thread keeps the GIL it
+        holds (a torch call gives it up, and winning it back from the loading thread costs up to 5 ms each).
+        """
+        from tpde_hf.integrity import MappedShard
         from tpde_hf.reference import CODEC_NAMES
         from tpde_hf.reference import codec as C
 
         marks = {f".{CODEC_TOKEN}.{c}.{PART}": c for c in CODEC_NAMES}
         found, seen = [], set()
         for f in self._files:
-            with safe_open(f, framework="pt") as fh:
-                for k in fh.keys():
-                    codec = next((c for m, c in marks.items() if k.endswith(m)), None)
-                    if codec is None:
-                        continue
-                    blob = fh.get_tensor(k)
-                    try:
-                        h, _, _ = C.read_header(blob, codec, k)
-                    except Exception:  # a damaged blob: the loading thread decodes it and reports it
-                        continue
-                    ident = (int(h[3]), int(h[6]))
-                    if ident not in seen:
-                        seen.add(ident)
-                        found.append((ident, k.split(f".{CODEC_TOKEN}.")[0], codec, blob, h))
+            shard = MappedShard(f)
+            for k in shard.keys():
+                codec = next((c for m, c in marks.items() if k.endswith(m)), None)
+                view = shard.view(k) if codec is not None else None
+                blob = view.numpy() if view is not None and view.dtype == torch.uint8 else None
+                if blob is None or blob.ndim != 1:
+                    continue  # not a blob this thread can read: the loading thread decodes it and reports it
+                try:
+                    h, _, _ = C.read_header(blob, codec, k)
+                except Exception:  # a damaged blob: the loading thread decodes it and reports it
+                    continue
+                ident = (int(h[3]), int(h[6]))
+                if ident not in seen:
+                    seen.add(ident)
+                    found.append((ident, k.split(f".{CODEC_TOKEN}.")[0], codec, blob, h))
         return sorted(found, key=lambda j: natural_key(j[1]))  # the order of a load
 
     def _run(self) -> None:
@@ -115,7 +126,7 @@ class Prefetch:
         from tpde_hf.reference.codec import prepare_ord
 
         batch = BatchDecode()
-        singles: list[tuple[tuple[int, int], str, str, torch.Tensor]] = []
+        singles: list[tuple[tuple[int, int], str, str, np.ndarray]] = []
         try:
             group: list[tuple[tuple[int, int], Any]] = []
             blobs = self._blobs()
@@ -123,13 +134,13 @@ class Prefetch:
                 if codec != "ref-ord":
                     singles.append((ident, key, codec, blob))
                 else:
-                    try:
-                        group.append((ident, prepare_ord(blob, self._ref.tensor(int(np.int64(h[3])), key), key)))
+                    try:  # reference unchecked here: a failed decode checks it (take), naming a wrong one
+                        group.append((ident, prepare_ord(blob, self._ref.unchecked(int(np.int64(h[3])), key), key)))
                     except TpdeFormatError as exc:  # names the tensor or reference: raised when the load asks
-                        self._where[ident] = ("error", exc)
+                        self._where[ident] = ("error", self._reference_error(int(np.int64(h[3])), key) or exc)
                     except Exception:  # anything else: the loading thread meets it again and reports it
                         pass
-                if len(group) >= GROUP or (group and n == len(blobs) - 1):
+                if len(group) >= (GROUP if self._batch is not None else 1) or (group and n == len(blobs) - 1):
                     for (ident_g, _), index in zip(group, batch.add([j for _, j in group]), strict=True):
                         self._where[ident_g] = ("batch", index)
                     group = []
@@ -137,7 +148,7 @@ class Prefetch:
                         self._batch = batch
                         self.use_workers(self._workers)
             batch.close()
-            slots = [(key, codec, blob, [threading.Event(), None]) for _, key, codec, blob in singles]
+            slots = [(key, codec, torch.from_numpy(blob), [threading.Event(), None]) for _, key, codec, blob in singles]
             for (ident, *_), slot in zip(singles, slots, strict=True):
                 self._where[ident] = ("single", slot[3])
         except Exception:  # nothing more prefetched: the loading thread decodes (and reports) the rest
@@ -160,6 +171,16 @@ class Prefetch:
                 except Exception:  # left to the loading thread (None)
                     pass
             slot[0].set()
+
+    def _reference_error(self, index: int, key: str) -> Exception | None:
+        """The error that names a wrong reference tensor ``index`` (its xxh3 differs), or None."""
+        try:
+            self._ref.tensor(index, key)
+        except TpdeFormatError as exc:
+            return exc
+        except Exception:  # unreadable now: the decode's own error stands
+            return None
+        return None
 
     def _more_threads(self, n: int) -> None:
         for _ in range(max(n, 0)):
@@ -185,11 +206,21 @@ class Prefetch:
         if kind == "error":
             raise what
         if kind == "batch":
-            return self._batch.result(what)
+            try:
+                return self._batch.result(what)
+            except TpdeFormatError as exc:  # damaged, or a wrong reference (read unchecked): check it to say which
+                raise self._reference_error(int(header[3]), exc.tensor_name or "?") or exc from None
         what[0].wait()
         if isinstance(what[1], Exception):
             raise what[1]
         return what[1]
+
+    def close(self) -> None:
+        """After the load: claim nothing more, drop every decode not taken (tensors transformers did not ask
+        for) and the job list; the decode threads end on their own. :meth:`take` then returns None."""
+        self.cancel()
+        if self._ready.is_set():  # _run is done: nothing will add to the job list any more
+            self._batch = None
 
     def cancel(self) -> None:
         """Drop what has not started (the load failed)."""
