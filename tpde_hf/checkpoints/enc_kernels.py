@@ -31,7 +31,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from tpde_hf.checkpoints.kernels import LANES, PROB_BITS, STATE_LOW, _bitlen, _decode_chunk, is_serial, symbolize_into
+from tpde_hf.checkpoints.kernels import (
+    LANES,
+    PROB_BITS,
+    STATE_LOW,
+    _bitlen,
+    _decode_chunk,
+    buckets_into,
+    is_serial,
+    symbolize_into,
+)
 from tpde_hf.codec.compiled_kernels import _ordinal, _wrap
 
 assert LANES == 4, "the encoder's main loop is written out for 4 lanes"
@@ -364,21 +373,10 @@ def symbolize(x, p, mode, width, mant_bits):
     return sym, nraw, raw
 
 
-@njit(cache=True, nogil=True)
-def _buckets_into(src, lo, n_ctx, special, out):
-    top = max(1, n_ctx - 1)
-    for i in range(src.shape[0]):
-        v = np.int64(src[i])
-        if v <= special or n_ctx == 1:
-            out[i] = 0
-        else:
-            out[i] = min(max(v - lo, 1), top)
-
-
 def buckets(src, lo, n_ctx, special):
     """:func:`tpde_hf.checkpoints.kernels.buckets` (the same array) into a numpy-allocated output."""
     out = np.empty(src.shape[0], np.uint8)
-    _buckets_into(src, np.int64(lo), np.int64(n_ctx), np.int64(special), out)
+    buckets_into(src, np.int64(lo), np.int64(n_ctx), np.int64(special), out)
     return out
 
 

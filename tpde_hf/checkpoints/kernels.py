@@ -315,9 +315,8 @@ def exponents(bits, width, mant_bits):
 
 
 @njit(cache=True, nogil=True)
-def buckets(src, lo, n_ctx, special):
-    """Context buckets: ``clip(src - lo, 1, n_ctx - 1)``, and 0 where ``src <= special``."""
-    out = np.empty(src.shape[0], np.uint8)
+def buckets_into(src, lo, n_ctx, special, out):
+    """Fill ``out`` (uint8) with the context buckets of :func:`buckets` (the caller allocates)."""
     top = max(1, n_ctx - 1)
     for i in range(src.shape[0]):
         v = np.int64(src[i])
@@ -325,4 +324,11 @@ def buckets(src, lo, n_ctx, special):
             out[i] = 0
         else:
             out[i] = min(max(v - lo, 1), top)
+
+
+@njit(cache=True, nogil=True)
+def buckets(src, lo, n_ctx, special):
+    """Context buckets: ``clip(src - lo, 1, n_ctx - 1)``, and 0 where ``src <= special``."""
+    out = np.empty(src.shape[0], np.uint8)
+    buckets_into(src, lo, n_ctx, special, out)
     return out
