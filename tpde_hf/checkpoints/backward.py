@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import zstandard
 
 from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints import store as S
@@ -158,7 +157,8 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
                 raise TpdeFormatError(str(tmp), bad)
             for i, rec in enumerate(manifest["files"]):
                 blob = tensors[f"skeleton.{i}"].numpy().tobytes()
-                if _skeleton_bytes(blob, ref, rec) != cur.skeletons[rec["name"]]:
+                if S.skeleton_bytes(blob, ref.skeletons if ref is not None else None, rec) \
+                        != cur.skeletons[rec["name"]]:
                     raise TpdeFormatError(str(tmp), f"skeleton of {rec['name']} does not decompress to the original")
                 if not digested:
                     S.file_digest(cur, rec["name"])
@@ -167,16 +167,6 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
         tmp.unlink(missing_ok=True)
         raise
     return final
-
-
-def _zdict(parent: S.Decoded | None, name: str) -> zstandard.ZstdCompressionDict | None:
-    d = parent.skeletons.get(name) if parent is not None else None
-    return zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
-
-
-def _skeleton_bytes(blob: bytes, parent: S.Decoded | None, rec: dict) -> bytes:
-    return zstandard.ZstdDecompressor(dict_data=_zdict(parent, rec["name"])).decompress(
-        blob, max_output_size=int(rec["size"])) if blob else b""
 
 
 def big_files(manifest: dict[str, Any]) -> list[str]:
@@ -221,9 +211,8 @@ def encode_entry(cur: S.Decoded, parent: S.Decoded | None, *, step: int | None, 
         return stored_parts(key, S.CODEC, codec.encode(cur.tensors[key], CodecContext(key, ref, opts)))
 
     def skeleton(i: int) -> dict:
-        f = cur.manifest["files"][i]
-        zc = zstandard.ZstdCompressor(level=10, dict_data=_zdict(parent, f["name"]))
-        blob = zc.compress(cur.skeletons[f["name"]])
+        name = cur.manifest["files"][i]["name"]
+        blob = S.compress_skeleton(cur.skeletons[name], parent.skeletons if parent is not None else None, name)
         return {f"skeleton.{i}": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
 
     def digest(name: str) -> dict:
@@ -239,10 +228,7 @@ def encode_entry(cur: S.Decoded, parent: S.Decoded | None, *, step: int | None, 
     out: dict = {}
     for parts in (runner(_call, jobs) if runner is not None else map(_call, jobs)):
         out.update(parts)
-    manifest = {"format": S.FORMAT, "version": S.BACKWARD_VERSION, "name": cur.name, "step": step,
-                "parent": parent.name if parent is not None else None, "depth": depth if parent is not None else 0,
-                "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
-    return out, manifest
+    return out, S.entry_manifest(cur, parent, step=step, depth=depth, param_names=param_names, backward=True)
 
 
 def pack_older(root: Path, name: str, ref: S.Decoded, *, keyframe_every: int, cur: S.Decoded | None = None,

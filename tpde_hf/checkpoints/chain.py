@@ -133,10 +133,7 @@ class _Link:
             self.skeletons = {}
             for i, rec in enumerate(self.manifest["files"]):
                 blob = _part(self.shard, f"skeleton.{i}").numpy().tobytes()
-                d = parent_skeletons.get(rec["name"]) if parent_skeletons is not None else None
-                zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
-                self.skeletons[rec["name"]] = zstandard.ZstdDecompressor(dict_data=zd).decompress(
-                    blob, max_output_size=int(rec["size"])) if blob else b""
+                self.skeletons[rec["name"]] = S.skeleton_bytes(blob, parent_skeletons, rec)
         except TpdeFormatError as exc:
             raise TpdeFormatError(str(path), str(exc)) from None
         except (zstandard.ZstdError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:

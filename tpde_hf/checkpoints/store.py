@@ -28,7 +28,7 @@ import json
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,24 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
+def _skeleton_dict(parent_skeletons: Mapping[str, bytes] | None, name: str) -> zstandard.ZstdCompressionDict | None:
+    """The zstd dictionary of file ``name``'s skeleton: the parent's skeleton of the same file (None: none)."""
+    d = parent_skeletons.get(name) if parent_skeletons is not None else None
+    return zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
+
+
+def compress_skeleton(data: bytes, parent_skeletons: Mapping[str, bytes] | None, name: str) -> bytes:
+    """File ``name``'s skeleton as stored: zstd -10 with the parent's skeleton of that file as dictionary."""
+    return zstandard.ZstdCompressor(level=10, dict_data=_skeleton_dict(parent_skeletons, name)).compress(data)
+
+
+def skeleton_bytes(blob: bytes, parent_skeletons: Mapping[str, bytes] | None, rec: dict[str, Any]) -> bytes:
+    """The skeleton of manifest file ``rec`` from its stored ``blob`` (the inverse of :func:`compress_skeleton`;
+    at most ``rec["size"]`` bytes)."""
+    return zstandard.ZstdDecompressor(dict_data=_skeleton_dict(parent_skeletons, rec["name"])).decompress(
+        blob, max_output_size=int(rec["size"])) if blob else b""
+
+
 def encode_entry(cur: Decoded, parent: Decoded | None, *, step: int | None = None, depth: int = 0,
                  param_names: Sequence[str] | None = None, verify: bool = False, backward: bool = False,
                  runner: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -175,14 +193,17 @@ def encode_entry(cur: Decoded, parent: Decoded | None, *, step: int | None = Non
             out.update(parts)
         done.update((k, cur.tensors[k]) for k in stage)
     for i, f in enumerate(cur.manifest["files"]):
-        d = parent.skeletons.get(f["name"]) if parent is not None else None
-        zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
-        blob = zstandard.ZstdCompressor(level=10, dict_data=zd).compress(cur.skeletons[f["name"]])
+        blob = compress_skeleton(cur.skeletons[f["name"]], parent.skeletons if parent is not None else None, f["name"])
         out[f"skeleton.{i}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    manifest = {"format": FORMAT, "version": BACKWARD_VERSION if backward else VERSION, "name": cur.name, "step": step,
-                "parent": parent.name if parent is not None else None, "depth": depth if parent is not None else 0,
-                "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
-    return out, manifest
+    return out, entry_manifest(cur, parent, step=step, depth=depth, param_names=param_names, backward=backward)
+
+
+def entry_manifest(cur: Decoded, parent: Decoded | None, *, step: int | None, depth: int,
+                   param_names: Sequence[str] | None, backward: bool) -> dict[str, Any]:
+    """The manifest of ``cur``'s entry coded against ``parent`` (None: a keyframe, depth 0)."""
+    return {"format": FORMAT, "version": BACKWARD_VERSION if backward else VERSION, "name": cur.name, "step": step,
+            "parent": parent.name if parent is not None else None, "depth": depth if parent is not None else 0,
+            "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
 
 
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
@@ -222,10 +243,7 @@ def check_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str
         raise TpdeFormatError(str(path), f"entry unreadable after writing ({exc})") from None
     for i, rec in enumerate(manifest["files"]):
         blob = _bytes(tensors[f"skeleton.{i}"]).tobytes()
-        d = parent.skeletons.get(rec["name"]) if parent is not None else None
-        zd = zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
-        if zstandard.ZstdDecompressor(dict_data=zd).decompress(blob, max_output_size=int(rec["size"])) \
-                != cur.skeletons[rec["name"]]:
+        if skeleton_bytes(blob, parent.skeletons if parent is not None else None, rec) != cur.skeletons[rec["name"]]:
             raise TpdeFormatError(str(path), f"skeleton of {rec['name']} does not decompress to the original")
         file_digest(cur, rec["name"])
 
