@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tpde_repo_helpers import modified_reference
 
 import tpde_hf
 import tpde_hf.reference  # noqa: F401  (registers the codecs lazily)
@@ -226,17 +227,8 @@ def test_cli_convert_verify_and_reference_errors(tmp_path: Path) -> None:
     assert "delta against its base model" in card and "base_model:" not in card  # a local path is never published
 
     # modified reference: a tensor it was coded against changed -> clear error naming the reference, no model
-    bad = tmp_path / "base-modified"
-    shutil.copytree(base, bad)
-    sd = load_file(bad / "model.safetensors")
     name = json.loads((out / "config.json").read_text())["quantization_config"]["reference"]["tensors"][0][0]
-    sd[name] = sd[name].clone()
-    sd[name].view(-1)[0] += 1
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"]["reference"]["model"] = str(bad)
-    cfg_path.write_text(json.dumps(cfg))
+    bad = modified_reference(out, base, tmp_path / "base-modified", name, lambda t: t.view(-1)[0].add_(1))
     with pytest.raises(TpdeFormatError, match="wrong or modified reference") as exc:
         AutoModelForCausalLM.from_pretrained(out)
     assert str(bad) in str(exc.value)
@@ -244,6 +236,8 @@ def test_cli_convert_verify_and_reference_errors(tmp_path: Path) -> None:
     assert not report.ok and any("wrong or modified reference" in f for f in report.failures)
 
     # missing reference
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["reference"]["model"] = str(tmp_path / "gone")
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(TpdeFormatError, match="reference model not found") as exc:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tpde_hf
 from tpde_hf.errors import TpdeFormatError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reference import bits_equal, make_pair, pair  # noqa: E402
+from tpde_repo_helpers import modified_reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -70,31 +71,40 @@ def test_load_is_bit_exact_and_closes_its_prefetch(tmp_path: Path, monkeypatch) 
     assert closed[0].take(torch.zeros(8, dtype=torch.int64).numpy()) is None  # a closed prefetch hands out nothing
 
 
-@pytest.mark.parametrize("where", ["first", "last"])
-def test_modified_reference_of_a_ref_ord_tensor_is_named(tmp_path: Path, where: str) -> None:
-    """The prefetch reads references unchecked: a changed one must still be an error naming the reference."""
-    import shutil
+def _flip(index: int, bit: int):
+    def mutate(t: torch.Tensor) -> None:
+        iv = {2: torch.int16, 4: torch.int32}[t.element_size()]
+        t.view(iv).view(-1)[index] ^= 1 << bit
+    return mutate
 
+
+@pytest.mark.parametrize("case", ["first", "last", *range(10)])
+def test_modified_reference_of_a_ref_ord_tensor_is_named(tmp_path: Path, case: str | int) -> None:
+    """The prefetch reads references unchecked: a changed one must still be an error naming the reference.
+
+    ``first``/``last``: one bit of the middle weight of the first/last reference tensor a ``ref-ord`` tensor is
+    coded against; an int: a seeded flip of one random bit of one random weight of a random such tensor."""
     from transformers import AutoModelForCausalLM
 
     base, _, out = _convert(tmp_path)
     names = _ref_ord_reference_names(out)
-    name = names[0] if where == "first" else names[-1]
-    bad = tmp_path / "base-modified"
-    shutil.copytree(base, bad)
-    sd = load_file(bad / "model.safetensors")
-    t = sd[name].clone()
-    iv = {2: torch.int16, 4: torch.int32}[t.element_size()]
-    t.view(iv).view(-1)[t.numel() // 2] ^= 1  # one bit of one weight
-    sd[name] = t
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"]["reference"]["model"] = str(bad)
-    cfg_path.write_text(json.dumps(cfg))
+    if isinstance(case, int):
+        g = torch.Generator().manual_seed(case)
+        name = names[int(torch.randint(len(names), (1,), generator=g))]
+        numel, width = _numel_and_bits(base, name)
+        mutate = _flip(int(torch.randint(numel, (1,), generator=g)), int(torch.randint(width, (1,), generator=g)))
+    else:
+        name = names[0] if case == "first" else names[-1]
+        mutate = _flip(_numel_and_bits(base, name)[0] // 2, 0)
+    bad = modified_reference(out, base, tmp_path / "base-modified", name, mutate)
     with pytest.raises(TpdeFormatError, match="wrong or modified reference") as exc:
         AutoModelForCausalLM.from_pretrained(out)
     assert str(bad) in str(exc.value)
+
+
+def _numel_and_bits(base: Path, name: str) -> tuple[int, int]:
+    t = load_file(base / "model.safetensors")[name]
+    return t.numel(), 8 * t.element_size()
 
 
 def test_last_batch_is_split_and_still_bit_exact(monkeypatch) -> None:

@@ -185,3 +185,18 @@ def assert_bit_equal(a: torch.Tensor, b: torch.Tensor, what: str = "tensor") -> 
     if not torch.equal(bits(a), bits(b)):
         diff = (a.float() - b.float()).abs().max().item()
         raise AssertionError(f"{what} differs (max abs diff {diff})")
+
+
+def modified_reference(repo: Path, base: Path, dest: Path, name: str, mutate) -> Path:
+    """Copy reference ``base`` to ``dest`` with its tensor ``name`` changed by ``mutate(tensor)`` (on a clone), and
+    point delta repo ``repo``'s ``quantization_config.reference.model`` at the copy. Returns ``dest``."""
+    shutil.copytree(base, dest)
+    sd = load_file(dest / "model.safetensors")
+    sd[name] = sd[name].clone()
+    mutate(sd[name])
+    save_file(sd, dest / "model.safetensors", metadata={"format": "pt"})
+    cfg_path = Path(repo) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["reference"]["model"] = str(dest)
+    cfg_path.write_text(json.dumps(cfg))
+    return dest
