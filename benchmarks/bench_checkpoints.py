@@ -405,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "plain", ignore_errors=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load0 = os.getloadavg()
+    import tpde_hf.checkpoints as measured  # the code actually imported (PYTHONPATH may point at an older copy)
+
     code = {f.name: xxhash.xxh3_64_hexdigest(f.read_bytes())
-            for f in sorted((ROOT / "tpde_hf/checkpoints").glob("*.py"))}
+            for f in sorted(Path(measured.__file__).parent.glob("*.py"))}
+    code["package"] = str(Path(measured.__file__).parent)
     tok = AutoTokenizer.from_pretrained(example_path("minilm"))
     data = _text(tok, args.seq)
     torch.manual_seed(0)

@@ -174,7 +174,8 @@ def test_warm_up_loads_the_pack_kernels() -> None:
     code = ("from tpde_hf.checkpoints import codec as C, enc_kernels as E, kernels as K\n"
             "fns = [E._encode_range, E._predict_f32_into, E.sample_costs, E.unsymbolize_check, E.decode_some, "
             "K.symbolize, K.histogram, K.buckets, E._ratio_into, K.symbolize_into, K.buckets_into, "
-            "E._half_exponent_into, E._square_ctx_into, E._weight_ctx_into]\n"
+            "E._half_exponent_into, E._square_ctx_into, E._weight_ctx_into, E.sym_histogram, E._fused_range, "
+            "E.quantize_tables, E.slot_symbols, E._flat_tables_into]\n"
             "assert not any(f.signatures for f in fns)\n"
             "C.warm_up()\n"
             "assert all(f.signatures for f in fns), [f for f in fns if not f.signatures]\n")

@@ -284,3 +284,187 @@ def test_write_checked_keeps_nothing_of_a_corrupt_write(tmp_path: Path, monkeypa
     with pytest.raises(TpdeFormatError):
         B.write_checked(tmp_path, "checkpoint-10", tensors, manifest, older, newer, True, runner=Assist())
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- the fused path (symbols never stored)
+_WIDTHS = [(np.float32, np.int32, 32, 23), (np.float16, np.int16, 16, 10), (None, np.int16, 16, 7)]  # None: bf16
+
+
+def _pairs(rng: np.random.Generator, n: int, dt: type | None, it: type) -> tuple[np.ndarray, np.ndarray]:
+    """Bit patterns of a value and its prediction: close values, far ones, every special, random patterns."""
+    if dt is None:  # bf16: the top half of float32 patterns
+        ref = (_mix(rng, n).view(np.int32) >> 16).astype(np.int16)
+        new = ((_mix(rng, n) * np.float32(1e-3) + ref.astype(np.int32).__lshift__(16).view(np.float32))
+               .view(np.int32) >> 16).astype(np.int16)
+    else:
+        ref = _mix(rng, n).astype(dt)
+        new = (ref.astype(np.float32) * np.float32(1 + 1e-3) + _mix(rng, n) * np.float32(1e-6)).astype(dt)
+        ref, new = ref.view(it), new.view(it)
+    wild = rng.random(n) < 0.02
+    info = np.iinfo(it)
+    new[wild] = rng.integers(info.min, info.max, int(wild.sum()), dtype=it, endpoint=True)
+    return new, ref
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 1023, 4097, 70_001])
+@pytest.mark.parametrize("width", range(3))
+def test_fused_encoder_writes_the_symbol_array_stream(n: int, width: int) -> None:
+    """``encode_fused`` (symbols made chunk by chunk in cache) writes ``encode_compact``'s bytes from the
+    symbol arrays, in both modes, on one thread and as runs of chunks; ``sym_histogram`` counts what
+    ``symbolize`` + ``histogram`` count."""
+    dt, it, w, mb = _WIDTHS[width]
+    rng = np.random.default_rng(n + 7 * width)
+    x, p = _pairs(rng, n, dt, it)
+    for mode in (K.MODE_ORD, K.MODE_FLD):
+        n_ctx = 1 if n < 50 else 8
+        ctx = rng.integers(0, n_ctx, n).astype(np.uint8)
+        nsym = K.n_symbols(mode, w, mb)
+        sym, nraw, raw = K.symbolize(x, p, mode, w, mb)
+        hist = K.histogram(sym, ctx, n_ctx, nsym)
+        assert np.array_equal(E.sym_histogram(x, p, ctx, mode, w, mb, n_ctx, nsym), hist)
+        freq = C.CheckpointDelta._tables(hist)
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+        with K.serial(True):
+            want = E.encode_compact(sym, nraw, raw, ctx, freq, cum, 1024)
+            got = [E.encode_fused(x, p, ctx, freq, cum, mode, w, mb, 1024),
+                   E.encode_fused(x, p, ctx, freq, cum, mode, w, mb, 1024, False),
+                   E.encode_fused(x, p, ctx, freq, cum, mode, w, mb, 1024, True, lambda fn, xs: [fn(v) for v in xs], 5)]
+        assert want[5] == 0
+        for g in got:
+            assert g[5] == 0
+            for a, b in zip(want[:5], g[:5], strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_fused_encoder_refuses_a_symbol_without_mass() -> None:
+    """A table without mass for a symbol that occurs (an encoder bug) is counted, never coded silently."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(5000).astype(np.float32)
+    p = x * np.float32(1.0001)
+    x, p = x.view(np.int32), p.view(np.int32)
+    ctx = np.zeros(x.size, np.uint8)
+    nsym = K.n_symbols(K.MODE_ORD, 32, 23)
+    hist = E.sym_histogram(x, p, ctx, K.MODE_ORD, 32, 23, 1, nsym)
+    freq = C.CheckpointDelta._tables(hist)
+    used = np.flatnonzero(hist[0])
+    s0, s1 = used[0], used[-1]
+    freq[0, s1] += freq[0, s0]  # the mass of an occurring symbol moved to another: still 2**12 in all
+    freq[0, s0] = 0
+    cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+    with K.serial(True):
+        assert E.encode_fused(x, p, ctx, freq, cum, K.MODE_ORD, 32, 23, 1024)[5] > 0
+
+
+def test_symbol_map_inverse_on_every_bit_pattern_class() -> None:
+    """The fused symbol map and the decoder's inverse it is checked with: every pair of 16-bit patterns
+    from a grid (signs, zeros, subnormals, infinities, NaN payloads) and random 32-bit pairs give 0 failures
+    and ``symbolize``'s symbols."""
+    grid = np.unique(np.concatenate([np.arange(-40, 40), np.arange(0x7B00, 0x7C10, 7), -np.arange(0x7B00, 0x7C10, 7),
+                                     [0x7FFF, -0x8000, 0x0001, -0x7FFF, 0x7C00, -0x0400]])).astype(np.int16)
+    x = np.repeat(grid, grid.size)
+    p = np.tile(grid, grid.size)
+    rng = np.random.default_rng(10)
+    x32 = rng.integers(-(1 << 31), (1 << 31) - 1, 200_000, dtype=np.int64).astype(np.int32)
+    p32 = np.where(rng.random(x32.size) < 0.5, x32 + rng.integers(-9, 9, x32.size).astype(np.int32),
+                   rng.integers(-(1 << 31), (1 << 31) - 1, x32.size, dtype=np.int64).astype(np.int32))
+    for xs, ps, w, mb in ((x, p, 16, 10), (x, p, 16, 7), (x32, p32, 32, 23)):
+        for mode in (K.MODE_ORD, K.MODE_FLD):
+            nsym = K.n_symbols(mode, w, mb)
+            idx = np.empty(xs.size, np.uint16)
+            nraw, raw = np.empty(xs.size, np.uint8), np.empty(xs.size, np.uint32)
+            ctx = np.zeros(xs.size, np.uint8)
+            assert E._symbols_block(xs, ps, ctx, 0, xs.size, mode, w, mb, nsym, True, idx, nraw, raw) == 0
+            sym, nraw0, raw0 = K.symbolize(xs, ps, mode, w, mb)
+            assert np.array_equal(idx, sym) and np.array_equal(nraw, nraw0) and np.array_equal(raw, raw0)
+
+
+def test_compiled_tables_are_the_reference_tables() -> None:
+    """``quantize_tables`` is ``rans.quantize_frequencies`` entry for entry (ties, empty contexts, surplus and
+    deficit); ``slot_symbols`` is the decoder's slot lookup; ``_flat_tables`` refuses tables out of range."""
+    from tpde_hf.codec.rans import quantize_frequencies
+
+    rng = np.random.default_rng(11)
+    for t in range(400):
+        nc, ns = int(rng.integers(1, 33)), int(rng.choice([4, 60, 124, 512]))
+        h = [rng.integers(0, 5, (nc, ns)), (rng.pareto(1.0, (nc, ns)) * 1e4).astype(np.int64),
+             rng.integers(0, 2, (nc, ns)) * rng.integers(0, 10**8, (nc, ns)),
+             np.where(rng.random((nc, ns)) < 0.9, 1, rng.integers(0, 10**5, (nc, ns)))][t % 4].astype(np.int64)
+        h[int(rng.integers(0, nc))] = 0  # a context that never occurs
+        want = quantize_frequencies(torch.from_numpy(h), K.PROB_BITS).numpy()
+        got = E.quantize_tables(h, K.PROB_BITS)
+        assert np.array_equal(want, got)
+        lut = np.concatenate([np.repeat(np.arange(ns, dtype=np.uint16), want[c]) for c in range(nc)])
+        assert np.array_equal(E.slot_symbols(want), lut)
+    for bad in ([[4096, 1, 0, 0]], [[-1, 4097, 0, 0]]):
+        f = np.array(bad, np.int64)
+        with pytest.raises(ValueError, match="tables out of range"):
+            E._flat_tables(f, np.cumsum(f, 1) - f)
+
+
+def test_scratch_buffers_are_reused_inside_and_fresh_outside() -> None:
+    """Inside ``scratch()`` a thread's large temporaries come from buffers earlier blocks gave back (two live
+    ones never share memory); outside, and after ``release_scratch()``, they are fresh."""
+    E.release_scratch()
+    n = (2 << 20) // 4
+    with E.scratch():
+        a, b = E.empty(n, np.float32), E.empty(n, np.int32)
+        assert not np.shares_memory(a, b)
+        base_a = a.base if a.base is not None else a
+    with E.scratch():
+        c = E.empty(n - 5, np.int32)
+        assert np.shares_memory(c, base_a) or np.shares_memory(c, b)  # a buffer given back, not a fresh one
+    small = E.empty(10, np.float32)
+    outside = E.empty(n, np.float32)
+    assert small.base is None and outside.base is None
+    assert E.release_scratch() >= 2 * n * 4
+    with E.scratch():
+        assert not np.shares_memory(E.empty(n, np.float32), b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's own formula on infinities and NaN
+@pytest.mark.parametrize("nan", [False, True])
+def test_lazy_ratio_features_give_the_made_features_parts(nan: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight's Adam ratios left lazy (``predict.Ratio``, formed inside the compiled prediction) give the
+    parts of the same features made as arrays; any slice or index of one is ``predict._ratio``'s bits; a NaN
+    prediction falls back to numpy's arithmetic on the made features (the same parts again)."""
+    rng = np.random.default_rng(12 + nan)
+    n = 70_001
+    w0 = rng.standard_normal(n).astype(np.float32) * np.float32(0.05)
+    m1, m0 = (rng.standard_normal((2, n)) * 1e-3).astype(np.float32)
+    v1, v0 = (rng.standard_normal((2, n)) ** 2 * 1e-6).astype(np.float32)
+    v1[rng.random(n) < 0.05] = 0.0
+    finite = _SPECIALS[~np.isnan(_SPECIALS)]
+    m0[::997] = rng.choice(finite, m0[::997].size)  # zeros, subnormals, infinities (NaN below)
+    if nan:
+        m1[::1001] = np.nan
+    r1, r0 = predict._ratio(m1, v1), predict._ratio(m0, v0)
+    new = w0 * np.float32(0.9999) - np.float32(5e-5) * r1 + np.float32(1e-6) * rng.standard_normal(n).astype(np.float32)
+    new[np.isnan(new)] = 0.0
+    lazy = [predict.Ratio(m1, v1), predict.Ratio(m0, v0)]
+    for f, r in zip(lazy, (r1, r0), strict=True):
+        idx = np.sort(rng.integers(0, n, 999))
+        assert np.array_equal(f[idx].view(np.int32), r[idx].view(np.int32))
+        assert np.array_equal(f[100:5000].view(np.int32), r[100:5000].view(np.int32))
+        assert np.array_equal(f.array().view(np.int32), r.view(np.int32))
+    codec = TENSOR_CODECS.get("ckpt-delta")
+    ctx = E.weight_ctx(w0, v1, -1000)
+    nans: list[int] = []
+    real = E.predict_ratio_f32
+
+    def spy(*a):  # noqa: ANN002, ANN202
+        out = real(*a)
+        nans.append(int(out[1]))
+        return out
+
+    monkeypatch.setattr(E, "predict_ratio_f32", spy)
+    ref = torch.from_numpy(w0)
+    with K.serial(True):
+        made = codec.encode(torch.from_numpy(new), CodecContext("w", ref, {"features": [r1, r0], "ctx": ctx,
+                                                                           "verify": True, "pack": True}))
+        with E.scratch():
+            got = codec.encode(torch.from_numpy(new), CodecContext("w", ref, {"features": lazy, "ctx": ctx,
+                                                                              "verify": True, "pack": True}))
+    assert _parts_equal(made, got)
+    assert made["coef"].numel() == 3 and bool((made["coef"][1:] != 0).all())  # both features are used
+    assert nans and (nans[-1] > 0) == nan  # the inline path ran; with a NaN it fell back to numpy's

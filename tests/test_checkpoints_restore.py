@@ -240,3 +240,156 @@ def test_seeded_flips_of_a_middle_entry_restore_exactly_or_raise(tmp_path: Path)
     entry.write_bytes(clean)
     assert _restored_hashes(out / "checkpoint-20", tmp_path) == hashes[20]
     shutil.rmtree(tmp_path / "restored-checkpoint-20", ignore_errors=True)
+
+
+# ------------------------------------------------------------- Adam's features formed inside the decoder
+MK, VK, WK = "optimizer.pt:state/0/exp_avg", "optimizer.pt:state/0/exp_avg_sq", "model.safetensors:w"
+
+
+def _adam_pair(n: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Two checkpoints of one AdamW parameter (``m``, ``v``, ``w``), with zeros, -0, subnormals and a ``v == 0``
+    (never touched) sprinkled into both."""
+    g = torch.Generator().manual_seed(seed)
+    m0 = torch.randn(n, generator=g) * 1e-3
+    v0 = m0 * m0 + torch.rand(n, generator=g) * 1e-7
+    w0 = torch.randn(n, generator=g) * 0.05
+    grad = torch.randn(n, generator=g) * 1e-3
+    m1 = 0.9 * m0 + 0.1 * grad
+    v1 = 0.999 * v0 + 0.001 * grad * grad
+    w1 = w0 - 1e-3 * m1 / (v1.sqrt() + 1e-8) - 1e-5 * w0
+    for w in (w0, w1):
+        w[:4] = torch.tensor([0.0, -0.0, 1e-42, -1e-45])
+    v0[5] = v1[5] = 0.0
+    m0[6], m1[7], m0[8], v1[9] = -0.0, 1e-40, -1e-41, 1e-44
+    return {MK: m0, VK: v0, WK: w0}, {MK: m1, VK: v1, WK: w1}
+
+
+def _encode_like_a_pack(target: dict, prev: dict, backward: bool) -> dict[str, dict]:
+    """Each tensor of ``target`` coded as a pack codes it (``predict.options`` of the earlier stages)."""
+    from tpde_hf.checkpoints import predict
+
+    parts, cur = {}, {}
+    for key in (MK, VK, WK):
+        opts = predict.options(key, cur, prev, ["w"], backward=backward)
+        assert opts, key  # every tensor has its Adam recipe
+        parts[key] = CODEC.encode(target[key], CodecContext(key, prev[key], {**opts, "verify": True}))
+        cur[key] = target[key]
+    return parts
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("n", [70001, 4099])
+def test_adam_recipes_in_the_decoder_equal_the_codec_bit_for_bit(backward: bool, n: int) -> None:
+    from tpde_hf.checkpoints import dec_features as F
+    from tpde_hf.checkpoints import predict
+
+    a, b = _adam_pair(n, seed=n + backward)
+    prev, target = (b, a) if backward else (a, b)
+    parts = _encode_like_a_pack(target, prev, backward)
+    for serial in (True, False):
+        with K.serial(serial):
+            cur: dict[str, torch.Tensor] = {}
+            for key in (MK, VK, WK):
+                recipe = F.plan(key, cur, prev, ["w"], backward)[0]
+                assert recipe == {MK: D.RECIPE_M, VK: D.RECIPE_V, WK: D.RECIPE_W}[key]
+                fast = F.decode(key, parts[key], cur, prev, ["w"], backward)
+                assert fast is not None, key  # the fused path took it
+                opts = predict.options(key, cur, prev, ["w"], backward=backward)
+                slow = CODEC.decode(parts[key], CodecContext(key, prev[key], opts))
+                assert torch.equal(fast.view(torch.int32), target[key].view(torch.int32)), key
+                assert torch.equal(slow.view(torch.int32), target[key].view(torch.int32)), key
+                cur[key] = fast
+
+
+def test_adam_recipe_declines_where_it_must_and_never_raises() -> None:
+    from tpde_hf.checkpoints import dec_features as F
+
+    a, b = _adam_pair(20000, seed=9)
+    b[VK][11] = float("nan")  # a NaN second moment: the weight's ratio feature, hence its prediction, is NaN
+    parts = _encode_like_a_pack(b, a, False)
+    coef = parts[WK]["coef"].tolist()
+    assert coef[1] != 0  # the ratio's coefficient is used, so the compiled prediction is NaN there
+    cur = {MK: b[MK], VK: b[VK]}
+    assert F.decode(WK, parts[WK], cur, a, ["w"]) is None  # declined: numpy's NaN payloads are the format's
+    # corrupt payloads: the fused path gives None (the ordinary decode names the fault), never a wrong tensor
+    rng = np.random.default_rng(3)
+    for case in range(24):
+        bad = {k: v.clone() for k, v in parts[VK].items()}
+        name = ["words", "bits", "chunks", "coef", "meta", "tables"][case % 6]
+        buf = bad[name].view(torch.uint8).reshape(-1).numpy()
+        buf[rng.integers(buf.size)] ^= np.uint8(1 << rng.integers(8))
+        out = F.decode(VK, bad, {MK: b[MK]}, a, ["w"])
+        assert out is None or torch.equal(out.view(torch.int32), b[VK].view(torch.int32))
+    # not an Adam tensor, or inputs that options would not use: no plan
+    assert F.plan("model.safetensors:other", cur, a, ["w"]) is None
+    assert F.plan(MK, cur, {MK: a[MK], VK: a[VK][:-1]}, ["w"]) is None
+    assert F.plan(WK, {MK: b[MK]}, a, ["w"]) is None
+
+
+def test_decode_adam_checks_its_inputs() -> None:
+    a, b = _adam_pair(5000, seed=2)
+    parts = _encode_like_a_pack(b, a, False)
+    pp = CheckpointDelta._parse(parts[WK], WK)
+    _, _, ws, w, bs, bits, st = CheckpointDelta._decoder_inputs(pp, tables=False)
+    tab = D.slot_table(pp["freq"], pp["mode"], 23)
+    npa = {k: t.numpy() for k, t in a.items()}
+    m1, v1 = b[MK].numpy(), b[VK].numpy()
+    out = np.empty(pp["n"], np.int32)
+    args = (pp["coef"], pp["lo"], pp["n_ctx"], tab, st, ws, w, bs, bits, pp["mode"], pp["chunk"], out)
+    bad, nan = D.decode_adam(D.RECIPE_W, npa[WK], m1, v1, npa[MK], npa[VK], *args)
+    assert not bad.any() and nan == 0 and np.array_equal(out, b[WK].view(torch.int32).numpy())
+    with pytest.raises(ValueError, match="elements"):
+        D.decode_adam(D.RECIPE_W, npa[WK], m1[:-1], v1, npa[MK], npa[VK], *args)
+    with pytest.raises(ValueError, match="float32"):
+        D.decode_adam(D.RECIPE_W, npa[WK], m1, None, npa[MK], npa[VK], *args)
+    with pytest.raises(ValueError, match="coefficient"):
+        D.decode_adam(D.RECIPE_M, npa[MK], npa[VK], None, None, None, [1.0, 0.5], *args[1:])
+    with pytest.raises(ValueError, match="coefficient"):
+        D.decode_f32(npa[WK], None, None, np.array([1.0, 0.5, 0.0], np.float32), np.zeros(pp["n"], np.uint8), tab,
+                     st, ws, w, bs, bits, pp["mode"], pp["chunk"], out)
+
+
+def test_chain_takes_the_fused_path_for_adam_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpde_hf.checkpoints import dec_features as F
+
+    out, hashes = _chain_run(tmp_path)
+    taken: list[str] = []
+    real = F._decode_planned
+
+    def counted(key, *args):  # noqa: ANN001, ANN202
+        res = real(key, *args)
+        if res is not None:
+            taken.append(key)
+        return res
+
+    monkeypatch.setattr(F, "_decode_planned", counted)
+    assert _restored_hashes(out / "checkpoint-20", tmp_path) == hashes[20]  # three links: 40, 30, 20
+    assert sorted(set(taken)) == sorted([f"optimizer.pt:state/0/{k}" for k in ("exp_avg", "exp_avg_sq")]
+                                        + ["model.safetensors:w"])
+    assert len(taken) == 9
+
+
+class _KeysOnly(dict):
+    """A mapping whose values must not be read: a job that reads one would wait for its decode."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        raise AssertionError(f"{key} was read")
+
+    def get(self, key: str, default: object = None) -> torch.Tensor:
+        raise AssertionError(f"{key} was read")
+
+
+def test_backward_exp_avg_sq_needs_only_the_stored_size_of_its_exp_avg() -> None:
+    from tpde_hf.checkpoints import dec_features as F
+
+    a, b = _adam_pair(4099, seed=5)
+    parts = _encode_like_a_pack(a, b, True)
+    cur = _KeysOnly({MK: None})
+    stored = F.stored_sizes({k: p["meta"].numpy() for k, p in parts.items()})
+    assert stored[MK] == (torch.float32, 4099)
+    got = F.decode(VK, parts[VK], cur, b, ["w"], backward=True, stored=stored)
+    assert got is not None and torch.equal(got.view(torch.int32), a[VK].view(torch.int32))
+    # what options would refuse, this refuses too: another size, another dtype, no exp_avg in the checkpoint
+    for bad in ({MK: (torch.float32, 4098)}, {MK: (torch.bfloat16, 4099)}, {MK: (None, -1)}):
+        assert F.plan(VK, cur, b, ["w"], True, stored=bad) is None
+    assert F.plan(VK, _KeysOnly(), b, ["w"], True, stored=stored) is None

@@ -14,6 +14,11 @@ queued before it: no deadlock. At most ``threads`` jobs compute at once (a job w
 away). Entry files are read through a memory map (:class:`tpde_hf.integrity.MappedShard`): nothing is copied
 before a kernel reads it. Every per-tensor checksum and every file hash is checked as before.
 
+An ``exp_avg``, ``exp_avg_sq`` or weight is decoded with Adam's features formed inside the decoder
+(:func:`tpde_hf.checkpoints.dec_features.decode`: no feature arrays written and read back); where that path
+does not apply or declines, the job decodes the ordinary way (``predict.options`` and the codec), which names
+any fault as before.
+
 Example::
 
     dec = decode_links([entry_60, entry_40], start=plain_80)     # checkpoint-40, decoded through 60
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 import zstandard
 
+from tpde_hf.checkpoints import dec_features as F
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints import store as S
@@ -130,6 +136,8 @@ class _Link:
             self.order: list[list[str]] = []  # stage by stage, largest first, as decode_entry orders them
             for stage in predict.stages(list(self.groups)):
                 self.order.append(sorted(stage, key=lambda k: -int(bool(self.groups[k].parts)) * self._numel(k)))
+            # each coded tensor's stored dtype and size: a backward exp_avg_sq need not wait for its exp_avg
+            self.stored = F.stored_sizes({k: self._meta(k) for k in self.groups})
             self.skeletons = {}
             for i, rec in enumerate(self.manifest["files"]):
                 blob = _part(self.shard, f"skeleton.{i}").numpy().tobytes()
@@ -138,6 +146,12 @@ class _Link:
             raise TpdeFormatError(str(path), str(exc)) from None
         except (zstandard.ZstdError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
             raise TpdeFormatError(str(path), f"corrupt checkpoint entry ({type(exc).__name__}: {exc})") from None
+
+    def _meta(self, key: str) -> np.ndarray:
+        try:
+            return _part(self.shard, self.groups[key].parts["meta"]).numpy().view(np.int64)
+        except Exception:  # noqa: BLE001 - only a hint; a bad part fails clearly in its job
+            return np.zeros(0, np.int64)
 
     def _numel(self, key: str) -> int:
         try:
@@ -228,9 +242,13 @@ class ChainDecode:
                 g = link.groups[key]
                 if g.codec != S.CODEC:
                     raise TpdeFormatError(key, f"unexpected codec {g.codec!r} in a checkpoint entry")
+                parts = {p: _part(link.shard, k) for p, k in g.parts.items()}
+                # Adam's features formed inside the decoder; None: not an Adam tensor, or it declined
+                fast = F.decode(key, parts, cur, prev, link.names, link.backward, stored=link.stored)
+                if fast is not None:
+                    return fast.reshape(-1)
                 opts = predict.options(key, cur, prev, link.names, backward=link.backward)
                 ref = prev.get(key) if prev is not None else None
-                parts = {p: _part(link.shard, k) for p, k in g.parts.items()}
                 return self._codec.decode(parts, CodecContext(key, ref, opts)).reshape(-1)
         except _Failed:
             raise

@@ -11,7 +11,9 @@ bucket of a small integer per element, by default the exponent of the reference 
 delta is coded knowing how many ulps one learning-rate step is). For fp32 the encoder makes a scaled
 prediction in one compiled pass (:func:`tpde_hf.checkpoints.enc_kernels.predict_f32`, the same float32
 operations in the same order; numpy's where a prediction is NaN); the decoder keeps numpy's, and the
-pack-time verify decodes its sampled chunks against numpy's, so the two are checked to agree.
+pack-time verify decodes its sampled chunks against numpy's, so the two are checked to agree. With the option
+``pack`` the symbols are never stored (:func:`tpde_hf.checkpoints.enc_kernels.encode_fused`: made chunk by chunk
+in cache where the streams are written; the same bytes as the default path, which tests hold them to).
 
 Parts: ``meta`` (int64), ``shape`` (int64), ``coef`` (float32), ``tables`` (zstd of the uint16
 frequency tables), ``chunks`` (int64 ``[n, LANES + 2]``: rANS states, words, bit words), ``words`` and
@@ -41,6 +43,7 @@ import zstandard
 from tpde_hf.checkpoints import dec_kernels as D
 from tpde_hf.checkpoints import enc_kernels as E
 from tpde_hf.checkpoints import kernels as K
+from tpde_hf.checkpoints.predict import _EPS_ARR, Ratio
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
 
@@ -100,11 +103,20 @@ def _prediction(ref: np.ndarray | None, coef: Sequence[float], features: Sequenc
         c = np.zeros(3, np.float32)
         c[:len(coef)] = coef
         empty = np.zeros(0, np.float32)
-        fs = [*features[:n_feat], empty, empty]
-        p, nan = E.predict_f32(ref, fs[0], fs[1], c, n_feat)
+        if n_feat and all(isinstance(f, Ratio) for f in features[:n_feat]):  # the ratios made inline, never stored
+            fs = [*((f.m, f.v) for f in features[:n_feat]), (empty, empty), (empty, empty)]
+            p, nan = E.predict_ratio_f32(ref, *fs[0], *fs[1], c, n_feat, _EPS_ARR)
+        else:
+            fs = [*_arrays(features[:n_feat]), empty, empty]
+            p, nan = E.predict_f32(ref, fs[0], fs[1], c, n_feat)
         if not nan:
             return _as_dtype_bits(p, dtype), True
-    return _as_dtype_bits(predict(ref, coef, features, n, np_dtype), dtype), False
+    return _as_dtype_bits(predict(ref, coef, _arrays(features), n, np_dtype), dtype), False
+
+
+def _arrays(features: Sequence[Any]) -> list[np.ndarray]:
+    """The features as arrays (a lazy :class:`~tpde_hf.checkpoints.predict.Ratio` made whole)."""
+    return [f.array() if isinstance(f, Ratio) else f for f in features]
 
 
 def _np_float(dtype: torch.dtype) -> Any:
@@ -119,7 +131,9 @@ def _as_dtype_bits(p: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return p.view(np.int32 if view == torch.int32 else np.int16)
 
 
-def _to_np(t: torch.Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
+def _to_np(t: torch.Tensor | np.ndarray | Ratio, dtype: torch.dtype) -> np.ndarray | Ratio:
+    if isinstance(t, Ratio):  # a lazy feature of the pack (float32, flat): indexed, sliced or made whole
+        return t if dtype == torch.float32 else t.array()  # (numpy arrays are taken as they are)
     if isinstance(t, np.ndarray):
         return t.reshape(-1)
     t = t.detach().reshape(-1)
@@ -205,24 +219,18 @@ class CheckpointDelta:
         coef, mode = self._choose(bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context)
         nsym = K.n_symbols(mode, width, mb)
         pbits, compiled = _prediction(refn, coef, feats, n, npf, dtype)
-        sym, nraw, raw = (E.symbolize if pack else K.symbolize)(bits, pbits, mode, width, mb)
-        # the decoder's inverse of the symbol map, on every element
-        bad = E.unsymbolize_check(bits, pbits, sym, raw, mode, width, mb) if context.options.get("verify") else 0
-        hist = K.histogram(sym, ctx, n_ctx, nsym)
-        if bad:
-            raise TpdeFormatError(context.key, "ckpt-delta: the encoded payload does not decode to the tensor "
-                                               "(encoder bug); nothing was stored")
-        freq = self._tables(hist)
-        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
         fork = context.options.get("fork")  # fork(fn, items): idle threads may take runs of chunks
-        if fork is not None and n >= 2 * FORK_RUN:
-            states, n_words, n_bitwords, w, b, bad = E.encode_split(sym, nraw, raw, ctx, freq, cum, CHUNK, fork,
-                                                                    min(16, n // FORK_RUN))
+        pieces = min(16, n // FORK_RUN) if fork is not None and n >= 2 * FORK_RUN else 1
+        if pack:
+            freq, cum, (states, n_words, n_bitwords, w, b, bad) = self._encode_fused(
+                bits, pbits, ctx, n_ctx, nsym, mode, width, mb, bool(context.options.get("verify")), fork, pieces)
         else:
-            states, n_words, n_bitwords, w, b, bad = E.encode_compact(sym, nraw, raw, ctx, freq, cum, CHUNK)
-        del sym, nraw, raw
+            freq, cum, (states, n_words, n_bitwords, w, b, bad) = self._encode_arrays(
+                bits, pbits, ctx, n_ctx, nsym, mode, width, mb, bool(context.options.get("verify")), fork, pieces,
+                context.key)
         if bad:
-            raise TpdeFormatError(context.key, f"ckpt-delta: {bad} rANS steps fail their inverse check (encoder bug); "
+            raise TpdeFormatError(context.key, f"ckpt-delta: {bad} elements or rANS steps fail their inverse check "
+                                               "(encoder bug); the encoded payload does not decode to the tensor; "
                                                "nothing was stored")
         meta = [VERSION, mode, code, n, CHUNK, n_ctx, nsym, len(coef), checksum(bits), lo, len(states)]
         tables = zstandard.ZstdCompressor(level=9).compress(freq.astype("<u2").tobytes())
@@ -240,6 +248,29 @@ class CheckpointDelta:
             # a compiled prediction is checked against the decoder's (numpy) on the sampled chunks
             self._verify(parts, bits, pbits, ctx, context.key, (refn, coef, feats, npf) if compiled else None)
         return parts
+
+    def _encode_arrays(self, bits, pbits, ctx, n_ctx, nsym, mode, width, mb, verify, fork, pieces, key):
+        """Symbols as whole arrays (``kernels.symbolize``), their histogram, tables, then the streams: the
+        reference path (``pack`` off). Returns ``(freq, cum, encode_compact's tuple)``."""
+        sym, nraw, raw = K.symbolize(bits, pbits, mode, width, mb)
+        # the decoder's inverse of the symbol map, on every element
+        bad = E.unsymbolize_check(bits, pbits, sym, raw, mode, width, mb) if verify else 0
+        if bad:
+            raise TpdeFormatError(key, "ckpt-delta: the encoded payload does not decode to the tensor "
+                                       "(encoder bug); nothing was stored")
+        freq = self._tables(K.histogram(sym, ctx, n_ctx, nsym))
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+        if pieces > 1:
+            return freq, cum, E.encode_split(sym, nraw, raw, ctx, freq, cum, CHUNK, fork, pieces)
+        return freq, cum, E.encode_compact(sym, nraw, raw, ctx, freq, cum, CHUNK)
+
+    def _encode_fused(self, bits, pbits, ctx, n_ctx, nsym, mode, width, mb, verify, fork, pieces):
+        """The same result without symbol arrays (the pack's path): a histogram pass, then each chunk's symbols
+        made in cache where the streams are written (:func:`enc_kernels.encode_fused`), with the decoder's
+        inverse of the symbol map on every element (``verify``)."""
+        freq = self._tables(E.sym_histogram(bits, pbits, ctx, mode, width, mb, n_ctx, nsym))
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+        return freq, cum, E.encode_fused(bits, pbits, ctx, freq, cum, mode, width, mb, CHUNK, verify, fork, pieces)
 
     def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
         key = context.key
@@ -335,10 +366,9 @@ class CheckpointDelta:
     def _decoder_inputs(pp: dict[str, Any], tables: bool = True) -> tuple:
         """``(lut, cum, word_start, words, bit_start, bitwords, states)`` of a parsed payload (``tables``
         False: no ``lut`` and ``cum``, None in their places)."""
-        freq, n_ctx, nsym = pp["freq"], pp["n_ctx"], pp["nsym"]
+        freq = pp["freq"]
         cum = (np.cumsum(freq, 1) - freq).astype(np.int64) if tables else None
-        lut = np.concatenate([np.repeat(np.arange(nsym, dtype=np.uint16), freq[c]) for c in range(n_ctx)]) \
-            if tables else None
+        lut = E.slot_symbols(np.ascontiguousarray(freq, np.int64)) if tables else None  # freq: checked by _parse
         ws = np.concatenate([[0], np.cumsum(pp["n_words"])]).astype(np.int64)
         bs = np.concatenate([[0], np.cumsum(pp["n_bitwords"])]).astype(np.int64)
         words_s = pp["words"] if pp["words"].size else np.zeros(1, np.uint16)
@@ -378,13 +408,13 @@ class CheckpointDelta:
         which = np.array(sorted({nch - 1, *(range(0, nch, VERIFY_EVERY) if nch > VERIFY_EVERY else ())}), np.int64)
         if numpy_pred is not None:  # only the sampled chunks' elements are written (and their pages touched)
             ref, coef, feats, npf = numpy_pred
-            pbits = np.empty_like(pbits)
+            pbits = E.empty(pbits.size, pbits.dtype)
             for c in which:
                 lo, hi = c * ch, min(bits.size, (c + 1) * ch)
                 pbits[lo:hi] = _as_dtype_bits(predict(None if ref is None else ref[lo:hi], coef,
                                                       [f[lo:hi] for f in feats], hi - lo, npf), pp["dtype"])
         lut, cum, ws, words_s, bs, bits_s, states = cls._decoder_inputs(pp)
-        out = np.empty_like(bits)
+        out = E.empty(bits.size, bits.dtype)
         fail = E.decode_some(which, pbits, ctx, lut, pp["freq"], cum, states, ws, words_s, bs, bits_s,
                              pp["mode"], width, mb, ch, out) != 0
         fail = fail or any(not np.array_equal(out[c * ch:(c + 1) * ch], bits[c * ch:(c + 1) * ch]) for c in which)
@@ -455,10 +485,9 @@ class CheckpointDelta:
 
     @staticmethod
     def _tables(hist: np.ndarray) -> np.ndarray:
-        """Frequency tables (``[n_ctx, nsym]``, each row summing to 2**12) from the symbol counts."""
-        from tpde_hf.codec.rans import quantize_frequencies
-
-        return quantize_frequencies(hist, K.PROB_BITS).numpy().astype(np.int64)
+        """Frequency tables (``[n_ctx, nsym]``, each row summing to 2**12) from the symbol counts:
+        ``rans.quantize_frequencies``' tables, in compiled code (:func:`enc_kernels.quantize_tables`)."""
+        return E.quantize_tables(np.ascontiguousarray(hist, np.int64), K.PROB_BITS)
 
 
 def warm_up() -> None:
@@ -482,11 +511,13 @@ def warm_up() -> None:
                 codec.encode(new, CodecContext("warm-up", torch.from_numpy(ref), {**opts, "verify": True,
                                                                                   "pack": pack}))
         # the pack's own paths: runs of chunks taken by other threads, the Adam features of predict.options
-        sym, nraw, raw = K.symbolize(new.numpy().view(np.int32), ref.view(np.int32), K.MODE_ORD, 32, 23)
+        sym, nraw, raw = E.symbolize(new.numpy().view(np.int32), ref.view(np.int32), K.MODE_ORD, 32, 23)
         zero = np.zeros(sym.size, np.uint8)
         freq = CheckpointDelta._tables(K.histogram(sym, zero, 1, K.n_symbols(K.MODE_ORD, 32, 23)))
-        E.encode_split(sym, nraw, raw, zero, freq, (np.cumsum(freq, 1) - freq).astype(np.int64), 1024,
-                       lambda fn, items: [fn(x) for x in items], 2)
+        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
+        E.encode_split(sym, nraw, raw, zero, freq, cum, 1024, lambda fn, items: [fn(x) for x in items], 2)
+        E.encode_fused(new.numpy().view(np.int32), ref.view(np.int32), zero, freq, cum, K.MODE_ORD, 32, 23, 1024,
+                       True, lambda fn, items: [fn(x) for x in items], 2)
         v = np.abs(feat)
         E.ratio_f32(feat, v, np.ones(1, np.float32))
         E.half_exponent(v)

@@ -1,29 +1,40 @@
 """The restore-side decoder of ``ckpt-delta``: the same stream as :func:`kernels.decode_chunks`, in fewer cycles.
 
 :func:`kernels._decode_chunk` stays the reference (the pack-time verify decodes with it). This one reads the
-same bytes and gives the same bit patterns and the same ``bad`` flags, faster:
+same bytes and gives the same bit patterns and the same ``bad`` flags, faster. A chunk is decoded block by
+block (:data:`BLOCK` elements, every per-block buffer in cache), each block in four passes:
 
-* one 64-bit table entry per (context, slot) holds everything a rANS step needs (frequency, ``slot - cum``,
-  raw bit count, the symbol's high bits), so a step is one load instead of three dependent ones;
-* the four interleaved rANS states live in registers (the loop is unrolled by :data:`~kernels.LANES`), and
-  array indices are unsigned (numba then emits no negative-index wraparound);
-* renormalisation and the raw-bit refill are selects, not branches (they were unpredictable);
-* for float32 the prediction ``c0 * ref + c1 * f1 + c2 * f2`` is formed chunk by chunk into a chunk-sized
-  scratch buffer that stays in cache (the same correctly rounded operations in the same order as
-  ``codec.predict``; no fused multiply-add: numba sets no fast-math flags), so no tensor-sized prediction is
-  written and read back. NaN predictions are counted and the caller then decodes that tensor with numpy's
-  prediction instead (x86 passes an operand's NaN payload on, and the operand order of a compiled add is not
-  pinned down);
-* a chunk whose start leaves room for one word of each stream per element cannot read past the arrays, so it
-  runs a loop without clamps (one of four loops: two modes, clamped or not, built by :func:`_make`).
+* **inputs**: the block's context buckets and float32 prediction, formed in cache from the tensors they come
+  from (a *recipe*: given arrays, or Adam's features computed on the spot, see below), so no tensor-sized
+  feature, context or prediction array is ever written and read back;
+* **entropy**: only the four interleaved rANS states (in registers; one 64-bit table entry per (context, slot)
+  holds the frequency, ``slot - cum``, the raw bit count and the symbol's high bits, so a step is one load;
+  renormalisation a select, not a branch); each element's table entry goes to a block buffer;
+* **raw bits**: each element's raw bits read at its own bit offset (a running sum of the bit counts: no serial
+  bit-buffer chain beside the rANS chains), joined to the symbol's high bits;
+* **values**: the prediction plus the ordinal / zig-zag (or sign-flip) arithmetic, independent per element,
+  so LLVM vectorises it (AVX-512 where present).
 
-Measured on the MiniLM checkpoints (word-embedding weight, ``exp_avg``, ``exp_avg_sq``; one thread, CPU time,
-prediction given): 5.2 / 6.2 / 5.7 ns per element against the reference's 11.0 / 7.1 / 10.6. With both cores busy
-the gain shrinks (the two vCPUs share execution resources): about 20% less CPU per link in a whole decode.
+Recipes (:data:`RECIPE_BITS` ... :data:`RECIPE_W`): the prediction's bit patterns given; a float32 prediction
+``c0 * ref + c1 * f1 + c2 * f2`` from given features; and the three of
+:func:`tpde_hf.checkpoints.predict.options`, computed per block from the tensors they read, with the same
+correctly rounded float32 operations in the same order as ``predict`` / ``enc_kernels``: ``exp_avg`` (context
+``exponent(v0) // 2``), ``exp_avg_sq`` (feature ``m * m``, context ``exponent(m * m) - exponent(ref)``) and a
+weight (features ``m / (sqrt(v) + eps)`` of both checkpoints, context ``exponent(w0)`` or special where
+``v1 == 0``). No fused multiply-add (numba sets no fast-math flags); numpy's error model only drops the
+zero-division branch, which kept the ratio loop scalar (``sqrt(v) + eps`` is never 0). Contexts are bucketed as
+:func:`kernels.buckets`. A prediction made by arithmetic that is NaN is counted and the caller then decodes
+that tensor through numpy's prediction instead (x86 passes an operand's NaN payload on, and the operand order
+of a compiled add is not pinned down).
 
-Every read is clamped into its array or provably inside it, so a corrupt payload never reads out of bounds; the
-raw-bit reader reads ahead, so its end check compares the bits consumed with the chunk's word count
-(``ceil(bits / 32)``), which is what the reference's ``bp == bit_start[c + 1]`` means.
+Every read is clamped into its array or provably inside it (a chunk whose start leaves room for one rANS word
+per element reads those unclamped; raw-bit reads are always clamped), so a corrupt payload never reads out of
+bounds; the end check compares the raw bits consumed with the chunk's word count (``ceil(bits / 32)``), which
+is what the reference's ``bp == bit_start[c + 1]`` means.
+
+Measured on the MiniLM checkpoints (checkpoint-120 against 140, one thread, loaded machine, CPU time): the word
+embeddings' ``exp_avg`` / ``exp_avg_sq`` / weight with their features formed in the loop 6.7 / 7.6 / 10.5 ns per
+element. The memory traffic bounds it: the inputs pass alone reads at about 4 GB/s (2.0 / 2.6 / 5.8 ns).
 
 Example::
 
@@ -42,7 +53,13 @@ from tpde_hf.codec.compiled_kernels import _ordinal, _wrap
 
 _SLOTS = 1 << PROB_BITS
 _MASK32 = np.int64(0xFFFFFFFF)
-assert LANES == 4  # the loop below is unrolled by four
+#: elements per block: long enough runs of each input for the hardware prefetcher (1024: +20% time on the
+#: fp32 path), the block buffers (about 340 KiB) still in L2 beside the hot table rows
+BLOCK = 16384
+SPECIAL = -1000  # codec.SPECIAL: a context at or below it is bucket 0 (a parameter no gradient touched)
+#: recipes: prediction bits given; float32 prediction from given features; Adam's exp_avg, exp_avg_sq, weight
+RECIPE_BITS, RECIPE_F32, RECIPE_M, RECIPE_V, RECIPE_W = range(5)
+assert LANES == 4  # the entropy loop is unrolled by four
 
 
 @njit(cache=True, nogil=True)
@@ -76,15 +93,6 @@ def slot_table(freq, mode, mant_bits):
 
 
 @njit(cache=True, nogil=True)
-def _end(c, x0, x1, x2, x3, wp, bp, nacc, word_start, bit_start):
-    """1 unless the chunk ended exactly as encoded (states back at the start value, every word used)."""
-    used = (bp - bit_start[c]) * 32 - nacc  # raw bits consumed; the encoder wrote ceil(used / 32) words
-    ok = x0 == STATE_LOW and x1 == STATE_LOW and x2 == STATE_LOW and x3 == STATE_LOW and wp == word_start[c + 1] \
-        and (used + 31) // 32 == bit_start[c + 1] - bit_start[c]
-    return 0 if ok else 1
-
-
-@njit(cache=True, nogil=True)
 def _start(c, states):
     x0, x1, x2, x3 = states[c, 0], states[c, 1], states[c, 2], states[c, 3]
     if min(min(x0, x1), min(x2, x3)) < STATE_LOW or max(max(x0, x1), max(x2, x3)) >= (np.int64(1) << 32):
@@ -93,170 +101,260 @@ def _start(c, states):
     return 0, x0, x1, x2, x3
 
 
-@njit(cache=True, nogil=True)
-def _elem(i, x, p, pi, ctx, tab, wp, wlim, words, acc, nacc, bp, blim, bitwords, out, mode, clamp):
-    """Element ``i`` with rANS state ``x``: the new state, word pointer and bit reader. ``mode`` and ``clamp``
-    are constants of the calling :func:`_make` loop (folded once inlined); with ``clamp`` every read is clamped
-    to ``wlim``/``blim`` (``len - 1``). The width is the output's (a compile-time constant)."""
-    width = out.itemsize * 8
-    e = tab[np.uint64((np.int64(ctx[np.uint64(i)]) << PROB_BITS) | (x & (_SLOTS - 1)))]
+@njit(cache=True, nogil=True, inline="always")
+def _step(j, x, cb, cbase, tab, wp, wlim, words, ebuf, clamp):
+    """Element ``j`` of the block (context ``cb[cbase + j]``) with rANS state ``x``: its table entry into
+    ``ebuf[j]``; returns the new state and word pointer. Only the rANS chain: raw bits are read by :func:`_raw`."""
+    e = tab[np.uint64((np.int64(cb[np.uint64(cbase + j)]) << PROB_BITS) | (x & (_SLOTS - 1)))]
     x = ((e >> 32) & 0x1FFF) * (x >> PROB_BITS) + ((e >> 45) & 0xFFF)
     need = np.int64(x < STATE_LOW)  # renormalise by a select: the branch was unpredictable
     x = (x << (need << 4)) | (np.int64(words[np.uint64(min(wp, wlim) if clamp else wp)]) & -need)
-    refill = np.int64(nacc < 32)  # a select: keep at least 32 raw bits (a field is at most 29)
-    acc |= (np.int64(bitwords[np.uint64(min(bp, blim) if clamp else bp)]) << nacc) & -refill
-    nr = e >> 57
-    rv = acc & ((np.int64(1) << nr) - 1)
-    pv = np.int64(p[np.uint64(pi)])
-    if mode == 0:
-        u = (e & _MASK32) | rv
-        r = (u >> 1) ^ (-(u & 1))
-        out[np.uint64(i)] = _ordinal(_wrap(_ordinal(pv, width) + r, width), width)
+    ebuf[np.uint64(j)] = e
+    return x, wp + need
+
+
+@njit(cache=True, nogil=True)
+def _raw(ebuf, m, off, bw, blim, ubuf):
+    """Each element's value bits above the prediction (symbol high bits | raw bits) into ``ubuf``: the raw
+    bits sit at bit ``off`` (a running sum of the bit counts, no serial bit buffer) of the chunk's bit words
+    ``bw``, read from the two words there (clamped to ``blim``). Returns the new offset."""
+    for j in range(m):
+        e = ebuf[j]
+        nr = e >> 57
+        wi = off >> 5
+        two = np.int64(bw[np.uint64(min(wi, blim))]) | (np.int64(bw[np.uint64(min(wi + 1, blim))]) << 32)
+        ubuf[j] = (e & _MASK32) | ((two >> (off & 31)) & ((np.int64(1) << nr) - 1))
+        off += nr
+    return off
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bucket(v, lo, n_ctx):
+    """:func:`kernels.buckets_into` of one context value."""
+    return 0 if v <= SPECIAL or n_ctx == 1 else min(max(v - lo, 1), max(1, n_ctx - 1))
+
+
+@njit(cache=True, nogil=True)
+def _base(kind, R, s, m, c0, pbuf):
+    """Where ``codec.predict`` starts, into ``pbuf[:m]``: 0 zeros, 1 the reference, 2 ``ref * c0``."""
+    if kind == 0:
+        for j in range(m):
+            pbuf[j] = np.float32(0.0)
+    elif kind == 1:
+        for j in range(m):
+            pbuf[j] = R[s + j]
     else:
-        ub = ((e & _MASK32) ^ (np.int64(pv < 0) << (width - 1))) | rv
-        out[np.uint64(i)] = ub - ((ub >> (width - 1)) << width)  # sign-extend
-    return x, wp + need, acc >> nr, nacc + (refill << 5) - nr, bp + refill
+        for j in range(m):
+            pbuf[j] = R[s + j] * c0
 
 
-def _make(mode: int, clamp: bool):
-    """The chunk loop of one mode, reads clamped or not: both constants of the closure, which numba folds (the
-    closure holds only these two ints, so numba's on-disk cache keys it stably)."""
+@njit(cache=True, nogil=True, error_model="numpy")  # no zero-division branch: the ratio loops vectorise
+def _inputs(recipe, s, m, R, Ri, A, B, C, Dd, coef, kind, lo, n_ctx, cbuf, pbuf, fbuf):
+    """The inputs of block ``s:s + m`` by ``recipe``: context buckets into ``cbuf`` (Adam recipes) and the
+    float32 prediction into ``pbuf`` (all but :data:`RECIPE_BITS`). Returns the number of NaN predictions made
+    by arithmetic (a prediction that is the reference itself, or zeros, is exact whatever it holds).
 
-    def chunk(c, p, pbase, ctx, tab, states, word_start, words, bit_start, bitwords, size, out):
-        lo = c * size
-        hi = min(out.shape[0], lo + size)
-        wlim, blim = words.shape[0] - 1, bitwords.shape[0] - 1
-        bad, x0, x1, x2, x3 = _start(c, states)
-        wp, bp, acc, nacc = word_start[c], bit_start[c], np.int64(0), np.int64(0)
-        i = lo
-        while i + LANES <= hi:  # element i + j uses state j: four independent chains, in registers
-            x0, wp, acc, nacc, bp = _elem(i, x0, p, i - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp, blim,
-                                          bitwords, out, mode, clamp)
-            x1, wp, acc, nacc, bp = _elem(i + 1, x1, p, i + 1 - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp,
-                                          blim, bitwords, out, mode, clamp)
-            x2, wp, acc, nacc, bp = _elem(i + 2, x2, p, i + 2 - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp,
-                                          blim, bitwords, out, mode, clamp)
-            x3, wp, acc, nacc, bp = _elem(i + 3, x3, p, i + 3 - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp,
-                                          blim, bitwords, out, mode, clamp)
-            i += LANES
-        if i < hi:
-            x0, wp, acc, nacc, bp = _elem(i, x0, p, i - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp, blim,
-                                          bitwords, out, mode, clamp)
-        if i + 1 < hi:
-            x1, wp, acc, nacc, bp = _elem(i + 1, x1, p, i + 1 - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp,
-                                          blim, bitwords, out, mode, clamp)
-        if i + 2 < hi:
-            x2, wp, acc, nacc, bp = _elem(i + 2, x2, p, i + 2 - pbase, ctx, tab, wp, wlim, words, acc, nacc, bp,
-                                          blim, bitwords, out, mode, clamp)
-        return bad | _end(c, x0, x1, x2, x3, wp, bp, nacc, word_start, bit_start)
-
-    chunk.__name__ = chunk.__qualname__ = f"_chunk_{mode}_{int(clamp)}"  # one cache file each
-    return njit(cache=True, nogil=True)(chunk)
-
-
-_chunk_ord = _make(0, True)
-_chunk_ord_unchecked = _make(0, False)
-_chunk_fld = _make(1, True)
-_chunk_fld_unchecked = _make(1, False)
-
-
-@njit(cache=True, nogil=True)
-def _one(c, mode, p, pbase, ctx, tab, states, ws, words, bs, bitwords, size, out):
-    """Chunk ``c``: a step reads at most one word of each stream, so a chunk whose start leaves room for one per
-    element cannot read past the arrays, whatever its payload says, and runs without clamps."""
-    n = min(out.shape[0], (c + 1) * size) - c * size
-    inside = ws[c] + n <= words.shape[0] and bs[c] + n <= bitwords.shape[0]
-    if mode == 0:
-        if inside:
-            return _chunk_ord_unchecked(c, p, pbase, ctx, tab, states, ws, words, bs, bitwords, size, out)
-        return _chunk_ord(c, p, pbase, ctx, tab, states, ws, words, bs, bitwords, size, out)
-    if inside:
-        return _chunk_fld_unchecked(c, p, pbase, ctx, tab, states, ws, words, bs, bitwords, size, out)
-    return _chunk_fld(c, p, pbase, ctx, tab, states, ws, words, bs, bitwords, size, out)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _bits_par(mode, p, ctx, tab, states, ws, words, bs, bitwords, size, out):
-    bad = np.zeros(states.shape[0], np.int64)
-    for c in prange(states.shape[0]):
-        bad[c] = _one(c, mode, p, 0, ctx, tab, states, ws, words, bs, bitwords, size, out)
-    return bad
+    ``codec.predict``'s order: the start, then ``+ c1 * f1``, then ``+ c2 * f2``, each term a loop of its own
+    (simple loops vectorise; a condition inside one kept the square roots and divisions scalar). ``recipe``
+    is a run-time value: each branch is self-contained, so the types a branch infers for arrays it is not
+    meant for never reach another branch's float32 arithmetic."""
+    c0, c1, c2, eps = coef[0], coef[1], coef[2], coef[3]
+    if recipe == RECIPE_BITS:
+        return 0
+    _base(kind, R, s, m, c0, pbuf)
+    if recipe == RECIPE_M:  # context exponent(v0) // 2 (A: v0's bit patterns); no features
+        for j in range(m):
+            cbuf[j] = _bucket(((np.int64(A[s + j]) >> 23) & 0xFF) >> 1, lo, n_ctx)
+    elif recipe == RECIPE_V:  # feature m * m (A: m), context exponent(m * m) - exponent(ref)
+        fbi = fbuf.view(np.int32)
+        for j in range(m):
+            fbuf[j] = A[s + j] * A[s + j]
+        for j in range(m):
+            cbuf[j] = _bucket(((np.int64(fbi[j]) >> 23) & 0xFF) - ((np.int64(Ri[s + j]) >> 23) & 0xFF), lo, n_ctx)
+        if c1 != 0:
+            for j in range(m):
+                pbuf[j] = pbuf[j] + c1 * fbuf[j]
+    elif recipe == RECIPE_W:  # context exponent(w0), special where v1 == 0; features m / (sqrt(v) + eps)
+        for j in range(m):
+            cbuf[j] = _bucket(SPECIAL if B[s + j] == 0 else (np.int64(Ri[s + j]) >> 23) & 0xFF, lo, n_ctx)
+        if c1 != 0:  # enc_kernels.ratio_f32's operations, then codec.predict's
+            for j in range(m):
+                pbuf[j] = pbuf[j] + c1 * (A[s + j] / (np.sqrt(B[s + j]) + eps))
+        if c2 != 0:
+            for j in range(m):
+                pbuf[j] = pbuf[j] + c2 * (C[s + j] / (np.sqrt(Dd[s + j]) + eps))
+    else:  # RECIPE_F32: given features
+        if c1 != 0:
+            for j in range(m):
+                pbuf[j] = pbuf[j] + c1 * A[s + j]
+        if c2 != 0:
+            for j in range(m):
+                pbuf[j] = pbuf[j] + c2 * B[s + j]
+    nan = 0
+    if kind == 2 or c1 != 0 or c2 != 0:
+        for j in range(m):
+            nan += pbuf[j] != pbuf[j]
+    return nan
 
 
 @njit(cache=True, nogil=True)
-def _bits_ser(mode, p, ctx, tab, states, ws, words, bs, bitwords, size, out):
-    bad = np.zeros(states.shape[0], np.int64)
-    for c in range(states.shape[0]):
-        bad[c] = _one(c, mode, p, 0, ctx, tab, states, ws, words, bs, bitwords, size, out)
-    return bad
-
-
-@njit(cache=True, nogil=True)
-def _f32_one(c, mode, ref, f1, f2, coef, kind, ctx, tab, states, ws, words, bs, bitwords, size, out, scratch, nan):
+def _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states, ws, words, bs,
+           bitwords, size, out):
+    """Chunk ``c``: ``(bad, NaN predictions)``."""
+    bufs = _buffers()
+    st, bad, bw, clamp = _begin(c, states, ws, words, bs, bitwords, out.shape[0], size)
     lo = c * size
-    nan[c] = _predict(lo, min(out.shape[0], lo + size), ref, f1, f2, coef, kind, scratch)
-    return _one(c, mode, scratch.view(np.int32), lo, ctx, tab, states, ws, words, bs, bitwords, size, out)
+    hi = min(out.shape[0], lo + size)
+    nan = 0
+    for s in range(lo, hi, BLOCK):
+        m = min(hi - s, BLOCK)
+        if clamp:
+            st, k = _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, words, bw,
+                           st, bufs, out, True)
+        else:
+            st, k = _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, words, bw,
+                           st, bufs, out, False)
+        nan += k
+    return bad | _end(c, st, ws, bs), nan
+
+
+@njit(cache=True, nogil=True)
+def _buffers():
+    """One thread's block buffers: buckets, prediction, a feature, value bits, table entries."""
+    return (np.empty(BLOCK, np.uint8), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32),
+            np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _begin(c, states, ws, words, bs, bitwords, n, size):
+    """Chunk ``c``'s start: ``(state, bad, its raw-bit words on, clamp)``; state ``(x0..x3, word pointer, raw
+    bits read)``. A rANS step reads at most one word, so a chunk whose start leaves room for one per element
+    cannot read past the words, whatever its payload says: it reads them unclamped (``clamp`` False)."""
+    bad, x0, x1, x2, x3 = _start(c, states)
+    m = min(n, (c + 1) * size) - c * size
+    bw = bitwords[min(bs[c], bitwords.shape[0] - 1):]  # never empty: the codec gives at least one word
+    return (x0, x1, x2, x3, ws[c], np.int64(0)), bad, bw, ws[c] + m > words.shape[0]
+
+
+@njit(cache=True, nogil=True)
+def _end(c, st, ws, bs):
+    """1 unless the chunk ended exactly as encoded: states back at the start value, every word used, and the
+    raw bits read filling the chunk's ``ceil(bits / 32)`` raw-bit words."""
+    x0, x1, x2, x3, wp, off = st
+    ok = x0 == STATE_LOW and x1 == STATE_LOW and x2 == STATE_LOW and x3 == STATE_LOW and wp == ws[c + 1] \
+        and (off + 31) // 32 == bs[c + 1] - bs[c]
+    return 0 if ok else 1
+
+
+@njit(cache=True, nogil=True)
+def _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, words, bw, st, bufs, out,
+           clamp):
+    """Elements ``s:s + m`` of one chunk: inputs, the entropy pass, raw bits, values into ``out``. Returns the
+    chunk's new state and the block's NaN predictions."""
+    cbuf, pbuf, fbuf, ubuf, ebuf = bufs
+    x0, x1, x2, x3, wp, off = st
+    nan = _inputs(recipe, s, m, R, Ri, A, B, C, Dd, coef, kind, lo_ctx, n_ctx, cbuf, pbuf, fbuf)
+    given = recipe == RECIPE_BITS or recipe == RECIPE_F32
+    cb = G if given else cbuf  # context buckets: given for the whole tensor, else the block's
+    cbase = s if given else 0
+    wlim = words.shape[0] - 1
+    j = 0
+    while j + LANES <= m:  # element j + l uses state l: four independent chains, in registers
+        x0, wp = _step(j, x0, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        x1, wp = _step(j + 1, x1, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        x2, wp = _step(j + 2, x2, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        x3, wp = _step(j + 3, x3, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        j += LANES
+    if j < m:
+        x0, wp = _step(j, x0, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+    if j + 1 < m:
+        x1, wp = _step(j + 1, x1, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+    if j + 2 < m:
+        x2, wp = _step(j + 2, x2, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+    off = _raw(ebuf, m, off, bw, bw.shape[0] - 1, ubuf)
+    if recipe == RECIPE_BITS:
+        _values(mode, out.itemsize * 8, ubuf, P[s:s + m], out[s:s + m])
+    else:
+        _values(mode, out.itemsize * 8, ubuf, pbuf.view(np.int32), out[s:s + m])
+    return (x0, x1, x2, x3, wp, off), nan
+
+
+@njit(cache=True, nogil=True)
+def _values(mode, width, ubuf, p, out):
+    """``out[k]`` from the value bits ``ubuf[k]`` and the prediction's bits ``p[k]``: independent per element,
+    vectorised."""
+    if mode == 0:
+        for k in range(out.shape[0]):
+            u = np.int64(ubuf[k])
+            r = (u >> 1) ^ (-(u & 1))
+            out[k] = _ordinal(_wrap(_ordinal(np.int64(p[k]), width) + r, width), width)
+    else:
+        for k in range(out.shape[0]):
+            ub = np.int64(ubuf[k]) ^ (np.int64(p[k] < 0) << (width - 1))
+            out[k] = ub - ((ub >> (width - 1)) << width)  # sign-extend
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _f32_par(mode, ref, f1, f2, coef, kind, ctx, tab, states, ws, words, bs, bitwords, size, out):
+def _run_par(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states, ws, words, bs, bitwords,
+             size, out):
     nch = states.shape[0]
     bad = np.zeros(nch, np.int64)
     nan = np.zeros(nch, np.int64)
     for c in prange(nch):
-        scratch = np.empty(size, np.float32)  # one chunk's prediction: it stays in cache
-        bad[c] = _f32_one(c, mode, ref, f1, f2, coef, kind, ctx, tab, states, ws, words, bs, bitwords, size, out,
-                          scratch, nan)
+        bad[c], nan[c] = _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states,
+                                ws, words, bs, bitwords, size, out)
     return bad, nan
 
 
 @njit(cache=True, nogil=True)
-def _f32_ser(mode, ref, f1, f2, coef, kind, ctx, tab, states, ws, words, bs, bitwords, size, out):
+def _run_ser(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states, ws, words, bs, bitwords,
+             size, out):
     nch = states.shape[0]
     bad = np.zeros(nch, np.int64)
     nan = np.zeros(nch, np.int64)
-    scratch = np.empty(size, np.float32)
     for c in range(nch):
-        bad[c] = _f32_one(c, mode, ref, f1, f2, coef, kind, ctx, tab, states, ws, words, bs, bitwords, size, out,
-                          scratch, nan)
+        bad[c], nan[c] = _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states,
+                                ws, words, bs, bitwords, size, out)
     return bad, nan
 
 
-@njit(cache=True, nogil=True)
-def _predict(lo, hi, ref, f1, f2, coef, kind, scratch):
-    """``codec.predict``'s float32 values of elements ``lo:hi`` into ``scratch`` (float32); the NaN count.
-    ``kind``: 0 zeros + terms, 1 ref + terms, 2 ref * c0 + terms (the same operations in the same order)."""
-    c0, c1, c2 = coef[0], coef[1], coef[2]
-    use1 = c1 != 0
-    use2 = c2 != 0
-    nan = 0
-    for i in range(lo, hi):  # one pass; the conditions are loop-invariant (LLVM unswitches them)
-        if kind == 0:
-            v = np.float32(0.0)
-        elif kind == 1:
-            v = ref[i]
-        else:
-            v = ref[i] * c0
-        if use1:
-            v = v + c1 * f1[i]
-        if use2:
-            v = v + c2 * f2[i]
-        scratch[i - lo] = v
-        nan += v != v
-    return nan
-
-
 _NONE = np.zeros(1, np.float32)
+_NONE_I = np.zeros(1, np.int32)
+_NONE_U8 = np.zeros(1, np.uint8)
+EPS = np.float32(1e-8)  # predict.EPS: Adam's epsilon in the weight features
+
+
+def _coef4(coef, eps=EPS) -> np.ndarray:
+    """``[c0, c1, c2, eps]`` as float32 (missing coefficients 0)."""
+    c = np.zeros(4, np.float32)
+    c[:min(3, len(coef))] = np.asarray(coef, np.float32)[:3]
+    c[3] = eps
+    return c
+
+
+def _sized(n, *arrays) -> None:
+    """Every array the loops index by element holds ``n`` elements (the loops do not check)."""
+    for x in arrays:
+        if x is not None and x.shape[0] != n:
+            raise ValueError(f"an input of {x.shape[0]} elements for a tensor of {n}")
+
+
+def _run(parallel):
+    return _run_par if parallel else _run_ser
 
 
 def decode_bits(p, ctx, tab, states, word_start, words, bit_start, bitwords, mode, width, chunk, out,
                 parallel=False):
-    """:func:`kernels.decode_chunks` with a :func:`slot_table`: ``p`` the prediction's bit patterns (any dtype);
-    chunks in parallel with ``parallel``. Returns the per-chunk bad flags."""
+    """:func:`kernels.decode_chunks` with a :func:`slot_table`: ``p`` the prediction's bit patterns (the
+    output's width), ``ctx`` the context buckets (each below the table's context count); chunks in parallel
+    with ``parallel``. Returns the per-chunk bad flags."""
     if out.itemsize * 8 != width:
         raise ValueError(f"a {width}-bit tensor decoded into {out.dtype}")
-    run = _bits_par if parallel else _bits_ser
-    return run(int(mode), p, ctx, tab, states, word_start, words, bit_start, bitwords, chunk, out)
+    _sized(out.shape[0], p, ctx)
+    n = _NONE
+    bad, _ = _run(parallel)(RECIPE_BITS, int(mode), n, _NONE_I, n, n, n, n, ctx, p, _coef4(()), 0, 0, 1, tab, states,
+                            word_start, words, bit_start, bitwords, chunk, out)
+    return bad
 
 
 def f32_kind(ref, coef) -> int:
@@ -267,11 +365,45 @@ def f32_kind(ref, coef) -> int:
 
 def decode_f32(ref, f1, f2, coef, ctx, tab, states, word_start, words, bit_start, bitwords, mode, chunk, out,
                parallel=False):
-    """Decode a float32 tensor (``out`` int32), its prediction formed chunk by chunk: ``ref`` (None: zeros),
+    """Decode a float32 tensor (``out`` int32), its prediction formed block by block: ``ref`` (None: zeros),
     ``coef`` float32 ``[c0, c1, c2]`` (an absent feature: coefficient 0, ``f`` None). Returns
     ``(bad flags, NaN predictions)``; with NaNs the caller decodes with numpy's prediction instead."""
-    run = _f32_par if parallel else _f32_ser
+    c4 = _coef4(coef)
+    if (f1 is None and c4[1] != 0) or (f2 is None and c4[2] != 0):
+        raise ValueError("a feature coefficient without its feature")
+    _sized(out.shape[0], ref, f1, f2, ctx)
     none = _NONE
-    bad, nan = run(int(mode), none if ref is None else ref, none if f1 is None else f1, none if f2 is None else f2,
-                   coef, f32_kind(ref, coef), ctx, tab, states, word_start, words, bit_start, bitwords, chunk, out)
+    bad, nan = _run(parallel)(RECIPE_F32, int(mode), none if ref is None else ref, _NONE_I,
+                              none if f1 is None else f1, none if f2 is None else f2, none, none, ctx, _NONE_I, c4,
+                              f32_kind(ref, coef), 0, 1, tab, states, word_start, words, bit_start, bitwords, chunk,
+                              out)
     return bad, int(nan.sum())
+
+
+def decode_adam(recipe, ref, a, b, c, d, coef, lo_ctx, n_ctx, tab, states, word_start, words, bit_start, bitwords,
+                mode, chunk, out, parallel=False):
+    """Decode a float32 tensor whose context and features are Adam's (:mod:`~tpde_hf.checkpoints.predict`),
+    computed block by block from the float32 tensors they come from (``ref``: the same tensor one checkpoint
+    away; ``lo_ctx``, ``n_ctx``: the stored bucketing, ``n_ctx`` the table's context count):
+
+    * :data:`RECIPE_M` (``exp_avg``): ``a`` the neighbour's ``exp_avg_sq``, no feature;
+    * :data:`RECIPE_V` (``exp_avg_sq``): ``a`` the ``exp_avg`` whose square is the feature;
+    * :data:`RECIPE_W` (a weight): ``a, b, c, d`` = ``m1, v1, m0, v0``.
+
+    Unused arrays may be None. Returns ``(bad flags, NaN predictions)`` as :func:`decode_f32`.
+    """
+    need = {RECIPE_M: (a,), RECIPE_V: (a,), RECIPE_W: (a, b, c, d)}.get(recipe)
+    c4 = _coef4(coef)
+    if need is None or any(x is None or x.dtype != np.float32 for x in (ref, *need)) or tab.shape[0] < n_ctx << 12:
+        raise ValueError(f"recipe {recipe}: float32 inputs and a table of {n_ctx} contexts expected")
+    if recipe != RECIPE_W and c4[2] != 0 or recipe == RECIPE_M and c4[1] != 0:
+        raise ValueError("a feature coefficient without its feature")
+    _sized(out.shape[0], ref, *need)
+    none = _NONE
+    ai = a.view(np.int32) if recipe == RECIPE_M else a
+    bad, nan = _run(parallel)(int(recipe), int(mode), ref, ref.view(np.int32), ai, none if b is None else b,
+                              none if c is None else c, none if d is None else d, _NONE_U8, _NONE_I, c4,
+                              f32_kind(ref, coef), int(lo_ctx), int(n_ctx), tab, states, word_start, words, bit_start,
+                              bitwords, chunk, out)
+    return bad, int(nan.sum())
+

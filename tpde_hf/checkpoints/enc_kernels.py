@@ -11,10 +11,18 @@ unchanged), at a fraction of its CPU:
   ``cum + f <= 2**12``), writes each renormalisation word unconditionally (a select, no branch), and flags
   any step of a symbol without mass and any final state out of range; :func:`encode_split` codes a large
   tensor's chunks in runs that other threads may take (the same bytes);
-* the pack's large elementwise outputs (symbols, contexts, predictions, Adam features) are numpy-allocated
-  (:func:`symbolize`, :func:`buckets`, :func:`predict_f32`, :func:`ratio_f32`, :func:`half_exponent`,
-  :func:`square_ctx`, :func:`weight_ctx`: the same values as the numpy or ``kernels`` versions): numpy asks
-  for transparent huge pages, where a numba allocation of 50 MB costs several times more in page faults.
+* the pack's path stores no symbol arrays (:func:`encode_fused`, :func:`sym_histogram`): a histogram pass makes
+  the symbols block by block in cache, then each chunk's symbols, raw bits and table indices are made into a
+  chunk of scratch (one vectorised loop, with the decoder's inverse of the symbol map on every element), the
+  raw bits packed forwards and the rANS pass run backwards over it. The same bytes as :func:`symbolize` +
+  :func:`encode_compact`, about 7 bytes per value less memory traffic and no 7-byte-per-value arrays to fault in;
+* the pack's large elementwise outputs (contexts, predictions, Adam features) are numpy-allocated
+  (:func:`buckets`, :func:`predict_f32`, :func:`ratio_f32`, :func:`half_exponent`, :func:`square_ctx`,
+  :func:`weight_ctx`: the same values as the numpy or ``kernels`` versions), and inside :func:`scratch` they
+  come from a pool of reused buffers: on this VM a fresh array of tens of MB costs about as much system time
+  (page faults, unmapping) as the loop that fills it;
+* the tables (:func:`quantize_tables`: ``rans.quantize_frequencies``' tables; :func:`_flat_tables`;
+  :func:`slot_symbols` for the sampled decode) are compiled loops instead of per-context numpy calls.
 
 Each returns a count of elements whose check failed (0 when all is well); the codec refuses to store a
 tensor with a nonzero count. Together with a decode-and-compare of sampled chunks (:func:`decode_some`, the codec's
@@ -28,8 +36,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core.extending import intrinsic
 
 from tpde_hf.checkpoints.kernels import (
     LANES,
@@ -46,29 +60,61 @@ from tpde_hf.codec.compiled_kernels import _ordinal, _wrap
 assert LANES == 4, "the encoder's main loop is written out for 4 lanes"
 
 
+# ---------------------------------------------------------------- reused buffers for one tensor's temporaries
+_pool_lock = threading.Lock()
+_pool: list[np.ndarray] = []  # free buffers (uint8), reused by any thread inside scratch()
+_local = threading.local()
+_POOL_MIN = 1 << 20  # smaller arrays come from malloc, whose own free lists serve them without page faults
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[None]:
+    """Within this block, this thread's large temporaries (:func:`empty`: contexts, predictions, features) come
+    from a pool of buffers that earlier blocks gave back. Why: a fresh array of tens of MB costs page faults
+    and an unmap when it is freed, about as much CPU as the loop that fills it (measured: a third of a pack's
+    CPU was system time). Nothing made inside may be used after the block (the buffers are reused)."""
+    taken: list[np.ndarray] = []
+    prev = getattr(_local, "taken", None)
+    _local.taken = taken
+    try:
+        yield
+    finally:
+        _local.taken = prev
+        with _pool_lock:
+            _pool.extend(taken)
+
+
+def empty(n: int, dtype) -> np.ndarray:
+    """``np.empty(n, dtype)``, from the pool inside :func:`scratch` (on this thread), else fresh."""
+    dt = np.dtype(dtype)
+    nbytes = int(n) * dt.itemsize
+    taken = getattr(_local, "taken", None)
+    if taken is None or nbytes < _POOL_MIN:
+        return np.empty(n, dt)
+    with _pool_lock:
+        fits = [i for i, b in enumerate(_pool) if b.size >= nbytes]
+        buf = _pool.pop(min(fits, key=lambda i: _pool[i].size)) if fits else None
+    if buf is None:
+        buf = np.empty(nbytes, np.uint8)
+    taken.append(buf)
+    return buf[:nbytes].view(dt)
+
+
+def release_scratch() -> int:
+    """Drop the pool's free buffers (bounded memory between packs); returns the bytes released."""
+    with _pool_lock:
+        freed = sum(b.size for b in _pool)
+        _pool.clear()
+    return freed
+
+
 @njit(cache=True, nogil=True)
 def unsymbolize_check(x, p, sym, raw, mode, width, mant_bits):
     """How many elements the decoder's inverse of the symbol map does not give back (0 when all is well):
     ``x[i] != unsymbolize(sym[i], raw[i], p[i])``, with the decoder's own formulas (``kernels._decode_chunk``)."""
     bad = 0
-    sign_shift = width - 1 - mant_bits
     for i in range(x.shape[0]):
-        s = np.int64(sym[i])
-        rv = np.int64(raw[i])
-        pv = np.int64(p[i])
-        if mode == 0:
-            if s < 4:
-                hib = s
-            else:
-                hib = (4 | ((s - 4) & 3)) << ((s - 4) // 4)
-            u = hib | rv
-            r = (u >> 1) ^ (-(u & 1))
-            v = _ordinal(_wrap(_ordinal(pv, width) + r, width), width)
-        else:
-            flip = np.int64(1) if pv < 0 else np.int64(0)
-            ub = ((s << mant_bits) ^ (flip << (sign_shift + mant_bits))) | rv
-            v = ub - ((ub >> (width - 1)) << width)
-        bad += v != np.int64(x[i])
+        bad += _unsymbol(np.int64(sym[i]), np.int64(raw[i]), np.int64(p[i]), mode, width, mant_bits) != np.int64(x[i])
     return bad
 
 
@@ -86,6 +132,21 @@ def _step(x, e, words, w):
     words[w - 1] = np.uint16(x & 0xFFFF)  # always written; kept only when needed (the next write may overwrite it)
     w -= need  # selects, no branch: whether a word is due is close to a coin flip
     x >>= need << 4
+    ux = np.uint64(x)
+    q = np.int64((((ux * m) >> np.uint64(32)) + ux) >> (e >> np.uint64(58)))
+    return x + cum + q * ((1 << PROB_BITS) - f), w, f
+
+
+@njit(cache=True, inline="always")
+def _step_u(x, e, words, w):
+    """:func:`_step` with an unsigned word position (the same state, words and ``f``)."""
+    m = e & np.uint64(0xFFFFFFFF)
+    f = np.int64((e >> np.uint64(32)) & np.uint64(0x1FFF))
+    cum = np.int64((e >> np.uint64(45)) & np.uint64(0x1FFF))
+    need = np.uint64(x >= (f << (32 - PROB_BITS)))
+    words[w - np.uint64(1)] = np.uint16(x & 0xFFFF)  # always written; kept only when needed
+    w -= need
+    x >>= np.int64(need << np.uint64(4))
     ux = np.uint64(x)
     q = np.int64((((ux * m) >> np.uint64(32)) + ux) >> (e >> np.uint64(58)))
     return x + cum + q * ((1 << PROB_BITS) - f), w, f
@@ -176,26 +237,37 @@ def _encode_range(sym, nraw, raw, ctx, tab, nsym, chunk, c0, c1, w_out, b_out):
     numba allocation of this size costs several times more in page faults) and touch only what is written."""
     n = sym.shape[0]
     nch = c1 - c0
-    states = np.empty((nch, LANES), np.int64)
-    n_words = np.empty(nch, np.int64)
-    n_bitwords = np.empty(nch, np.int64)
-    scratch = np.empty(chunk + 4, np.uint16)
+    states, n_words, n_bitwords, wrow = _range_outputs(nch, chunk)
     wpos = 0
     bpos = 0
     bad = 0
     for c in range(nch):
         lo = (c0 + c) * chunk
         hi = min(n, lo + chunk)
-        nw, nb, bd = _encode_chunk(lo, hi, sym, nraw, raw, ctx, tab, nsym, states[c], scratch,
+        nw, nb, bd = _encode_chunk(lo, hi, sym, nraw, raw, ctx, tab, nsym, states[c], wrow,
                                    b_out[bpos:])
-        cap = scratch.shape[0]
-        w_out[wpos:wpos + nw] = scratch[cap - nw:]
-        n_words[c] = nw
-        n_bitwords[c] = nb
-        wpos += nw
+        wpos = _place_chunk(c, nw, nb, wrow, w_out, wpos, n_words, n_bitwords)
         bpos += nb
         bad += bd
     return states, n_words, n_bitwords, wpos, bpos, bad
+
+
+@njit(cache=True, inline="always")
+def _range_outputs(nch, chunk):
+    """A range encoder's per-chunk outputs (states, word and bit-word counts) and its one chunk's word row."""
+    return (np.empty((nch, LANES), np.int64), np.empty(nch, np.int64), np.empty(nch, np.int64),
+            np.empty(chunk + 4, np.uint16))
+
+
+@njit(cache=True, inline="always")
+def _place_chunk(c, nw, nb, wrow, w_out, wpos, n_words, n_bitwords):
+    """Chunk ``c``'s words (the last ``nw`` of ``wrow``, decoder order) appended to ``w_out`` at ``wpos``, its
+    counts recorded; returns the next word position."""
+    cap = wrow.shape[0]
+    w_out[wpos:wpos + nw] = wrow[cap - nw:]
+    n_words[c] = nw
+    n_bitwords[c] = nb
+    return wpos + nw
 
 
 def _encode_run(sym, nraw, raw, ctx, tab, nsym, chunk, c0, c1):
@@ -261,25 +333,41 @@ def _flat_tables(freq, cum):
     (``l = ceil(log2 f)``, ``m' = 2**(32 + l) // f + 1 - 2**32``; all 0 for a symbol without mass). Each entry
     is checked against Granlund and Montgomery's condition, which makes ``(x * (2**32 + m')) >> (32 + l)``
     equal ``x // f`` for every ``x < 2**32``: ``2**(32 + l) <= (2**32 + m') * f <= 2**(32 + l) + 2**l``."""
-    freq = np.asarray(freq, np.int64)
-    cum = np.asarray(cum, np.int64)
-    if freq.min(initial=0) < 0 or cum.min(initial=0) < 0 or (cum + freq).max(initial=0) > 1 << PROB_BITS:
+    freq = np.ascontiguousarray(freq, np.int64)
+    cum = np.ascontiguousarray(cum, np.int64)
+    if freq.shape != cum.shape or freq.ndim != 2:
         raise ValueError("rANS tables out of range")
-    f = freq.reshape(-1)
-    d = np.maximum(f, 1)
-    sh = np.zeros(d.size, np.int64)
-    for k in range(PROB_BITS + 1):  # ceil(log2 d), in integers
-        sh += (np.int64(1) << k) < d
-    top = np.int64(1) << (32 + sh)
-    m = top // d + 1 - (np.int64(1) << 32)
-    full = (m + (np.int64(1) << 32)) * d
-    ok = (full >= top) & (full <= top + (np.int64(1) << sh)) & (m >= 0) & (m <= 0xFFFFFFFF)
-    if not ok[f > 0].all():
+    tab, status = _flat_tables_into(freq.reshape(-1), cum.reshape(-1))
+    if status == 1:
+        raise ValueError("rANS tables out of range")
+    if status == 2:
         raise ValueError("rANS division constants fail their check (encoder bug)")
-    live = f > 0
-    return ((np.where(live, m, 0).astype(np.uint64)) | (f.astype(np.uint64) << np.uint64(32))
-            | (np.where(live, cum.reshape(-1), 0).astype(np.uint64) << np.uint64(45))
-            | (np.where(live, sh, 0).astype(np.uint64) << np.uint64(58)))
+    return tab
+
+
+@njit(cache=True, nogil=True)
+def _flat_tables_into(f, cum):
+    """:func:`_flat_tables`' entries and a status (0 ok, 1 tables out of range, 2 a constant fails its check)."""
+    tab = np.zeros(f.shape[0], np.uint64)
+    for k in range(f.shape[0]):
+        if f[k] < 0 or cum[k] < 0 or cum[k] + f[k] > (1 << PROB_BITS):
+            return tab, 1
+    for k in range(f.shape[0]):
+        fk = f[k]
+        if fk <= 0:
+            tab[k] = np.uint64(0)  # a symbol without mass: f = 0 flags any step that codes it
+            continue
+        sh = np.int64(0)
+        while (np.int64(1) << sh) < fk:  # ceil(log2 f)
+            sh += 1
+        top = np.int64(1) << (32 + sh)
+        m = top // fk + 1 - (np.int64(1) << 32)
+        full = (m + (np.int64(1) << 32)) * fk
+        if not (full >= top and full <= top + (np.int64(1) << sh) and m >= 0 and m <= 0xFFFFFFFF):
+            return tab, 2
+        tab[k] = (np.uint64(m) | (np.uint64(fk) << np.uint64(32)) | (np.uint64(cum[k]) << np.uint64(45))
+                  | (np.uint64(sh) << np.uint64(58)))
+    return tab, 0
 
 
 @njit(cache=True, nogil=True)
@@ -342,8 +430,36 @@ def _predict_f32_into(ref, f1, f2, coef, n_feat, p):
 
 def predict_f32(ref, f1, f2, coef, n_feat):
     """The prediction of :func:`_predict_f32_into` in a numpy-allocated array, and its NaN count: ``(p, nan)``."""
-    p = np.empty(ref.shape[0], np.float32)
+    p = empty(ref.shape[0], np.float32)
     return p, _predict_f32_into(ref, f1, f2, coef, np.int64(n_feat), p)
+
+
+@njit(cache=True, nogil=True)
+def _predict_ratio_into(ref, m1, v1, m2, v2, coef, n_feat, eps, p):
+    """:func:`_predict_f32_into` with features ``f_k = m_k / (sqrt(v_k) + eps)`` made inline (the same float32
+    operations as :func:`_ratio_into`, then the prediction's, in the same order): the features are never stored.
+    Returns the count of NaN predictions (the caller then makes the features and the prediction with numpy)."""
+    n = ref.shape[0]
+    c0, c1, c2 = coef[0], coef[1], coef[2]
+    e = eps[0]
+    use1 = n_feat >= 1 and c1 != 0
+    use2 = n_feat >= 2 and c2 != 0
+    nan = 0
+    for i in range(n):
+        v = ref[i] * c0
+        if use1:
+            v = v + c1 * (m1[i] / (np.sqrt(v1[i]) + e))
+        if use2:
+            v = v + c2 * (m2[i] / (np.sqrt(v2[i]) + e))
+        p[i] = v
+        nan += v != v
+    return nan
+
+
+def predict_ratio_f32(ref, m1, v1, m2, v2, coef, n_feat, eps):
+    """The prediction of :func:`_predict_ratio_into` (pooled inside :func:`scratch`) and its NaN count."""
+    p = empty(ref.shape[0], np.float32)
+    return p, _predict_ratio_into(ref, m1, v1, m2, v2, coef, np.int64(n_feat), eps, p)
 
 
 @njit(cache=True, nogil=True)
@@ -361,7 +477,7 @@ def ratio_f32(m, v, eps):
     """``m / (sqrt(v) + eps)`` in float32, numpy's correctly rounded operations in the same order, in one pass
     (no temporaries; ``eps``: a float32 array of one). Returns ``(r, nan)``: ``nan`` counts NaN results (their
     payloads may differ from numpy's: the caller then uses numpy's)."""
-    out = np.empty(m.shape[0], np.float32)
+    out = empty(m.shape[0], np.float32)
     return out, _ratio_into(m, v, eps, out)
 
 
@@ -375,7 +491,7 @@ def symbolize(x, p, mode, width, mant_bits):
 
 def buckets(src, lo, n_ctx, special):
     """:func:`tpde_hf.checkpoints.kernels.buckets` (the same array) into a numpy-allocated output."""
-    out = np.empty(src.shape[0], np.uint8)
+    out = empty(src.shape[0], np.uint8)
     buckets_into(src, np.int64(lo), np.int64(n_ctx), np.int64(special), out)
     return out
 
@@ -402,21 +518,21 @@ def _weight_ctx_into(w, v1, special, out):
 
 def half_exponent(v):
     """``exponent(v) // 2`` (int16) of a float32 array: the context of an ``exp_avg``."""
-    out = np.empty(v.shape[0], np.int16)
+    out = empty(v.shape[0], np.int16)
     _half_exponent_into(v.view(np.int32), out)
     return out
 
 
 def square_ctx(m, v):
     """``(m * m, exponent(m * m) - exponent(v))`` (float32, int32) of float32 arrays, in two passes."""
-    m2, ctx = np.empty(m.shape[0], np.float32), np.empty(m.shape[0], np.int32)
+    m2, ctx = empty(m.shape[0], np.float32), empty(m.shape[0], np.int32)
     _square_ctx_into(m, v.view(np.int32), m2, m2.view(np.int32), ctx)
     return m2, ctx
 
 
 def weight_ctx(w, v1, special):
     """``exponent(w)`` as int32, ``special`` where ``v1 == 0`` (float32 arrays): the context of a weight."""
-    out = np.empty(w.shape[0], np.int32)
+    out = empty(w.shape[0], np.int32)
     _weight_ctx_into(w.view(np.int32), v1, np.int64(special), out)
     return out
 
@@ -458,5 +574,274 @@ def decode_some(which, p, ctx, lut, freq, cum, states, word_start, words, bit_st
     return bad
 
 
-__all__ = ["buckets", "decode_some", "encode_compact", "encode_split", "half_exponent", "predict_f32", "ratio_f32",
-           "sample_cost", "sample_costs", "square_ctx", "symbolize", "unsymbolize_check", "weight_ctx"]
+# ---------------------------------------------------------------- fused symbols and streams (the pack's path)
+@intrinsic
+def _clz64(typingctx, u):
+    """Leading zeros of a 64-bit integer (64 for 0): LLVM's ``ctlz``, one ``lzcnt`` on x86."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _symbol(xv, pv, mode, width, mant_bits):
+    """``(symbol, raw bit count, raw value)`` of one element: :func:`~tpde_hf.checkpoints.kernels.symbolize_into`'s
+    values, written without branches (the bit length by ``lzcnt``; ``u < 4`` by a select)."""
+    if mode == 0:
+        r = _wrap(_ordinal(xv, width) - _ordinal(pv, width), width)
+        u = (r << 1) ^ (r >> 63)
+        nr = max(np.int64(61) - _clz64(u), np.int64(0))  # bit length - 3, at least 0
+        s = 4 + 4 * nr + ((u >> nr) & 3) - 4 * np.int64(u < 4)
+        return s, nr, u & ((np.int64(1) << nr) - 1)
+    ub = xv & ((np.int64(1) << width) - 1)
+    flip = np.int64(pv < 0)
+    return (ub >> mant_bits) ^ (flip << (width - 1 - mant_bits)), np.int64(mant_bits), ub & (
+        (np.int64(1) << mant_bits) - 1)
+
+
+@njit(cache=True, inline="always")
+def _unsymbol(s, rv, pv, mode, width, mant_bits):
+    """The decoder's inverse of the symbol map (``kernels._decode_chunk``'s formulas): the value back."""
+    if mode == 0:
+        if s < 4:
+            hib = s
+        else:
+            hib = (4 | ((s - 4) & 3)) << ((s - 4) // 4)
+        u = hib | rv
+        r = (u >> 1) ^ (-(u & 1))
+        return _ordinal(_wrap(_ordinal(pv, width) + r, width), width)
+    flip = np.int64(1) if pv < 0 else np.int64(0)
+    ub = ((s << mant_bits) ^ (flip << (width - 1))) | rv
+    return ub - ((ub >> (width - 1)) << width)
+
+
+@njit(cache=True, inline="always")
+def _symbols_loop(xs, ps, cs, mode, width, mant_bits, nsym, check, idx, nraw, raw):
+    """:func:`_symbols_block`'s loop; ``mode`` is a literal at each call, so each copy has no branch on it."""
+    bad = np.int64(0)
+    for i in range(xs.shape[0]):
+        xv = np.int64(xs[i])
+        pv = np.int64(ps[i])
+        s, nr, rv = _symbol(xv, pv, mode, width, mant_bits)
+        idx[i] = np.int64(cs[i]) * nsym + s
+        nraw[i] = nr
+        raw[i] = rv
+        if check:
+            bad += _unsymbol(s, rv, pv, mode, width, mant_bits) != xv
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _symbols_block(x, p, ctx, lo, hi, mode, width, mant_bits, nsym, check, idx, nraw, raw):
+    """Elements ``[lo, hi)``: each one's table index ``ctx * nsym + symbol`` into ``idx``, raw bit count into
+    ``nraw`` and raw value into ``raw`` (scratch from 0, small enough to stay in cache); ``check``: the count of
+    elements the decoder's inverse of the symbol map does not give back. Loops without branches, one per mode,
+    which the compiler vectorises (the rANS and raw-bit loops that read the scratch cannot be)."""
+    xs, ps, cs = x[lo:hi], p[lo:hi], ctx[lo:hi]  # slices: indices from range() need no wraparound, so it vectorises
+    if mode == 0:
+        return _symbols_loop(xs, ps, cs, 0, width, mant_bits, nsym, check, idx, nraw, raw)
+    return _symbols_loop(xs, ps, cs, 1, width, mant_bits, nsym, check, idx, nraw, raw)
+
+
+_BLOCK = 4096  # elements per block of symbols in sym_histogram (its scratch stays in L1)
+
+
+@njit(cache=True, nogil=True)
+def sym_histogram(x, p, ctx, mode, width, mant_bits, n_ctx, nsym):
+    """:func:`~tpde_hf.checkpoints.kernels.histogram` of the symbols of ``x`` against ``p`` (the counts of
+    ``symbolize`` then ``histogram``) without storing the symbols: block by block, with four partial tables
+    so that runs of one symbol do not wait on each other's counts."""
+    if n_ctx * nsym > 1 << 16:
+        raise ValueError("sym_histogram: the table index ctx * nsym + symbol must fit 16 bits")
+    h = np.zeros((4, n_ctx * nsym), np.int64)
+    idx = np.empty(_BLOCK, np.uint16)
+    nraw = np.empty(_BLOCK, np.uint8)
+    raw = np.empty(_BLOCK, np.uint32)
+    n = x.shape[0]
+    for lo in range(0, n, _BLOCK):
+        m = min(n - lo, _BLOCK)
+        _symbols_block(x, p, ctx, lo, lo + m, mode, width, mant_bits, nsym, False, idx, nraw, raw)
+        m4 = m - m % 4
+        for j in range(0, m4, 4):
+            h[0, idx[j]] += 1
+            h[1, idx[j + 1]] += 1
+            h[2, idx[j + 2]] += 1
+            h[3, idx[j + 3]] += 1
+        for j in range(m4, m):
+            h[0, idx[j]] += 1
+    out = np.zeros((n_ctx, nsym), np.int64)
+    for c in range(n_ctx):
+        for s in range(nsym):
+            k = c * nsym + s
+            out[c, s] = h[0, k] + h[1, k] + h[2, k] + h[3, k]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _fused_chunk(lo, hi, x, p, ctx, tab, nsym, mode, width, mant_bits, check, idx, nraw, raw, states, words,
+                 bitwords):
+    """:func:`_encode_chunk` of elements ``[lo, hi)`` with the symbols made here (:func:`_symbols_block`, into
+    scratch that stays in cache, with the inverse check), then the raw bits packed forwards and the rANS
+    pass backwards over the scratch. Returns ``(n_words, n_bitwords, bad)``."""
+    bad = _symbols_block(x, p, ctx, lo, hi, mode, width, mant_bits, nsym, check, idx, nraw, raw)
+    m = hi - lo
+    acc = np.uint64(0)
+    nacc = np.int64(0)
+    b = 0
+    for i in range(m):
+        nr = np.int64(nraw[i])
+        rv = np.uint64(raw[i])
+        bad += (rv >> np.uint64(nr)) != 0  # the decoder reads exactly nr bits
+        # LSB first; nacc + nr < 64, so a word is full exactly when bit 5 of the sum is set
+        t = nacc + nr
+        acc |= rv << np.uint64(nacc)
+        bitwords[b] = np.uint32(acc & np.uint64(0xFFFFFFFF))  # kept only when full (selects, no branch)
+        full = t >> 5
+        b += full
+        acc >>= np.uint64(full << 5)
+        nacc = t & 31
+    if nacc > 0:
+        bitwords[b] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+        b += 1
+    chk = np.int64(0)
+    x0 = x1 = x2 = x3 = np.int64(STATE_LOW)
+    w = np.uint64(words.shape[0])  # unsigned indices: no negative-index wraparound code in the loop
+    i = m - 1
+    while i >= 0 and ((i + 1) & (LANES - 1)) != 0:  # the tail down to a multiple of LANES
+        e = tab[idx[i]]
+        lane = i & (LANES - 1)
+        if lane == 0:
+            x0, w, f = _step_u(x0, e, words, w)
+        elif lane == 1:
+            x1, w, f = _step_u(x1, e, words, w)
+        else:
+            x2, w, f = _step_u(x2, e, words, w)
+        chk |= f - 1
+        i -= 1
+    j = np.uint64(i + 1)  # a multiple of LANES: lanes 3, 2, 1, 0 of elements j - 1 .. j - 4
+    while j > 0:
+        j -= np.uint64(LANES)
+        x3, w, f3 = _step_u(x3, tab[idx[j + np.uint64(3)]], words, w)
+        x2, w, f2 = _step_u(x2, tab[idx[j + np.uint64(2)]], words, w)
+        x1, w, f1 = _step_u(x1, tab[idx[j + np.uint64(1)]], words, w)
+        x0, w, f0 = _step_u(x0, tab[idx[j]], words, w)
+        chk |= (f3 - 1) | (f2 - 1) | (f1 - 1) | (f0 - 1)
+    states[0], states[1], states[2], states[3] = x0, x1, x2, x3
+    bad += np.int64(chk < 0)
+    for xl in (x0, x1, x2, x3):
+        bad += (xl < STATE_LOW) | (xl >= (np.int64(1) << 32))
+    return words.shape[0] - np.int64(w), b, bad
+
+
+@njit(cache=True, nogil=True)
+def _fused_range(x, p, ctx, tab, nsym, mode, width, mant_bits, check, chunk, c0, c1, w_out, b_out):
+    """:func:`_encode_range` with the symbols made chunk by chunk (:func:`_fused_chunk`)."""
+    n = x.shape[0]
+    nch = c1 - c0
+    states, n_words, n_bitwords, wrow = _range_outputs(nch, chunk)
+    idx, nraw, raw = np.empty(chunk, np.uint16), np.empty(chunk, np.uint8), np.empty(chunk, np.uint32)
+    wpos = 0
+    bpos = 0
+    bad = 0
+    for c in range(nch):
+        lo = (c0 + c) * chunk
+        hi = min(n, lo + chunk)
+        nw, nb, bd = _fused_chunk(lo, hi, x, p, ctx, tab, nsym, mode, width, mant_bits, check, idx, nraw, raw,
+                                  states[c], wrow, b_out[bpos:])
+        wpos = _place_chunk(c, nw, nb, wrow, w_out, wpos, n_words, n_bitwords)
+        bpos += nb
+        bad += bd
+    return states, n_words, n_bitwords, wpos, bpos, bad
+
+
+def _fused_run(x, p, ctx, tab, nsym, mode, width, mant_bits, check, chunk, c0, c1):
+    m = max(0, min(x.shape[0], c1 * chunk) - c0 * chunk)
+    w_out = np.empty(m + 4, np.uint16)
+    b_out = np.empty(m + (c1 - c0) + 2, np.uint32)
+    states, n_words, n_bitwords, nw, nb, bad = _fused_range(x, p, ctx, tab, nsym, np.int64(mode), np.int64(width),
+                                                            np.int64(mant_bits), bool(check), np.int64(chunk),
+                                                            np.int64(c0), np.int64(c1), w_out, b_out)
+    return states, n_words, n_bitwords, w_out[:nw], b_out[:nb], bad
+
+
+def encode_fused(x, p, ctx, freq, cum, mode, width, mant_bits, chunk, check=True, fork=None, pieces=1):
+    """:func:`encode_compact` of ``symbolize(x, p, mode, width, mant_bits)`` (the same bytes) without the symbol
+    arrays: each chunk's symbols are made, used and dropped in cache. ``check``: each element also passes the
+    decoder's inverse of the symbol map (what :func:`unsymbolize_check` counts; failures add to ``bad``).
+    ``fork(fn, items)`` with ``pieces > 1``: runs of whole chunks mapped with it (:func:`encode_split`)."""
+    if freq.shape[0] * freq.shape[1] > 1 << 16 or ctx.dtype != np.uint8 or x.shape != p.shape or x.shape != ctx.shape:
+        raise ValueError("encode_fused: the table index ctx * nsym + symbol must fit 16 bits, one uint8 context per "
+                         "element")
+    tab = _flat_tables(freq, cum)
+    nsym = np.int64(freq.shape[1])
+    nch = (x.shape[0] + chunk - 1) // chunk
+    if fork is None or pieces <= 1:
+        return _fused_run(x, p, ctx, tab, nsym, mode, width, mant_bits, check, chunk, 0, nch)
+    cuts = np.linspace(0, nch, max(1, min(pieces, nch)) + 1).astype(np.int64)
+    runs = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a] or [(0, 0)]
+    outs = fork(lambda r: _fused_run(x, p, ctx, tab, nsym, mode, width, mant_bits, check, chunk, r[0], r[1]), runs)
+    if len(outs) == 1:
+        return outs[0]
+    return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]),
+            np.concatenate([o[2] for o in outs]), np.concatenate([o[3] for o in outs]),
+            np.concatenate([o[4] for o in outs]), sum(int(o[5]) for o in outs))
+
+
+@njit(cache=True, nogil=True)
+def quantize_tables(counts, prob_bits):
+    """:func:`tpde_hf.codec.rans.quantize_frequencies` (the same tables, entry for entry) in compiled code: per
+    context, ``counts * 2**prob_bits // total``, at least 1 for a symbol that occurs, the surplus to the most
+    frequent symbol or the deficit taken from the most frequent first (ties in symbol order); all mass on symbol 0
+    for a context that never occurs."""
+    total_mass = np.int64(1) << prob_bits
+    n_ctx, nsym = counts.shape
+    freq = np.zeros((n_ctx, nsym), np.int64)
+    for c in range(n_ctx):
+        cnt = counts[c].astype(np.int64)
+        total = cnt.sum()
+        if total == 0:
+            freq[c, 0] = total_mass
+            continue
+        f = (cnt * total_mass) // total
+        fsum = np.int64(0)
+        for s in range(nsym):
+            if cnt[s] > 0 and f[s] == 0:
+                f[s] = 1
+            fsum += f[s]
+        diff = total_mass - fsum
+        order = np.argsort(-cnt, kind="mergesort")  # stable: ties in symbol order
+        if diff > 0:
+            f[order[0]] += diff
+        else:
+            for s in order:
+                if diff == 0:
+                    break
+                take = min(-diff, f[s] - 1)
+                f[s] -= take
+                diff += take
+        freq[c] = f
+    return freq
+
+
+@njit(cache=True, nogil=True)
+def slot_symbols(freq):
+    """The decoder's symbol of every rANS slot, all contexts one after the other (``uint16``, ``n_ctx * 2**12``
+    entries: ``np.repeat(arange(nsym), freq[c])`` per context). ``freq`` rows must each sum to ``2**12``."""
+    n_ctx, nsym = freq.shape
+    out = np.empty(n_ctx << PROB_BITS, np.uint16)
+    k = 0
+    for c in range(n_ctx):
+        for s in range(nsym):
+            for _ in range(freq[c, s]):
+                out[k] = s
+                k += 1
+    return out
+
+
+__all__ = ["buckets", "decode_some", "empty", "encode_compact", "encode_fused", "encode_split", "half_exponent",
+           "predict_f32", "predict_ratio_f32", "quantize_tables", "ratio_f32", "release_scratch", "sample_cost",
+           "sample_costs", "scratch", "slot_symbols", "square_ctx", "sym_histogram", "symbolize", "unsymbolize_check",
+           "weight_ctx"]

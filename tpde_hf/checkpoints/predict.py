@@ -78,60 +78,108 @@ def _ratio(m: np.ndarray, v: np.ndarray) -> np.ndarray:
     return m / (np.sqrt(v) + EPS)
 
 
-def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Tensor] | None,
-            param_names: Sequence[str] | None, backward: bool = False) -> dict[str, Any]:
-    """Codec options (``features``, ``ctx``) for ``key``; ``{}`` (plain previous-value delta) when the
-    inputs are missing. Both sides call this with the same already-decoded tensors.
+class Ratio:
+    """The feature ``m / (sqrt(v) + eps)`` (float32) not yet made: the pack's codec forms it inline in its
+    compiled prediction (:func:`~tpde_hf.checkpoints.enc_kernels.predict_ratio_f32`), never storing it; any
+    index or slice of it is numpy's formula on those elements (the bits :func:`_ratio` gives), and
+    :meth:`array` makes the whole of it (:func:`_ratio`)."""
 
-    ``backward``: ``prev`` is the *later* checkpoint (N+1) and ``cur`` the one being coded (N). The
-    weight's and ``exp_avg``'s relations are symmetric in time (the fitted coefficients take the
-    sign and the decay); ``exp_avg_sq`` is ``v_N = (v_{N+1} - fresh) / b2^k``, predicted from
-    ``v_{N+1}`` and ``m_{N+1}^2`` (the fresh gradients' size), see :func:`_backward_v`."""
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, m: np.ndarray, v: np.ndarray):
+        self.m, self.v = m, v
+        self.size = m.size
+        self.shape = m.shape
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return self.m[idx] / (np.sqrt(self.v[idx]) + EPS)
+
+    def array(self) -> np.ndarray:
+        return _ratio(self.m, self.v)
+
+
+#: kinds of :func:`sources`: what a tensor's features and context are made of
+FROM_V, FROM_M, FROM_ADAM = 0, 1, 2
+
+
+def sources(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Tensor] | None,
+            param_names: Sequence[str] | None, backward: bool = False,
+            sizes: Mapping[str, int | None] | None = None) -> tuple[int, tuple[np.ndarray, ...]] | None:
+    """``(kind, arrays)``: the already-decoded float32 tensors ``key``'s features and context are made from, or None
+    (plain previous-value delta). The one place that picks them, for :func:`options` and for the restore's fused
+    decoder (:mod:`tpde_hf.checkpoints.dec_features`), so both always read the same inputs.
+
+    * :data:`FROM_V` ``(v0,)``: ``exp_avg``, context the exponent of the neighbour's ``exp_avg_sq``;
+    * :data:`FROM_M` ``(m,)``: ``exp_avg_sq``, feature ``m * m``, context ``exp(m * m) - exp(ref)``; ``m`` is this
+      checkpoint's ``exp_avg`` (forward) or the later one's (``backward``: ``v_N = (v_{N+1} - fresh) / b2^k``, and
+      ``m_{N+1}^2`` says how large the fresh part is). Measured on the MiniLM run (checkpoints 100 -> 120), bits
+      per backward ``exp_avg_sq``: this 22.04; with ``m_N^2`` as a second feature 22.04; ``m_N^2`` alone 22.50;
+      no feature 22.69; the forward delta of the same pair 21.91;
+    * :data:`FROM_ADAM` ``(m1, v1, m0, v0)``: a weight, features ``m / (sqrt(v) + eps)`` of both checkpoints,
+      context the exponent of the neighbour's weight.
+
+    ``sizes``: float32 element counts of ``cur``'s tensors not decoded yet (None: not float32). A backward
+    ``exp_avg_sq`` reads its own checkpoint's ``exp_avg`` only for its size, so with ``sizes`` it need not wait
+    for that decode."""
     if prev is None:
-        return {}
+        return None
     role, idx, file = _role(key)
     if role == 0:
-        v0 = _np(prev.get(f"{file}:state/{idx}/exp_avg_sq"))
-        ref = prev.get(key)
-        if v0 is None or ref is None or v0.size != ref.numel():
-            return {}
-        return {"ctx": E.half_exponent(v0)}
-    if role == 1 and backward:
-        return _backward_v(_np(prev.get(f"{file}:state/{idx}/exp_avg")), _np(cur.get(f"{file}:state/{idx}/exp_avg")),
-                           _np(prev.get(key)))
+        v0, ref = _np(prev.get(f"{file}:state/{idx}/exp_avg_sq")), prev.get(key)
+        return (FROM_V, (v0,)) if v0 is not None and ref is not None and v0.size == ref.numel() else None
     if role == 1:
-        m1, v0 = _np(cur.get(f"{file}:state/{idx}/exp_avg")), _np(prev.get(key))
-        if m1 is None or v0 is None or m1.size != v0.size:
-            return {}
-        m2, ctx = E.square_ctx(m1, v0)  # m1 * m1, exponent(m1 * m1) - exponent(v0) as int32
-        return {"features": [m2], "ctx": ctx}
+        mk = f"{file}:state/{idx}/exp_avg"
+        v = _np(prev.get(key))
+        if backward:  # m_{N+1} is the feature; m_N only has to exist with the same size
+            m = _np(prev.get(mk))
+            if sizes is not None:  # without reading cur[mk], which may still be decoding
+                now = sizes.get(mk) if mk in cur else None
+            else:
+                m_now = _np(cur.get(mk))
+                now = None if m_now is None else m_now.size
+            ok = m is not None and v is not None and now is not None and m.size == now == v.size
+        else:
+            m = _np(cur.get(mk))
+            ok = m is not None and v is not None and m.size == v.size
+        return (FROM_M, (m,)) if ok else None
     if not param_names or ":" not in key:
-        return {}
-    file, name = key.split(":", 1)
+        return None
+    name = key.split(":", 1)[1]
     if name not in param_names:
-        return {}
+        return None
     i = list(param_names).index(name)
     opt = next((k.split(":")[0] for k in cur if k.endswith(f":state/{i}/exp_avg")), None)
     if opt is None:
-        return {}
+        return None
     m1, v1 = _np(cur.get(f"{opt}:state/{i}/exp_avg")), _np(cur.get(f"{opt}:state/{i}/exp_avg_sq"))
     m0, v0 = _np(prev.get(f"{opt}:state/{i}/exp_avg")), _np(prev.get(f"{opt}:state/{i}/exp_avg_sq"))
     w0 = _np(prev.get(key))
     if any(a is None for a in (m1, v1, m0, v0, w0)) or len({a.size for a in (m1, v1, m0, v0, w0)}) != 1:
+        return None
+    return FROM_ADAM, (m1, v1, m0, v0)
+
+
+def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Tensor] | None,
+            param_names: Sequence[str] | None, backward: bool = False, lazy: bool = False) -> dict[str, Any]:
+    """Codec options (``features``, ``ctx``) for ``key``; ``{}`` (plain previous-value delta) when the
+    inputs are missing (:func:`sources`). Both sides call this with the same already-decoded tensors.
+
+    ``lazy``: a weight's Adam ratios as :class:`Ratio` (the pack's codec forms them inside its prediction).
+    ``backward``: ``prev`` is the *later* checkpoint (N+1) and ``cur`` the one being coded (N). The
+    weight's and ``exp_avg``'s relations are symmetric in time (the fitted coefficients take the
+    sign and the decay); ``exp_avg_sq`` is ``v_N = (v_{N+1} - fresh) / b2^k``, predicted from
+    ``v_{N+1}`` and ``m_{N+1}^2`` (the fresh gradients' size), see :func:`sources`."""
+    src = sources(key, cur, prev, param_names, backward)
+    if src is None:
         return {}
-    ctx = E.weight_ctx(w0, v1, -1000)  # exponent(w0); -1000 where never touched by a gradient (decay alone)
+    kind, arrays = src
+    if kind == FROM_V:
+        return {"ctx": E.half_exponent(arrays[0])}
+    if kind == FROM_M:
+        m2, ctx = E.square_ctx(arrays[0], _np(prev.get(key)))  # m * m, exponent(m * m) - exponent(ref) (int32)
+        return {"features": [m2], "ctx": ctx}
+    m1, v1, m0, v0 = arrays
+    ctx = E.weight_ctx(_np(prev.get(key)), v1, -1000)  # exponent(w0); -1000 where never touched by a gradient
+    if lazy:
+        return {"features": [Ratio(m1, v1), Ratio(m0, v0)], "ctx": ctx}
     return {"features": [_ratio(m1, v1), _ratio(m0, v0)], "ctx": ctx}
-
-
-def _backward_v(m_later: np.ndarray | None, m_now: np.ndarray | None, v_later: np.ndarray | None) -> dict[str, Any]:
-    """Options for ``v_N`` given ``m_{N+1}``, ``m_N`` and ``v_{N+1}``: feature ``m_{N+1}^2``, context
-    ``exp(m_{N+1}^2) - exp(v_{N+1})`` (how much of ``v_{N+1}`` is fresh, i.e. missing from ``v_N``).
-
-    Measured on the MiniLM run (checkpoints 100 -> 120, 20 steps apart), bits per ``exp_avg_sq``:
-    this 22.04; with ``m_N^2`` as a second feature 22.04; ``m_N^2`` alone (the forward formula's
-    mirror) 22.50; no feature 22.69; the forward delta of the same pair 21.91.
-    """
-    if m_later is None or m_now is None or v_later is None or not m_later.size == m_now.size == v_later.size:
-        return {}
-    m2, ctx = E.square_ctx(m_later, v_later)  # m_later ** 2, exponent(m_later ** 2) - exponent(v_later) (int32)
-    return {"features": [m2], "ctx": ctx}

@@ -205,7 +205,8 @@ def decode_tables(freq: np.ndarray, prob_bits: int, n_eb: int, n_prev: int, e_lo
     """``(ctxtab, symlut, fctab, symtab)``: the decode kernel's tables (:func:`kernels._decode_chunk`).
 
     ``freq`` must be validated first (each context sums to ``2**prob_bits``, which must be 12). ``ctxtab``: reference
-    exponent -> its context row << 12; ``symlut``: per context and slot, the symbol (one byte); ``fctab``: per
+    exponent -> its context row << 12, then ``e_low, n_eb, n_prev`` (the kernel computes the rows from them, which
+    vectorizes); ``symlut``: per context and slot, the symbol (one byte); ``fctab``: per
     context (rows of 128) and symbol, ``freq | cum << 13``; ``symtab``: per symbol, the previous-symbol row it
     selects (<< 12), its raw bit count << 16 and the value bits it stands for << 22.
 
@@ -216,6 +217,8 @@ def decode_tables(freq: np.ndarray, prob_bits: int, n_eb: int, n_prev: int, e_lo
     n_ctx = freq.shape[0]
     e = np.arange(exp_mask + 1)
     ctxtab = ((np.clip(e - e_low, 0, n_eb - 1) * n_prev) << prob_bits).astype(np.int64)
+    # the kernel computes the rows from these; e_low (read from the blob) clamped to where it gives the same rows
+    ctxtab = np.append(ctxtab, np.array([min(max(e_low, -n_eb), exp_mask + 1), n_eb, n_prev], np.int64))
     symlut = np.repeat(np.tile(np.arange(K.N_SYM, dtype=np.uint8), n_ctx), freq.reshape(-1))
     fctab = np.zeros((n_ctx, 128), np.int32)
     fctab[:, : K.N_SYM] = freq | ((np.cumsum(freq, axis=1) - freq) << 13)
