@@ -38,13 +38,6 @@ from tpde_hf.errors import TpdeFormatError
 _N_FEAT = {D.RECIPE_M: 0, D.RECIPE_V: 1, D.RECIPE_W: 2}
 
 
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    """``predict._np``: a float32 tensor as a flat array (None otherwise), contiguous for the compiled loops."""
-    if t is None or t.dtype != torch.float32:
-        return None
-    return np.ascontiguousarray(t.reshape(-1).numpy())
-
-
 #: the fused decoder's recipe for each kind of :func:`predict.sources`
 _RECIPE = {predict.FROM_V: D.RECIPE_M, predict.FROM_M: D.RECIPE_V, predict.FROM_ADAM: D.RECIPE_W}
 
@@ -90,7 +83,8 @@ def _decode_planned(key: str, parts: Mapping[str, torch.Tensor], ref_t: torch.Te
     recipe, a, b, c, d = p
     pp = CheckpointDelta._parse(parts, key)
     n, coef = pp["n"], pp["coef"]
-    ref = _np(ref_t)
+    ref = predict._np(ref_t)
+    ref = None if ref is None else np.ascontiguousarray(ref)  # the compiled loops want it contiguous
     # the codec's conditions: a float32 tensor, the reference used as is (same shape), no more coefficients
     # than features; anything else goes the ordinary way
     if (pp["dtype"] != torch.float32 or ref is None or list(ref_t.shape) != pp["shape"] or ref.size != n

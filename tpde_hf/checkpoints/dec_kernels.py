@@ -48,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from tpde_hf.checkpoints.kernels import LANES, PROB_BITS, STATE_LOW
+from tpde_hf.checkpoints.kernels import ADAM_EPS, LANES, PROB_BITS, STATE_LOW
 from tpde_hf.codec.compiled_kernels import _ordinal, _wrap
 
 _SLOTS = 1 << PROB_BITS
@@ -321,7 +321,7 @@ def _run_ser(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, 
 _NONE = np.zeros(1, np.float32)
 _NONE_I = np.zeros(1, np.int32)
 _NONE_U8 = np.zeros(1, np.uint8)
-EPS = np.float32(1e-8)  # predict.EPS: Adam's epsilon in the weight features
+EPS = ADAM_EPS  # predict.EPS, one constant
 
 
 def _coef4(coef, eps=EPS) -> np.ndarray:

@@ -37,6 +37,7 @@ MODE_ORD = 0
 MODE_FLD = 1
 PROB_BITS = 12
 LANES = 4  # interleaved rANS states per chunk: hides the latency of each state's dependent chain
+ADAM_EPS = np.float32(1e-8)  # Adam's epsilon in m / (sqrt(v) + eps): the encoder's and decoder's feature
 STATE_LOW = 1 << 16
 _local = threading.local()
 

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from tpde_hf.checkpoints import enc_kernels as E
+from tpde_hf.checkpoints.kernels import ADAM_EPS
 
 _OPT = re.compile(r"^(?P<file>[^:]*optimizer[^:]*):state/(?P<idx>\d+)/(?P<what>exp_avg|exp_avg_sq)$")
-EPS = np.float32(1e-8)
+EPS = ADAM_EPS
 _EPS_ARR = np.array([EPS], np.float32)
 
 
