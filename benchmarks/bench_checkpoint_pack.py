@@ -8,7 +8,8 @@ copies them to a scratch folder and, in a fresh process per measurement:
   seconds of one save on serial kernels, as the packing thread runs them;
 * ``wait``: the same pack on a thread with the :class:`~tpde_hf.checkpoints.assist.Assist` runner while the main
   thread helps from the start, both at normal priority (the callback's wait at the next save, when nothing of
-  the pack ran beside training), with a timeline of its phases and the cores it used.
+  the pack ran beside training), with a timeline of its phases, the cores it used and, per thread, the time in
+  jobs (``threads``: how long both threads, one, or none ran a job: the serial parts).
 
 Each code tree (``--trees``: folders whose ``tpde_hf`` is imported first, e.g. a ``git archive`` of HEAD; ``.``
 is the working tree) is run in turn, ``--repeat`` times, so that trees are compared in the same minutes.
@@ -48,6 +49,21 @@ with K.serial(True):
     _, head = B.advance(work / steps[1].name, keyframe_every=8, param_names=names, cache=head)
 marks = []
 t0 = [0.0]
+def _busy(spans, wall):
+    """Seconds each thread spent in jobs, and of the wall time: both threads in a job, one, none (serial parts:
+    the phases outside the job lists, e.g. the entry's write)."""
+    edges = sorted({0.0, wall, *(x for _, a, b in spans for x in (a, b))})
+    both = one = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mid = (lo + hi) / 2
+        n = len({th for th, a, b in spans if a <= mid < b})
+        both += (hi - lo) * (n >= 2)
+        one += (hi - lo) * (n == 1)
+    per = {}
+    for th, a, b in spans:
+        per[th] = per.get(th, 0.0) + b - a
+    return {"in_jobs_s": {k: round(v, 3) for k, v in per.items()}, "both_busy_s": round(both, 3),
+            "one_busy_s": round(one, 3), "no_job_s": round(wall - both - one, 3)}
 def mark(w):
     marks.append((round(time.perf_counter() - t0[0], 3), w))
 out = {"tpde_hf": __import__("tpde_hf").__file__, "loadavg": os.getloadavg()}
@@ -62,6 +78,20 @@ else:
         def wrap(*a, _real=real, _fn=fn, **k):
             mark(_fn + " start"); r = _real(*a, **k); mark(_fn + " end"); return r
         setattr(mod, fn, wrap)
+    spans = []  # (thread, start, end) of each job a thread ran at its top level (a fork's runs inside it excluded)
+    depth = threading.local()
+    real_run = Assist._run
+    def timed_run(self, job):
+        d = getattr(depth, "n", 0)
+        depth.n = d + 1
+        t = time.perf_counter()
+        try:
+            real_run(self, job)
+        finally:
+            depth.n = d
+            if d == 0:
+                spans.append((threading.current_thread().name, t - t0[0], time.perf_counter() - t0[0]))
+    Assist._run = timed_run
     assist = Assist()
     class Runner:
         def __call__(self, fn, items):
@@ -74,12 +104,14 @@ else:
         with K.serial(True):
             res["done"], _ = B.advance(work / steps[2].name, keyframe_every=8, param_names=names, cache=head,
                                        runner=runner)
-    th = threading.Thread(target=pack)
+    th = threading.Thread(target=pack, name="pack")
+    threading.current_thread().name = "waiting"
     t0[0] = time.perf_counter(); c = time.process_time()
     th.start(); assist.help(th.is_alive); th.join()
     wall, cpu = time.perf_counter() - t0[0], time.process_time() - c
     done = res["done"]
-    out.update(wall_s=wall, cpu_s=cpu, cores_used=cpu / wall, helped_jobs=assist.helped, timeline=marks)
+    out.update(wall_s=wall, cpu_s=cpu, cores_used=cpu / wall, helped_jobs=assist.helped, timeline=marks,
+               threads=_busy(spans, wall))
 out["stored_over_raw"] = done[0]["stored"] / done[0]["raw"]
 print(json.dumps(out))
 '''

@@ -173,15 +173,37 @@ def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
 EARLY_HOOK = "from tpde_hf.reference.early import install; install(); "
 
 
+def compile_package(root: Path) -> str:
+    """Byte-compile the ``tpde_hf`` package under ``root`` (its ``__pycache__``), as ``pip install`` does.
+
+    Why: this environment sets ``PYTHONDONTWRITEBYTECODE=1`` and the source tree has no ``.pyc``, so every timed
+    process would compile ``tpde_hf`` from source; a delta load imports ~4,400 more lines of it than the dense
+    load (the reference decode path), which cost it 0.1-0.35 s per load (2026-12-07) that an installed package
+    never pays. Python still reads valid ``.pyc`` files under that variable, and checks them against the source.
+    """
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "tpde_hf")], check=True,
+                   capture_output=True)
+    return f"{root / 'tpde_hf'} byte-compiled (compileall) before timing"
+
+
+def package_root() -> Path:
+    """The folder holding the ``tpde_hf`` package the timed children import."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("tpde_hf").origin).parent.parent
+
+
 def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool = True,
-               before: Path | None = None) -> dict:
+               before: Path | None = None, bytecode: bool = True) -> dict:
     """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes; with
     ``early`` also the delta repo with :func:`tpde_hf.reference.early.install` called first (the decode then starts
     at ``config.json``): what ``import tpde_hf`` would do once that hook is wired into it. ``before``: a folder
     holding an earlier ``tpde_hf`` package (e.g. ``git archive HEAD tpde_hf``), loaded as ``delta_before`` in the
-    same loop, so that old and new code are compared under the same machine load."""
+    same loop, so that old and new code are compared under the same machine load. ``bytecode``: byte-compile both
+    packages first (:func:`compile_package`), so that no child compiles ``tpde_hf`` from source."""
     code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; {hook}"
-            f"m = transformers.{auto}.from_pretrained(sys.argv[1]); print(time.perf_counter() - t0)")
+            f"m = transformers.{auto}.from_pretrained(sys.argv[1]); print(time.perf_counter() - t0); "
+            "import gc; print(gc.get_stats()[2]['collections'])")  # full GC passes: ~0.2 s each at this heap size
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     variants = [("delta", out, "", env), ("dense", dense, "", env)]
     variants += [("delta_early_hook", out, EARLY_HOOK, env)] if early else []
@@ -190,16 +212,25 @@ def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool =
         variants.append(("delta_before", out, "", old_env))
         subprocess.run([sys.executable, "-c", code.format(hook=""), str(out)], capture_output=True, text=True,
                        env=old_env, check=True)  # its numba cache (another path): compiled once, not timed
+    compiled = [compile_package(r) for r in ([package_root()] + ([before] if before else []))] if bytecode else []
     runs: dict[str, list[float]] = {v[0]: [] for v in variants}
+    full_gc: dict[str, list[int]] = {v[0]: [] for v in variants}
     for _ in range(repeat):
         for label, path, hook, run_env in variants:
             p = subprocess.run([sys.executable, "-c", code.format(hook=hook), str(path)], capture_output=True,
                                text=True, env=run_env, check=True)
-            runs[label].append(float(p.stdout.strip().splitlines()[-1]))
+            lines = p.stdout.strip().splitlines()
+            runs[label].append(float(lines[-2]))
+            full_gc[label].append(int(lines[-1]))
     med = {k: statistics.median(v) for k, v in runs.items()}
     res = {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
+           "full_gc_passes": full_gc, "full_gc_note": "CPython generation-2 collections per process (imports "
+                                                     "included); each walks the whole heap (~0.1-0.27 s at its end)",
            "note": "fresh process per run, imports included; reference and repos on local disk, page-cached; "
-                   "variants alternated in one loop"}
+                   "variants alternated in one loop",
+           "bytecode": compiled or "tpde_hf not byte-compiled first (--no-compile): children use whatever .pyc "
+                                   "exist, else compile it from source",
+           "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE")}
     if before is not None:
         res["delta_before_over_dense"] = med["delta_before"] / med["dense"]
         res["before_note"] = f"delta_before: the same delta repo loaded by the tpde_hf package in {before}"
@@ -329,7 +360,7 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def time_pair(name: str, work: Path, load_repeat: int, before: Path | None = None) -> dict:
+def time_pair(name: str, work: Path, load_repeat: int, before: Path | None = None, bytecode: bool = True) -> dict:
     """Rebuild speed and from_pretrained time of the delta repo the bits part wrote (run under the bench lock)."""
     folder = PAIRS / name
     out = work / f"{name}-ref"
@@ -340,7 +371,7 @@ def time_pair(name: str, work: Path, load_repeat: int, before: Path | None = Non
     res["ref_ord_layouts"] = ref_ord_layouts(out)
     res["rebuild"] = rebuild_speed(out, folder / "base")
     auto = "AutoModelForCausalLM" if name == "smollm2" else "AutoModel"
-    res["load"] = load_times(out, folder / "finetune", auto, repeat=load_repeat, before=before)
+    res["load"] = load_times(out, folder / "finetune", auto, repeat=load_repeat, before=before, bytecode=bytecode)
     res["uptime_end"] = uptime()
     return res
 
@@ -349,10 +380,22 @@ def profile_child(path: str, auto: str) -> dict:
     """One ``from_pretrained`` in this (fresh) process with time stamps per phase: wall, process CPU and the
     loading thread's CPU at each; for a delta repo also the decode pool's work (kernel, reference reads, Python)
     and how long the loading thread waited for it. Hooks wrap tpde-hf functions only (no behaviour change)."""
+    import gc
     import threading
 
     t0 = time.perf_counter()
     marks: list[dict] = []
+    collections: list[dict] = []  # CPython's cyclic GC: a full (generation 2) pass walks every object (~0.2 s here)
+    started: dict[int, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[threading.get_ident()] = time.perf_counter()
+        elif info["generation"] == 2:
+            collections.append({"at_s": time.perf_counter() - t0, "thread": threading.current_thread().name,
+                                "seconds": time.perf_counter() - started.pop(threading.get_ident(), t0)})
+
+    gc.callbacks.append(on_gc)
 
     def mark(what: str) -> None:
         marks.append({"at_s": time.perf_counter() - t0, "what": what, "process_cpu_s": time.process_time(),
@@ -417,12 +460,14 @@ def profile_child(path: str, auto: str) -> dict:
     mark("from_pretrained start")
     getattr(transformers, auto).from_pretrained(path)
     mark("from_pretrained end")
-    return {"marks": marks, "decode": acc}
+    gc.callbacks.remove(on_gc)
+    return {"marks": marks, "decode": acc, "full_gc": collections}
 
 
 def profile_load(out: Path, dense: Path, auto: str, repeat: int) -> dict:
     """:func:`profile_child` of the delta repo and the dense fine-tune, alternating, in fresh processes."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    compile_package(package_root())
     runs: dict[str, list] = {"delta": [], "dense": []}
     for _ in range(repeat):
         for label, path in (("delta", out), ("dense", dense)):
@@ -446,6 +491,8 @@ def main() -> None:
                          "profile: per-phase time stamps of the loads (bench lock; not part of 'all')")
     ap.add_argument("--before", default=None, help="timing: a folder with an earlier tpde_hf package, timed as "
                                                     "delta_before in the same loop")
+    ap.add_argument("--no-compile", action="store_true", help="timing: do not byte-compile tpde_hf first (the "
+                                                                   "children then use whatever .pyc exist)")
     a = ap.parse_args()
     work = PAIRS / "bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -469,7 +516,8 @@ def main() -> None:
                                                          a.load_repeat), "uptime_end": uptime()}
         if a.part in ("timing", "all"):
             result["pairs"].setdefault(name, {})["timing_part"] = time_pair(name, work, a.load_repeat,
-                                                                    Path(a.before) if a.before else None)
+                                                                    Path(a.before) if a.before else None,
+                                                                    not a.no_compile)
             print(json.dumps({name: result["pairs"][name]["timing_part"]}, indent=1, default=str), flush=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

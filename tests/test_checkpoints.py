@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from tpde_hf.checkpoints import api
 from tpde_hf.checkpoints import codec as C
-from tpde_hf.checkpoints import enc_kernels as E
+from tpde_hf.checkpoints import enc_stream as ES
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import store as S
 from tpde_hf.checkpoints.cli import main as ckpt_main
@@ -198,15 +198,17 @@ def test_verify_catches_a_bad_entry_before_deleting(tmp_path: Path, monkeypatch:
     out = tmp_path / "run"
     hashes = _fake_run(out, [1, 2])
     api.pack(out / "checkpoint-1", param_names=["w"])
-    if where == "payload":  # an encoder bug: one rANS word wrong
-        real = E.encode_compact
+    if where == "payload":  # an encoder bug: one rANS word wrong (in the codec's one encode path)
+        real = ES.encode_fused
+        calls = []
 
-        def bad_encode(*a):  # noqa: ANN002, ANN202
-            states, n_words, n_bitwords, words, bitwords, bad = real(*a)
+        def bad_encode(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            states, n_words, n_bitwords, words, bitwords, bad = real(*a, **k)
             words[-1] ^= 0x0101
+            calls.append(1)
             return states, n_words, n_bitwords, words, bitwords, bad
 
-        monkeypatch.setattr(E, "encode_compact", bad_encode)
+        monkeypatch.setattr(ES, "encode_fused", bad_encode)
     else:  # the disk changed a byte after writing
         real_write = S.write_entry
 
@@ -219,6 +221,7 @@ def test_verify_catches_a_bad_entry_before_deleting(tmp_path: Path, monkeypatch:
         monkeypatch.setattr(S, "write_entry", bad_write)
     with pytest.raises(TpdeFormatError):
         api.pack(out / "checkpoint-2", param_names=["w"])
+    assert where != "payload" or calls  # the bug went through the encoder the codec calls
     d = out / "checkpoint-2"
     assert not (d / S.POINTER).exists()
     assert {p.name: xxhash.xxh3_64_hexdigest(p.read_bytes()) for p in d.iterdir()} == hashes[2]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tpde_hf.checkpoints import codec as C
+from tpde_hf.checkpoints import enc_features as EF
 from tpde_hf.checkpoints import enc_kernels as E
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import store as S
@@ -79,8 +80,8 @@ def _fitted_case(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndar
 def test_the_fitted_case_round_trips_through_the_compiled_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
     ref, new, feat = _fitted_case(3 * C.CHUNK + 5, 1)
     calls = []
-    real = E.predict_f32
-    monkeypatch.setattr(E, "predict_f32", lambda *a: calls.append(1) or real(*a))
+    real = EF.predict_f32
+    monkeypatch.setattr(EF, "predict_f32", lambda *a: calls.append(1) or real(*a))
     codec = TENSOR_CODECS.get("ckpt-delta")
     ctx = CodecContext("w", ref, {"features": [feat], "verify": True})
     parts = codec.encode(new, ctx)
@@ -91,13 +92,13 @@ def test_the_fitted_case_round_trips_through_the_compiled_prediction(monkeypatch
 
 def test_verify_refuses_a_compiled_prediction_that_is_not_numpys(monkeypatch: pytest.MonkeyPatch) -> None:
     ref, new, feat = _fitted_case(3 * C.CHUNK + 5, 2)
-    real = E.predict_f32
+    real = EF.predict_f32
 
     def off_by_one_ulp(*a):  # noqa: ANN002, ANN202
         p, nan = real(*a)
         return (p.view(np.int32) + 1).view(np.float32), nan
 
-    monkeypatch.setattr(E, "predict_f32", off_by_one_ulp)
+    monkeypatch.setattr(EF, "predict_f32", off_by_one_ulp)
     codec = TENSOR_CODECS.get("ckpt-delta")
     with pytest.raises(TpdeFormatError, match="w"):
         codec.encode(new, CodecContext("w", ref, {"features": [feat], "verify": True}))
@@ -172,10 +173,10 @@ def test_deferred_packs_run_only_in_the_wait_and_restore_exactly(tmp_path: Path)
 def test_warm_up_loads_the_pack_kernels() -> None:
     """In a fresh process no pack kernel is loaded; after ``warm_up()`` the packing thread's are."""
     code = ("from tpde_hf.checkpoints import codec as C, enc_kernels as E, kernels as K\n"
-            "fns = [E._encode_range, E._predict_f32_into, E.sample_costs, E.unsymbolize_check, E.decode_some, "
-            "K.symbolize, K.histogram, K.buckets, E._ratio_into, K.symbolize_into, K.buckets_into, "
-            "E._half_exponent_into, E._square_ctx_into, E._weight_ctx_into, E.sym_histogram, E._fused_range, "
-            "E.quantize_tables, E.slot_symbols, E._flat_tables_into]\n"
+            "from tpde_hf.checkpoints import enc_features as F\n"
+            "fns = [E._predict_f32_into, F._predict_ratio_into, E.sample_costs, E.decode_some, K.exponents, "
+            "E._ratio_into, K.buckets_into, E._half_exponent_into, E._square_ctx_into, E._weight_ctx_into, "
+            "E.sym_histogram, E._fused_range, E.quantize_tables, E.slot_symbols, E._flat_tables_into]\n"
             "assert not any(f.signatures for f in fns)\n"
             "C.warm_up()\n"
             "assert all(f.signatures for f in fns), [f for f in fns if not f.signatures]\n")

@@ -1,27 +1,31 @@
 """The pack's faster paths (issue 21, step time): same bytes as before, same checks.
 
-* the rANS step's exact division (Granlund-Montgomery multiply-and-shift, ``enc_kernels._flat_tables``) gives
+* the rANS step's exact division (Granlund-Montgomery multiply-and-shift, ``enc_tables.flat_tables``) gives
   ``x // f`` for every frequency 1..4096 at the edges of every quotient, and the encoder's stream stays the
   reference encoder's byte for byte on tables with the extreme frequencies (1 and 4096);
-* runs of chunks mapped on other threads (``encode_split`` with ``Assist.fork``) give the one-call result;
+* runs of chunks mapped on other threads (``encode_fused`` with ``Assist.fork``) give the one-call result;
 * the compiled features of ``predict.options`` (Adam ratio, contexts) are numpy's bit patterns, NaN included;
-* the codec's pack path (options ``pack`` and ``fork``) writes the default path's parts for every dtype and
-  the special values; ``backward.encode_entry`` (one job list) writes ``store.encode_entry``'s entry;
+* the codec's runs of chunks on other threads (option ``fork``, inside ``scratch()``) write the one-call parts for
+  every dtype and the special values; ``backward.encode_entry`` (one job list) writes ``store.encode_entry``'s entry;
 * the written entry's check (``entry_file.check_file``) refuses every seeded corruption of the file.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tpde_hf.checkpoints import backward as B
 from tpde_hf.checkpoints import codec as C
+from tpde_hf.checkpoints import enc_features as EF
 from tpde_hf.checkpoints import enc_kernels as E
+from tpde_hf.checkpoints import enc_stream as ES
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints import store as S
@@ -64,14 +68,12 @@ def test_encoder_stream_with_extreme_frequencies(seed: int) -> None:
     with K.serial(True):
         ref = K.encode_chunks(sym, nraw, raw, ctx, freq, cum, 1024)
         new = E.encode_compact(sym, nraw, raw, ctx, freq, cum, 1024)
-        split = E.encode_split(sym, nraw, raw, ctx, freq, cum, 1024, lambda fn, xs: [fn(x) for x in xs], 5)
-    assert new[5] == 0 and split[5] == 0
+    assert new[5] == 0
     cap = ref[3].shape[1]
     words = np.concatenate([ref[3][c, cap - ref[1][c]:] for c in range(len(ref[0]))])
     bits = np.concatenate([ref[4][c, :ref[2][c]] for c in range(len(ref[0]))])
-    for got in (new, split):
-        for a, b in zip((ref[0], ref[1], ref[2], words, bits), got[:5], strict=True):
-            assert np.array_equal(a, b)
+    for a, b in zip((ref[0], ref[1], ref[2], words, bits), new[:5], strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_split_runs_on_helper_threads_give_the_same_stream() -> None:
@@ -91,8 +93,8 @@ def test_split_runs_on_helper_threads_give_the_same_stream() -> None:
 
     def owner() -> None:
         with K.serial(True):
-            out.append(assist.map(lambda _: E.encode_split(sym, nraw, raw, ctx, freq, cum, 4096, assist.fork, 16),
-                                  [0, 1]))
+            out.append(assist.map(lambda _: E.encode_fused(x, p, ctx, freq, cum, K.MODE_ORD, 32, 23, 4096, True,
+                                                           assist.fork, 16), [0, 1]))
         done.set()
 
     t = threading.Thread(target=owner)
@@ -155,6 +157,103 @@ def test_compiled_features_are_numpys_bits() -> None:
     assert np.array_equal(predict._ratio(m, v).view(np.int32), (m / (np.sqrt(v) + predict.EPS)).view(np.int32))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's own formula on infinities and NaN
+@pytest.mark.parametrize("coef", [(0.999, 1e-4, -2e-4), (0.999, 0.0, 3e-3), (1.001, -1e-4, 0.0), (0.5, 0.0, 0.0)])
+def test_inline_ratio_prediction_is_numpys_bits(coef: tuple) -> None:
+    """The prediction with the Adam ratios formed inline (vectorised: LLVM's IEEE square root, numpy's error model
+    for the division) gives numpy's bits for each combination of used features, on every special value: ±0,
+    subnormals, infinities, a negative second moment (NaN), odd lengths; a NaN prediction is counted."""
+    rng = np.random.default_rng(11)
+    n = 40_003
+    ref, m1, m0 = _mix(rng, n), _mix(rng, n), _mix(rng, n)
+    v1, v0 = np.abs(_mix(rng, n)), np.abs(_mix(rng, n))
+    v1[rng.random(n) < 0.05] = 0.0
+    v0[::101] = -1.0  # sqrt of a negative: NaN
+    c = np.array(coef, np.float32)
+    p = np.empty(n, np.float32)
+    nan = EF._predict_ratio_into(ref, m1, v1, m0, v0, c, np.int64(2), predict._EPS_ARR, p)
+    r1, r0 = m1 / (np.sqrt(v1) + predict.EPS), m0 / (np.sqrt(v0) + predict.EPS)
+    want = C.predict(ref, [float(x) for x in c], [r1, r0], n, np.dtype(np.float32))
+    ok = ~np.isnan(want)
+    assert np.array_equal(p.view(np.int32)[ok], want.view(np.int32)[ok])
+    assert nan == (~ok).sum() and nan > 0
+
+
+def test_least_squares_fit_matches_the_svd_fit() -> None:
+    """The normal-equations fit gives the SVD fit's float32 coefficients on well-conditioned samples (rows with an
+    infinity or NaN left out), and gives way to the SVD solver (its minimum-norm answer) for a zero or repeated
+    column; fewer than 16 finite rows: no fit."""
+    from tpde_hf.checkpoints import enc_estimate as EE
+
+    rng = np.random.default_rng(12)
+    same = 0
+    for trial in range(40):
+        n = int(rng.integers(100, 9000))
+        k = 1 + trial % 3
+        cols = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 0)).astype(np.float32) for _ in range(k)]
+        coef = rng.standard_normal(k)
+        target = sum(c * a.astype(np.float64) for c, a in zip(coef, cols, strict=True))
+        target += 1e-3 * np.abs(target).mean() * rng.standard_normal(n)
+        target[rng.integers(0, n, 3)] = np.nan
+        cols[0][rng.integers(0, n, 3)] = np.inf
+        got, want = C._fit(target, cols[0], cols[1:]), C._fit_svd(target, cols)
+        want = [float(np.float32(w)) for w in want]
+        assert np.allclose(got, want, rtol=1e-5, atol=0)  # the coefficients only decide the size: not bit-exact
+        same += got == want
+    assert same >= 30  # float32 rounding hides the solvers' last-bit differences almost always
+    x = rng.standard_normal(500).astype(np.float32)
+    t = 2.0 * x.astype(np.float64)
+    assert EE.least_squares([x, np.zeros_like(x)], t) is None  # a zero column: the SVD solver's turn
+    assert EE.least_squares([x, x], t) is None
+    assert C._fit(t, x, [np.zeros_like(x)]) == [2.0, 0.0]
+    assert C._fit(t, x, [x]) == [1.0, 1.0]  # minimum norm
+    few = t.copy()
+    few[15:] = np.nan
+    assert EE.least_squares([x], few) is None and C._fit(few, x, []) is None
+
+
+def test_parallel_read_gives_the_serial_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint read in pieces on several threads (the pack's runner) is the serial read: tensors, skeletons
+    and manifest; a file shorter than its size when read is refused, naming it."""
+    monkeypatch.setattr(S, "READ_STEP", 4096)
+    rng = np.random.default_rng(13)
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    save_file({"w": torch.from_numpy(rng.standard_normal(30_011).astype(np.float32)),
+               "b": torch.from_numpy(rng.standard_normal(7).astype(np.float32))}, folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text('{"global_step": 5}')
+    (folder / "empty.bin").write_bytes(b"")
+    want = S.read_checkpoint(folder)
+    assist = Assist(workers=3)
+    done = threading.Event()
+    got: list = []
+
+    def owner() -> None:
+        got.append(S.read_checkpoint(folder, runner=assist))
+        done.set()
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assist.help(lambda: not done.is_set())
+    t.join()
+    assert got[0].manifest == want.manifest and got[0].skeletons == want.skeletons
+    assert list(got[0].tensors) == list(want.tensors)
+    for k, v in want.tensors.items():
+        assert torch.equal(got[0].tensors[k].view(torch.int32), v.view(torch.int32))
+    real_stat = Path.stat
+
+    def longer(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        st = real_stat(self, *a, **k)
+        if self.name == "model.safetensors":
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                                   st.st_size + 5000, st.st_atime, st.st_mtime, st.st_ctime))
+        return st
+
+    monkeypatch.setattr(Path, "stat", longer)  # the file shrank between its size and its read
+    with pytest.raises(TpdeFormatError, match="model.safetensors"):
+        S.read_checkpoint(folder)
+
+
 def _parts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
@@ -164,7 +263,10 @@ def _parts_equal(a: dict, b: dict) -> bool:
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # predictions from infinities and NaN
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [4099, 70_001])
-def test_pack_path_writes_the_default_paths_parts(dtype: torch.dtype, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_on_other_threads_write_the_one_call_parts(dtype: torch.dtype, n: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor coded in runs of chunks (``fork``) inside ``scratch()`` gives the parts of one call outside it, and
+    they decode to the tensor bit for bit."""
     monkeypatch.setattr(C, "FORK_RUN", 4096)  # small runs: the 70001-element tensor is coded in 16 runs
     rng = np.random.default_rng(n)
     ref = torch.from_numpy(_mix(rng, n)).to(dtype)
@@ -178,12 +280,30 @@ def test_pack_path_writes_the_default_paths_parts(dtype: torch.dtype, n: int, mo
     for opts in ({}, {"features": [feat]}):
         base = codec.encode(new, CodecContext("t", ref, {**opts, "verify": True}))
         with K.serial(True):
-            fast = codec.encode(new, CodecContext("t", ref, {**opts, "verify": True, "pack": True,
-                                                            "fork": assist.fork}))
+            with E.scratch():
+                fast = codec.encode(new, CodecContext("t", ref, {**opts, "verify": True, "fork": assist.fork}))
         assert _parts_equal(base, fast)
         got = codec.decode(fast, CodecContext("t", ref, opts))
         assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                            new.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_outside_serial_runs_of_chunks_go_to_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside ``kernels.serial`` (the CLI's pack) a large tensor's runs of chunks go to a thread pool; the parts
+    are those of the serial encode."""
+    monkeypatch.setattr(C, "FORK_RUN", 4096)
+    rng = np.random.default_rng(14)
+    ref = torch.from_numpy(_mix(rng, 70_001))
+    new = ref * (1 + 1e-3 * torch.from_numpy(rng.standard_normal(70_001).astype(np.float32)))
+    codec = TENSOR_CODECS.get("ckpt-delta")
+    calls: list[int] = []
+    real = C._pool_map
+    monkeypatch.setattr(C, "_pool_map", lambda fn, items: calls.append(len(items)) or real(fn, items))
+    with K.serial(True):
+        want = codec.encode(new, CodecContext("t", ref, {"verify": True}))
+    assert not calls
+    got = codec.encode(new, CodecContext("t", ref, {"verify": True}))
+    assert calls == [3] and _parts_equal(want, got)  # 3 chunks: a run each
 
 
 def _checkpoint(rng: np.random.Generator, name: str, base: dict | None) -> S.Decoded:
@@ -274,8 +394,8 @@ def test_write_checked_keeps_nothing_of_a_corrupt_write(tmp_path: Path, monkeypa
         tensors, manifest = B.encode_entry(older, newer, step=10, depth=1, param_names=None, verify=True)
     real = S.write_entry
 
-    def flip(path: Path, t: dict, m: dict) -> None:
-        real(path, t, m)
+    def flip(path: Path, t: dict, m: dict, **kw: bool) -> None:
+        real(path, t, m, **kw)
         data = bytearray(path.read_bytes())
         data[-7] ^= 4  # inside the last part's bytes
         path.write_bytes(bytes(data))
@@ -284,6 +404,26 @@ def test_write_checked_keeps_nothing_of_a_corrupt_write(tmp_path: Path, monkeypa
     with pytest.raises(TpdeFormatError):
         B.write_checked(tmp_path, "checkpoint-10", tensors, manifest, older, newer, True, runner=Assist())
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("verify", [True, False, "full"])
+def test_write_checked_syncs_before_the_entry_takes_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             verify: bool | str) -> None:
+    """The entry is on disk (``fsync``) before it is moved into place, whether the sync runs beside the check's
+    comparisons (``verify=True``) or inside the write."""
+    rng = np.random.default_rng(10)
+    older = _checkpoint(rng, "checkpoint-10", None)
+    newer = _checkpoint(rng, "checkpoint-20", older)
+    with K.serial(True):
+        tensors, manifest = B.encode_entry(older, newer, step=10, depth=1, param_names=None, verify=True)
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("sync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(f"replace {Path(b).name}") or real_replace(a, b))
+    entry = B.write_checked(tmp_path, "checkpoint-10", tensors, manifest, older, newer, verify, runner=Assist())
+    final = events.index(f"replace {entry.name}")
+    assert "sync" in events[:final]
+    assert S.decode_entry(entry, newer).tensors.keys() == older.tensors.keys()
 
 
 # ---------------------------------------------------------------- the fused path (symbols never stored)
@@ -354,6 +494,32 @@ def test_fused_encoder_refuses_a_symbol_without_mass() -> None:
     cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
     with K.serial(True):
         assert E.encode_fused(x, p, ctx, freq, cum, K.MODE_ORD, 32, 23, 1024)[5] > 0
+
+
+def test_codec_refuses_a_table_missing_a_symbol_of_an_unsampled_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder bug in a chunk the sampled verify does not decode (a symbol that occurs only there, left out of
+    the tables) is caught by the fused encoder's inline checks: the codec names the tensor and stores nothing."""
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(40 * C.CHUNK, generator=g)
+    new = ref + 1e-4 * torch.randn(ref.shape, generator=g)
+    at = 20 * C.CHUNK + 11  # chunk 20: not among the sampled ones (0, 39)
+    assert 20 % C.VERIFY_EVERY != 0
+    new[at] = -ref[at] * 1e6  # a far-off value: its symbol occurs nowhere else
+    real = ES.sym_histogram
+    seen = []
+
+    def dropped(x, p, ctx, mode, width, mb, n_ctx, nsym):  # noqa: ANN001, ANN202
+        h = real(x, p, ctx, mode, width, mb, n_ctx, nsym)
+        c, s = np.argwhere(real(x[at:at + 1], p[at:at + 1], ctx[at:at + 1], mode, width, mb, n_ctx, nsym))[0]
+        seen.append(int(h[c, s]))
+        h[c, s] = 0  # the bug: the symbol of element ``at`` gets no mass
+        return h
+
+    monkeypatch.setattr(ES, "sym_histogram", dropped)
+    codec = TENSOR_CODECS.get("ckpt-delta")
+    with pytest.raises(TpdeFormatError, match="w"):
+        codec.encode(new, CodecContext("w", ref, {"verify": True}))
+    assert 1 in seen  # the symbol was that element's alone
 
 
 def test_symbol_map_inverse_on_every_bit_pattern_class() -> None:
@@ -450,21 +616,21 @@ def test_lazy_ratio_features_give_the_made_features_parts(nan: bool, monkeypatch
     codec = TENSOR_CODECS.get("ckpt-delta")
     ctx = E.weight_ctx(w0, v1, -1000)
     nans: list[int] = []
-    real = E.predict_ratio_f32
+    real = EF.predict_ratio_f32
 
     def spy(*a):  # noqa: ANN002, ANN202
         out = real(*a)
         nans.append(int(out[1]))
         return out
 
-    monkeypatch.setattr(E, "predict_ratio_f32", spy)
+    monkeypatch.setattr(EF, "predict_ratio_f32", spy)  # the codec's compiled prediction
     ref = torch.from_numpy(w0)
     with K.serial(True):
         made = codec.encode(torch.from_numpy(new), CodecContext("w", ref, {"features": [r1, r0], "ctx": ctx,
-                                                                           "verify": True, "pack": True}))
+                                                                           "verify": True}))
         with E.scratch():
             got = codec.encode(torch.from_numpy(new), CodecContext("w", ref, {"features": lazy, "ctx": ctx,
-                                                                              "verify": True, "pack": True}))
+                                                                              "verify": True}))
     assert _parts_equal(made, got)
     assert made["coef"].numel() == 3 and bool((made["coef"][1:] != 0).all())  # both features are used
     assert nans and (nans[-1] > 0) == nan  # the inline path ran; with a NaN it fell back to numpy's

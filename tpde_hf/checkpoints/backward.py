@@ -36,8 +36,7 @@ from typing import Any
 
 import torch
 
-from tpde_hf.checkpoints import enc_kernels as E
-from tpde_hf.checkpoints import predict
+from tpde_hf.checkpoints import enc_buffers, predict
 from tpde_hf.checkpoints import store as S
 from tpde_hf.checkpoints.entry_file import check_file
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, stored_parts
@@ -138,13 +137,15 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
     """Write an entry under a temporary name, check it, then ``os.replace`` it into place.
 
     The check (``verify=True``): the manifest read back through safetensors, every part's bytes on disk against
-    the part written (:func:`~tpde_hf.checkpoints.entry_file.check_file`, mapped with ``runner``), every
+    the part written (:func:`~tpde_hf.checkpoints.entry_file.check_file`, mapped with ``runner``; the file's
+    ``fsync`` is a job of the same list, so it waits on the disk while other threads compare), every
     skeleton decompressed against ``cur``'s, and (unless ``digested``: :func:`encode_entry` did it) every file of
     ``cur`` rebuilt to its recorded hash. ``"full"``: the entry decoded from disk as a restore would.
     """
     final = S.entry_path(root, name)
     tmp = Path(root) / f".{name}.tpde.new"
-    S.write_entry(tmp, tensors, manifest)
+    beside = bool(verify) and verify != "full"  # the fsync runs beside the check's comparisons
+    S.write_entry(tmp, tensors, manifest, sync=not beside)
     try:
         if verify == "full":
             dec = S.decode_entry(tmp, ref)
@@ -153,9 +154,25 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
         elif verify:
             if S.read_manifest(tmp) != json.loads(json.dumps(manifest)):
                 raise TpdeFormatError(str(tmp), "entry manifest on disk differs from the one written")
-            bad = check_file(tmp, tensors, runner)
+            synced: list[bool] = []
+
+            def sync_beside(fn: Any, items: list) -> list:
+                # the fsync waits on the disk, the comparisons on memory: one job list, so another thread compares
+                def job(item: Any) -> Any:
+                    if item is not _SYNC:
+                        return fn(item)
+                    S.sync_file(tmp)
+                    synced.append(True)
+                    return None
+
+                jobs = [_SYNC, *items]
+                return list(runner(job, jobs) if runner is not None else map(job, jobs))[1:]
+
+            bad = check_file(tmp, tensors, sync_beside)
             if bad is not None:
                 raise TpdeFormatError(str(tmp), bad)
+            if not synced:  # check_file stopped before comparing (it found a fault in the header)
+                S.sync_file(tmp)
             for i, rec in enumerate(manifest["files"]):
                 blob = tensors[f"skeleton.{i}"].numpy().tobytes()
                 if S.skeleton_bytes(blob, ref.skeletons if ref is not None else None, rec) \
@@ -168,6 +185,9 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
         tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+_SYNC = object()  # the fsync's place in write_checked's job list
 
 
 def big_files(manifest: dict[str, Any]) -> list[str]:
@@ -202,11 +222,10 @@ def encode_entry(cur: S.Decoded, parent: S.Decoded | None, *, step: int | None, 
     fork = getattr(runner, "fork", None)
 
     def one(key: str) -> dict:
-        with E.scratch():  # the features, contexts and prediction in reused buffers (no page faults)
+        with enc_buffers.scratch():  # the features, contexts and prediction in reused buffers (no page faults)
             opts = predict.options(key, seen[key], prev, param_names, backward=True, lazy=True)
             if verify:
                 opts["verify"] = True
-            opts["pack"] = True
             if fork is not None:
                 opts["fork"] = fork
             ref = prev.get(key) if prev is not None else None
@@ -243,7 +262,7 @@ def pack_older(root: Path, name: str, ref: S.Decoded, *, keyframe_every: int, cu
         src = S.raw_source(root, name)
         if src is None:
             raise TpdeFormatError(str(S.raw_path(root, name)), "no plain files to pack")
-        cur = S.read_checkpoint(src, name=name)
+        cur = S.read_checkpoint(src, name=name, runner=runner)
     keyframe = older_run(mans, name) + 1 >= keyframe_every
     parent = None if keyframe else ref
     try:
@@ -252,7 +271,7 @@ def pack_older(root: Path, name: str, ref: S.Decoded, *, keyframe_every: int, cu
     finally:
         # the coding's reused buffers go back before the entry is written: the page cache takes their freed
         # pages (on this VM a page never freed costs several times more to hand out; measured: writing took 2x)
-        E.release_scratch()
+        enc_buffers.release_scratch()
     entry = write_checked(root, name, tensors, manifest, cur, parent, verify, runner=runner, digested=True)
     del tensors
     stored = entry.stat().st_size
@@ -290,7 +309,8 @@ def advance(head_dir: str | Path, *, keyframe_every: int, param_names: Sequence[
     root = head_dir.parent / S.STORE_DIRNAME
     root.mkdir(exist_ok=True)
     hold_raw(root, head_dir)
-    head = S.read_checkpoint(S.raw_path(root, head_dir.name), name=head_dir.name)
+    # read on every thread that helps (the training thread, when it already waits for this pack)
+    head = S.read_checkpoint(S.raw_path(root, head_dir.name), name=head_dir.name, runner=runner)
     hstep = step_of(head_dir.name)
     older = [n for n in holds(root) if n != head_dir.name and (hstep is None or (step_of(n) or 0) < hstep)]
     if gate is not None and older:

@@ -9,11 +9,11 @@ candidates (``p = reference``, the fitted one, ``p = 0``) in both modes of
 :mod:`tpde_hf.checkpoints.kernels`, and keeps the cheapest. Symbols are coded with a context: the
 bucket of a small integer per element, by default the exponent of the reference (so a weight's
 delta is coded knowing how many ulps one learning-rate step is). For fp32 the encoder makes a scaled
-prediction in one compiled pass (:func:`tpde_hf.checkpoints.enc_kernels.predict_f32`, the same float32
+prediction in one compiled pass (:func:`tpde_hf.checkpoints.enc_features.predict_f32`, the same float32
 operations in the same order; numpy's where a prediction is NaN); the decoder keeps numpy's, and the
-pack-time verify decodes its sampled chunks against numpy's, so the two are checked to agree. With the option
-``pack`` the symbols are never stored (:func:`tpde_hf.checkpoints.enc_kernels.encode_fused`: made chunk by chunk
-in cache where the streams are written; the same bytes as the default path, which tests hold them to).
+pack-time verify decodes its sampled chunks against numpy's, so the two are checked to agree. The symbols are
+never stored (:func:`tpde_hf.checkpoints.enc_stream.encode_fused`: made chunk by chunk in cache where the streams
+are written; the tests hold its bytes to the symbol-array oracle, :mod:`tpde_hf.checkpoints.enc_oracle`).
 
 Parts: ``meta`` (int64), ``shape`` (int64), ``coef`` (float32), ``tables`` (zstd of the uint16
 frequency tables), ``chunks`` (int64 ``[n, LANES + 2]``: rANS states, words, bit words), ``words`` and
@@ -32,6 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,7 +44,11 @@ import xxhash
 import zstandard
 
 from tpde_hf.checkpoints import dec_kernels as D
-from tpde_hf.checkpoints import enc_kernels as E
+from tpde_hf.checkpoints import enc_buffers as EB
+from tpde_hf.checkpoints import enc_estimate as EE
+from tpde_hf.checkpoints import enc_features as EF
+from tpde_hf.checkpoints import enc_stream as ES
+from tpde_hf.checkpoints import enc_tables as ET
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints.predict import _EPS_ARR, Ratio
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
@@ -95,7 +102,7 @@ def predict(ref: np.ndarray | None, coef: Sequence[float], features: Sequence[np
 def _prediction(ref: np.ndarray | None, coef: Sequence[float], features: Sequence[np.ndarray], n: int, np_dtype: Any,
                 dtype: torch.dtype) -> tuple[np.ndarray, bool]:
     """The prediction's bit patterns and whether compiled code made them: :func:`predict`'s arithmetic, for
-    float32 with a scaled reference and up to 2 features in one pass (:func:`enc_kernels.predict_f32`), else
+    float32 with a scaled reference and up to 2 features in one pass (:func:`enc_features.predict_f32`), else
     numpy's (the decoder always uses numpy's)."""
     n_feat = min(max(0, len(coef) - 1), len(features))
     if (dtype == torch.float32 and ref is not None and len(coef) <= 3 and n_feat <= 2
@@ -105,10 +112,10 @@ def _prediction(ref: np.ndarray | None, coef: Sequence[float], features: Sequenc
         empty = np.zeros(0, np.float32)
         if n_feat and all(isinstance(f, Ratio) for f in features[:n_feat]):  # the ratios made inline, never stored
             fs = [*((f.m, f.v) for f in features[:n_feat]), (empty, empty), (empty, empty)]
-            p, nan = E.predict_ratio_f32(ref, *fs[0], *fs[1], c, n_feat, _EPS_ARR)
+            p, nan = EF.predict_ratio_f32(ref, *fs[0], *fs[1], c, n_feat, _EPS_ARR)
         else:
             fs = [*_arrays(features[:n_feat]), empty, empty]
-            p, nan = E.predict_f32(ref, fs[0], fs[1], c, n_feat)
+            p, nan = EF.predict_f32(ref, fs[0], fs[1], c, n_feat)
         if not nan:
             return _as_dtype_bits(p, dtype), True
     return _as_dtype_bits(predict(ref, coef, _arrays(features), n, np_dtype), dtype), False
@@ -141,21 +148,44 @@ def _to_np(t: torch.Tensor | np.ndarray | Ratio, dtype: torch.dtype) -> np.ndarr
 
 
 def _fit(target: np.ndarray, ref: np.ndarray | None, feats: list[np.ndarray]) -> list[float] | None:
-    cols = ([ref.astype(np.float64)] if ref is not None else []) + [f.astype(np.float64) for f in feats]
+    """Least-squares coefficients ``[c0, c1, ...]`` (float32 values) of ``target`` on ``ref`` and ``feats`` (a
+    sample), or None. The normal equations in one compiled pass (:func:`enc_estimate.least_squares`); where their
+    system is ill-conditioned or singular, numpy's SVD solver."""
+    cols = ([ref] if ref is not None else []) + list(feats)
     if not cols:
         return None
-    a = np.stack(cols, 1)
+    sol = EE.least_squares(cols, target)
+    if sol is None:
+        sol = _fit_svd(target, cols)
+    if sol is None or not np.isfinite(sol).all():
+        return None
+    sol = [float(np.float32(s)) for s in sol]
+    return sol if ref is not None else [0.0] + sol
+
+
+def _fit_svd(target: np.ndarray, cols: list[np.ndarray]) -> np.ndarray | None:
+    a = np.stack([c.astype(np.float64) for c in cols], 1)
     ok = np.isfinite(a).all(1) & np.isfinite(target)
     if ok.sum() < 16:
         return None
     try:
-        sol = np.linalg.lstsq(a[ok], target[ok].astype(np.float64), rcond=None)[0]
+        return np.linalg.lstsq(a[ok], target[ok].astype(np.float64), rcond=None)[0]
     except np.linalg.LinAlgError:
         return None
-    if not np.isfinite(sol).all():
-        return None
-    sol = [float(np.float32(s)) for s in sol]
-    return sol if ref is not None else [0.0] + sol
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool_map(fn: Any, items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on a pool of one thread per core (the encoder's compiled runs release the GIL)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                          thread_name_prefix="tpde-encode")
+    return list(_POOL.map(fn, items))
 
 
 def _payload_view(t: torch.Tensor, dt: Any) -> np.ndarray:
@@ -194,8 +224,8 @@ class CheckpointDelta:
     ``context.options``: ``features`` (list of arrays/tensors, flattened, the tensor's float dtype),
     ``ctx`` (int array: each element's context before bucketing; default: the reference's exponent),
     ``fit`` (default True: try fitted coefficients), ``modes`` (default both), ``fork`` (``fork(fn, items)``,
-    a map that idle threads may help with: a large tensor's chunks are then coded in runs), ``pack`` (True: the
-    large arrays in numpy-allocated buffers, which fault in huge pages; the same bytes).
+    a map that idle threads may help with: a large tensor's chunks are then coded in runs). The large temporaries
+    come from :func:`tpde_hf.checkpoints.enc_buffers.empty` (reused inside ``enc_buffers.scratch()``).
     """
 
     name = "ckpt-delta"
@@ -214,20 +244,16 @@ class CheckpointDelta:
         src = self._ctx_source(refn, context, dtype, n)
         n_ctx = 1 if n < 4096 else (8 if n < 1 << 16 else 32)
         lo = _low(src, n_ctx)
-        pack = bool(context.options.get("pack"))  # numpy-allocated outputs (huge pages), same arrays
-        ctx = E.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL) if pack else _buckets(src, lo, n_ctx)
+        ctx = EF.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL)
         coef, mode = self._choose(bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context)
         nsym = K.n_symbols(mode, width, mb)
         pbits, compiled = _prediction(refn, coef, feats, n, npf, dtype)
         fork = context.options.get("fork")  # fork(fn, items): idle threads may take runs of chunks
+        if fork is None and not K.is_serial():
+            fork = _pool_map  # outside kernels.serial (e.g. the CLI's pack): runs of chunks on every core
         pieces = min(16, n // FORK_RUN) if fork is not None and n >= 2 * FORK_RUN else 1
-        if pack:
-            freq, cum, (states, n_words, n_bitwords, w, b, bad) = self._encode_fused(
-                bits, pbits, ctx, n_ctx, nsym, mode, width, mb, bool(context.options.get("verify")), fork, pieces)
-        else:
-            freq, cum, (states, n_words, n_bitwords, w, b, bad) = self._encode_arrays(
-                bits, pbits, ctx, n_ctx, nsym, mode, width, mb, bool(context.options.get("verify")), fork, pieces,
-                context.key)
+        freq, (states, n_words, n_bitwords, w, b, bad) = self._streams(
+            bits, pbits, ctx, n_ctx, nsym, mode, width, mb, bool(context.options.get("verify")), fork, pieces)
         if bad:
             raise TpdeFormatError(context.key, f"ckpt-delta: {bad} elements or rANS steps fail their inverse check "
                                                "(encoder bug); the encoded payload does not decode to the tensor; "
@@ -249,28 +275,13 @@ class CheckpointDelta:
             self._verify(parts, bits, pbits, ctx, context.key, (refn, coef, feats, npf) if compiled else None)
         return parts
 
-    def _encode_arrays(self, bits, pbits, ctx, n_ctx, nsym, mode, width, mb, verify, fork, pieces, key):
-        """Symbols as whole arrays (``kernels.symbolize``), their histogram, tables, then the streams: the
-        reference path (``pack`` off). Returns ``(freq, cum, encode_compact's tuple)``."""
-        sym, nraw, raw = K.symbolize(bits, pbits, mode, width, mb)
-        # the decoder's inverse of the symbol map, on every element
-        bad = E.unsymbolize_check(bits, pbits, sym, raw, mode, width, mb) if verify else 0
-        if bad:
-            raise TpdeFormatError(key, "ckpt-delta: the encoded payload does not decode to the tensor "
-                                       "(encoder bug); nothing was stored")
-        freq = self._tables(K.histogram(sym, ctx, n_ctx, nsym))
+    def _streams(self, bits, pbits, ctx, n_ctx, nsym, mode, width, mb, verify, fork, pieces):
+        """The frequency tables and :func:`enc_stream.encode_fused`'s streams: a histogram pass, then each chunk's
+        symbols made in cache where the streams are written, with the decoder's inverse of the symbol map on every
+        element (``verify``). Returns ``(freq, encode_fused's tuple)``."""
+        freq = self._tables(ES.sym_histogram(bits, pbits, ctx, mode, width, mb, n_ctx, nsym))
         cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
-        if pieces > 1:
-            return freq, cum, E.encode_split(sym, nraw, raw, ctx, freq, cum, CHUNK, fork, pieces)
-        return freq, cum, E.encode_compact(sym, nraw, raw, ctx, freq, cum, CHUNK)
-
-    def _encode_fused(self, bits, pbits, ctx, n_ctx, nsym, mode, width, mb, verify, fork, pieces):
-        """The same result without symbol arrays (the pack's path): a histogram pass, then each chunk's symbols
-        made in cache where the streams are written (:func:`enc_kernels.encode_fused`), with the decoder's
-        inverse of the symbol map on every element (``verify``)."""
-        freq = self._tables(E.sym_histogram(bits, pbits, ctx, mode, width, mb, n_ctx, nsym))
-        cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
-        return freq, cum, E.encode_fused(bits, pbits, ctx, freq, cum, mode, width, mb, CHUNK, verify, fork, pieces)
+        return freq, ES.encode_fused(bits, pbits, ctx, freq, cum, mode, width, mb, CHUNK, verify, fork, pieces)
 
     def decode(self, parts: Mapping[str, torch.Tensor], context: CodecContext) -> torch.Tensor:
         key = context.key
@@ -368,7 +379,7 @@ class CheckpointDelta:
         False: no ``lut`` and ``cum``, None in their places)."""
         freq = pp["freq"]
         cum = (np.cumsum(freq, 1) - freq).astype(np.int64) if tables else None
-        lut = E.slot_symbols(np.ascontiguousarray(freq, np.int64)) if tables else None  # freq: checked by _parse
+        lut = ET.slot_symbols(np.ascontiguousarray(freq, np.int64)) if tables else None  # freq: checked by _parse
         ws = np.concatenate([[0], np.cumsum(pp["n_words"])]).astype(np.int64)
         bs = np.concatenate([[0], np.cumsum(pp["n_bitwords"])]).astype(np.int64)
         words_s = pp["words"] if pp["words"].size else np.zeros(1, np.uint16)
@@ -408,14 +419,14 @@ class CheckpointDelta:
         which = np.array(sorted({nch - 1, *(range(0, nch, VERIFY_EVERY) if nch > VERIFY_EVERY else ())}), np.int64)
         if numpy_pred is not None:  # only the sampled chunks' elements are written (and their pages touched)
             ref, coef, feats, npf = numpy_pred
-            pbits = E.empty(pbits.size, pbits.dtype)
+            pbits = EB.empty(pbits.size, pbits.dtype)
             for c in which:
                 lo, hi = c * ch, min(bits.size, (c + 1) * ch)
                 pbits[lo:hi] = _as_dtype_bits(predict(None if ref is None else ref[lo:hi], coef,
                                                       [f[lo:hi] for f in feats], hi - lo, npf), pp["dtype"])
         lut, cum, ws, words_s, bs, bits_s, states = cls._decoder_inputs(pp)
-        out = E.empty(bits.size, bits.dtype)
-        fail = E.decode_some(which, pbits, ctx, lut, pp["freq"], cum, states, ws, words_s, bs, bits_s,
+        out = EB.empty(bits.size, bits.dtype)
+        fail = ES.decode_some(which, pbits, ctx, lut, pp["freq"], cum, states, ws, words_s, bs, bits_s,
                              pp["mode"], width, mb, ch, out) != 0
         fail = fail or any(not np.array_equal(out[c * ch:(c + 1) * ch], bits[c * ch:(c + 1) * ch]) for c in which)
         if fail:
@@ -477,7 +488,7 @@ class CheckpointDelta:
         best = None
         for coef in cands:
             pb = _as_dtype_bits(predict(rs, coef, fs, idx.size, npf), dtype)
-            costs = E.sample_costs(bits, pb, ctx, idx, width, mb, n_ctx)  # both modes in one call
+            costs = EE.sample_costs(bits, pb, ctx, idx, width, mb, n_ctx)  # both modes in one call
             for mode in modes:
                 if best is None or costs[mode] < best[0]:
                     best = (costs[mode], coef, mode)
@@ -486,8 +497,8 @@ class CheckpointDelta:
     @staticmethod
     def _tables(hist: np.ndarray) -> np.ndarray:
         """Frequency tables (``[n_ctx, nsym]``, each row summing to 2**12) from the symbol counts:
-        ``rans.quantize_frequencies``' tables, in compiled code (:func:`enc_kernels.quantize_tables`)."""
-        return E.quantize_tables(np.ascontiguousarray(hist, np.int64), K.PROB_BITS)
+        ``rans.quantize_frequencies``' tables, in compiled code (:func:`enc_tables.quantize_tables`)."""
+        return ET.quantize_tables(np.ascontiguousarray(hist, np.int64), K.PROB_BITS)
 
 
 def warm_up() -> None:
@@ -504,23 +515,21 @@ def warm_up() -> None:
     new = torch.from_numpy(np.float32(0.9) * ref + np.float32(0.1) * feat)
     src = exponent(ref, torch.float32)
     codec = CheckpointDelta()
+    v = np.abs(feat)
     with K.serial(True):
         for opts in ({}, {"features": [feat], "ctx": src // 2},
-                     {"features": [feat, feat * np.float32(0.5)], "ctx": src.astype(np.int32)}):
-            for pack in (False, True):  # the default path and the pack's (numpy-allocated outputs)
-                codec.encode(new, CodecContext("warm-up", torch.from_numpy(ref), {**opts, "verify": True,
-                                                                                  "pack": pack}))
+                     {"features": [feat, feat * np.float32(0.5)], "ctx": src.astype(np.int32)},
+                     {"features": [Ratio(feat, v), Ratio(ref, v)], "ctx": src.astype(np.int32)}):
+            codec.encode(new, CodecContext("warm-up", torch.from_numpy(ref), {**opts, "verify": True}))
         # the pack's own paths: runs of chunks taken by other threads, the Adam features of predict.options
-        sym, nraw, raw = E.symbolize(new.numpy().view(np.int32), ref.view(np.int32), K.MODE_ORD, 32, 23)
-        zero = np.zeros(sym.size, np.uint8)
-        freq = CheckpointDelta._tables(K.histogram(sym, zero, 1, K.n_symbols(K.MODE_ORD, 32, 23)))
+        x, p = new.numpy().view(np.int32), ref.view(np.int32)
+        zero = np.zeros(x.size, np.uint8)
+        nsym = K.n_symbols(K.MODE_ORD, 32, 23)
+        freq = CheckpointDelta._tables(ES.sym_histogram(x, p, zero, K.MODE_ORD, 32, 23, 1, nsym))
         cum = (np.cumsum(freq, 1) - freq).astype(np.int64)
-        E.encode_split(sym, nraw, raw, zero, freq, cum, 1024, lambda fn, items: [fn(x) for x in items], 2)
-        E.encode_fused(new.numpy().view(np.int32), ref.view(np.int32), zero, freq, cum, K.MODE_ORD, 32, 23, 1024,
-                       True, lambda fn, items: [fn(x) for x in items], 2)
-        v = np.abs(feat)
-        E.ratio_f32(feat, v, np.ones(1, np.float32))
-        E.half_exponent(v)
-        E.square_ctx(feat, v)
-        E.weight_ctx(ref, v, -1000)
-
+        ES.encode_fused(x, p, zero, freq, cum, K.MODE_ORD, 32, 23, 1024, True, lambda fn, items: [fn(x) for x in items],
+                        2)
+        EF.ratio_f32(feat, v, np.ones(1, np.float32))
+        EF.half_exponent(v)
+        EF.square_ctx(feat, v)
+        EF.weight_ctx(ref, v, -1000)

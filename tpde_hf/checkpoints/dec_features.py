@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,22 +64,33 @@ def plan(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Ten
 def decode(key: str, parts: Mapping[str, torch.Tensor], cur: Mapping[str, torch.Tensor],
            prev: Mapping[str, torch.Tensor] | None, param_names: Sequence[str] | None, backward: bool = False,
            parallel: bool | None = None,
-           stored: Mapping[str, tuple[torch.dtype | None, int]] | None = None) -> torch.Tensor | None:
+           stored: Mapping[str, tuple[torch.dtype | None, int]] | None = None,
+           spare: Callable[[int], np.ndarray | None] | None = None) -> torch.Tensor | None:
     """``key`` decoded from its coded ``parts`` with the features computed in the decoder, or None where this
     path does not apply or declines (see the module docstring). ``cur``/``prev``: as for
     :func:`predict.options`; ``parallel``: chunks on numba's threads (default: unless :func:`kernels.serial`);
-    ``stored``: see :func:`plan`."""
+    ``stored``: see :func:`plan`; ``spare(n)``: an int32 array of ``n`` elements to decode into (every element
+    is written), or None: a new one. The result views the array it was decoded into."""
     p = plan(key, cur, prev, param_names, backward, stored)
     if p is None:
         return None
     try:
-        return _decode_planned(key, parts, prev.get(key), p, not K.is_serial() if parallel is None else parallel)
+        return _decode_planned(key, parts, prev.get(key), p, not K.is_serial() if parallel is None else parallel,
+                               spare)
     except (TpdeFormatError, zstandard.ZstdError, KeyError, TypeError, ValueError, RuntimeError, IndexError):
         return None  # the ordinary decode names the fault
 
 
+def _output(n: int, spare: Callable[[int], np.ndarray | None] | None) -> np.ndarray:
+    """An int32 array of ``n`` elements: a spare one (checked) or a new one."""
+    out = spare(n) if spare is not None else None
+    if out is None or out.dtype != np.int32 or out.shape != (n,) or not out.flags.c_contiguous:
+        out = np.empty(n, np.int32)
+    return out
+
+
 def _decode_planned(key: str, parts: Mapping[str, torch.Tensor], ref_t: torch.Tensor, p: tuple,
-                    parallel: bool) -> torch.Tensor | None:
+                    parallel: bool, spare: Callable[[int], np.ndarray | None] | None = None) -> torch.Tensor | None:
     recipe, a, b, c, d = p
     pp = CheckpointDelta._parse(parts, key)
     n, coef = pp["n"], pp["coef"]
@@ -91,10 +102,10 @@ def _decode_planned(key: str, parts: Mapping[str, torch.Tensor], ref_t: torch.Te
             or a.size != n or len(coef) > 1 + _N_FEAT[recipe]):
         return None
     _, _, ws, words, bs, bitwords, states = CheckpointDelta._decoder_inputs(pp, tables=False)
-    tab = D.slot_table(pp["freq"], pp["mode"], 23)
-    out = np.empty(n, np.int32)
+    tab, sym = D.table(pp["freq"], pp["mode"], 23)
+    out = _output(n, spare)
     bad, nan = D.decode_adam(recipe, ref, a, b, c, d, coef, pp["lo"], pp["n_ctx"], tab, states, ws, words, bs,
-                             bitwords, pp["mode"], pp["chunk"], out, parallel=parallel)
+                             bitwords, pp["mode"], pp["chunk"], out, parallel=parallel, sym=sym)
     if nan or bad.any() or checksum(out) != pp["digest"]:
         return None
     return torch.from_numpy(out).view(torch.float32).reshape(pp["shape"])

@@ -7,11 +7,15 @@ block (:data:`BLOCK` elements, every per-block buffer in cache), each block in f
 * **inputs**: the block's context buckets and float32 prediction, formed in cache from the tensors they come
   from (a *recipe*: given arrays, or Adam's features computed on the spot, see below), so no tensor-sized
   feature, context or prediction array is ever written and read back;
-* **entropy**: only the four interleaved rANS states (in registers; one 64-bit table entry per (context, slot)
-  holds the frequency, ``slot - cum``, the raw bit count and the symbol's high bits, so a step is one load;
-  renormalisation a select, not a branch); each element's table entry goes to a block buffer;
+* **entropy**: only the four interleaved rANS states (in registers; one table entry per (context, slot) holds
+  what a step needs, so a step is one load; renormalisation a select, not a branch); each element's table entry
+  goes to a block buffer. Where the symbols fit in 8 bits (the ordinal mode) the entry is 32-bit
+  (:func:`slot_table32`: ``f - 1``, ``slot - cum``, the symbol), so a 32-context table is 512 KiB and stays in
+  a 1 MiB L2 beside the block buffers; else 64-bit (:func:`slot_table`: also the raw bit count and the
+  symbol's high bits);
 * **raw bits**: each element's raw bits read at its own bit offset (a running sum of the bit counts: no serial
-  bit-buffer chain beside the rANS chains), joined to the symbol's high bits;
+  bit-buffer chain beside the rANS chains), joined to the symbol's high bits (from the 64-bit entry, or the
+  32-bit entry's symbol through a 256-entry table);
 * **values**: the prediction plus the ordinal / zig-zag (or sign-flip) arithmetic, independent per element,
   so LLVM vectorises it (AVX-512 where present).
 
@@ -22,7 +26,9 @@ correctly rounded float32 operations in the same order as ``predict`` / ``enc_ke
 ``exponent(v0) // 2``), ``exp_avg_sq`` (feature ``m * m``, context ``exponent(m * m) - exponent(ref)``) and a
 weight (features ``m / (sqrt(v) + eps)`` of both checkpoints, context ``exponent(w0)`` or special where
 ``v1 == 0``). No fused multiply-add (numba sets no fast-math flags); numpy's error model only drops the
-zero-division branch, which kept the ratio loop scalar (``sqrt(v) + eps`` is never 0). Contexts are bucketed as
+zero-division branch, which kept the ratio loop scalar (``sqrt(v) + eps`` is never 0); the loops index the
+block's slices from 0, since an index ``s + j`` kept numba's negative-index select and with it the loops
+scalar (3-6x slower). Contexts are bucketed as
 :func:`kernels.buckets`. A prediction made by arithmetic that is NaN is counted and the caller then decodes
 that tensor through numpy's prediction instead (x86 passes an operand's NaN payload on, and the operand order
 of a compiled add is not pinned down).
@@ -32,18 +38,26 @@ per element reads those unclamped; raw-bit reads are always clamped), so a corru
 bounds; the end check compares the raw bits consumed with the chunk's word count (``ceil(bits / 32)``), which
 is what the reference's ``bp == bit_start[c + 1]`` means.
 
-Measured on the MiniLM checkpoints (checkpoint-120 against 140, one thread, loaded machine, CPU time): the word
-embeddings' ``exp_avg`` / ``exp_avg_sq`` / weight with their features formed in the loop 6.7 / 7.6 / 10.5 ns per
-element. The memory traffic bounds it: the inputs pass alone reads at about 4 GB/s (2.0 / 2.6 / 5.8 ns).
+Each thread's block buffers are made once and reused by every call on that thread (made per chunk, their pages
+were faulted in again and again).
+
+Measured on the MiniLM checkpoints (checkpoint-100 against 120, one thread, CPU time, load about 2.5): the
+largest ``exp_avg`` / ``exp_avg_sq`` / weight 4.97 / 4.99 / 5.87 ns per element (previously 6.4 / 8.5 / 11.9);
+of the weight's 5.87 the inputs pass (two ratios, context, prediction) takes 1.47, the rANS steps 2.1, the raw
+bits 1.5. The rANS steps are latency-bound (four chains, a table load each); memory traffic is far from the
+machine's 20 GB/s per core. Not kept (measured): the raw bits read inside the rANS steps (+7%), a two-pass raw
+bits loop (offsets, then the reads: +10%).
 
 Example::
 
-    tab = slot_table(freq, MODE_ORD, 23)
+    tab, sym = table(freq, MODE_ORD, 23)
     bad, nan = decode_f32(ref, f1, f2, coef, ctx, tab, states, ws, words, bs, bitwords, MODE_ORD, 1 << 15, out,
-                          parallel=True)
+                          parallel=True, sym=sym)
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from numba import njit, prange
@@ -59,6 +73,8 @@ BLOCK = 16384
 SPECIAL = -1000  # codec.SPECIAL: a context at or below it is bucket 0 (a parameter no gradient touched)
 #: recipes: prediction bits given; float32 prediction from given features; Adam's exp_avg, exp_avg_sq, weight
 RECIPE_BITS, RECIPE_F32, RECIPE_M, RECIPE_V, RECIPE_W = range(5)
+#: symbols a compact (32-bit) table entry can name
+SYMS32 = 256
 assert LANES == 4  # the entropy loop is unrolled by four
 
 
@@ -93,6 +109,48 @@ def slot_table(freq, mode, mant_bits):
 
 
 @njit(cache=True, nogil=True)
+def _sym_entry(s, mode, mant_bits):
+    """Symbol ``s``'s value above its raw bits and its raw bit count: ``hib | nr << 57``
+    (``kernels.symbolize``'s inverse)."""
+    if mode == 0:
+        if s < 4:
+            return np.int64(s)
+        nr = np.int64((s - 4) // 4)
+        return (np.int64(4 | ((s - 4) & 3)) << nr) | (nr << 57)
+    return (np.int64(s) << mant_bits) | (np.int64(mant_bits) << 57)
+
+
+@njit(cache=True, nogil=True)
+def slot_table32(freq, mode, mant_bits):
+    """The compact table of :func:`table` (at most :data:`SYMS32` symbols): per (context, slot)
+    ``(f - 1) | (slot - cum) << 12 | s << 24`` (uint32), half the bytes of :func:`slot_table`, so a 32-context
+    table (512 KiB) stays in a 1 MiB L2 beside the block buffers; and per symbol ``hib | nr << 57``
+    (:data:`SYMS32` entries, the symbol's value bits above its raw bits and its raw bit count)."""
+    n_ctx, nsym = freq.shape
+    tab = np.zeros(n_ctx * _SLOTS, np.uint32)
+    for k in range(n_ctx):
+        pos = np.int64(0)
+        for s in range(nsym):
+            f = np.int64(freq[k, s])
+            for b in range(f):
+                if pos + b < _SLOTS:
+                    tab[k * _SLOTS + pos + b] = np.uint32((f - 1) | (np.int64(b) << 12) | (np.int64(s) << 24))
+            pos += f
+    sym = np.zeros(SYMS32, np.int64)
+    for s in range(min(nsym, SYMS32)):
+        sym[s] = _sym_entry(s, mode, mant_bits)
+    return tab, sym
+
+
+def table(freq: np.ndarray, mode: int, mant_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tab, sym)`` for the decoders: the compact 32-bit table where the symbols fit in 8 bits (the ordinal
+    mode), else :func:`slot_table` (int64; ``sym`` then unused). ``freq``: checked rows summing to 4096."""
+    if freq.shape[1] <= SYMS32:
+        return slot_table32(freq, mode, mant_bits)
+    return slot_table(freq, mode, mant_bits), _NONE_I64
+
+
+@njit(cache=True, nogil=True)
 def _start(c, states):
     x0, x1, x2, x3 = states[c, 0], states[c, 1], states[c, 2], states[c, 3]
     if min(min(x0, x1), min(x2, x3)) < STATE_LOW or max(max(x0, x1), max(x2, x3)) >= (np.int64(1) << 32):
@@ -111,6 +169,30 @@ def _step(j, x, cb, cbase, tab, wp, wlim, words, ebuf, clamp):
     x = (x << (need << 4)) | (np.int64(words[np.uint64(min(wp, wlim) if clamp else wp)]) & -need)
     ebuf[np.uint64(j)] = e
     return x, wp + need
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _step32(j, x, cb, cbase, tab, wp, wlim, words, ebuf, clamp):
+    """:func:`_step` with a :func:`slot_table32` entry (``ebuf`` uint32)."""
+    e = np.int64(tab[np.uint64((np.int64(cb[np.uint64(cbase + j)]) << PROB_BITS) | (x & (_SLOTS - 1)))])
+    x = ((e & 0xFFF) + 1) * (x >> PROB_BITS) + ((e >> 12) & 0xFFF)
+    need = np.int64(x < STATE_LOW)
+    x = (x << (need << 4)) | (np.int64(words[np.uint64(min(wp, wlim) if clamp else wp)]) & -need)
+    ebuf[np.uint64(j)] = e
+    return x, wp + need
+
+
+@njit(cache=True, nogil=True)
+def _raw32(ebuf, m, off, bw, blim, ubuf, sym):
+    """:func:`_raw` for :func:`slot_table32` entries: the symbol's bits and raw bit count from ``sym``."""
+    for j in range(m):
+        e = sym[np.uint64(ebuf[j] >> 24)]  # ebuf holds table entries: s < SYMS32 == sym.shape[0]
+        nr = e >> 57
+        wi = off >> 5
+        two = np.int64(bw[np.uint64(min(wi, blim))]) | (np.int64(bw[np.uint64(min(wi + 1, blim))]) << 32)
+        ubuf[j] = (e & _MASK32) | ((two >> (off & 31)) & ((np.int64(1) << nr) - 1))
+        off += nr
+    return off
 
 
 @njit(cache=True, nogil=True)
@@ -135,17 +217,18 @@ def _bucket(v, lo, n_ctx):
 
 
 @njit(cache=True, nogil=True)
-def _base(kind, R, s, m, c0, pbuf):
-    """Where ``codec.predict`` starts, into ``pbuf[:m]``: 0 zeros, 1 the reference, 2 ``ref * c0``."""
+def _base(kind, R, m, c0, pbuf):
+    """Where ``codec.predict`` starts, into ``pbuf[:m]``: 0 zeros, 1 the reference, 2 ``ref * c0`` (``R``: the
+    block's slice)."""
     if kind == 0:
         for j in range(m):
             pbuf[j] = np.float32(0.0)
     elif kind == 1:
         for j in range(m):
-            pbuf[j] = R[s + j]
+            pbuf[j] = R[j]
     else:
         for j in range(m):
-            pbuf[j] = R[s + j] * c0
+            pbuf[j] = R[j] * c0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")  # no zero-division branch: the ratio loops vectorise
@@ -161,35 +244,39 @@ def _inputs(recipe, s, m, R, Ri, A, B, C, Dd, coef, kind, lo, n_ctx, cbuf, pbuf,
     c0, c1, c2, eps = coef[0], coef[1], coef[2], coef[3]
     if recipe == RECIPE_BITS:
         return 0
-    _base(kind, R, s, m, c0, pbuf)
+    # the block's slices: indexed from 0 by the loop counter, LLVM sees every index is >= 0 and drops numba's
+    # negative-index select, so these loops vectorise (indexed by ``s + j`` they ran 3-6x slower)
+    e = s + m
+    Rb, Rib, Ab, Bb, Cb, Db = R[s:e], Ri[s:e], A[s:e], B[s:e], C[s:e], Dd[s:e]
+    _base(kind, Rb, m, c0, pbuf)
     if recipe == RECIPE_M:  # context exponent(v0) // 2 (A: v0's bit patterns); no features
         for j in range(m):
-            cbuf[j] = _bucket(((np.int64(A[s + j]) >> 23) & 0xFF) >> 1, lo, n_ctx)
+            cbuf[j] = _bucket(((np.int64(Ab[j]) >> 23) & 0xFF) >> 1, lo, n_ctx)
     elif recipe == RECIPE_V:  # feature m * m (A: m), context exponent(m * m) - exponent(ref)
         fbi = fbuf.view(np.int32)
         for j in range(m):
-            fbuf[j] = A[s + j] * A[s + j]
+            fbuf[j] = Ab[j] * Ab[j]
         for j in range(m):
-            cbuf[j] = _bucket(((np.int64(fbi[j]) >> 23) & 0xFF) - ((np.int64(Ri[s + j]) >> 23) & 0xFF), lo, n_ctx)
+            cbuf[j] = _bucket(((np.int64(fbi[j]) >> 23) & 0xFF) - ((np.int64(Rib[j]) >> 23) & 0xFF), lo, n_ctx)
         if c1 != 0:
             for j in range(m):
                 pbuf[j] = pbuf[j] + c1 * fbuf[j]
     elif recipe == RECIPE_W:  # context exponent(w0), special where v1 == 0; features m / (sqrt(v) + eps)
         for j in range(m):
-            cbuf[j] = _bucket(SPECIAL if B[s + j] == 0 else (np.int64(Ri[s + j]) >> 23) & 0xFF, lo, n_ctx)
+            cbuf[j] = _bucket(SPECIAL if Bb[j] == 0 else (np.int64(Rib[j]) >> 23) & 0xFF, lo, n_ctx)
         if c1 != 0:  # enc_kernels.ratio_f32's operations, then codec.predict's
             for j in range(m):
-                pbuf[j] = pbuf[j] + c1 * (A[s + j] / (np.sqrt(B[s + j]) + eps))
+                pbuf[j] = pbuf[j] + c1 * (Ab[j] / (np.sqrt(Bb[j]) + eps))
         if c2 != 0:
             for j in range(m):
-                pbuf[j] = pbuf[j] + c2 * (C[s + j] / (np.sqrt(Dd[s + j]) + eps))
+                pbuf[j] = pbuf[j] + c2 * (Cb[j] / (np.sqrt(Db[j]) + eps))
     else:  # RECIPE_F32: given features
         if c1 != 0:
             for j in range(m):
-                pbuf[j] = pbuf[j] + c1 * A[s + j]
+                pbuf[j] = pbuf[j] + c1 * Ab[j]
         if c2 != 0:
             for j in range(m):
-                pbuf[j] = pbuf[j] + c2 * B[s + j]
+                pbuf[j] = pbuf[j] + c2 * Bb[j]
     nan = 0
     if kind == 2 or c1 != 0 or c2 != 0:
         for j in range(m):
@@ -198,10 +285,9 @@ def _inputs(recipe, s, m, R, Ri, A, B, C, Dd, coef, kind, lo, n_ctx, cbuf, pbuf,
 
 
 @njit(cache=True, nogil=True)
-def _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states, ws, words, bs,
-           bitwords, size, out):
-    """Chunk ``c``: ``(bad, NaN predictions)``."""
-    bufs = _buffers()
+def _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym, states, ws, words, bs,
+           bitwords, size, out, bufs):
+    """Chunk ``c``: ``(bad, NaN predictions)``; ``bufs``: this thread's :func:`_buffers`."""
     st, bad, bw, clamp = _begin(c, states, ws, words, bs, bitwords, out.shape[0], size)
     lo = c * size
     hi = min(out.shape[0], lo + size)
@@ -209,11 +295,11 @@ def _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx,
     for s in range(lo, hi, BLOCK):
         m = min(hi - s, BLOCK)
         if clamp:
-            st, k = _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, words, bw,
-                           st, bufs, out, True)
+            st, k = _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym, words,
+                           bw, st, bufs, out, True)
         else:
-            st, k = _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, words, bw,
-                           st, bufs, out, False)
+            st, k = _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym, words,
+                           bw, st, bufs, out, False)
         nan += k
     return bad | _end(c, st, ws, bs), nan
 
@@ -247,8 +333,8 @@ def _end(c, st, ws, bs):
 
 
 @njit(cache=True, nogil=True)
-def _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, words, bw, st, bufs, out,
-           clamp):
+def _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym, words, bw, st, bufs,
+           out, clamp):
     """Elements ``s:s + m`` of one chunk: inputs, the entropy pass, raw bits, values into ``out``. Returns the
     chunk's new state and the block's NaN predictions."""
     cbuf, pbuf, fbuf, ubuf, ebuf = bufs
@@ -257,9 +343,27 @@ def _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_c
     given = recipe == RECIPE_BITS or recipe == RECIPE_F32
     cb = G if given else cbuf  # context buckets: given for the whole tensor, else the block's
     cbase = s if given else 0
+    if tab.itemsize == 4:  # a slot_table32 (a constant per compiled signature: one branch is kept)
+        eb = ebuf.view(np.uint32)
+        x0, x1, x2, x3, wp = _entropy32(m, x0, x1, x2, x3, cb, cbase, tab, wp, words, eb, clamp)
+        off = _raw32(eb, m, off, bw, bw.shape[0] - 1, ubuf, sym)
+    else:
+        x0, x1, x2, x3, wp = _entropy(m, x0, x1, x2, x3, cb, cbase, tab, wp, words, ebuf, clamp)
+        off = _raw(ebuf, m, off, bw, bw.shape[0] - 1, ubuf)
+    if recipe == RECIPE_BITS:
+        _values(mode, out.itemsize * 8, ubuf, P[s:s + m], out[s:s + m])
+    else:
+        _values(mode, out.itemsize * 8, ubuf, pbuf.view(np.int32), out[s:s + m])
+    return (x0, x1, x2, x3, wp, off), nan
+
+
+@njit(cache=True, nogil=True)
+def _entropy(m, x0, x1, x2, x3, cb, cbase, tab, wp, words, ebuf, clamp):
+    """The block's rANS pass with :func:`slot_table` entries: element ``j + l`` uses state ``l``, four
+    independent chains in registers; each element's table entry into ``ebuf``."""
     wlim = words.shape[0] - 1
     j = 0
-    while j + LANES <= m:  # element j + l uses state l: four independent chains, in registers
+    while j + LANES <= m:
         x0, wp = _step(j, x0, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
         x1, wp = _step(j + 1, x1, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
         x2, wp = _step(j + 2, x2, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
@@ -271,12 +375,27 @@ def _block(recipe, s, m, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_c
         x1, wp = _step(j + 1, x1, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
     if j + 2 < m:
         x2, wp = _step(j + 2, x2, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
-    off = _raw(ebuf, m, off, bw, bw.shape[0] - 1, ubuf)
-    if recipe == RECIPE_BITS:
-        _values(mode, out.itemsize * 8, ubuf, P[s:s + m], out[s:s + m])
-    else:
-        _values(mode, out.itemsize * 8, ubuf, pbuf.view(np.int32), out[s:s + m])
-    return (x0, x1, x2, x3, wp, off), nan
+    return x0, x1, x2, x3, wp
+
+
+@njit(cache=True, nogil=True)
+def _entropy32(m, x0, x1, x2, x3, cb, cbase, tab, wp, words, ebuf, clamp):
+    """:func:`_entropy` with :func:`slot_table32` entries (``ebuf`` uint32)."""
+    wlim = words.shape[0] - 1
+    j = 0
+    while j + LANES <= m:
+        x0, wp = _step32(j, x0, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        x1, wp = _step32(j + 1, x1, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        x2, wp = _step32(j + 2, x2, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        x3, wp = _step32(j + 3, x3, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+        j += LANES
+    if j < m:
+        x0, wp = _step32(j, x0, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+    if j + 1 < m:
+        x1, wp = _step32(j + 1, x1, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+    if j + 2 < m:
+        x2, wp = _step32(j + 2, x2, cb, cbase, tab, wp, wlim, words, ebuf, clamp)
+    return x0, x1, x2, x3, wp
 
 
 @njit(cache=True, nogil=True)
@@ -295,32 +414,33 @@ def _values(mode, width, ubuf, p, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _run_par(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states, ws, words, bs, bitwords,
-             size, out):
+def _run_par(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym, states, ws, words, bs,
+             bitwords, size, out):
     nch = states.shape[0]
     bad = np.zeros(nch, np.int64)
     nan = np.zeros(nch, np.int64)
     for c in prange(nch):
-        bad[c], nan[c] = _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states,
-                                ws, words, bs, bitwords, size, out)
+        bad[c], nan[c] = _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym,
+                                states, ws, words, bs, bitwords, size, out, _buffers())
     return bad, nan
 
 
 @njit(cache=True, nogil=True)
-def _run_ser(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states, ws, words, bs, bitwords,
-             size, out):
+def _run_ser(recipe, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym, states, ws, words, bs,
+             bitwords, size, out, bufs):
     nch = states.shape[0]
     bad = np.zeros(nch, np.int64)
     nan = np.zeros(nch, np.int64)
     for c in range(nch):
-        bad[c], nan[c] = _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, states,
-                                ws, words, bs, bitwords, size, out)
+        bad[c], nan[c] = _chunk(recipe, c, mode, R, Ri, A, B, C, Dd, G, P, coef, kind, lo_ctx, n_ctx, tab, sym,
+                                states, ws, words, bs, bitwords, size, out, bufs)
     return bad, nan
 
 
 _NONE = np.zeros(1, np.float32)
 _NONE_I = np.zeros(1, np.int32)
 _NONE_U8 = np.zeros(1, np.uint8)
+_NONE_I64 = np.zeros(SYMS32, np.int64)
 EPS = ADAM_EPS  # predict.EPS, one constant
 
 
@@ -339,21 +459,42 @@ def _sized(n, *arrays) -> None:
             raise ValueError(f"an input of {x.shape[0]} elements for a tensor of {n}")
 
 
+_local = threading.local()
+
+
 def _run(parallel):
-    return _run_par if parallel else _run_ser
+    """The chunk loop: in parallel (block buffers per chunk), or on this thread with this thread's block buffers,
+    made once and reused by every call: made per chunk, their pages were faulted in again and again (about
+    30,000 page faults and 0.1 s of system time per 274 MB link)."""
+    if parallel:
+        return _run_par
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = _buffers()
+    return lambda *args: _run_ser(*args, bufs)
+
+
+def _sym(tab: np.ndarray, sym: np.ndarray | None) -> np.ndarray:
+    """The symbol table to pass with ``tab``: a :func:`slot_table32` needs its own (the raw pass indexes it by
+    any entry's top byte, so it must hold :data:`SYMS32` entries); a :func:`slot_table` none."""
+    if tab.dtype == np.int64:
+        return _NONE_I64
+    if tab.dtype != np.uint32 or sym is None or sym.dtype != np.int64 or sym.shape[0] < SYMS32:
+        raise ValueError("a 32-bit slot table needs its symbol table (dec_kernels.table)")
+    return sym
 
 
 def decode_bits(p, ctx, tab, states, word_start, words, bit_start, bitwords, mode, width, chunk, out,
-                parallel=False):
-    """:func:`kernels.decode_chunks` with a :func:`slot_table`: ``p`` the prediction's bit patterns (the
-    output's width), ``ctx`` the context buckets (each below the table's context count); chunks in parallel
-    with ``parallel``. Returns the per-chunk bad flags."""
+                parallel=False, sym=None):
+    """:func:`kernels.decode_chunks` with a :func:`slot_table` (or :func:`slot_table32` and its ``sym``): ``p``
+    the prediction's bit patterns (the output's width), ``ctx`` the context buckets (each below the table's
+    context count); chunks in parallel with ``parallel``. Returns the per-chunk bad flags."""
     if out.itemsize * 8 != width:
         raise ValueError(f"a {width}-bit tensor decoded into {out.dtype}")
     _sized(out.shape[0], p, ctx)
     n = _NONE
-    bad, _ = _run(parallel)(RECIPE_BITS, int(mode), n, _NONE_I, n, n, n, n, ctx, p, _coef4(()), 0, 0, 1, tab, states,
-                            word_start, words, bit_start, bitwords, chunk, out)
+    bad, _ = _run(parallel)(RECIPE_BITS, int(mode), n, _NONE_I, n, n, n, n, ctx, p, _coef4(()), 0, 0, 1, tab,
+                            _sym(tab, sym), states, word_start, words, bit_start, bitwords, chunk, out)
     return bad
 
 
@@ -364,7 +505,7 @@ def f32_kind(ref, coef) -> int:
 
 
 def decode_f32(ref, f1, f2, coef, ctx, tab, states, word_start, words, bit_start, bitwords, mode, chunk, out,
-               parallel=False):
+               parallel=False, sym=None):
     """Decode a float32 tensor (``out`` int32), its prediction formed block by block: ``ref`` (None: zeros),
     ``coef`` float32 ``[c0, c1, c2]`` (an absent feature: coefficient 0, ``f`` None). Returns
     ``(bad flags, NaN predictions)``; with NaNs the caller decodes with numpy's prediction instead."""
@@ -375,13 +516,13 @@ def decode_f32(ref, f1, f2, coef, ctx, tab, states, word_start, words, bit_start
     none = _NONE
     bad, nan = _run(parallel)(RECIPE_F32, int(mode), none if ref is None else ref, _NONE_I,
                               none if f1 is None else f1, none if f2 is None else f2, none, none, ctx, _NONE_I, c4,
-                              f32_kind(ref, coef), 0, 1, tab, states, word_start, words, bit_start, bitwords, chunk,
-                              out)
+                              f32_kind(ref, coef), 0, 1, tab, _sym(tab, sym), states, word_start, words, bit_start,
+                              bitwords, chunk, out)
     return bad, int(nan.sum())
 
 
 def decode_adam(recipe, ref, a, b, c, d, coef, lo_ctx, n_ctx, tab, states, word_start, words, bit_start, bitwords,
-                mode, chunk, out, parallel=False):
+                mode, chunk, out, parallel=False, sym=None):
     """Decode a float32 tensor whose context and features are Adam's (:mod:`~tpde_hf.checkpoints.predict`),
     computed block by block from the float32 tensors they come from (``ref``: the same tensor one checkpoint
     away; ``lo_ctx``, ``n_ctx``: the stored bucketing, ``n_ctx`` the table's context count):
@@ -390,7 +531,8 @@ def decode_adam(recipe, ref, a, b, c, d, coef, lo_ctx, n_ctx, tab, states, word_
     * :data:`RECIPE_V` (``exp_avg_sq``): ``a`` the ``exp_avg`` whose square is the feature;
     * :data:`RECIPE_W` (a weight): ``a, b, c, d`` = ``m1, v1, m0, v0``.
 
-    Unused arrays may be None. Returns ``(bad flags, NaN predictions)`` as :func:`decode_f32`.
+    Unused arrays may be None; ``tab``: a :func:`slot_table`, or a :func:`slot_table32` with its ``sym``.
+    Returns ``(bad flags, NaN predictions)`` as :func:`decode_f32`.
     """
     need = {RECIPE_M: (a,), RECIPE_V: (a,), RECIPE_W: (a, b, c, d)}.get(recipe)
     c4 = _coef4(coef)
@@ -403,7 +545,7 @@ def decode_adam(recipe, ref, a, b, c, d, coef, lo_ctx, n_ctx, tab, states, word_
     ai = a.view(np.int32) if recipe == RECIPE_M else a
     bad, nan = _run(parallel)(int(recipe), int(mode), ref, ref.view(np.int32), ai, none if b is None else b,
                               none if c is None else c, none if d is None else d, _NONE_U8, _NONE_I, c4,
-                              f32_kind(ref, coef), int(lo_ctx), int(n_ctx), tab, states, word_start, words, bit_start,
-                              bitwords, chunk, out)
+                              f32_kind(ref, coef), int(lo_ctx), int(n_ctx), tab, _sym(tab, sym), states, word_start,
+                              words, bit_start, bitwords, chunk, out)
     return bad, int(nan.sum())
 

@@ -81,7 +81,7 @@ def n_symbols(mode: int, width: int, mant_bits: int) -> int:
 @njit(cache=True, nogil=True)
 def symbolize_into(x, p, mode, width, mant_bits, sym, nraw, raw):
     """Fill ``sym`` (uint16), ``nraw`` (uint8), ``raw`` (uint32) with every element's symbol, raw bit count and
-    raw value (the caller allocates: the encoder uses numpy's allocator, see ``enc_kernels.symbolize``)."""
+    raw value (the caller allocates: the encoder uses numpy's allocator, see ``enc_oracle.symbolize``)."""
     sign_shift = width - 1 - mant_bits
     for i in range(x.shape[0]):
         xv = np.int64(x[i])
@@ -152,8 +152,9 @@ def _encode_ser(sym, nraw, raw, ctx, freq, cum, chunk):
 def encode_chunks(sym, nraw, raw, ctx, freq, cum, chunk):
     """rANS-encode symbols and pack raw bits, chunk by chunk (chunks in parallel unless :func:`serial`).
 
-    The plain reference encoder: the codec writes with :func:`tpde_hf.checkpoints.enc_kernels.encode_compact`
-    (flat tables, per-step inverse checks), which tests hold to this one's stream byte for byte.
+    The plain reference encoder: the codec writes with :func:`tpde_hf.checkpoints.enc_stream.encode_fused`
+    (symbols made in cache, flat tables, per-step inverse checks); the tests hold it, through the symbol-array
+    oracle :func:`tpde_hf.checkpoints.enc_oracle.encode_compact`, to this one's stream byte for byte.
 
     Returns ``(states, n_words, n_bitwords, words[n_chunks, cap16], bitwords[n_chunks, cap32])``;
     chunk ``c``'s words are ``words[c, cap16 - n_words[c]:]`` in decoder order.

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpde_hf.checkpoints import enc_kernels as E
+from tpde_hf.checkpoints import enc_features as EF
 from tpde_hf.checkpoints.kernels import ADAM_EPS
 
 _OPT = re.compile(r"^(?P<file>[^:]*optimizer[^:]*):state/(?P<idx>\d+)/(?P<what>exp_avg|exp_avg_sq)$")
@@ -73,7 +73,7 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 def _ratio(m: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``m / (sqrt(v) + eps)`` (float32): one compiled pass, numpy's bits (its own where any result is NaN)."""
     if m.dtype == v.dtype == np.float32 and m.shape == v.shape:
-        r, nan = E.ratio_f32(m, v, _EPS_ARR)
+        r, nan = EF.ratio_f32(m, v, _EPS_ARR)
         if not nan:
             return r
     return m / (np.sqrt(v) + EPS)
@@ -81,7 +81,7 @@ def _ratio(m: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 class Ratio:
     """The feature ``m / (sqrt(v) + eps)`` (float32) not yet made: the pack's codec forms it inline in its
-    compiled prediction (:func:`~tpde_hf.checkpoints.enc_kernels.predict_ratio_f32`), never storing it; any
+    compiled prediction (:func:`~tpde_hf.checkpoints.enc_features.predict_ratio_f32`), never storing it; any
     index or slice of it is numpy's formula on those elements (the bits :func:`_ratio` gives), and
     :meth:`array` makes the whole of it (:func:`_ratio`)."""
 
@@ -175,12 +175,12 @@ def options(key: str, cur: Mapping[str, torch.Tensor], prev: Mapping[str, torch.
         return {}
     kind, arrays = src
     if kind == FROM_V:
-        return {"ctx": E.half_exponent(arrays[0])}
+        return {"ctx": EF.half_exponent(arrays[0])}
     if kind == FROM_M:
-        m2, ctx = E.square_ctx(arrays[0], _np(prev.get(key)))  # m * m, exponent(m * m) - exponent(ref) (int32)
+        m2, ctx = EF.square_ctx(arrays[0], _np(prev.get(key)))  # m * m, exponent(m * m) - exponent(ref) (int32)
         return {"features": [m2], "ctx": ctx}
     m1, v1, m0, v0 = arrays
-    ctx = E.weight_ctx(_np(prev.get(key)), v1, -1000)  # exponent(w0); -1000 where never touched by a gradient
+    ctx = EF.weight_ctx(_np(prev.get(key)), v1, -1000)  # exponent(w0); -1000 where never touched by a gradient
     if lazy:
         return {"features": [Ratio(m1, v1), Ratio(m0, v0)], "ctx": ctx}
     return {"features": [_ratio(m1, v1), _ratio(m0, v0)], "ctx": ctx}

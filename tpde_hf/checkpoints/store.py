@@ -85,37 +85,77 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def read_checkpoint(ckpt_dir: str | Path, name: str | None = None, hash_files: bool = True) -> Decoded:
+def read_checkpoint(ckpt_dir: str | Path, name: str | None = None, hash_files: bool = True,
+                    runner: Any = None) -> Decoded:
     """Split every file of ``ckpt_dir`` into coded tensors and a skeleton (see the module docstring);
     ``name``: the checkpoint's name if it is not the folder's (a held raw folder). ``hash_files`` False (a
     checkpoint read only as the reference of a later decode): the manifest's ``xxh3`` fields are None and the
-    files are memory-mapped copy-on-write instead of read (their tensors are views of the maps)."""
+    files are memory-mapped copy-on-write instead of read (their tensors are views of the maps).
+    ``runner(fn, items)``: a map for the reads (pieces of :data:`READ_STEP` bytes) and the files' splits and
+    hashes, which other threads may share (the pack's :class:`~tpde_hf.checkpoints.assist.Assist`: the training
+    thread waiting at a save reads beside the packing thread)."""
     ckpt_dir = Path(ckpt_dir)
     dec = Decoded(name or ckpt_dir.name)
+    paths = sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name != POINTER and not p.name.startswith("."))
+    run = runner if runner is not None else (lambda fn, items: list(map(fn, items)))
+    # one writable buffer per file, the tensors views of it: read into memory, or (a reference only) mapped
+    datas = _read_arrays(paths, run) if hash_files else [_map_array(p) for p in paths]
     files = []
-    for path in sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name != POINTER
-                       and not p.name.startswith(".")):
-        # one writable buffer, the tensors views of it: read into memory, or (a reference only) mapped copy-on-write
-        data = _read_array(path) if hash_files else _map_array(path)
-        ranges = [r for r in tensor_ranges(path) if r.nbytes // max(1, _itemsize(r.dtype)) >= MIN_CODED]
-        skel, pos, rec = bytearray(), 0, []
-        for r in ranges:
-            key = f"{path.name}:{r.name}"
-            if key in dec.tensors or r.offset < pos:
-                continue  # a storage seen twice or overlapping ranges: leave it in the skeleton
-            skel += memoryview(data[pos:r.offset])
-            arr = data[r.offset:r.offset + r.nbytes].view(_INT[r.dtype])
-            if r.offset % _itemsize(r.dtype):
-                arr = arr.copy()  # unaligned: the kernels want aligned arrays
-            dec.tensors[key] = torch.from_numpy(arr).view(r.dtype)
-            rec.append([key, r.offset, r.nbytes, _DTYPE_NAMES[r.dtype]])
-            pos = r.offset + r.nbytes
-        skel += memoryview(data[pos:])
-        dec.skeletons[path.name] = bytes(skel)
-        files.append({"name": path.name, "size": len(data), "xxh3": file_hash(data) if hash_files else None,
-                      "ranges": rec})
+    for (tensors, skel, rec) in run(lambda job: _split_file(*job, hash_files), list(zip(paths, datas, strict=True))):
+        for key, t in tensors.items():
+            dec.tensors.setdefault(key, t)
+        dec.skeletons[rec["name"]] = skel
+        files.append(rec)
     dec.manifest = {"files": files}
     return dec
+
+
+def _split_file(path: Path, data: np.ndarray, hash_files: bool) -> tuple[dict[str, torch.Tensor], bytes, dict]:
+    """One file's coded tensors (views of ``data``), skeleton and manifest record."""
+    ranges = [r for r in tensor_ranges(path) if r.nbytes // max(1, _itemsize(r.dtype)) >= MIN_CODED]
+    tensors: dict[str, torch.Tensor] = {}
+    skel, pos, rec = bytearray(), 0, []
+    for r in ranges:
+        key = f"{path.name}:{r.name}"
+        if key in tensors or r.offset < pos:
+            continue  # a storage seen twice or overlapping ranges: leave it in the skeleton
+        skel += memoryview(data[pos:r.offset])
+        arr = data[r.offset:r.offset + r.nbytes].view(_INT[r.dtype])
+        if r.offset % _itemsize(r.dtype):
+            arr = arr.copy()  # unaligned: the kernels want aligned arrays
+        tensors[key] = torch.from_numpy(arr).view(r.dtype)
+        rec.append([key, r.offset, r.nbytes, _DTYPE_NAMES[r.dtype]])
+        pos = r.offset + r.nbytes
+    skel += memoryview(data[pos:])
+    return tensors, bytes(skel), {"name": path.name, "size": len(data),
+                                  "xxh3": file_hash(data) if hash_files else None, "ranges": rec}
+
+
+READ_STEP = 16 << 20  # bytes per piece of a file read (pieces may be read on several threads)
+
+
+def _read_arrays(paths: Sequence[Path], run: Any) -> list[np.ndarray]:
+    """The bytes of each file as a writable uint8 array, read in pieces of :data:`READ_STEP` mapped with ``run``."""
+    bufs = [np.empty(p.stat().st_size, np.uint8) for p in paths]
+    pieces = [(p, b, off) for p, b in zip(paths, bufs, strict=True) for off in range(0, b.size, READ_STEP)]
+    pieces.sort(key=lambda j: -min(READ_STEP, j[1].size - j[2]))  # largest first: the threads end together
+    run(_read_piece, pieces)
+    return bufs
+
+
+def _read_piece(job: tuple[Path, np.ndarray, int]) -> None:
+    """Bytes ``[off, off + READ_STEP)`` of the file into the same range of ``buf`` (a file shorter than when its
+    size was taken: :class:`TpdeFormatError` naming it)."""
+    path, buf, off = job
+    view = memoryview(buf)[off:off + READ_STEP]
+    with open(path, "rb", buffering=0) as f:
+        f.seek(off)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise TpdeFormatError(str(path), f"changed while being read ({off + got} of {buf.size} bytes)")
+            got += n
 
 
 def _map_array(path: Path) -> np.ndarray:
@@ -126,17 +166,6 @@ def _map_array(path: Path) -> np.ndarray:
         return np.zeros(0, np.uint8)
     with open(path, "rb") as f:
         return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
-
-
-def _read_array(path: Path) -> np.ndarray:
-    """The bytes of ``path`` as a writable uint8 array (read straight into it)."""
-    size = path.stat().st_size
-    buf = np.empty(size, np.uint8)
-    with open(path, "rb") as f:
-        got = f.readinto(memoryview(buf))
-    if got != size:
-        raise TpdeFormatError(str(path), f"changed while being read ({got} of {size} bytes)")
-    return buf
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -206,18 +235,30 @@ def entry_manifest(cur: Decoded, parent: Decoded | None, *, step: int | None, de
             "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
 
 
-def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], sync: bool = True) -> None:
+    """Write an entry file at ``path`` (through a temporary name in the same folder). ``sync`` False: not yet on disk
+    (the caller calls :func:`sync_file` before relying on it, e.g. beside its check of the bytes)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp, "wb") as f:  # save_file's bytes, the writeback started as it goes (entry_file)
             write_tensors(f, tensors, {FORMAT: json.dumps(manifest)})
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_file(path: Path) -> None:
+    """``fsync`` the file at ``path`` (its data and size on disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], cur: Decoded,

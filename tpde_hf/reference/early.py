@@ -15,10 +15,18 @@ this never downloads), it starts a prefetch and keeps it here. The quantizer's o
 and download arguments; otherwise the early one is cancelled and a new one is built, as without this module.
 Any error here only turns the early start off. ``TPDE_REFERENCE_WORKERS=0`` turns it off too.
 
+The tensors are prepared (:data:`INLINE`) on the loading thread when it reads ``config.json``, then decoded on
+one thread while the loading thread imports. A load that fails before its quantizer (so never adopts the early
+prefetch) does not leave the decoded tensors held: a small ``tpde-ref-early-watch`` thread closes the prefetch
+within :data:`WATCH_S` of that ``from_pretrained`` leaving the stack.
+
 It is opt-in (``TPDE_REFERENCE_EARLY=1`` makes ``import tpde_hf`` call :func:`install`, or call it yourself):
-it wraps a transformers function that is not a hook, looks for ``from_pretrained`` on the stack, and a load that
-fails before the quantizer leaves the early decode's results held until the next load. Measured on the SmolLM2
-pair (2026-12-07, shared 2-core VM): x1.20-1.25 of the dense fine-tune's load against x1.30-1.37 without it.
+it wraps a transformers function that is not a hook and looks for ``from_pretrained`` on the stack. Measured on
+the SmolLM2 pair (2026-12-07, shared 2-core VM): x1.20-1.25 of the dense fine-tune's load against x1.30-1.37
+without it (10:14-10:40 UTC); later runs with a faster kernel about even with the default path (x1.15-1.28
+against x1.10-1.26, 17:53-19:00 UTC). Why the gain is small: the preparation needs the GIL for ~0.1-0.15 CPU-s
+while the loading thread imports, and the early path makes CPython's cyclic GC run one more full pass
+(generation 2) inside the load in most runs (7 against 6 per process; ~0.2-0.3 s each at that heap size).
 
 Example::
 
@@ -32,12 +40,18 @@ import json
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 TARGET = "transformers.configuration_utils"
 _FLAG = "_tpde_early_reference"
 _LOCK = threading.Lock()
 _EARLY: dict[tuple, Any] = {}  # key -> Prefetch (at most one: a new start cancels the others)
+WATCH_S = 0.1  # how often an early prefetch not yet adopted checks that its from_pretrained still runs
+#: prepare the tensors on the loading thread at ``config.json``, in one go (~0.1 CPU-s), rather than on a thread
+#: that takes the GIL from the loading thread in 5 ms turns while it imports (measured 19:00 UTC: 3.61 / 3.60 s
+#: against 3.85 / 3.64 s threaded, noisy machine); the decode itself needs no GIL and runs on one thread
+INLINE = True
 
 
 def _key(files: list[str], info: dict, download: dict) -> tuple:
@@ -48,15 +62,41 @@ def _key(files: list[str], info: dict, download: dict) -> tuple:
             repr(download.get("token")), str(download.get("cache_dir")), offline)
 
 
-def _inside_model_from_pretrained() -> bool:
-    """Whether a model class's ``from_pretrained`` (auto or concrete) is on this thread's stack."""
-    frame = sys._getframe(2)
+def _loading_frame() -> Any:
+    """The outermost frame of a model class's ``from_pretrained`` (auto or concrete) on this thread's stack, or
+    None (a config read outside a model load)."""
+    frame, found = sys._getframe(2), None
     while frame is not None:
         code = frame.f_code
         if code.co_name == "from_pretrained" and code.co_filename.endswith(("auto_factory.py", "modeling_utils.py")):
+            found = frame
+        frame = frame.f_back
+    return found
+
+
+def _on_stack(thread: int, frame_id: int, code: Any) -> bool:
+    """Whether the frame ``frame_id`` (running ``code``) is still on thread ``thread``'s stack."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if id(frame) == frame_id and frame.f_code is code:
             return True
         frame = frame.f_back
     return False
+
+
+def _watch(key: tuple, pf: Any, thread: int, frame_id: int, code: Any) -> None:
+    """Close the early prefetch ``pf`` once the ``from_pretrained`` that started it has returned or raised without
+    adopting it (a load that failed before its quantizer): its decoded tensors are not held until the next load."""
+    while True:
+        time.sleep(WATCH_S)
+        with _LOCK:
+            if _EARLY.get(key) is not pf:
+                return  # adopted, or cancelled by another start
+            if _on_stack(thread, frame_id, code):
+                continue
+            del _EARLY[key]
+        pf.close()
+        return
 
 
 def weight_files(path: str, subfolder: str = "", revision: str | None = None,
@@ -91,7 +131,8 @@ def _start(path: Any, config_dict: dict, kwargs: dict) -> None:
     qc = config_dict.get("quantization_config") if isinstance(config_dict, dict) else None
     if not (isinstance(qc, dict) and qc.get("quant_method") == "tpde" and isinstance(qc.get("reference"), dict)):
         return
-    if os.environ.get("TPDE_REFERENCE_WORKERS") == "0" or not _inside_model_from_pretrained():
+    loading = _loading_frame() if os.environ.get("TPDE_REFERENCE_WORKERS") != "0" else None
+    if loading is None:
         return
     files = weight_files(str(path), kwargs.get("subfolder") or "", kwargs.get("revision"), kwargs.get("cache_dir"))
     if not files:
@@ -109,7 +150,11 @@ def _start(path: Any, config_dict: dict, kwargs: dict) -> None:
             old.cancel()
         _EARLY.clear()
         ref = LoadReference(info, **download)
-        _EARLY[key] = Prefetch(files, ref, workers=1)  # one core: the loading thread imports on the other
+        # one decode thread (the loading thread imports on the other core); INLINE: prepared here, in one go
+        pf = _EARLY[key] = Prefetch(files, ref, workers=1, inline=INLINE)
+    # not a daemon: it ends within WATCH_S of the load (adopted, or its from_pretrained gone)
+    threading.Thread(target=_watch, args=(key, pf, threading.get_ident(), id(loading), loading.f_code),
+                     name="tpde-ref-early-watch").start()
 
 
 def adopt(files: list[str], info: dict, download: dict) -> Any:

@@ -72,7 +72,7 @@ def decode_blob(key: str, codec: str, blob: torch.Tensor, ref: Any, serial: bool
 class Prefetch:
     """Every reference-coded tensor of ``files``, decoded on ``workers`` threads (see the module docstring)."""
 
-    def __init__(self, files: Sequence[str], ref: Any, workers: int | None = None):
+    def __init__(self, files: Sequence[str], ref: Any, workers: int | None = None, inline: bool = False):
         self._files = [str(f) for f in files if str(f).endswith(".safetensors")]
         self._ref = ref
         self._workers = workers or default_workers()
@@ -84,7 +84,14 @@ class Prefetch:
         self._cancelled = False
         # not daemons: the interpreter waits for them at exit (a daemon stopped inside torch's C++ aborts it);
         # they end on their own once the job list is done or cancelled
-        threading.Thread(target=self._run, name="tpde-ref").start()
+        if not inline:
+            threading.Thread(target=self._run, name="tpde-ref").start()
+            return
+        # inline: prepare on the calling thread, in one go (the decode threads start after the first tensor and
+        # need no GIL); only the few other reference-coded tensors are left to a thread
+        slots = self._prepare()
+        if slots:
+            threading.Thread(target=self._decode_singles, args=(slots,), name="tpde-ref").start()
 
     @property
     def reference(self) -> Any:
@@ -122,6 +129,11 @@ class Prefetch:
         return sorted(found, key=lambda j: natural_key(j[1]))  # the order of a load
 
     def _run(self) -> None:
+        self._decode_singles(self._prepare())
+
+    def _prepare(self) -> list:
+        """Read and prepare every blob, queue the ``ref-ord`` ones on the decode threads (started after the first
+        tensor); the other reference-coded tensors' slots, for :meth:`_decode_singles`."""
         from tpde_hf.reference.batch import BatchDecode
         from tpde_hf.reference.codec import prepare_ord
 
@@ -131,6 +143,8 @@ class Prefetch:
             group: list[tuple[tuple[int, int], Any]] = []
             blobs = self._blobs()
             for n, (ident, key, codec, blob, h) in enumerate(blobs):
+                if self._cancelled:  # the load went another way (or failed): prepare nothing more
+                    break
                 if codec != "ref-ord":
                     singles.append((ident, key, codec, blob))
                 else:
@@ -162,6 +176,12 @@ class Prefetch:
             batch.cancel()
         finally:
             self._ready.set()
+        if self._cancelled:  # closed while preparing: drop the prepared tensors now, not when this object goes
+            self._batch = None
+        return slots
+
+    def _decode_singles(self, slots: list) -> None:
+        """Decode the few ``ref-same`` / ``ref-sparse`` tensors, one call each (a thread of their own)."""
         for key, codec, blob, slot in slots:
             if not self._cancelled:
                 try:
@@ -206,8 +226,11 @@ class Prefetch:
         if kind == "error":
             raise what
         if kind == "batch":
+            batch = self._batch
+            if batch is None:  # closed meanwhile
+                return None
             try:
-                return self._batch.result(what)
+                return batch.result(what)
             except TpdeFormatError as exc:  # damaged, or a wrong reference (read unchecked): check it to say which
                 raise self._reference_error(int(header[3]), exc.tensor_name or "?") or exc from None
         what[0].wait()
