@@ -21,12 +21,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def test_on_stack_finds_a_running_frame_and_not_a_finished_one() -> None:
     def outer() -> tuple[int, object]:
         frame = sys._getframe()
-        assert early._on_stack(threading.get_ident(), id(frame), frame.f_code)
+        assert early.on_stack(threading.get_ident(), id(frame), frame.f_code)
         return id(frame), frame.f_code
 
     frame_id, code = outer()
-    assert not early._on_stack(threading.get_ident(), frame_id, code)
-    assert not early._on_stack(-1, frame_id, code)  # no such thread
+    assert not early.on_stack(threading.get_ident(), frame_id, code)
+    assert not early.on_stack(-1, frame_id, code)  # no such thread
 
 
 def test_failed_load_closes_the_early_prefetch(tmp_path: Path, monkeypatch) -> None:

@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -50,28 +49,8 @@ from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints import store as S
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, group_coded_keys
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.gc_pause import pause as pause_gc
 from tpde_hf.integrity import MappedShard
-
-_gc_lock = threading.Lock()
-_gc_holds = [0, False]  # decodes running, whether the collector was enabled when the first began
-
-
-def _pause_gc() -> None:
-    """Pause Python's cyclic collector while a chain decodes (:func:`_resume_gc` undoes it): a full collection
-    walks every object of the process (torch's and transformers' too: 0.36 s measured for ~280,000 objects)
-    holding the GIL, which stalls every decode thread between kernels. Nothing a decode makes needs it."""
-    with _gc_lock:
-        if _gc_holds[0] == 0:
-            _gc_holds[1] = gc.isenabled()
-            gc.disable()
-        _gc_holds[0] += 1
-
-
-def _resume_gc() -> None:
-    with _gc_lock:
-        _gc_holds[0] -= 1
-        if _gc_holds[0] == 0 and _gc_holds[1]:
-            gc.enable()
 
 
 class _Failed(Exception):
@@ -200,8 +179,7 @@ class ChainDecode:
         self.links: list[_Link] = []
         self._pool: ThreadPoolExecutor | None = None
         self._spare: dict[int, list[np.ndarray]] = {}
-        self._paused = True  # until close(): the links' setup makes many objects too
-        _pause_gc()
+        self._resume_gc = pause_gc()  # until close(): the links' setup makes many objects too
         parent_name = start.name if start is not None else None
         skel = start.skeletons if start is not None else None
         try:
@@ -336,9 +314,7 @@ class ChainDecode:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._spare.clear()
-        if self._paused:
-            self._paused = False
-            _resume_gc()
+        self._resume_gc()  # a no-op after the first call
 
 
 def decode_links(paths: list[Path], start: S.Decoded | None, threads: int | None = None) -> S.Decoded:

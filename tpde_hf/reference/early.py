@@ -62,7 +62,7 @@ def _key(files: list[str], info: dict, download: dict) -> tuple:
             repr(download.get("token")), str(download.get("cache_dir")), offline)
 
 
-def _loading_frame() -> Any:
+def loading_frame() -> Any:
     """The outermost frame of a model class's ``from_pretrained`` (auto or concrete) on this thread's stack, or
     None (a config read outside a model load)."""
     frame, found = sys._getframe(2), None
@@ -74,7 +74,7 @@ def _loading_frame() -> Any:
     return found
 
 
-def _on_stack(thread: int, frame_id: int, code: Any) -> bool:
+def on_stack(thread: int, frame_id: int, code: Any) -> bool:
     """Whether the frame ``frame_id`` (running ``code``) is still on thread ``thread``'s stack."""
     frame = sys._current_frames().get(thread)
     while frame is not None:
@@ -92,7 +92,7 @@ def _watch(key: tuple, pf: Any, thread: int, frame_id: int, code: Any) -> None:
         with _LOCK:
             if _EARLY.get(key) is not pf:
                 return  # adopted, or cancelled by another start
-            if _on_stack(thread, frame_id, code):
+            if on_stack(thread, frame_id, code):
                 continue
             del _EARLY[key]
         pf.close()
@@ -131,7 +131,7 @@ def _start(path: Any, config_dict: dict, kwargs: dict) -> None:
     qc = config_dict.get("quantization_config") if isinstance(config_dict, dict) else None
     if not (isinstance(qc, dict) and qc.get("quant_method") == "tpde" and isinstance(qc.get("reference"), dict)):
         return
-    loading = _loading_frame() if os.environ.get("TPDE_REFERENCE_WORKERS") != "0" else None
+    loading = loading_frame() if os.environ.get("TPDE_REFERENCE_WORKERS") != "0" else None
     if loading is None:
         return
     files = weight_files(str(path), kwargs.get("subfolder") or "", kwargs.get("revision"), kwargs.get("cache_dir"))

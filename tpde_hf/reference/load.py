@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from tpde_hf.codec.registry import CODEC_TOKEN, TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.gc_pause import pause as pause_gc
 from tpde_hf.reference.resolve import LoadReference, ReferenceError
 
 PART = "blob"
@@ -76,11 +78,17 @@ def load_reference(hf_quantizer: Any) -> LoadReference:
 
 
 _PREFETCH_LOCK = threading.Lock()
+#: the longest the cyclic collector stays paused for one load (:mod:`tpde_hf.gc_pause`): a load that fails
+#: between its prefetch and :func:`close_reference_load` gets it back by itself then
+GC_PAUSE_LIMIT_S = 60.0
+GC_WATCH_S = 0.05  # how often a paused load checks that its from_pretrained still runs
 
 
 def load_prefetch(hf_quantizer: Any) -> Any:
     """The load's :class:`~tpde_hf.reference.prefetch.Prefetch` (built on first use), or None without the
-    checkpoint file list or with ``TPDE_REFERENCE_WORKERS=0`` (decode on the loading thread)."""
+    checkpoint file list or with ``TPDE_REFERENCE_WORKERS=0`` (decode on the loading thread). Building it pauses the
+    cyclic collector until the load ends (:mod:`tpde_hf.gc_pause`: a full collection inside the decode window cost
+    0.26-0.29 s holding the GIL)."""
     with _PREFETCH_LOCK:
         pf = getattr(hf_quantizer, "_tpde_prefetch", None)
         if pf is None:
@@ -91,6 +99,8 @@ def load_prefetch(hf_quantizer: Any) -> Any:
             pf = _adopt_early(hf_quantizer, files) if files and not off else None
             if pf is None:
                 pf = Prefetch(files, load_reference(hf_quantizer)) if files and not off else False
+            if pf:
+                _pause_gc_for_load(hf_quantizer)
             hf_quantizer._tpde_prefetch = pf
         return pf or None
 
@@ -192,6 +202,7 @@ class ReferenceDecode(ConversionOps):
             pf = getattr(self.hf_quantizer, "_tpde_prefetch", None)
             if pf:
                 pf.cancel()
+            end_gc_pause(self.hf_quantizer)  # the load fails: nothing more to decode
             self.hf_quantizer.record_error(exc)
             return {}
         dtype = _target_dtype(model, full_layer_name)
@@ -226,6 +237,37 @@ def close_reference_load(hf_quantizer: Any) -> None:
     if pf is not None:
         hf_quantizer._tpde_prefetch = None
     hf_quantizer._tpde_reference = None
+    end_gc_pause(hf_quantizer)
+
+
+def _pause_gc_for_load(hf_quantizer: Any) -> None:
+    """Pause the cyclic collector for the rest of this model load: until :func:`close_reference_load`, a failed
+    decode, or the model's ``from_pretrained`` leaving the stack (a load that failed elsewhere; checked every
+    :data:`GC_WATCH_S`), at most :data:`GC_PAUSE_LIMIT_S`. Not paused outside a model's ``from_pretrained``."""
+    from tpde_hf.reference.early import loading_frame, on_stack
+
+    frame = loading_frame()
+    if frame is None:
+        return
+    hf_quantizer._tpde_resume_gc = pause_gc(GC_PAUSE_LIMIT_S)
+    thread, frame_id, code = threading.get_ident(), id(frame), frame.f_code
+    del frame  # the watcher must not keep the load's frame alive
+
+    def watch() -> None:
+        while getattr(hf_quantizer, "_tpde_resume_gc", None) is not None:
+            time.sleep(GC_WATCH_S)
+            if not on_stack(thread, frame_id, code):
+                end_gc_pause(hf_quantizer)
+
+    threading.Thread(target=watch, name="tpde-gc-pause-watch", daemon=True).start()  # only sleeps and checks
+
+
+def end_gc_pause(hf_quantizer: Any) -> None:
+    """End the collector pause :func:`load_prefetch` began for this load (if any; a second call does nothing)."""
+    resume = getattr(hf_quantizer, "_tpde_resume_gc", None)
+    if resume is not None:
+        hf_quantizer._tpde_resume_gc = None
+        resume()
 
 
 def strip_converters(model: torch.nn.Module) -> None:
