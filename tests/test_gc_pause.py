@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Iterator
 
@@ -101,3 +102,20 @@ def test_a_delta_load_pauses_the_collector_while_it_decodes_and_gives_it_back(tm
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     _settled(limit_s=2.0)
     assert gc.isenabled()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_pause_starts_with_the_collector_on() -> None:
+    """The thread that would end a pause is not copied into a forked child: the child starts unpaused, and the
+    parent's pause is unaffected."""
+    gc.enable()
+    release = gc_pause.pause(limit_s=30)
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once
+        release()  # the parent's pause: nothing to end here
+        os._exit(0 if gc.isenabled() and gc_pause.paused() == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not gc.isenabled() and gc_pause.paused() == 1
+    release()
+    assert gc.isenabled() and gc_pause.paused() == 0

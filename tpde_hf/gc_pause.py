@@ -28,6 +28,22 @@ from collections.abc import Callable
 _lock = threading.Lock()
 _holds = 0  # pauses running
 _was_enabled = False  # whether the collector was on when the first of them began
+_generation = 0  # bumped in a forked child: the parent's pauses (and their timers) do not exist there
+
+
+def _after_fork_in_child() -> None:
+    """A child forked during a pause has none of its ends (the thread that would end it is not copied): it
+    starts with no pause and the collector as the first pause found it."""
+    global _holds, _generation
+    _generation += 1
+    if _holds:
+        _holds = 0
+        if _was_enabled:
+            gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _noop() -> None:
@@ -45,13 +61,14 @@ def pause(limit_s: float | None = None) -> Callable[[], None]:
             _was_enabled = gc.isenabled()
             gc.disable()
         _holds += 1
+        generation = _generation
     done = threading.Event()
     timer: threading.Timer | None = None
 
     def release() -> None:
         global _holds
         with _lock:
-            if done.is_set():
+            if done.is_set() or generation != _generation:
                 return
             done.set()
             _holds -= 1

@@ -178,6 +178,15 @@ _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child inherits the pool object but not its threads: submitting would hang
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pool_map(fn: Any, items: Sequence[Any]) -> list[Any]:
     """``[fn(x) for x in items]`` on a pool of one thread per core (the encoder's compiled runs release the GIL)."""
     global _POOL
@@ -203,7 +212,7 @@ SPECIAL = -1000
 
 
 def _buckets(src: np.ndarray, lo: int, n_ctx: int) -> np.ndarray:
-    return K.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL)
+    return EF.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL)  # the same array on both sides
 
 
 def _low(src: np.ndarray, n_ctx: int) -> int:
@@ -244,7 +253,7 @@ class CheckpointDelta:
         src = self._ctx_source(refn, context, dtype, n)
         n_ctx = 1 if n < 4096 else (8 if n < 1 << 16 else 32)
         lo = _low(src, n_ctx)
-        ctx = EF.buckets(np.ascontiguousarray(src), lo, n_ctx, SPECIAL)
+        ctx = _buckets(src, lo, n_ctx)
         coef, mode = self._choose(bits, tensor, refn, feats, ctx, n_ctx, dtype, npf, context)
         nsym = K.n_symbols(mode, width, mb)
         pbits, compiled = _prediction(refn, coef, feats, n, npf, dtype)

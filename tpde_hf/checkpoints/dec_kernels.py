@@ -29,7 +29,7 @@ weight (features ``m / (sqrt(v) + eps)`` of both checkpoints, context ``exponent
 zero-division branch, which kept the ratio loop scalar (``sqrt(v) + eps`` is never 0); the loops index the
 block's slices from 0, since an index ``s + j`` kept numba's negative-index select and with it the loops
 scalar (3-6x slower). Contexts are bucketed as
-:func:`kernels.buckets`. A prediction made by arithmetic that is NaN is counted and the caller then decodes
+:func:`kernels.buckets_into`. A prediction made by arithmetic that is NaN is counted and the caller then decodes
 that tensor through numpy's prediction instead (x86 passes an operand's NaN payload on, and the operand order
 of a compiled add is not pinned down).
 

@@ -116,7 +116,8 @@ def ratio_f32(m, v, eps):
     return out, _ratio_into(m, v, eps, out)
 
 def buckets(src, lo, n_ctx, special):
-    """:func:`tpde_hf.checkpoints.kernels.buckets` (the same array) into a numpy-allocated output."""
+    """Context buckets (:func:`tpde_hf.checkpoints.kernels.buckets_into`) into a numpy-allocated output: the
+    encoder's and the decoder's (``codec._buckets``)."""
     out = empty(src.shape[0], np.uint8)
     buckets_into(src, np.int64(lo), np.int64(n_ctx), np.int64(special), out)
     return out

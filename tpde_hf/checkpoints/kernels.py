@@ -318,7 +318,8 @@ def exponents(bits, width, mant_bits):
 
 @njit(cache=True, nogil=True)
 def buckets_into(src, lo, n_ctx, special, out):
-    """Fill ``out`` (uint8) with the context buckets of :func:`buckets` (the caller allocates)."""
+    """Fill ``out`` (uint8) with the context buckets ``clip(src - lo, 1, n_ctx - 1)``, 0 where ``src <= special``
+    (the caller allocates: :func:`tpde_hf.checkpoints.enc_features.buckets`)."""
     top = max(1, n_ctx - 1)
     for i in range(src.shape[0]):
         v = np.int64(src[i])
@@ -326,11 +327,3 @@ def buckets_into(src, lo, n_ctx, special, out):
             out[i] = 0
         else:
             out[i] = min(max(v - lo, 1), top)
-
-
-@njit(cache=True, nogil=True)
-def buckets(src, lo, n_ctx, special):
-    """Context buckets: ``clip(src - lo, 1, n_ctx - 1)``, and 0 where ``src <= special``."""
-    out = np.empty(src.shape[0], np.uint8)
-    buckets_into(src, lo, n_ctx, special, out)
-    return out
