@@ -32,9 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,6 +50,7 @@ from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints.predict import _EPS_ARR, Ratio
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.threads import WorkerPool
 
 VERSION = 1
 CHUNK = 1 << 15  # small chunks: the pack-time verify decodes a sample of them
@@ -174,27 +172,12 @@ def _fit_svd(target: np.ndarray, cols: list[np.ndarray]) -> np.ndarray | None:
         return None
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _forget_pool() -> None:
-    global _POOL
-    _POOL = None  # a forked child inherits the pool object but not its threads: submitting would hang
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+_POOL = WorkerPool("tpde-encode")
 
 
 def _pool_map(fn: Any, items: Sequence[Any]) -> list[Any]:
     """``[fn(x) for x in items]`` on a pool of one thread per core (the encoder's compiled runs release the GIL)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                                          thread_name_prefix="tpde-encode")
-    return list(_POOL.map(fn, items))
+    return _POOL.map(fn, items)
 
 
 def _payload_view(t: torch.Tensor, dt: Any) -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from tpde_hf.codec.backend import thread_limit
 from tpde_hf.codec.ordinal import INT_VIEW, bit_width
 from tpde_hf.codec.symbols import SymbolSpec, symbol_tables
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.threads import WorkerPool
 
 if TYPE_CHECKING:
     from tpde_hf.codec.encoded import EncodedTensor, LaneLayout
@@ -88,16 +88,7 @@ def _group_shift(group_size: int) -> int:
 
 #: Tensors under this many elements run on the calling thread: a thread hand-off costs more.
 MIN_PARALLEL_ELEMENTS = 1 << 16
-_pool: ThreadPoolExecutor | None = None
-
-
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child inherits the pool object but not its threads: submitting would hang
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+_POOL = WorkerPool("tpde-codec")
 
 
 def codec_threads() -> int:
@@ -120,14 +111,7 @@ def codec_threads() -> int:
 
 def _run_all(fn: Callable, jobs: list[tuple]) -> list:
     """``fn(*job)`` for every job; on the thread pool when there is more than one (the loops drop the GIL)."""
-    global _pool
-    if len(jobs) == 1:
-        return [fn(*jobs[0])]
-    if _pool is None or _pool._max_workers < len(jobs) - 1:  # noqa: SLF001 - grow the pool when asked for more
-        _pool = ThreadPoolExecutor(max_workers=len(jobs) - 1, thread_name_prefix="tpde-codec")
-    futures = [_pool.submit(fn, *job) for job in jobs[1:]]
-    first = fn(*jobs[0])  # the calling thread takes a share instead of waiting idle
-    return [first] + [f.result() for f in futures]
+    return _POOL.run(fn, jobs)
 
 
 #: Lanes a rANS kernel call walks through all its steps together. Each lane reads (decode) or writes (encode)

@@ -41,10 +41,7 @@ Example::
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -74,6 +71,7 @@ from tpde_hf.codec.storage.reader import (  # noqa: F401  (re-exported: the layo
     _scales,
 )
 from tpde_hf.errors import TpdeFormatError
+from tpde_hf.threads import WorkerPool
 
 VERSION = 2  # the layout this writer writes (both blobs' version byte)
 ZSTD_LEVEL = 12
@@ -88,24 +86,13 @@ def _threads() -> int:
         return 1
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child inherits the pool object but not its threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+_POOL = WorkerPool("tpde-storage")
 
 
 def _run(fn: Callable, jobs: list[tuple], make_cache: Callable[[], object] | None = None) -> list:
     """``fn(*job, cache)`` for every job, on the codec's threads (the kernels release the GIL); each thread
     takes a contiguous share of the jobs and one ``make_cache()`` of its own. The calling thread takes the
     first share; the others run on one pool kept for the process (no thread start per call)."""
-    global _pool
     n = max(1, min(_threads(), len(jobs)))
     shares = [jobs[len(jobs) * t // n: len(jobs) * (t + 1) // n] for t in range(n)]
 
@@ -113,14 +100,7 @@ def _run(fn: Callable, jobs: list[tuple], make_cache: Callable[[], object] | Non
         cache = make_cache() if make_cache else None
         return [fn(*j, cache) for j in part]
 
-    if n == 1:
-        return share(jobs)
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < n - 1:  # noqa: SLF001 - grow the pool when asked for more
-            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tpde-storage")
-        futures = [_pool.submit(share, part) for part in shares[1:]]
-    first = share(shares[0])
-    return first + [r for f in futures for r in f.result()]
+    return [r for part in _POOL.run(share, [(part,) for part in shares]) for r in part]
 
 
 def _scale_ids(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
