@@ -10,6 +10,8 @@ copies them to a scratch folder and, in a fresh process per measurement:
   thread helps from the start, both at normal priority (the callback's wait at the next save, when nothing of
   the pack ran beside training), with a timeline of its phases, the cores it used and, per thread, the time in
   jobs (``threads``: how long both threads, one, or none ran a job: the serial parts).
+  As each tree's callback does: code whose ``Assist`` has ``wake`` wakes the helping thread as the pack ends
+  (older code: the helper polls).
 
 Each code tree (``--trees``: folders whose ``tpde_hf`` is imported first, e.g. a ``git archive`` of HEAD; ``.``
 is the working tree) is run in turn, ``--repeat`` times, so that trees are compared in the same minutes.
@@ -100,14 +102,19 @@ else:
         fork = getattr(assist, "fork", None)
     runner = Runner() if hasattr(assist, "fork") else Runner().__call__
     res = {}
+    wake, ended = getattr(assist, "wake", None), threading.Event()  # as the tree's callback ends a wait
     def pack():
-        with K.serial(True):
-            res["done"], _ = B.advance(work / steps[2].name, keyframe_every=8, param_names=names, cache=head,
-                                       runner=runner)
+        try:
+            with K.serial(True):
+                res["done"], _ = B.advance(work / steps[2].name, keyframe_every=8, param_names=names, cache=head,
+                                           runner=runner)
+        finally:
+            if wake is not None:
+                ended.set(); wake()
     th = threading.Thread(target=pack, name="pack")
     threading.current_thread().name = "waiting"
     t0[0] = time.perf_counter(); c = time.process_time()
-    th.start(); assist.help(th.is_alive); th.join()
+    th.start(); assist.help((lambda: not ended.is_set()) if wake is not None else th.is_alive); th.join()
     wall, cpu = time.perf_counter() - t0[0], time.process_time() - c
     done = res["done"]
     out.update(wall_s=wall, cpu_s=cpu, cores_used=cpu / wall, helped_jobs=assist.helped, timeline=marks,

@@ -190,12 +190,18 @@ def _zstd(data: bytes, level: int) -> int:
     return len(zstandard.ZstdCompressor(level=level, threads=-1).compress(data))
 
 
-def _sizes(entry: Path, tdir: Path, pdir: Path, files: list[Path], raw: int, work: Path) -> dict:
+def _sizes(entry: Path, tdir: Path, pdir: Path, files: list[Path], raw: int, work: Path,
+           baselines: bool = True) -> dict:
     """Bits per value and whole-checkpoint bytes of one packed checkpoint and of its baselines (zstd -3, ZipNN),
-    measured on the plain checkpoint ``pdir``; ``zipnn_raw``: ZipNN's own answer (per file, or its error)."""
+    measured on the plain checkpoint ``pdir``; ``zipnn_raw``: ZipNN's own answer (per file, or its error).
+    ``baselines=False``: tpde's figures only."""
     stored_total = entry.stat().st_size + sum(f.stat().st_size for f in tdir.iterdir() if f.is_file())
     streams, counts = _kind_streams(pdir)
     ours = _entry_bits(entry)
+    if not baselines:
+        return {"values": counts, "bits_per_value": {"tpde": {k: 8 * ours[k] / counts[k] for k in KINDS}},
+                "whole_checkpoint_bytes": {"raw": raw, "tpde": stored_total},
+                "whole_checkpoint_vs_raw": {"tpde": stored_total / raw}, "zipnn_raw": None}
     zs = {k: _zstd(v, 3) for k, v in streams.items()}
     zfile = sum(_zstd(f.read_bytes(), 3) for f in files)
     zn = _zipnn(streams, [f for f in files if f.stat().st_size > 1 << 20], work)
@@ -217,7 +223,27 @@ def _sizes(entry: Path, tdir: Path, pdir: Path, files: list[Path], raw: int, wor
     }
 
 
-def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
+_FRESH_RESTORE = """
+import json, os, sys, time
+from tpde_hf.checkpoints import api
+w, c = time.perf_counter(), time.process_time()
+api.restore(sys.argv[1], out=sys.argv[2])
+print(json.dumps([time.perf_counter() - w, time.process_time() - c]))
+"""
+
+
+def _fresh_restore(ckpt: Path, dst: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of one ``api.restore`` in a new process (imports done first, not timed): what a
+    resuming user pays, with fresh heap pages and numba's cache loaded from disk."""
+    shutil.rmtree(dst, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", _FRESH_RESTORE, str(ckpt), str(dst)], capture_output=True,
+                          text=True, env=env, check=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure_restore(run_dir: Path, repeat: int = 3, fresh: bool = False) -> dict:
     """Restore speed of every checkpoint of ``run_dir``: wall and CPU seconds, best of ``repeat``.
 
     A plain checkpoint (the newest, with backward deltas) needs no restore: Trainer reads its files; the
@@ -226,7 +252,8 @@ def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
     backward chain ends at) and one link (its entry decoded against its already decoded parent and
     every file rebuilt and hashed). CPU seconds (``time.process_time``, all threads) are reported beside
     wall seconds because the shared machine's load moves wall time several-fold; MB are of checkpoint
-    files restored.
+    files restored. ``fresh``: also the whole chain in a new process per run (``chain_fresh_*``): in-process
+    repeats reuse the allocator's pages and hide their faults.
     """
     import numba
 
@@ -270,6 +297,8 @@ def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
                 S.rebuild(dec, f["name"])
             link.append((time.perf_counter() - w, time.process_time() - c))
             del dec
+        fresh_runs = [_fresh_restore(run_dir / name, run_dir.parent / f"restore-{name}") for _ in range(repeat)
+                      if fresh]
         bw, bc = min(t[0] for t in chain), min(t[1] for t in chain)
         lw, lc = min(t[0] for t in link), min(t[1] for t in link)
         out["checkpoints"].append({
@@ -277,7 +306,11 @@ def measure_restore(run_dir: Path, repeat: int = 3) -> dict:
             "entries_decoded": len(paths), "chain_ends_at_plain": plain_end is not None, "raw_bytes": raw,
             "chain_wall_s": bw, "chain_cpu_s": bc, "chain_MBps_wall": raw / bw / 1e6,
             "link_wall_s": lw, "link_cpu_s": lc, "link_MBps_wall": raw / lw / 1e6,
-            "link_MB_per_cpu_s": raw / lc / 1e6, "runs": {"chain": chain, "link": link}})
+            "link_MB_per_cpu_s": raw / lc / 1e6, "runs": {"chain": chain, "link": link, "chain_fresh": fresh_runs}})
+        if fresh_runs:
+            fw = min(t[0] for t in fresh_runs)
+            out["checkpoints"][-1].update(chain_fresh_wall_s=fw, chain_fresh_cpu_s=min(t[1] for t in fresh_runs),
+                                          chain_fresh_MBps_wall=raw / fw / 1e6)
         print(json.dumps({k: v for k, v in out["checkpoints"][-1].items() if k != "runs"}), flush=True)
     out["loadavg_end"] = os.getloadavg()
     return out
@@ -293,7 +326,8 @@ def _param_names(ckpt: Path) -> list[str]:
     return [n for n in named if n in decay] + [n for n in named if n not in decay]
 
 
-def _check_and_size(entry: Path, ref, pdir: Path, tdir: Path, work: Path, removed: list[str]) -> tuple[dict, object]:
+def _check_and_size(entry: Path, ref, pdir: Path, tdir: Path, work: Path, removed: list[str],
+                    baselines: bool = True) -> tuple[dict, object]:
     """Decode ``entry`` against ``ref``, check every file against the plain one's hash, measure its sizes."""
     from tpde_hf.checkpoints import store as S
 
@@ -308,7 +342,7 @@ def _check_and_size(entry: Path, ref, pdir: Path, tdir: Path, work: Path, remove
             exact = False
         elif f.name in removed:
             S.file_digest(dec, f.name)  # raises if the decoded bytes differ
-    sizes = _sizes(entry, tdir, pdir, files, raw, work)
+    sizes = _sizes(entry, tdir, pdir, files, raw, work, baselines)
     sizes.pop("zipnn_raw")
     row = {"checkpoint": pdir.name, "parent": man["parent"], "raw_bytes": raw,
            "decoded_files_match_plain_files": exact, **sizes}
@@ -317,7 +351,8 @@ def _check_and_size(entry: Path, ref, pdir: Path, tdir: Path, work: Path, remove
     return row, dec
 
 
-def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8, backward: bool = True) -> dict:
+def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8, backward: bool = True,
+               baselines: bool = True) -> dict:
     """Pack a copy of every plain checkpoint of ``run_dir`` in step order, as the callback does (backward:
     at each save the previous checkpoint becomes a delta against the new one; forward: the new one a
     delta against the previous), and measure each entry against raw, zstd and ZipNN on the plain files.
@@ -340,17 +375,48 @@ def sizes_from(run_dir: Path, work: Path, keyframe_every: int = 8, backward: boo
             done, head = B.advance(tdir, keyframe_every=keyframe_every, param_names=names, cache=cache, verify=True)
             for r in done:
                 row, _ = _check_and_size(r["entry"], head, run_dir / r["name"], packed / r["name"], work,
-                                         api.read_pointer(packed / r["name"])["removed"])
+                                         api.read_pointer(packed / r["name"])["removed"], baselines)
                 row["keyframe"] = r["parent"] is None
                 rows.append(row)
             cache = head
             continue
         res = api.pack(tdir, param_names=names, keyframe_every=keyframe_every, verify=True, cache=parent)
-        row, parent = _check_and_size(res.entry, parent, pdir, tdir, work, api.read_pointer(tdir)["removed"])
+        row, parent = _check_and_size(res.entry, parent, pdir, tdir, work, api.read_pointer(tdir)["removed"],
+                                      baselines)
         row["chain_length"] = S.read_manifest(res.entry)["depth"] + 1
         rows.append(row)
     return {"run_dir": str(run_dir), "keyframe_every": keyframe_every,
             "layout": "backward" if backward else "forward", "checkpoints": rows}
+
+
+def interval_sizes(run_dir: Path, work: Path, intervals: list[int], span: int) -> dict:
+    """Delta size against the checkpoint interval M, from one plain run saved every few steps: for each M, the
+    run's checkpoints ``last - span, last - span + M, ..., last`` (every M steps, the same end) are packed as the
+    callback would (backward, keyframes never inside the span) with tpde only, every entry decoded and checked
+    against the plain files' hashes. Rows are the delta entries (a keyframe or the plain newest is not a delta)."""
+    steps = sorted(int(d.name.split("-")[1]) for d in run_dir.glob("checkpoint-*") if d.is_dir())
+    last, out = steps[-1], {}
+    for m in intervals:
+        chosen = [s for s in steps if last - span <= s <= last and (last - s) % m == 0]
+        if len(chosen) < 2:
+            out[str(m)] = {"error": f"fewer than two checkpoints {m} steps apart in the last {span} steps"}
+            continue
+        subset = work / f"every{m}"
+        shutil.rmtree(subset, ignore_errors=True)
+        subset.mkdir(parents=True)
+        for s in chosen:
+            (subset / f"checkpoint-{s}").symlink_to((run_dir / f"checkpoint-{s}").resolve())
+        res = sizes_from(subset, work / f"work{m}", keyframe_every=len(chosen) + 1, baselines=False)
+        deltas = [r for r in res["checkpoints"] if r["parent"]]
+        raw = sum(r["whole_checkpoint_bytes"]["raw"] for r in deltas)
+        stored = sum(r["whole_checkpoint_bytes"]["tpde"] for r in deltas)
+        out[str(m)] = {"checkpoints": chosen, "deltas": len(deltas), "all_exact": all(
+            r["decoded_files_match_plain_files"] for r in deltas), "whole_checkpoint_vs_raw_mean": stored / raw,
+            "bits_per_value_mean": {k: sum(r["bits_per_value"]["tpde"][k] for r in deltas) / len(deltas)
+                                    for k in KINDS}, "rows": deltas}
+        shutil.rmtree(work / f"work{m}", ignore_errors=True)
+        print(json.dumps({"M": m, "vs_raw": out[str(m)]["whole_checkpoint_vs_raw_mean"]}), flush=True)
+    return {"run_dir": str(run_dir), "span": span, "last": last, "intervals": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,10 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restore-only", default=None, metavar="RUN_DIR",
                     help="only time restoring the packed checkpoints of RUN_DIR (a kept --work/tpde) into --out")
     ap.add_argument("--repeat", type=int, default=3, help="--restore-only: best of this many runs")
+    ap.add_argument("--fresh", action="store_true",
+                    help="--restore-only: also time each whole chain in a new process per run")
     ap.add_argument("--train-only", action="store_true",
                     help="only the plain run (no callback, no timing claims), its checkpoints kept in --work/plain")
     ap.add_argument("--sizes-from", default=None, metavar="RUN_DIR",
                     help="only sizes: pack copies of RUN_DIR's plain checkpoints (into --work) and compare")
+    ap.add_argument("--intervals", default=None, metavar="M,M,...",
+                    help="with --sizes-from: tpde's delta size for checkpoints every M steps (the same last "
+                         "--span steps of the run), e.g. 5,10,20,40")
+    ap.add_argument("--span", type=int, default=80, help="--intervals: the run's last SPAN steps")
     ap.add_argument("--callbacks", default=None, metavar="LIST",
                     help="training runs to compare with the plain run, comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--rounds", type=int, default=1,
@@ -382,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         res = {"benchmark": "bench_checkpoints --sizes-from", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                        time.gmtime()),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-               **sizes_from(Path(args.sizes_from), work, backward=not args.forward)}
+               **(interval_sizes(Path(args.sizes_from), work, [int(m) for m in args.intervals.split(",")],
+                                 args.span) if args.intervals else
+                  sizes_from(Path(args.sizes_from), work, backward=not args.forward))}
         Path(args.out).write_text(json.dumps(res, indent=1))
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -391,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {"benchmark": "bench_checkpoints --restore-only", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                       time.gmtime()),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-               **measure_restore(Path(args.restore_only), repeat=args.repeat)}
+               **measure_restore(Path(args.restore_only), repeat=args.repeat, fresh=args.fresh)}
         Path(args.out).write_text(json.dumps(res, indent=1))
         return 0
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -170,9 +170,6 @@ def rebuild_speed(out: Path, base_dir: Path, repeat: int = 3) -> dict:
     return res
 
 
-EARLY_HOOK = "from tpde_hf.reference.early import install; install(); "
-
-
 def compile_package(root: Path) -> str:
     """Byte-compile the ``tpde_hf`` package under ``root`` (its ``__pycache__``), as ``pip install`` does.
 
@@ -193,37 +190,59 @@ def package_root() -> Path:
     return Path(importlib.util.find_spec("tpde_hf").origin).parent.parent
 
 
-def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool = True,
+def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, no_early: bool = True,
                before: Path | None = None, bytecode: bool = True) -> dict:
-    """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes; with
-    ``early`` also the delta repo with :func:`tpde_hf.reference.early.install` called first (the decode then starts
-    at ``config.json``): what ``import tpde_hf`` would do once that hook is wired into it. ``before``: a folder
-    holding an earlier ``tpde_hf`` package (e.g. ``git archive HEAD tpde_hf``), loaded as ``delta_before`` in the
+    """``from_pretrained`` wall time, alternating the delta repo and the dense fine-tune, in fresh processes.
+
+    ``delta``: the default (the decode starts when ``from_pretrained`` reads ``config.json``:
+    :mod:`tpde_hf.reference.early`); ``no_early``: also ``delta_no_early``, the same with ``TPDE_REFERENCE_EARLY=0``
+    (the decode starts at the quantizer). ``before``: a folder holding an earlier ``tpde_hf`` package (e.g. ``git
+    archive HEAD tpde_hf``), loaded as ``delta_before`` with its own default (``TPDE_REFERENCE_EARLY`` unset) in the
     same loop, so that old and new code are compared under the same machine load. ``bytecode``: byte-compile both
     packages first (:func:`compile_package`), so that no child compiles ``tpde_hf`` from source."""
-    code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; {hook}"
+    code = ("import sys, time, torch; t0 = time.perf_counter(); import tpde_hf, transformers; "
             f"m = transformers.{auto}.from_pretrained(sys.argv[1]); print(time.perf_counter() - t0); "
             "import gc; print(gc.get_stats()[2]['collections'])")  # full GC passes: ~0.2 s each at this heap size
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    variants = [("delta", out, "", env), ("dense", dense, "", env)]
-    variants += [("delta_early_hook", out, EARLY_HOOK, env)] if early else []
+    env = {k: v for k, v in os.environ.items() if k != "TPDE_REFERENCE_EARLY"}  # each variant: its package's default
+    env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+
+    def importing(root: Path) -> dict:
+        """Run a child so that it imports the ``tpde_hf`` under ``root``: ``python -c`` puts its working folder
+        first on ``sys.path``, ahead of ``PYTHONPATH`` (run from the repo, a ``--before`` copy was not the code
+        timed until 2026-12-07 21:30 UTC), so the child runs in ``root``, with ``root`` first on PYTHONPATH too."""
+        path = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return {"env": {**env, "PYTHONPATH": path}, "cwd": str(root)}
+
+    here = importing(package_root())
+    variants = [("delta", out, here), ("dense", dense, here)]
+    if no_early:
+        variants.append(("delta_no_early", out, {**here, "env": {**here["env"], "TPDE_REFERENCE_EARLY": "0"}}))
     if before is not None:
-        old_env = {**env, "PYTHONPATH": os.pathsep.join([str(before), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        variants.append(("delta_before", out, "", old_env))
-        subprocess.run([sys.executable, "-c", code.format(hook=""), str(out)], capture_output=True, text=True,
-                       env=old_env, check=True)  # its numba cache (another path): compiled once, not timed
+        variants.append(("delta_before", out, importing(before)))
+        for _ in range(2):  # its numba cache (another path): compiled here, not timed (twice: the first run's
+            # daemon warm-up thread may end with the process before it has written its kernels to the cache)
+            subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True,
+                           **importing(before))
+    which = "import tpde_hf; print(tpde_hf.__file__)"
+    packages = {label: subprocess.run([sys.executable, "-c", which], capture_output=True, text=True, check=True,
+                                      **how).stdout.strip() for label, _, how in variants}
     compiled = [compile_package(r) for r in ([package_root()] + ([before] if before else []))] if bytecode else []
     runs: dict[str, list[float]] = {v[0]: [] for v in variants}
     full_gc: dict[str, list[int]] = {v[0]: [] for v in variants}
     for _ in range(repeat):
-        for label, path, hook, run_env in variants:
-            p = subprocess.run([sys.executable, "-c", code.format(hook=hook), str(path)], capture_output=True,
-                               text=True, env=run_env, check=True)
+        for label, path, how in variants:
+            p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                               **how)
             lines = p.stdout.strip().splitlines()
             runs[label].append(float(lines[-2]))
             full_gc[label].append(int(lines[-1]))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    res = {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"],
+    res = {"runs_s": runs, "median_s": med, "delta_over_dense": med["delta"] / med["dense"], "packages": packages,
+           "variants": {"delta": "this tree's default: the early start (decode from config.json)",
+                        "dense": "the dense fine-tune, same code",
+                        "delta_no_early": "this tree with TPDE_REFERENCE_EARLY=0 (decode from the quantizer)",
+                        "delta_before": f"the tpde_hf package in {before}, its own default (TPDE_REFERENCE_EARLY "
+                                        "unset)"},
            "full_gc_passes": full_gc, "full_gc_note": "CPython generation-2 collections per process (imports "
                                                      "included); each walks the whole heap (~0.1-0.27 s at its end)",
            "note": "fresh process per run, imports included; reference and repos on local disk, page-cached; "
@@ -231,13 +250,14 @@ def load_times(out: Path, dense: Path, auto: str, repeat: int = 3, early: bool =
            "bytecode": compiled or "tpde_hf not byte-compiled first (--no-compile): children use whatever .pyc "
                                    "exist, else compile it from source",
            "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE")}
+    if no_early:
+        res["delta_no_early_over_dense"] = med["delta_no_early"] / med["dense"]
     if before is not None:
         res["delta_before_over_dense"] = med["delta_before"] / med["dense"]
-        res["before_note"] = f"delta_before: the same delta repo loaded by the tpde_hf package in {before}"
-    if early:
-        res["delta_early_hook_over_dense"] = med["delta_early_hook"] / med["dense"]
-        res["early_hook_note"] = ("delta_early_hook: the child calls tpde_hf.reference.early.install() after "
-                                  "`import tpde_hf` (" + EARLY_HOOK.strip() + "); not yet called by tpde_hf itself")
+    else:
+        del res["variants"]["delta_before"]
+    if not no_early:
+        del res["variants"]["delta_no_early"]
     return res
 
 
@@ -376,53 +396,78 @@ def time_pair(name: str, work: Path, load_repeat: int, before: Path | None = Non
     return res
 
 
+class _AfterImport:
+    """A ``sys.meta_path`` finder of the profile child: runs ``hooks[name](module)`` right after module ``name``
+    executes, so that the child instruments transformers' and tpde-hf's modules without importing them early (an
+    early import would move the model-code imports out of ``from_pretrained``, where the early start overlaps them)."""
+
+    _tpde_profile = True
+
+    def __init__(self, hooks: dict):
+        self.hooks = hooks
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        then = self.hooks.get(name)
+        if then is None:
+            return None
+        from tpde_hf._autoregister import spec_then
+
+        return spec_then(name, path, target, "_tpde_profile", then)
+
+
 def profile_child(path: str, auto: str) -> dict:
-    """One ``from_pretrained`` in this (fresh) process with time stamps per phase: wall, process CPU and the
-    loading thread's CPU at each; for a delta repo also the decode pool's work (kernel, reference reads, Python)
-    and how long the loading thread waited for it. Hooks wrap tpde-hf functions only (no behaviour change)."""
+    """One ``from_pretrained`` in this (fresh) process, as the timing part runs it (``import tpde_hf,
+    transformers`` first, so the early start runs unless ``TPDE_REFERENCE_EARLY=0``), with a timeline: per event the
+    wall time, the thread, its CPU time and the process CPU time. Events: the config read and the early start, the
+    preparation, numba's cache load, each decode thread, the quantizer, adoption, the loading thread's waits for
+    decoded tensors (each over 1 ms), the end of key imports, every full (generation 2) collection. Hooks wrap
+    tpde-hf functions and mark imports only (no behaviour change); tpde-hf's reference modules (imported at
+    ``config.json`` by the early start anyway, ~0.015 CPU-s) are imported before ``from_pretrained``."""
     import gc
     import threading
 
     t0 = time.perf_counter()
     marks: list[dict] = []
     collections: list[dict] = []  # CPython's cyclic GC: a full (generation 2) pass walks every object (~0.2 s here)
+    gc_total = {0: 0.0, 1: 0.0, 2: 0.0}
     started: dict[int, float] = {}
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             started[threading.get_ident()] = time.perf_counter()
-        elif info["generation"] == 2:
+            return
+        took = time.perf_counter() - started.pop(threading.get_ident(), t0)
+        gc_total[info["generation"]] += took
+        if info["generation"] == 2:
             collections.append({"at_s": time.perf_counter() - t0, "thread": threading.current_thread().name,
-                                "seconds": time.perf_counter() - started.pop(threading.get_ident(), t0)})
+                                "seconds": took})
 
     gc.callbacks.append(on_gc)
 
-    def mark(what: str) -> None:
+    def mark(what: str, **extra: object) -> None:
         marks.append({"at_s": time.perf_counter() - t0, "what": what, "process_cpu_s": time.process_time(),
-                      "thread": threading.current_thread().name, "thread_cpu_s": time.thread_time()})
+                      "thread": threading.current_thread().name, "thread_cpu_s": time.thread_time(), **extra})
 
     import transformers
 
     import tpde_hf  # noqa: F401
 
     mark("imports done")
-    import tpde_hf.reference.codec as C
-    import tpde_hf.reference.load as L
+    import tpde_hf.reference.batch as BD
+    import tpde_hf.reference.early as E
+    import tpde_hf.reference.fastload as FL
     import tpde_hf.reference.prefetch as P
-    from tpde_hf.quantizer import TpdeHfQuantizer
 
-    acc = {"decode_jobs": 0, "decode_cpu_s": 0.0, "prepare_cpu_s": 0.0, "reference_read_cpu_s": 0.0,
-           "loading_thread_wait_s": 0.0, "first_decode_start_s": None, "last_decode_end_s": 0.0}
+    acc = {"decode_jobs": 0, "decode_cpu_s": 0.0, "prepare_cpu_s": 0.0, "loading_thread_wait_s": 0.0, "takes": 0,
+           "first_decode_start_s": None, "last_decode_end_s": 0.0, "first_take_s": None, "last_take_s": 0.0}
     lock = threading.Lock()
 
-    def timed(owner: object, name: str, key: str | None = None, label: str | None = None) -> None:
+    def timed(owner: object, name: str, label: str, key: str | None = None) -> None:
         orig = getattr(owner, name)
 
         def wrapper(*a, **k):
-            if label:
-                mark(label)
-            c = time.thread_time()
-            w = time.perf_counter()
+            mark(label)
+            c, w = time.thread_time(), time.perf_counter()
             try:
                 return orig(*a, **k)
             finally:
@@ -433,48 +478,98 @@ def profile_child(path: str, auto: str) -> dict:
                         if acc["first_decode_start_s"] is None:
                             acc["first_decode_start_s"] = w - t0
                         acc["last_decode_end_s"] = max(acc["last_decode_end_s"], time.perf_counter() - t0)
-                    elif key == "wait":
-                        acc["loading_thread_wait_s"] += time.perf_counter() - w
-                    elif key and threading.current_thread().name != "tpde-ref-warm":  # warm-up: numba's start
+                    elif key:
                         acc[key] += time.thread_time() - c
-                if label:
-                    mark(label + " end")
+                mark(label + " end")
 
         setattr(owner, name, wrapper)
 
-    import tpde_hf.reference.batch as BD
+    def timed_take() -> None:
+        orig = P.Prefetch.take
 
-    timed(BD.BatchDecode, "work", "decode")  # one call per decode thread: its whole share of the job list
-    timed(P.Prefetch, "_run", "prepare_cpu_s")  # blobs read, references checked, tensors prepared (GIL)
-    timed(P.Prefetch, "take", "wait")
-    timed(L.LoadReference, "tensor", "reference_read_cpu_s")
-    timed(L, "_warm_kernels", label="numba warm-up (background thread)")
-    timed(TpdeHfQuantizer, "__init__", label="quantizer init")
-    timed(TpdeHfQuantizer, "_process_model_before_weight_loading", label="quantizer before weight loading")
-    import transformers.modeling_utils as MU
+        def take(self, header):
+            w = time.perf_counter()
+            try:
+                return orig(self, header)
+            finally:
+                end = time.perf_counter()
+                with lock:
+                    acc["takes"] += 1
+                    acc["loading_thread_wait_s"] += end - w
+                    acc["first_take_s"] = acc["first_take_s"] if acc["first_take_s"] is not None else w - t0
+                    acc["last_take_s"] = end - t0
+                if end - w > 1e-3:
+                    mark("wait for a decoded tensor", seconds=end - w)
 
-    # transformers' quantizer point (modeling_utils.from_pretrained calls get_hf_quantizer, then resolves the
-    # checkpoint files): marked for the dense load too, so the time left after it is comparable
-    timed(MU, "get_hf_quantizer", label="get_hf_quantizer")
-    del C
+        P.Prefetch.take = take
+
+    timed(E, "_start", "early start (config.json read)")
+    timed(E, "adopt", "adopt the early prefetch")
+    timed(P.Prefetch, "_blobs", "prefetch: read the blob headers")
+    timed(P.Prefetch, "_prepare", "prefetch: prepare", "prepare_cpu_s")
+    timed(BD.BatchDecode, "work", "decode thread", "decode")  # one call per decode thread: its whole share
+    timed(FL, "_load", "numba cache load (fastload)")
+    timed_take()
+
+    def on_load_module(m: object) -> None:
+        mark("imported tpde_hf.reference.load")
+        timed(m, "_warm_kernels", "numba warm-up (background thread)")
+
+    def on_quantizer(m: object) -> None:
+        mark("imported tpde_hf.quantizer")
+        timed(m.TpdeHfQuantizer, "__init__", "quantizer init")
+        timed(m.TpdeHfQuantizer, "_process_model_before_weight_loading", "quantizer before weight loading")
+
+    def on_modeling_utils(m: object) -> None:
+        mark("imported transformers.modeling_utils")
+        # transformers' quantizer point: marked for the dense load too, so the time after it compares
+        timed(m, "get_hf_quantizer", "get_hf_quantizer")
+        timed(m.PreTrainedModel, "_load_pretrained_model", "transformers: load the weights")
+
+    hooks = {"tpde_hf.reference.load": on_load_module, "tpde_hf.quantizer": on_quantizer,
+             "transformers.modeling_utils": on_modeling_utils}
+    for name in ("transformers.generation.utils", "transformers.models.llama.modeling_llama",
+                 "transformers.integrations.sdpa_attention", "transformers.core_model_loading"):
+        hooks[name] = lambda m, name=name: mark(f"imported {name}")
+    import sys as _sys
+
+    _sys.meta_path.insert(0, _AfterImport(hooks))
     mark("from_pretrained start")
     getattr(transformers, auto).from_pretrained(path)
     mark("from_pretrained end")
     gc.callbacks.remove(on_gc)
-    return {"marks": marks, "decode": acc, "full_gc": collections}
+    return {"marks": sorted(marks, key=lambda m: m["at_s"]), "decode": acc, "full_gc": collections,
+            "gc_seconds_by_generation": gc_total,
+            "early": os.environ.get("TPDE_REFERENCE_EARLY") != "0"}
 
 
 def profile_load(out: Path, dense: Path, auto: str, repeat: int) -> dict:
-    """:func:`profile_child` of the delta repo and the dense fine-tune, alternating, in fresh processes."""
+    """:func:`profile_child` of the delta repo (early start, the default), of the delta repo without it
+    (``TPDE_REFERENCE_EARLY=0``) and of the dense fine-tune, alternating, in fresh processes."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     compile_package(package_root())
-    runs: dict[str, list] = {"delta": [], "dense": []}
+    variants = [("delta", out, env), ("delta_no_early", out, {**env, "TPDE_REFERENCE_EARLY": "0"}),
+                ("dense", dense, env)]
+    runs: dict[str, list] = {v[0]: [] for v in variants}
     for _ in range(repeat):
-        for label, path in (("delta", out), ("dense", dense)):
+        for label, path, run_env in variants:
             p = subprocess.run([sys.executable, __file__, "--profile-child", str(path), auto], capture_output=True,
-                               text=True, env=env, check=True)
+                               text=True, env=run_env, check=True)
             runs[label].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    return {"runs": runs, "note": "one process per run; CPU figures from time.process_time / thread_time"}
+    return {"runs": runs, "note": "one process per run; CPU figures from time.process_time / thread_time; delta: "
+                                  "the default (early start), delta_no_early: TPDE_REFERENCE_EARLY=0"}
+
+
+def summarize_profile(run: dict) -> list[str]:
+    """The timeline of one :func:`profile_child` run as text lines (for reading; the JSON keeps every field)."""
+    lines = []
+    for m in run["marks"]:
+        extra = f" ({m['seconds']:.4f} s)" if "seconds" in m else ""
+        lines.append(f"{m['at_s']:7.3f}  {m['thread']:<22} cpu {m['thread_cpu_s']:6.3f} proc {m['process_cpu_s']:6.3f}"
+                     f"  {m['what']}{extra}")
+    for c in run["full_gc"]:
+        lines.append(f"{c['at_s']:7.3f}  full GC pass on {c['thread']}: {c['seconds']:.3f} s")
+    return lines
 
 
 def main() -> None:

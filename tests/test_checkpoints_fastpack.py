@@ -6,13 +6,15 @@
   differs is refused before anything is stored;
 * both modes' sample costs in one call equal the per-mode estimate;
 * payload parts at an odd address (a view into a larger buffer) still decode exactly;
-* the callback's deferred mode packs only in the wait and restores exactly; the warm-up loads the kernels.
+* the callback's deferred mode packs only in the wait and restores exactly; the warm-up loads the kernels;
+* a pack the training thread waits for leaves its clean-up to the next pack's thread.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,6 +172,24 @@ def test_deferred_packs_run_only_in_the_wait_and_restore_exactly(tmp_path: Path)
             assert got[name] == want[name], (step, name)
 
 
+def test_a_helping_thread_returns_when_woken_not_at_its_next_look() -> None:
+    """The training thread helps a pack until it ends; the pack wakes it as it ends (``Assist.wake``), so the wait
+    does not run on to the helper's next look at ``busy()`` (made an hour here: without the wake this hangs)."""
+    from tpde_hf.checkpoints.assist import Assist
+
+    assist = Assist(workers=2)
+    assist.poll_s = 3600.0
+    ended = threading.Event()
+    helper = threading.Thread(target=assist.help, args=(lambda: not ended.is_set(),), daemon=True)
+    helper.start()
+    time.sleep(0.2)  # the helper is now waiting on the condition
+    assert helper.is_alive()
+    ended.set()
+    assist.wake()
+    helper.join(timeout=30)
+    assert not helper.is_alive()
+
+
 def test_warm_up_loads_the_pack_kernels() -> None:
     """In a fresh process no pack kernel is loaded; after ``warm_up()`` the packing thread's are."""
     code = ("from tpde_hf.checkpoints import codec as C, enc_kernels as E, kernels as K\n"
@@ -210,3 +230,47 @@ def test_entry_writer_writes_save_files_bytes(tmp_path: Path, seed: int) -> None
     with open(tmp_path / "got2.safetensors", "wb") as f:
         entry_file.write_tensors(f, other, meta)
     assert (tmp_path / "got2.safetensors").read_bytes() == (tmp_path / "want2.safetensors").read_bytes()
+    # written and checked piece by piece (pieces of 100 bytes: parts cut and joined), on one thread or two
+    from tpde_hf.checkpoints.assist import Assist
+
+    for piece, runner in ((entry_file._PIECE, None), (100, None), (100, Assist()), (7, Assist())):
+        entry_file._PIECE = piece
+        try:
+            for got, want, parts in (("got3", "want", tensors), ("got4", "want2", other)):
+                assert entry_file.write_checked_file(tmp_path / got, parts, meta, runner) is None
+                assert (tmp_path / got).read_bytes() == (tmp_path / f"{want}.safetensors").read_bytes()
+        finally:
+            entry_file._PIECE = 8 << 20
+
+
+@pytest.mark.parametrize("where", ["header", "first", "last"])
+def test_checked_write_refuses_a_piece_the_disk_got_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          where: str) -> None:
+    """A piece that lands on disk other than written (a flipped bit in the header, the first or the last part) is
+    named by :func:`entry_file.write_checked_file`, on one thread or two, pieces of 64 bytes or whole parts."""
+    from tpde_hf.checkpoints import entry_file
+    from tpde_hf.checkpoints.assist import Assist
+
+    rng = np.random.default_rng(3)
+    tensors = {f"p{i}": torch.from_numpy(rng.integers(0, 255, 5000 + i, dtype=np.uint8)) for i in range(5)}
+    tensors["m"] = torch.arange(9, dtype=torch.int64)
+    meta = {"k": "v"}
+    start = len(entry_file.header(tensors, meta)[0])
+    total = start + sum(t.numel() * t.element_size() for t in tensors.values())
+    real = entry_file._pwrite_all
+
+    def bad_write(fd: int, view: np.ndarray, off: int) -> None:
+        hit = {"header": off == 0, "first": off == start, "last": off + view.size == total}[where]
+        if hit:
+            view = view.copy()
+            view[view.size // 2] ^= 0x10
+        real(fd, view, off)
+
+    monkeypatch.setattr(entry_file, "_pwrite_all", bad_write)
+    for piece in (64, 8 << 20):
+        monkeypatch.setattr(entry_file, "_PIECE", piece)
+        for runner in (None, Assist()):
+            bad = entry_file.write_checked_file(tmp_path / "x.tpde", tensors, meta, runner)
+            assert bad == {"header": "the header on disk differs from the one written",
+                           "first": "part m on disk differs from the one written",
+                           "last": "part p4 on disk differs from the one written"}[where], (piece, runner)

@@ -392,15 +392,17 @@ def test_write_checked_keeps_nothing_of_a_corrupt_write(tmp_path: Path, monkeypa
     newer = _checkpoint(rng, "checkpoint-20", older)
     with K.serial(True):
         tensors, manifest = B.encode_entry(older, newer, step=10, depth=1, param_names=None, verify=True)
-    real = S.write_entry
+    from tpde_hf.checkpoints import entry_file
 
-    def flip(path: Path, t: dict, m: dict, **kw: bool) -> None:
-        real(path, t, m, **kw)
-        data = bytearray(path.read_bytes())
-        data[-7] ^= 4  # inside the last part's bytes
-        path.write_bytes(bytes(data))
+    real = entry_file._pwrite_all
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
 
-    monkeypatch.setattr(S, "write_entry", flip)
+    def flip(fd: int, view: np.ndarray, off: int) -> None:
+        real(fd, view, off)
+        if off + view.size >= size:  # the piece that ends the file: a bit of it changed on disk after writing
+            os.pwrite(fd, bytes([view[-7] ^ 4]), off + view.size - 7)
+
+    monkeypatch.setattr(entry_file, "_pwrite_all", flip)
     with pytest.raises(TpdeFormatError):
         B.write_checked(tmp_path, "checkpoint-10", tensors, manifest, older, newer, True, runner=Assist())
     assert not any(tmp_path.iterdir())
@@ -634,3 +636,39 @@ def test_lazy_ratio_features_give_the_made_features_parts(nan: bool, monkeypatch
     assert _parts_equal(made, got)
     assert made["coef"].numel() == 3 and bool((made["coef"][1:] != 0).all())  # both features are used
     assert nans and (nans[-1] > 0) == nan  # the inline path ran; with a NaN it fell back to numpy's
+
+
+@pytest.mark.parametrize("kind", ["text", "random"])
+def test_a_skeleton_equal_to_its_parents_is_stored_small_and_exact(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skeleton equal to the parent's tries zstd -3 first, and keeps it only where it finds the one long match
+    (a 700 KB text of repeated lines); else -10 (a random-looking 3 MB skeleton: -3 alone stores 2 MB or more).
+    Either way the blob is small and decompresses exactly with the parent's skeleton; a skeleton that differs,
+    or a short one, is -10's frame as before."""
+    import zstandard
+
+    rng = np.random.default_rng(5)
+    if kind == "text":
+        data = b"".join(b'{"token_%d": %d, "merge": "%s"},\n' % (i, i * 7, b"ab" * (i % 13)) for i in range(16000))
+    else:
+        data = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    parent = {"f": data}
+    levels: list[int] = []
+    real = zstandard.ZstdCompressor
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        levels.append(k.get("level"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(zstandard, "ZstdCompressor", spy)
+    blob = S.compress_skeleton(data, parent, "f")
+    assert len(blob) <= 64 + len(data) // 4096
+    assert levels == ([3] if kind == "text" else [3, 10])
+    rec = {"name": "f", "size": len(data)}
+    assert S.skeleton_bytes(blob, parent, rec) == data
+    changed = data[:1000] + bytes([data[1000] ^ 1]) + data[1001:]
+    levels.clear()
+    blob = S.compress_skeleton(changed, parent, "f")
+    assert levels == [10] and S.skeleton_bytes(blob, parent, rec) == changed
+    levels.clear()
+    assert S.skeleton_bytes(S.compress_skeleton(data[:100], {"f": data[:100]}, "f"), {"f": data[:100]},
+                            {"name": "f", "size": 100}) == data[:100] and levels == [10]

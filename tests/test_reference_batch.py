@@ -187,9 +187,9 @@ def test_fresh_process_load_exits_cleanly(tmp_path: Path) -> None:
         assert p.stdout.strip().endswith("loaded")
 
 
-@pytest.mark.parametrize("value, installed", [("1", True), (None, False), ("0", False)])
-def test_early_start_is_opt_in_at_import(value: str | None, installed: bool) -> None:
-    """``import tpde_hf`` installs the early start only with ``TPDE_REFERENCE_EARLY=1``."""
+@pytest.mark.parametrize("value, installed", [("1", True), (None, True), ("0", False)])
+def test_early_start_is_on_by_default_at_import(value: str | None, installed: bool) -> None:
+    """``import tpde_hf`` installs the early start unless ``TPDE_REFERENCE_EARLY=0``."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "TPDE_REFERENCE_EARLY"}

@@ -38,7 +38,9 @@ def __getattr__(name: str) -> Any:
 # Register the "tpde" quantizer with transformers now, or as soon as transformers loads its registry.
 _autoregister.install()
 
-if __import__("os").environ.get("TPDE_REFERENCE_EARLY") == "1":  # opt-in: see tpde_hf.reference.early
+# A delta repo's decode starts when from_pretrained reads its config.json (TPDE_REFERENCE_EARLY=0: when the quantizer
+# starts): see tpde_hf.reference.early
+if __import__("os").environ.get("TPDE_REFERENCE_EARLY") != "0":
     from tpde_hf.reference.early import install as _install_early_reference
 
     _install_early_reference()

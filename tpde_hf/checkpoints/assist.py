@@ -43,6 +43,7 @@ class Assist:
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
         self.owner_tid: int | None = None  # the packing thread's native id (set by it)
         self.helped = 0  # jobs run by helpers (a count for tests and benchmarks)
+        self.poll_s = 0.05  # an idle helper looks at ``busy()`` this often (sooner when woken: :meth:`wake`)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         """``[fn(x) for x in items]``, in order; helpers may run some of them. Called by the owner thread."""
@@ -130,10 +131,16 @@ class Assist:
                     elif not busy():
                         return
                     else:
-                        self._cv.wait(0.05)
+                        self._cv.wait(self.poll_s)
                         continue
                 self.helped += 1
                 self._run(job)
+
+    def wake(self) -> None:
+        """Wake the helping threads now, e.g. as the pack they help ends (between jobs they look at ``busy()``
+        only every ``poll_s``: measured 0.02-0.04 s of a 0.74 s wait at a save)."""
+        with self._cv:
+            self._cv.notify_all()
 
     def _boost(self, on: bool) -> None:
         # only ever raised: the owner thread ends with its pack (a later pack lowers its own thread again)

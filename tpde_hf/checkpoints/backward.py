@@ -38,7 +38,6 @@ import torch
 
 from tpde_hf.checkpoints import enc_buffers, predict
 from tpde_hf.checkpoints import store as S
-from tpde_hf.checkpoints.entry_file import check_file
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, stored_parts
 from tpde_hf.errors import TpdeFormatError
 
@@ -136,43 +135,27 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
                   ref: S.Decoded | None, verify: bool | str, runner: Any = None, digested: bool = False) -> Path:
     """Write an entry under a temporary name, check it, then ``os.replace`` it into place.
 
-    The check (``verify=True``): the manifest read back through safetensors, every part's bytes on disk against
-    the part written (:func:`~tpde_hf.checkpoints.entry_file.check_file`, mapped with ``runner``; the file's
-    ``fsync`` is a job of the same list, so it waits on the disk while other threads compare), every
+    The check (``verify=True``): every part's bytes on disk against the part written, each piece compared right
+    after it is written while the next is written (``store.write_entry(checked=True)``, mapped with
+    ``runner``), then the file's ``fsync``; the manifest read back through safetensors, every
     skeleton decompressed against ``cur``'s, and (unless ``digested``: :func:`encode_entry` did it) every file of
     ``cur`` rebuilt to its recorded hash. ``"full"``: the entry decoded from disk as a restore would.
     """
     final = S.entry_path(root, name)
     tmp = Path(root) / f".{name}.tpde.new"
-    beside = bool(verify) and verify != "full"  # the fsync runs beside the check's comparisons
-    S.write_entry(tmp, tensors, manifest, sync=not beside)
     try:
+        if verify == "full" or not verify:
+            S.write_entry(tmp, tensors, manifest)
         if verify == "full":
             dec = S.decode_entry(tmp, ref)
             for f in manifest["files"]:
                 S.file_digest(dec, f["name"])
         elif verify:
-            if S.read_manifest(tmp) != json.loads(json.dumps(manifest)):
-                raise TpdeFormatError(str(tmp), "entry manifest on disk differs from the one written")
-            synced: list[bool] = []
-
-            def sync_beside(fn: Any, items: list) -> list:
-                # the fsync waits on the disk, the comparisons on memory: one job list, so another thread compares
-                def job(item: Any) -> Any:
-                    if item is not _SYNC:
-                        return fn(item)
-                    S.sync_file(tmp)
-                    synced.append(True)
-                    return None
-
-                jobs = [_SYNC, *items]
-                return list(runner(job, jobs) if runner is not None else map(job, jobs))[1:]
-
-            bad = check_file(tmp, tensors, sync_beside)
+            bad = S.write_entry(tmp, tensors, manifest, checked=True, runner=runner)
             if bad is not None:
                 raise TpdeFormatError(str(tmp), bad)
-            if not synced:  # check_file stopped before comparing (it found a fault in the header)
-                S.sync_file(tmp)
+            if S.read_manifest(tmp) != json.loads(json.dumps(manifest)):
+                raise TpdeFormatError(str(tmp), "entry manifest on disk differs from the one written")
             for i, rec in enumerate(manifest["files"]):
                 blob = tensors[f"skeleton.{i}"].numpy().tobytes()
                 if S.skeleton_bytes(blob, ref.skeletons if ref is not None else None, rec) \
@@ -185,9 +168,6 @@ def write_checked(root: Path, name: str, tensors: dict, manifest: dict, cur: S.D
         tmp.unlink(missing_ok=True)
         raise
     return final
-
-
-_SYNC = object()  # the fsync's place in write_checked's job list
 
 
 def big_files(manifest: dict[str, Any]) -> list[str]:
@@ -296,12 +276,12 @@ def release(root: Path, name: str, manifest: dict[str, Any]) -> None:
 
 
 def advance(head_dir: str | Path, *, keyframe_every: int, param_names: Sequence[str] | None = None,
-            cache: S.Decoded | None = None, verify: bool | str = True,
-            runner: Any = None, gate: Any = None) -> tuple[list[dict], S.Decoded]:
+            cache: S.Decoded | None = None, verify: bool | str = True, runner: Any = None,
+            gate: Any = None) -> tuple[list[dict], S.Decoded]:
     """Checkpoint ``head_dir`` was just written: hold it, and pack every older held checkpoint against the
     next later one (normally just the previous checkpoint). ``cache``: the previous head, decoded (what the
-    last call returned). ``gate()``: called after the head is held and read, before any packing. Returns the
-    packs' summaries and the decoded head (the next call's cache).
+    last call returned). ``gate()``: called after the head is held and read, before any packing.
+    Returns the packs' summaries and the decoded head (the next call's cache).
 
     An older held checkpoint whose folder is gone and that no entry depends on is dropped unpacked.
     """

@@ -124,6 +124,7 @@ class TpdeCheckpointCallback(TrainerCallback):
         self.assist = assist  # the waiting training thread helps finish the pack (False: it only waits)
         self.defer = defer  # code only once Trainer waits for it (at the next save), on every core
         self._go = threading.Event()
+        self._done = threading.Event()  # set by the packing thread as it ends (it then wakes the helpers)
         self._assist = Assist()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -177,6 +178,7 @@ class TpdeCheckpointCallback(TrainerCallback):
         names = optimizer_param_names(model, optimizer)
         if self.background:
             self._go = threading.Event()
+            self._done = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(ckpt, names), name="tpde-pack", daemon=False)
             self._thread.start()
         else:
@@ -211,7 +213,7 @@ class TpdeCheckpointCallback(TrainerCallback):
             t = time.perf_counter()
             self._go.set()
             if self.assist and self._thread.is_alive():
-                self._assist.help(self._thread.is_alive)
+                self._assist.help(lambda: not self._done.is_set())
             self._thread.join()
             self.waits.append(time.perf_counter() - t)
             self._thread = None
@@ -254,3 +256,6 @@ class TpdeCheckpointCallback(TrainerCallback):
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
             self._cache = self._cache_keep = None
             self._error = exc
+        finally:
+            self._done.set()
+            self._assist.wake()  # a helping training thread returns now, not at its next 50 ms look

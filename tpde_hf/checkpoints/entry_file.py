@@ -6,6 +6,8 @@ checkpoint's original files are deleted. Written in one go and then synced, the 
 bytes as ``save_file`` (header, then the parts in safetensors' order) and asks the kernel to start writing
 each 32 MiB back to disk as soon as it is written (Linux ``sync_file_range``), so the final ``fsync`` finds
 little left. Parts of other dtypes than the entry's (int64, float32, uint8) go through ``save_file``.
+:func:`write_checked_file` writes the same bytes in pieces that several threads share, each piece compared with
+the bytes meant (through a memory map of the file) while the next one is written: the pack's checked write.
 
 Example::
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import struct
 import sys
@@ -87,6 +90,90 @@ def write_tensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[
             f.flush()
             _SFR(fd, flushed, done - flushed, _SYNC_FILE_RANGE_WRITE)  # a hint: its result does not matter
             flushed = done
+
+
+_PIECE = 8 << 20  # bytes per job of write_checked_file: written, then compared while another thread writes the next
+
+
+def _pwrite_all(fd: int, view: np.ndarray, offset: int) -> None:
+    """Every byte of ``view`` at ``offset`` of ``fd`` (``os.pwrite`` may write less than asked)."""
+    mv = memoryview(view).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset + done}")
+        done += n
+
+
+def _pieces(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[list[list[tuple]], int]:
+    """:func:`write_tensors`' bytes as jobs of ``(part, file offset, uint8 view)`` pieces of about :data:`_PIECE`
+    bytes in file order (the header first), and the file's size."""
+    head, names = header(tensors, metadata)
+    pieces = [("header", 0, np.frombuffer(head, np.uint8))]
+    off = len(head)
+    for k in names:
+        flat = tensors[k].detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian, as stored
+        pieces += [(k, off + a, flat[a:a + _PIECE]) for a in range(0, flat.size, _PIECE)]
+        off += flat.size
+    jobs: list[list[tuple]] = [[]]
+    size = 0
+    for piece in pieces:
+        if size >= _PIECE:
+            jobs.append([])
+            size = 0
+        jobs[-1].append(piece)
+        size += piece[2].size
+    return jobs, off
+
+
+def write_checked_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       runner: Any = None, sync: bool = True) -> str | None:
+    """Write a new file at ``path`` with :func:`write_tensors`' bytes and compare each piece with what was meant
+    right after writing it, through a memory map of the file: ``None``, or what differs (:func:`check_file`'s
+    check, the header compared byte for byte). ``runner(fn, items)`` maps the pieces (about 8 MiB each, in file
+    order): one thread compares a piece while another writes the next (the kernel takes writes to one file one
+    at a time, so a write, then a check, is a serial phase twice as long). The file is sized first, so the pieces
+    may land in any order; each piece's disk writeback starts when it is written. Then ``fsync`` (``sync``).
+
+    Example::
+
+        assert write_checked_file(tmp, {"meta": torch.zeros(3, dtype=torch.int64)}, {"tpde-ckpt": "{}"}) is None
+    """
+    if sys.byteorder != "little" or any(t.dtype not in _ORDER for t in tensors.values()):
+        with open(path, "wb") as f:
+            f.write(save(tensors, metadata=metadata))
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        return check_file(path, tensors, runner)
+    jobs, total = _pieces(tensors, metadata)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # the mode of store.write_entry's mkstemp
+    try:
+        os.ftruncate(fd, total)
+        data = np.frombuffer(mmap.mmap(fd, total, access=mmap.ACCESS_READ), np.uint8)
+
+        def write_and_compare(batch: list[tuple]) -> str | None:
+            for _, off, view in batch:
+                _pwrite_all(fd, view, off)
+            lo, hi = batch[0][1], batch[-1][1] + batch[-1][2].size
+            if _SFR is not None:
+                _SFR(fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)  # a hint: its result does not matter
+            for k, off, view in batch:
+                if not np.array_equal(data[off:off + view.size], view):
+                    return "the header on disk differs from the one written" if k == "header" \
+                        else f"part {k} on disk differs from the one written"
+            return None
+
+        bad = [r for r in (runner(write_and_compare, jobs) if runner is not None else map(write_and_compare, jobs))
+               if r]
+        if sync:
+            os.fsync(fd)
+        if not bad and os.fstat(fd).st_size != total:
+            bad = ["the file on disk is not as long as written"]
+    finally:
+        os.close(fd)
+    return bad[0] if bad else None
 
 
 def check_file(path: str | Path, tensors: dict[str, torch.Tensor], runner: Any = None) -> str | None:

@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 
 from tpde_hf.checkpoints import predict
 from tpde_hf.checkpoints.codec import CheckpointDelta
-from tpde_hf.checkpoints.entry_file import write_tensors
+from tpde_hf.checkpoints.entry_file import write_checked_file, write_tensors
 from tpde_hf.checkpoints.layout import tensor_ranges
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, stored_parts
 from tpde_hf.errors import TpdeFormatError
@@ -178,9 +178,22 @@ def _skeleton_dict(parent_skeletons: Mapping[str, bytes] | None, name: str) -> z
     return zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None
 
 
+SAME_FAST_MIN = 1 << 16  # skeletons at least this long, equal to the parent's, try zstd -3 first
+
+
 def compress_skeleton(data: bytes, parent_skeletons: Mapping[str, bytes] | None, name: str) -> bytes:
-    """File ``name``'s skeleton as stored: zstd -10 with the parent's skeleton of that file as dictionary."""
-    return zstandard.ZstdCompressor(level=10, dict_data=_skeleton_dict(parent_skeletons, name)).compress(data)
+    """File ``name``'s skeleton as stored: zstd -10 with the parent's skeleton of that file as dictionary.
+
+    A skeleton equal to the parent's (a tokenizer, a config: most files of a run never change) is one match of
+    the whole dictionary: zstd -3 finds it in a tenth of the time (tokenizer.json, 711 KB: 3 ms against 28 ms,
+    82 bytes either way). Where -3 misses it (its smaller match tables lose the positions of a large,
+    random-looking dictionary), -10 is used as before."""
+    d = _skeleton_dict(parent_skeletons, name)
+    if d is not None and len(data) >= SAME_FAST_MIN and data == parent_skeletons[name]:  # type: ignore[index]
+        blob = zstandard.ZstdCompressor(level=3, dict_data=d).compress(data)
+        if len(blob) <= 64 + len(data) // 4096:
+            return blob
+    return zstandard.ZstdCompressor(level=10, dict_data=d).compress(data)
 
 
 def skeleton_bytes(blob: bytes, parent_skeletons: Mapping[str, bytes] | None, rec: dict[str, Any]) -> bytes:
@@ -235,30 +248,29 @@ def entry_manifest(cur: Decoded, parent: Decoded | None, *, step: int | None, de
             "param_names": list(param_names) if param_names else None, "files": cur.manifest["files"]}
 
 
-def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], sync: bool = True) -> None:
-    """Write an entry file at ``path`` (through a temporary name in the same folder). ``sync`` False: not yet on disk
-    (the caller calls :func:`sync_file` before relying on it, e.g. beside its check of the bytes)."""
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], checked: bool = False,
+                runner: Any = None) -> str | None:
+    """Write an entry file at ``path`` (through a temporary name in the same folder), on disk (``fsync``) when it
+    returns.
+
+    ``checked``: ``path`` is the caller's temporary name, written in place piece by piece, each piece compared with
+    the bytes meant right after it is written while the next is written
+    (:func:`~tpde_hf.checkpoints.entry_file.write_checked_file`, mapped with ``runner``); returns None, or what
+    differs."""
+    if checked:
+        return write_checked_file(path, tensors, {FORMAT: json.dumps(manifest)}, runner)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp, "wb") as f:  # save_file's bytes, the writeback started as it goes (entry_file)
             write_tensors(f, tensors, {FORMAT: json.dumps(manifest)})
             f.flush()
-            if sync:
-                os.fsync(f.fileno())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def sync_file(path: Path) -> None:
-    """``fsync`` the file at ``path`` (its data and size on disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return None
 
 
 def check_entry(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], cur: Decoded,

@@ -1,6 +1,6 @@
 """Start a delta repo's decode when ``from_pretrained`` reads its ``config.json``, not when the quantizer starts.
 
-In a fresh process, ``from_pretrained`` spends about a second after reading ``config.json`` importing the
+In a fresh process, ``from_pretrained`` spends one to two seconds after reading ``config.json`` importing the
 model's modules (transformers' configuration, modeling and generation code, torch's compiler stack) before it
 builds the quantizer; that is Python on one core. A delta repo's decode
 (:class:`tpde_hf.reference.prefetch.Prefetch`) needs no GIL while it decodes, so started at ``config.json`` it
@@ -8,30 +8,42 @@ runs on the other core during those imports, instead of after them.
 
 :func:`install` wraps transformers' ``PretrainedConfig.get_config_dict`` (at once if
 ``transformers.configuration_utils`` is imported, else right after it is, through an import hook). The wrapper
-only looks at the config it returns: for a tpde delta repo (``quantization_config.reference``) read inside a
-model's ``from_pretrained``, whose weight files are already on disk (a local folder or the Hugging Face cache:
-this never downloads), it starts a prefetch and keeps it here. The quantizer's own start
-(:func:`tpde_hf.reference.load.load_prefetch`) then :func:`adopt` s it when it names the same files, reference
-and download arguments; otherwise the early one is cancelled and a new one is built, as without this module.
-Any error here only turns the early start off. ``TPDE_REFERENCE_WORKERS=0`` turns it off too.
+only looks at the config it returns, and starts a prefetch only when all of these hold; otherwise the load runs as
+without this module:
+
+* the config is a tpde delta repo's (``quantization_config.reference``: dense and standalone tpde repos start
+  nothing) and it is read inside a model's ``from_pretrained`` (``AutoConfig.from_pretrained`` starts nothing);
+* the load asks for the repo's own safetensors (no ``variant``, ``gguf_file``, ``state_dict``,
+  ``use_safetensors=False``, ``force_download``, ``from_tf`` / ``from_flax``), and they are already on disk: a
+  local folder, or the Hugging Face cache (a Hub repo not yet downloaded starts nothing: this never downloads);
+* the reference resolves on this machine alone (:meth:`~tpde_hf.reference.resolve.LoadReference.resolve_cached`:
+  a local folder, or the cached snapshot of its recorded commit with every weight file): this never asks the Hub
+  for it, and a reference that needs the network is fetched by the quantizer's start, with the load's token.
+
+The quantizer's own start (:func:`tpde_hf.reference.load.load_prefetch`) then :func:`adopt` s it when it names the
+same files, reference and download arguments (``token``, ``cache_dir``, offline mode); otherwise the early one is
+cancelled and a new one is built, as without this module. ``dtype`` and ``device_map`` act after the decode (the
+cast and the placement are the load's, as without this module). Early prefetches are kept per loading thread: two
+loads on two threads each adopt their own. Any error here only turns the early start off.
 
 The tensors are prepared (:data:`INLINE`) on the loading thread when it reads ``config.json``, then decoded on
 one thread while the loading thread imports. A load that fails before its quantizer (so never adopts the early
 prefetch) does not leave the decoded tensors held: a small ``tpde-ref-early-watch`` thread closes the prefetch
 within :data:`WATCH_S` of that ``from_pretrained`` leaving the stack.
 
-It is opt-in (``TPDE_REFERENCE_EARLY=1`` makes ``import tpde_hf`` call :func:`install`, or call it yourself):
-it wraps a transformers function that is not a hook and looks for ``from_pretrained`` on the stack. Measured on
-the SmolLM2 pair (2026-12-07, shared 2-core VM): x1.20-1.25 of the dense fine-tune's load against x1.30-1.37
-without it (10:14-10:40 UTC); later runs with a faster kernel about even with the default path (x1.15-1.28
-against x1.10-1.26, 17:53-19:00 UTC). Why the gain is small: the preparation needs the GIL for ~0.1-0.15 CPU-s
-while the loading thread imports, and the early path makes CPython's cyclic GC run one more full pass
-(generation 2) inside the load in most runs (7 against 6 per process; ~0.2-0.3 s each at that heap size).
+It is on by default: ``import tpde_hf`` calls :func:`install` unless ``TPDE_REFERENCE_EARLY=0``;
+``TPDE_REFERENCE_WORKERS=0`` turns it off too. Measured on the SmolLM2 pair, same loop, shared 2-core VM
+(2026-12-07 21:34-21:37 UTC, load 1.6-2.3, ``reference_smollm2_timing12b.json``): x1.095 of the dense fine-tune's
+load against x1.248 with ``TPDE_REFERENCE_EARLY=0`` (median of 7). What stays on the loading thread's path: the
+preparation (~0.1 CPU-s holding the GIL), numba's cache load on the decode thread (~0.06-0.09 CPU-s, nearly all of
+it holding the GIL), the quantizer's integrity check of the stored blobs and the xxh3 check of each decoded tensor
+(~0.02 CPU-s each), and two cores' worth of memory traffic while the decode runs beside the imports.
 
 Example::
 
+    import tpde_hf   # installs it (TPDE_REFERENCE_EARLY=0: does not)
     from tpde_hf.reference.early import install
-    install()   # before from_pretrained
+    install()        # the same, by hand (idempotent); then from_pretrained as usual
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from typing import Any
 TARGET = "transformers.configuration_utils"
 _FLAG = "_tpde_early_reference"
 _LOCK = threading.Lock()
-_EARLY: dict[tuple, Any] = {}  # key -> Prefetch (at most one: a new start cancels the others)
+_EARLY: dict[tuple, Any] = {}  # (thread, key) -> Prefetch (one per loading thread: a new start cancels the older)
 WATCH_S = 0.1  # how often an early prefetch not yet adopted checks that its from_pretrained still runs
 #: prepare the tensors on the loading thread at ``config.json``, in one go (~0.1 CPU-s), rather than on a thread
 #: that takes the GIL from the loading thread in 5 ms turns while it imports (measured 19:00 UTC: 3.61 / 3.60 s
@@ -127,13 +139,31 @@ def weight_files(path: str, subfolder: str = "", revision: str | None = None,
     return [single] if single is not None else []
 
 
+#: ``from_pretrained`` / ``get_config_dict`` arguments under which the weights the quantizer reads may not be the
+#: ``model.safetensors`` files found here, or may be fetched anew: no early start (the quantizer starts the decode)
+_SKIP_ARGS = ("variant", "gguf_file", "force_download", "state_dict", "from_tf", "from_flax")
+
+
+def _other_weights(kwargs: dict, loading: Any) -> bool:
+    """Whether the load asks for other weights than the repo's safetensors in the cache (see :data:`_SKIP_ARGS`).
+    A concrete class's ``from_pretrained`` keeps ``variant`` / ``use_safetensors`` / ``state_dict`` as its own
+    arguments (they do not reach ``get_config_dict``): read from its frame."""
+    args = dict(kwargs)
+    if loading.f_code.co_filename.endswith("modeling_utils.py"):
+        local = loading.f_locals
+        args.update({k: local.get(k) for k in (*_SKIP_ARGS, "use_safetensors") if k in local})
+    return any(args.get(k) for k in _SKIP_ARGS) or args.get("use_safetensors") is False
+
+
 def _start(path: Any, config_dict: dict, kwargs: dict) -> None:
     qc = config_dict.get("quantization_config") if isinstance(config_dict, dict) else None
     if not (isinstance(qc, dict) and qc.get("quant_method") == "tpde" and isinstance(qc.get("reference"), dict)):
         return
     loading = loading_frame() if os.environ.get("TPDE_REFERENCE_WORKERS") != "0" else None
-    if loading is None:
+    if loading is None or _other_weights(kwargs, loading):
         return
+    thread, frame_id, code = threading.get_ident(), id(loading), loading.f_code
+    del loading  # the watcher must not keep the load's frame alive
     files = weight_files(str(path), kwargs.get("subfolder") or "", kwargs.get("revision"), kwargs.get("cache_dir"))
     if not files:
         return
@@ -142,34 +172,46 @@ def _start(path: Any, config_dict: dict, kwargs: dict) -> None:
 
     info = qc["reference"]
     download = {k: kwargs.get(k) for k in ("token", "cache_dir", "local_files_only")}
-    key = _key(files, info, download)
+    key = (thread, _key(files, info, download))
     with _LOCK:
         if key in _EARLY:
             return  # the same load read its config twice
-        for old in _EARLY.values():
-            old.cancel()
-        _EARLY.clear()
-        ref = LoadReference(info, **download)
-        # one decode thread (the loading thread imports on the other core); INLINE: prepared here, in one go
-        pf = _EARLY[key] = Prefetch(files, ref, workers=1, inline=INLINE)
+        # an earlier start of this thread belonged to a load that went another way; other threads' loads are theirs
+        old = [_EARLY.pop(k) for k in [k for k in _EARLY if k[0] == thread]]
+    for pf in old:
+        pf.cancel()
+    ref = LoadReference(info, **download)
+    if not ref.resolve_cached():
+        return  # the reference needs the network: the quantizer's start resolves (and downloads) it, as without this
+    # one decode thread (the loading thread imports on the other core); INLINE: prepared here, in one go
+    pf = Prefetch(files, ref, workers=1, inline=INLINE)
+    with _LOCK:
+        _EARLY[key] = pf
     # not a daemon: it ends within WATCH_S of the load (adopted, or its from_pretrained gone)
-    threading.Thread(target=_watch, args=(key, pf, threading.get_ident(), id(loading), loading.f_code),
-                     name="tpde-ref-early-watch").start()
+    threading.Thread(target=_watch, args=(key, pf, thread, frame_id, code), name="tpde-ref-early-watch").start()
 
 
 def adopt(files: list[str], info: dict, download: dict) -> Any:
-    """The early prefetch started for exactly these files, reference and download arguments, or None; any
-    other early prefetch is cancelled (it belonged to a load that went another way)."""
+    """The early prefetch this thread started for exactly these files, reference and download arguments, or None;
+    any other early prefetch of this thread is cancelled (it belonged to a load that went another way)."""
+    thread = threading.get_ident()
     try:
-        key = _key(files, info, download)
+        key = (thread, _key(files, info, download))
     except Exception:
         key = None
     with _LOCK:
         pf = _EARLY.pop(key, None) if key is not None else None
-        for old in _EARLY.values():
-            old.cancel()
-        _EARLY.clear()
+        old = [_EARLY.pop(k) for k in [k for k in _EARLY if k[0] == thread]]
+    for other in old:
+        other.cancel()
     return pf
+
+
+def started_here() -> bool:
+    """Whether an early prefetch of this thread's load waits for its quantizer (:func:`adopt`)."""
+    thread = threading.get_ident()
+    with _LOCK:
+        return any(k[0] == thread for k in _EARLY)
 
 
 def _wrap(module: Any) -> None:
@@ -180,10 +222,9 @@ def _wrap(module: Any) -> None:
         return
 
     def get_config_dict(klass: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-        asked = {k: kwargs.get(k) for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only")}
-        out = inner(klass, pretrained_model_name_or_path, **kwargs)
+        out = inner(klass, pretrained_model_name_or_path, **kwargs)  # (inner gets its own copy of kwargs)
         try:
-            _start(pretrained_model_name_or_path, out[0], {**asked, "revision": kwargs.get("revision")})
+            _start(pretrained_model_name_or_path, out[0], kwargs)
         except Exception:  # the early start is an optimisation only: the quantizer starts the decode as before
             pass
         return out

@@ -269,6 +269,36 @@ class LoadReference:
                                               local_files_only=self.local_files_only)
             return self._ref
 
+    def resolve_cached(self) -> bool:
+        """Resolve the reference from this machine alone: True when it is a local folder, or a Hub repo at its
+        recorded commit whose snapshot in the Hugging Face cache holds every weight file; False when resolving it
+        would need the network (a download, a branch to look up) or fails. Never downloads, never asks the Hub.
+
+        Used by the early start (:mod:`tpde_hf.reference.early`), which must not download anything: the load's own
+        resolution (:meth:`resolved`, with its download arguments) is then the one that fetches a missing reference.
+        A commit-pinned snapshot's files are the bytes an online resolution returns, so the decode is the same.
+        """
+        i = self.info
+        revision = i.get("commit") or i.get("revision")
+        name, revision = split_spec(os.fspath(i["model"]), revision)
+        local = Path(name).expanduser().is_dir()
+        if not local and not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
+            return False  # a branch or tag: only the Hub knows its current commit
+        try:
+            ref = resolve_reference(i["model"], revision=i.get("commit") or i.get("revision"), token=self.token,
+                                    cache_dir=self.cache_dir, local_files_only=True)
+            from tpde_hf.integrity import repo_weight_files
+
+            files = repo_weight_files(ref.folder)
+        except Exception:  # not cached, unreadable index, ...: the load's own resolution reports it
+            return False
+        if not files or not all(f.is_file() for f in files):
+            return False  # a partial snapshot: an online resolution would download the rest
+        with self._lock:
+            if self._ref is None:
+                self._ref = ref
+        return True
+
     def _entry(self, index: int, key: str) -> tuple[str, str]:
         tensors = self.info["tensors"]
         if not 0 <= index < len(tensors) or not isinstance(tensors[index], list) or len(tensors[index]) != 2:
