@@ -237,8 +237,10 @@ def _fresh_restore(ckpt: Path, dst: Path) -> tuple[float, float]:
     resuming user pays, with fresh heap pages and numba's cache loaded from disk."""
     shutil.rmtree(dst, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # run from the destination's folder: ``python -c`` puts its working folder first on sys.path, which would
+    # shadow a PYTHONPATH copy of an older tpde_hf with the one in the current folder
     done = subprocess.run([sys.executable, "-c", _FRESH_RESTORE, str(ckpt), str(dst)], capture_output=True,
-                          text=True, env=env, check=True)
+                          text=True, env=env, check=True, cwd=dst.parent)
     shutil.rmtree(dst, ignore_errors=True)
     return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
 
