@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tpde_hf.reference import early
 
@@ -265,10 +266,17 @@ def test_two_loads_in_parallel_threads(tmp_path: Path, watch) -> None:
             errors.append(exc)
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    default = torch.get_default_dtype()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        # transformers sets and restores torch's process-wide default dtype around building a model; two threads
+        # doing it at once can leave it at bfloat16 (one restores what the other set), which would break every
+        # later test that makes a float tensor
+        torch.set_default_dtype(default)
     assert not errors, errors
     # transformers 5.25 builds a model under torch's process-wide default dtype: two loads at once on two threads
     # can give one of them float32 parameters (dense repos, no tpde: 1 load in 60, 2026-12-07). The values are what
