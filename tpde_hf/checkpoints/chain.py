@@ -46,7 +46,6 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-import xxhash
 import zstandard
 
 from tpde_hf.checkpoints import dec_features as F
@@ -56,7 +55,6 @@ from tpde_hf.checkpoints import store as S
 from tpde_hf.checkpoints.predict import _role
 from tpde_hf.codec.registry import TENSOR_CODECS, CodecContext, group_coded_keys
 from tpde_hf.errors import TpdeFormatError
-from tpde_hf.files import atomic_file
 from tpde_hf.gc_pause import pause as pause_gc
 from tpde_hf.integrity import MappedShard
 
@@ -177,7 +175,7 @@ def _group(key: str, names: Sequence[str] | None) -> Any:
     """The tensors ``key``'s decode may read are its group's (:func:`predict.sources`): an optimizer state of
     parameter ``i`` and the weight named ``names[i]`` read only group ``i`` of their own and of the previous
     link; any other tensor reads only itself in the previous link."""
-    role, idx, _ = predict._role(key)
+    role, idx, _ = _role(key)
     if role < 2:
         return idx
     name = key.split(":", 1)[1] if ":" in key else None
@@ -427,45 +425,16 @@ def decode_links(paths: list[Path], start: S.Decoded | None, threads: int | None
 
 
 def _write_streamed(futures: Mapping[str, Future], last: _Link, rec: dict[str, Any], path: Path) -> None:
-    """Write file ``rec`` of the last link to ``path`` in file order, each tensor once its job is done (the
-    pieces of :func:`~tpde_hf.checkpoints.store.write_file`, with the same checks), hashed on the way; the file
+    """Write file ``rec`` of the last link to ``path`` in file order, each tensor once its job is done
+    (:func:`~tpde_hf.checkpoints.store.file_pieces`, the checks of every file rebuild), hashed on the way; the file
     is kept only if the hash matches. A tensor whose job failed stops the write (that error is raised by the
     chain's result)."""
-    name = rec["name"]
-    src, size = np.frombuffer(last.skeletons[name], np.uint8), int(rec["size"])
-    h = xxhash.xxh3_64()
-    done = pos = 0
-    with atomic_file(path) as f:
-        def put(piece: np.ndarray) -> None:
-            h.update(piece)
-            f.write(piece)
+    def tensor(key: str) -> torch.Tensor | None:
+        fut = futures.get(key)
+        return None if fut is None else fut.result()  # raises the job's error (or CancelledError): nothing is kept
 
-        for key, offset, nbytes, _ in rec["ranges"]:
-            gap = offset - done
-            if gap < 0 or pos + gap > src.size or offset + nbytes > size:
-                raise TpdeFormatError(f"{last.name}/{name}", f"cannot be rebuilt (range of {key} is outside the file)")
-            put(src[pos:pos + gap])
-            pos += gap
-            fut = futures.get(key)
-            if fut is None:
-                raise TpdeFormatError(f"{last.name}/{name}", f"cannot be rebuilt (no tensor {key})")
-            t = fut.result()  # raises the job's error (or CancelledError): nothing is kept
-            data = t.view(_INT_T[t.dtype]).numpy().view(np.uint8).reshape(-1)
-            if data.size != nbytes:
-                raise TpdeFormatError(f"{last.name}/{name}", f"cannot be rebuilt (tensor {key} has {data.size} "
-                                                            f"bytes, the file {nbytes})")
-            put(data)
-            done = offset + nbytes
-        if src.size - pos != size - done:
-            raise TpdeFormatError(f"{last.name}/{name}", "cannot be rebuilt (skeleton length does not match the "
-                                                        "file size)")
-        put(src[pos:])
-        if h.hexdigest() != rec["xxh3"]:
-            raise TpdeFormatError(f"{last.name}/{name}", "rebuilt file does not match its recorded hash (corrupt "
-                                                        "checkpoint entry)")
-
-
-_INT_T = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    label = f"{last.name}/{rec['name']}"
+    S.write_pieces(label, rec, S.file_pieces(label, rec, last.skeletons[rec["name"]], tensor), path)
 
 
 def restore_files(paths: list[Path], start: S.Decoded | None, targets: dict[str, Path],

@@ -180,12 +180,20 @@ def _pool_map(fn: Any, items: Sequence[Any]) -> list[Any]:
     return _POOL.map(fn, items)
 
 
-def _payload_view(t: torch.Tensor, dt: Any) -> np.ndarray:
-    """A uint8 payload part as ``dt`` words (little-endian, as stored): a view when aligned, else a copy."""
-    a = np.ascontiguousarray(t.numpy()).reshape(-1)
+def _payload_view(t: torch.Tensor, dt: Any, copy_unaligned: bool = True) -> np.ndarray:
+    """A uint8 payload part as ``dt`` words (little-endian, as stored): a view when aligned, else a copy.
+
+    ``copy_unaligned=False``: a view in any case, of a 1-D contiguous uint8 part only. In an entry most ``words``
+    and ``bits`` parts are unaligned (about 150 MB of a 190 MB link); the restore's fused decoder
+    (:mod:`~tpde_hf.checkpoints.dec_features`) reads them in place, its loads of these words being scalar (or
+    gathers), which x86-64 and aarch64 allow at any address."""
+    a = t.numpy()
+    if not copy_unaligned and (a.dtype != np.uint8 or a.ndim != 1 or not a.flags.c_contiguous):
+        raise ValueError("a payload part is not whole words")
+    a = np.ascontiguousarray(a).reshape(-1)
     if a.size % np.dtype(dt).itemsize:
         raise ValueError(f"payload of {a.size} bytes is not a whole number of {np.dtype(dt).name} words")
-    if a.ctypes.data % np.dtype(dt).itemsize:
+    if copy_unaligned and a.ctypes.data % np.dtype(dt).itemsize:
         a = a.copy()
     return a.view(np.dtype(dt).newbyteorder("<"))
 
@@ -325,15 +333,16 @@ class CheckpointDelta:
         return None if bad.any() else out
 
     @staticmethod
-    def _parse(parts: Mapping[str, torch.Tensor], key: str) -> dict[str, Any]:
-        """The checked header and payload arrays of a coded tensor (:class:`TpdeFormatError` if malformed)."""
+    def _parse(parts: Mapping[str, torch.Tensor], key: str, copy_unaligned: bool = True) -> dict[str, Any]:
+        """The checked header and payload arrays of a coded tensor (:class:`TpdeFormatError` if malformed);
+        ``copy_unaligned``: see :func:`_payload_view`."""
         try:
             meta = [int(v) for v in parts["meta"].tolist()]
             shape = [int(v) for v in parts["shape"].tolist()]
             coef = [float(v) for v in parts["coef"].tolist()]
             tables_b, chunks = parts["tables"].numpy().tobytes(), parts["chunks"].numpy()
-            words = _payload_view(parts["words"], np.uint16)
-            bitw = _payload_view(parts["bits"], np.uint32)
+            words = _payload_view(parts["words"], np.uint16, copy_unaligned)
+            bitw = _payload_view(parts["bits"], np.uint32, copy_unaligned)
         except (KeyError, AttributeError, TypeError, RuntimeError, ValueError) as exc:
             raise TpdeFormatError(key, f"ckpt-delta parts are missing or malformed ({exc})") from None
         if len(meta) != _META_LEN or meta[0] != VERSION:
@@ -345,7 +354,7 @@ class CheckpointDelta:
         _, view, width, mb = DTYPES[dtype]
         if (n < 0 or any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) != n or chunk <= 0
                 or not 1 <= n_ctx <= 256 or nsym != K.n_symbols(mode, width, mb) or n_coef != len(coef)
-                or nch != (n + chunk - 1) // chunk or chunks.shape != (nch, K.LANES + 2)):
+                or nch != (n + chunk - 1) // chunk or chunks.dtype != np.int64 or chunks.shape != (nch, K.LANES + 2)):
             raise TpdeFormatError(key, "ckpt-delta meta is inconsistent (corrupt checkpoint file)")
         try:
             freq = np.frombuffer(zstandard.ZstdDecompressor().decompress(tables_b, max_output_size=n_ctx * nsym * 2),

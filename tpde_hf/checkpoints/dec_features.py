@@ -9,7 +9,7 @@ memory, not arithmetic, bounds a restore on this kind of machine. :func:`decode`
 with the same float32 operations, so the prediction is bit for bit the one the encoder used.
 
 The payload's ``words`` and ``bits`` parts are read where they lie in the entry's memory map, aligned or not
-(:func:`_parse`: the codec's parser copies an unaligned part, and most are: about 150 MB of a 190 MB link).
+(:func:`_parse`: the codec's own decode copies an unaligned part, and most are: about 150 MB of a 190 MB link).
 
 It only ever takes a shortcut to the same bytes: where a tensor does not fit a recipe, where the payload does not
 parse, where a prediction is NaN, where a chunk does not end as encoded, or where the result does not match the
@@ -34,7 +34,7 @@ import zstandard
 from tpde_hf.checkpoints import dec_kernels as D
 from tpde_hf.checkpoints import kernels as K
 from tpde_hf.checkpoints import predict
-from tpde_hf.checkpoints.codec import _META_LEN, CODES, DTYPES, VERSION, CheckpointDelta, checksum
+from tpde_hf.checkpoints.codec import CODES, CheckpointDelta, checksum
 from tpde_hf.errors import TpdeFormatError
 
 #: how many feature coefficients each recipe may carry (the codec refuses more than its features)
@@ -95,7 +95,7 @@ def _output(n: int, spare: Callable[[int], np.ndarray | None] | None) -> np.ndar
 def _decode_planned(key: str, parts: Mapping[str, torch.Tensor], ref_t: torch.Tensor, p: tuple,
                     parallel: bool, spare: Callable[[int], np.ndarray | None] | None = None) -> torch.Tensor | None:
     recipe, a, b, c, d = p
-    pp = _parse(parts)
+    pp = _parse(parts, key)
     if pp is None:
         return None
     n, coef = pp["n"], pp["coef"]
@@ -117,50 +117,14 @@ def _decode_planned(key: str, parts: Mapping[str, torch.Tensor], ref_t: torch.Te
 
 
 
-def _words(t: torch.Tensor, dt: np.dtype) -> np.ndarray:
-    """A uint8 payload part as little-endian ``dt`` words: always a view, also where the part is not aligned to
-    ``dt``. The codec's parser copies such a part (in an entry most ``words`` and ``bits`` parts are unaligned:
-    about 150 MB of a 190 MB link, and the copy's fresh pages are faulted in each time); the decoder's loads of
-    these words are scalar (or gathers), which x86-64 and aarch64 allow at any address."""
-    a = t.numpy()
-    if a.dtype != np.uint8 or a.ndim != 1 or not a.flags.c_contiguous or a.size % dt.itemsize:
-        raise ValueError("a payload part is not whole words")
-    return a.view(dt)
-
-
-def _parse(parts: Mapping[str, torch.Tensor]) -> dict | None:
-    """:meth:`CheckpointDelta._parse` of a float32 tensor with its payload parts as views (:func:`_words`), the
-    same checks; None where it does not parse (the caller's ordinary decode then names the fault)."""
+def _parse(parts: Mapping[str, torch.Tensor], key: str = "") -> dict | None:
+    """:meth:`CheckpointDelta._parse` of a float32 tensor, its payload parts as views where they lie in the entry's
+    map, aligned or not; None where it does not parse (the caller's ordinary decode then names the fault)."""
     try:
-        meta = [int(v) for v in parts["meta"].tolist()]
-        shape = [int(v) for v in parts["shape"].tolist()]
-        coef = [float(v) for v in parts["coef"].tolist()]
-        tables_b, chunks = parts["tables"].numpy().tobytes(), parts["chunks"].numpy()
-        words, bitw = _words(parts["words"], np.dtype("<u2")), _words(parts["bits"], np.dtype("<u4"))
-        if len(meta) != _META_LEN or meta[0] != VERSION:
-            return None
-        _, mode, code, n, chunk, n_ctx, nsym, n_coef, digest, lo, nch = meta
-        if CODES.get(code) != torch.float32 or mode not in (K.MODE_ORD, K.MODE_FLD):
-            return None
-        _, _, width, mb = DTYPES[torch.float32]
-        if (n < 0 or any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) != n or chunk <= 0
-                or not 1 <= n_ctx <= 256 or nsym != K.n_symbols(mode, width, mb) or n_coef != len(coef)
-                or nch != (n + chunk - 1) // chunk or chunks.dtype != np.int64 or chunks.shape != (nch, K.LANES + 2)):
-            return None
-        raw = zstandard.ZstdDecompressor().decompress(tables_b, max_output_size=n_ctx * nsym * 2)
-        freq = np.frombuffer(raw, "<u2").astype(np.int64)
-        if freq.size != n_ctx * nsym:
-            return None
-        freq = freq.reshape(n_ctx, nsym)
-        n_words, n_bitwords = chunks[:, K.LANES], chunks[:, K.LANES + 1]
-        if ((freq.sum(1) != 1 << K.PROB_BITS).any() or (n_words < 0).any() or (n_bitwords < 0).any()
-                or n_words.sum() != words.size or n_bitwords.sum() != bitw.size):
-            return None
-    except (KeyError, AttributeError, TypeError, RuntimeError, ValueError, zstandard.ZstdError):
+        pp = CheckpointDelta._parse(parts, key, copy_unaligned=False)
+    except TpdeFormatError:
         return None
-    return {"dtype": torch.float32, "shape": shape, "n": n, "coef": coef, "lo": lo, "n_ctx": n_ctx, "nsym": nsym,
-            "digest": digest, "mode": mode, "chunk": chunk, "freq": freq, "chunks": chunks, "n_words": n_words,
-            "n_bitwords": n_bitwords, "words": words, "bitw": bitw}
+    return pp if pp["dtype"] == torch.float32 else None
 
 
 def stored_sizes(meta: Mapping[str, np.ndarray]) -> dict[str, tuple[torch.dtype | None, int]]:

@@ -28,7 +28,7 @@ import json
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,70 +330,115 @@ def decode_entry(path: Path, parent: Decoded | None, threads: int | None = None)
     return decode_links([Path(path)], parent, threads)
 
 
-def _pieces(dec: Decoded, name: str) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """The record of file ``name`` and its bytes as a list of views (skeleton gaps and tensor data)."""
-    rec = next((r for r in dec.manifest["files"] if r["name"] == name), None)
-    if rec is None:
-        raise TpdeFormatError(name, f"not a file of checkpoint {dec.name}")
-    src, size = np.frombuffer(dec.skeletons[name], np.uint8), int(rec["size"])
-    out: list[np.ndarray] = []
-    done = pos = 0
+def _unbuildable(label: str, why: object) -> TpdeFormatError:
+    return TpdeFormatError(label, f"cannot be rebuilt ({why})")
+
+
+def _file_plan(label: str, rec: dict[str, Any], skeleton: bytes) -> tuple[list[tuple[np.ndarray, str, int]],
+                                                                            np.ndarray]:
+    """File ``rec``'s layout, checked against its skeleton: ``([(skeleton gap before a tensor, its key, its
+    bytes)], the skeleton's tail)``; :class:`TpdeFormatError` (naming ``label``) where they do not fit."""
     try:
+        src, size = np.frombuffer(skeleton, np.uint8), int(rec["size"])
+        plan: list[tuple[np.ndarray, str, int]] = []
+        done = pos = 0
         for key, offset, nbytes, _ in rec["ranges"]:
             gap = offset - done
             if gap < 0 or pos + gap > src.size or offset + nbytes > size:
                 raise ValueError(f"range of {key} is outside the file")
-            out.append(src[pos:pos + gap])
+            plan.append((src[pos:pos + gap], key, nbytes))
             pos += gap
-            t = dec.tensors[key]
-            data = t.view(_INT_T[t.dtype]).numpy().view(np.uint8).reshape(-1)
-            if data.size != nbytes:
-                raise ValueError(f"tensor {key} has {data.size} bytes, the file {nbytes}")
-            out.append(data)
             done = offset + nbytes
         if src.size - pos != size - done:
             raise ValueError("skeleton length does not match the file size")
-        out.append(src[pos:])
     except (KeyError, ValueError, TypeError) as exc:
-        raise TpdeFormatError(f"{dec.name}/{name}", f"cannot be rebuilt ({exc})") from None
-    return rec, out
+        raise _unbuildable(label, exc) from None
+    return plan, src[pos:]
 
 
-def _mismatch(dec: Decoded, name: str) -> TpdeFormatError:
-    return TpdeFormatError(f"{dec.name}/{name}", "rebuilt file does not match its recorded hash "
-                                                 "(corrupt checkpoint entry)")
+def _tensor_bytes(label: str, key: str, t: torch.Tensor | None, nbytes: int) -> np.ndarray:
+    if t is None:
+        raise _unbuildable(label, f"no tensor {key}")
+    if t.dtype not in _INT_T:
+        raise _unbuildable(label, f"tensor {key} is {t.dtype}")
+    data = t.view(_INT_T[t.dtype]).numpy().view(np.uint8).reshape(-1)
+    if data.size != nbytes:
+        raise _unbuildable(label, f"tensor {key} has {data.size} bytes, the file {nbytes}")
+    return data
+
+
+def file_pieces(label: str, rec: dict[str, Any], skeleton: bytes,
+                tensor: Callable[[str], torch.Tensor | None]) -> Iterator[np.ndarray]:
+    """File ``rec``'s bytes in file order as views (skeleton gaps and tensor data). The layout is checked at the
+    call; each tensor is got from ``tensor(key)`` (None: missing) only when the file reaches it, so a file can be
+    written while its later tensors still decode. :class:`TpdeFormatError` (naming ``label``) where the record,
+    the skeleton and the tensors do not fit together; an error that ``tensor`` raises passes through as it is.
+
+    Example::
+
+        h = xxhash.xxh3_64()
+        for piece in file_pieces("ckpt/model.safetensors", rec, dec.skeletons[rec["name"]], dec.tensors.get):
+            h.update(piece)
+    """
+    plan, tail = _file_plan(label, rec, skeleton)
+
+    def pieces() -> Iterator[np.ndarray]:
+        for gap, key, nbytes in plan:
+            yield gap
+            yield _tensor_bytes(label, key, tensor(key), nbytes)
+        yield tail
+
+    return pieces()
+
+
+def _pieces(dec: Decoded, name: str) -> tuple[dict[str, Any], str, Iterator[np.ndarray]]:
+    """The record of file ``name``, its label for errors and its bytes as views (:func:`file_pieces`)."""
+    rec = next((r for r in dec.manifest["files"] if r["name"] == name), None)
+    if rec is None:
+        raise TpdeFormatError(name, f"not a file of checkpoint {dec.name}")
+    label = f"{dec.name}/{name}"
+    return rec, label, file_pieces(label, rec, dec.skeletons[name], dec.tensors.get)
+
+
+def _mismatch(label: str) -> TpdeFormatError:
+    return TpdeFormatError(label, "rebuilt file does not match its recorded hash (corrupt checkpoint entry)")
 
 
 def file_digest(dec: Decoded, name: str) -> None:
     """Check file ``name`` of a decoded checkpoint against its recorded hash without assembling it."""
-    rec, pieces = _pieces(dec, name)
+    rec, label, pieces = _pieces(dec, name)
     h = xxhash.xxh3_64()
     for p in pieces:
         h.update(p)
     if h.hexdigest() != rec["xxh3"]:
-        raise _mismatch(dec, name)
+        raise _mismatch(label)
 
 
 def rebuild(dec: Decoded, name: str) -> memoryview:
     """File ``name`` of a decoded checkpoint, byte for byte; :class:`TpdeFormatError` if its hash differs."""
-    rec, pieces = _pieces(dec, name)
-    out = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+    rec, label, pieces = _pieces(dec, name)
+    out = np.concatenate(list(pieces))
     if file_hash(out) != rec["xxh3"]:
-        raise _mismatch(dec, name)
+        raise _mismatch(label)
     return memoryview(out)
 
 
-def write_file(dec: Decoded, name: str, path: Path) -> None:
-    """Write file ``name`` of a decoded checkpoint to ``path``, streamed piece by piece (no assembled copy),
-    hashed on the way; moved into place only if the hash matches (else :class:`TpdeFormatError`)."""
-    rec, pieces = _pieces(dec, name)
+def write_pieces(label: str, rec: dict[str, Any], pieces: Iterator[np.ndarray], path: Path) -> None:
+    """Write ``pieces`` (file ``rec``'s bytes) to ``path``, hashed on the way (no assembled copy); moved into place
+    only if the hash is the recorded one (else :class:`TpdeFormatError` naming ``label``, and no file)."""
     h = xxhash.xxh3_64()
     with atomic_file(path) as f:
         for p in pieces:
             h.update(p)
             f.write(p)
         if h.hexdigest() != rec["xxh3"]:  # raised inside the block: the old file stays, no temporary is left
-            raise _mismatch(dec, name)
+            raise _mismatch(label)
+
+
+def write_file(dec: Decoded, name: str, path: Path) -> None:
+    """Write file ``name`` of a decoded checkpoint to ``path`` (:func:`write_pieces`)."""
+    rec, label, pieces = _pieces(dec, name)
+    write_pieces(label, rec, pieces, path)
 
 
 def entry_path(root: Path, name: str) -> Path:

@@ -177,7 +177,7 @@ def _start(path: Any, config_dict: dict, kwargs: dict) -> None:
         if key in _EARLY:
             return  # the same load read its config twice
         # an earlier start of this thread belonged to a load that went another way; other threads' loads are theirs
-        old = [_EARLY.pop(k) for k in [k for k in _EARLY if k[0] == thread]]
+        old = _pop_thread(thread)
     for pf in old:
         pf.cancel()
     ref = LoadReference(info, **download)
@@ -201,10 +201,15 @@ def adopt(files: list[str], info: dict, download: dict) -> Any:
         key = None
     with _LOCK:
         pf = _EARLY.pop(key, None) if key is not None else None
-        old = [_EARLY.pop(k) for k in [k for k in _EARLY if k[0] == thread]]
+        old = _pop_thread(thread)
     for other in old:
         other.cancel()
     return pf
+
+
+def _pop_thread(thread: int) -> list[Any]:
+    """Take out every early prefetch of ``thread`` (called under :data:`_LOCK`; the caller cancels them)."""
+    return [_EARLY.pop(k) for k in [k for k in _EARLY if k[0] == thread]]
 
 
 def started_here() -> bool:
