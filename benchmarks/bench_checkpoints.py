@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --sizes-from: tpde's delta size for checkpoints every M steps (the same last "
                          "--span steps of the run), e.g. 5,10,20,40")
     ap.add_argument("--span", type=int, default=80, help="--intervals: the run's last SPAN steps")
+    ap.add_argument("--keyframe-every", type=int, default=8,
+                    help="--sizes-from (without --intervals): the store's keyframe_every (restores decode at most "
+                         "this many entries; a keyframe is coded alone)")
     ap.add_argument("--callbacks", default=None, metavar="LIST",
                     help="training runs to compare with the plain run, comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--rounds", type=int, default=1,
@@ -458,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                **(interval_sizes(Path(args.sizes_from), work, [int(m) for m in args.intervals.split(",")],
                                  args.span) if args.intervals else
-                  sizes_from(Path(args.sizes_from), work, backward=not args.forward))}
+                  sizes_from(Path(args.sizes_from), work, keyframe_every=args.keyframe_every,
+                             backward=not args.forward))}
         Path(args.out).write_text(json.dumps(res, indent=1))
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -586,6 +590,8 @@ CONFIGS = {
     "backward-sync": {"backward": True, "background": False},
     # the pack runs only in the wait at the next save, on every core at normal priority, nothing beside training
     "backward-defer": {"backward": True, "defer": True},
+    # the pack thread at training's own priority: it takes its share of the cores beside training at once
+    "backward-nice0": {"backward": True, "nice": 0},
 }
 
 

@@ -27,6 +27,12 @@ re-coding a surviving delta first when it depended on one of them.
 * A failure in the thread leaves the checkpoint's original files in place and is raised on the
   training thread at the next save or at the end of training.
 
+Cost (measured on a shared 2-core VM, BENCHMARKS.md ``checkpoints``): a pack takes about 1 CPU-second per
+274 MB checkpoint (MiniLM with AdamW), whatever the batch, so the step-time cost is that second against the
+training time between two saves: +2% (median of four rounds) with 15 s between saves, +14% with 7.5 s. Saving
+more often makes smaller deltas (about 3% of raw per halving of the interval); ``keyframe_every`` trades the speed
+of restores far back (each entry decoded costs about 0.4 s) for size (a keyframe is about a ZipNN-sized file).
+
 Resuming. With backward deltas the newest checkpoint is plain: ``trainer.train(resume_from_checkpoint=
 "out/checkpoint-60")`` just works. For an older (packed) checkpoint, or with forward deltas: Trainer
 loads ``model.safetensors`` and ``optimizer.pt`` in ``train()`` *before* the first callback event of the
