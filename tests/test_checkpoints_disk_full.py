@@ -18,9 +18,9 @@ import errno
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import xxhash
+from disk_budget import Disk, budgets, limit_open, limit_pwrite
 from test_checkpoints import _fake_run, _restored_hashes
 
 from tpde_hf import files as files_module
@@ -28,70 +28,9 @@ from tpde_hf.checkpoints import api, entry_file
 from tpde_hf.checkpoints import store as S
 
 
-class _Disk:
-    """A byte budget shared by every write of one operation; ``None``: unlimited."""
-
-    def __init__(self, budget: int | None) -> None:
-        self.left = budget
-        self.written = 0
-
-    def take(self, n: int) -> int:
-        """How many of ``n`` bytes fit; raises ENOSPC (after the caller wrote what fits) when not all do."""
-        if self.left is None:
-            self.written += n
-            return n
-        fit = min(n, self.left)
-        self.left -= fit
-        self.written += fit
-        return fit
-
-
-def _full() -> OSError:
-    return OSError(errno.ENOSPC, "No space left on device (simulated)")
-
-
-class _File:
-    """A real binary file whose writes draw on ``disk``."""
-
-    def __init__(self, real, disk: _Disk) -> None:  # noqa: ANN001 - an open file
-        self._f, self._disk = real, disk
-
-    def write(self, data) -> int:  # noqa: ANN001 - bytes-like
-        mv = memoryview(data).cast("B")
-        fit = self._disk.take(len(mv))
-        self._f.write(mv[:fit])
-        if fit < len(mv):
-            raise _full()
-        return fit
-
-    def __getattr__(self, name: str):  # noqa: ANN204 - flush, fileno, close, ...
-        return getattr(self._f, name)
-
-    def __enter__(self) -> _File:
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self._f.close()
-
-
-def _limit(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
-    real_open = open
-
-    def limited_open(path, mode="r", *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        f = real_open(path, mode, *a, **k)
-        return _File(f, disk) if "w" in mode or "a" in mode else f
-
-    real_pwrite = entry_file._pwrite_all
-
-    def limited_pwrite(fd: int, view: np.ndarray, offset: int) -> None:
-        raw = view.reshape(-1).view(np.uint8)
-        fit = disk.take(raw.size)
-        real_pwrite(fd, raw[:fit], offset)
-        if fit < raw.size:
-            raise _full()
-
-    monkeypatch.setattr(files_module, "open", limited_open, raising=False)
-    monkeypatch.setattr(entry_file, "_pwrite_all", limited_pwrite)
+def _limit(monkeypatch: pytest.MonkeyPatch, disk: Disk) -> None:
+    limit_open(monkeypatch, disk, [files_module])
+    limit_pwrite(monkeypatch, disk, entry_file, "_pwrite_all")
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -100,17 +39,12 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _budgets(total: int, seed: int, n: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return sorted({0, 1, total - 1, *rng.integers(1, total, n).tolist()})
-
-
 def test_a_restore_that_fills_the_disk_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     hashes = _fake_run(out, [1, 2, 3])
     api.pack_all(out, backward=True, keyframe_every=8, param_names=["w"])  # 1 -> 2 -> plain 3: two links
     ckpt = out / "checkpoint-1"
-    disk = _Disk(None)
+    disk = Disk(None)
     _limit(monkeypatch, disk)
     before = _snapshot(out)
     api.restore(ckpt)  # how many bytes a whole restore in place writes
@@ -118,7 +52,7 @@ def test_a_restore_that_fills_the_disk_changes_nothing(tmp_path: Path, monkeypat
     assert total > 10_000
     api.compact(ckpt)  # packed again: the files go, the entry stays
     assert _snapshot(out) == before
-    for budget in _budgets(total, seed=21, n=14):
+    for budget in budgets(total, seed=21, n=14):
         disk.left, disk.written = budget, 0
         with pytest.raises(OSError) as exc:
             api.restore(ckpt)
@@ -136,13 +70,13 @@ def test_a_pack_that_fills_the_disk_keeps_every_checkpoint(tmp_path: Path, monke
     steps = [1, 2, 3]
     clean = tmp_path / "clean"
     hashes = _fake_run(clean, steps)
-    disk = _Disk(None)
+    disk = Disk(None)
     _limit(monkeypatch, disk)
     api.pack_all(clean, backward=True, keyframe_every=8, param_names=["w"])
     total = disk.written
     assert total > 10_000
     want = _snapshot(clean)
-    for budget in _budgets(total, seed=7, n=10):
+    for budget in budgets(total, seed=7, n=10):
         out = tmp_path / f"b{budget}"
         _fake_run(out, steps)  # seeded: the same files as ``clean``
         disk.left, disk.written = budget, 0

@@ -198,7 +198,8 @@ def _main(args: argparse.Namespace) -> int:
         with _kill_as_interrupt():
             return _run(args)
     except (ConversionError, TpdeFormatError, OSError) as exc:
-        print(f"tpde {args.command}: error: {_one_line(exc)}{_resume_hint(kept_partial(exc))}", file=sys.stderr)
+        print(f"tpde {args.command}: error: {_one_line(exc)}{_where(args, exc)}{_resume_hint(kept_partial(exc))}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         if args.command == "convert":
@@ -234,6 +235,13 @@ def _kill_as_interrupt() -> Iterator[None]:
 def _one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (a wrapped library message may hold newlines)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _where(args: argparse.Namespace, exc: BaseException) -> str:
+    """Where a conversion failed to write, when the error does not say (``write`` on a full disk names no file)."""
+    if isinstance(exc, OSError) and exc.filename is None and args.command == "convert":
+        return f" (writing {args.output})"
+    return ""
 
 
 def _resume_hint(kept: object) -> str:
