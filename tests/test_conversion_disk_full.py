@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from disk_budget import Disk, budgets, limit_open
+from test_conversion_disk import _files
 
 from tpde_hf import files as files_module
 from tpde_hf.conversion import convert, verify_repo
@@ -22,10 +23,6 @@ from tpde_hf.conversion import encoding as conversion_encoding
 from tpde_hf.conversion import streaming as conversion_streaming
 from tpde_hf.conversion.cli import main
 from tpde_hf.conversion.partial import partial_dir
-
-
-def _weights(repo: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(repo.glob("*.safetensors"))}
 
 
 def test_a_conversion_that_fills_the_disk_fails_cleanly_and_resumes(
@@ -38,7 +35,7 @@ def test_a_conversion_that_fills_the_disk_fails_cleanly_and_resumes(
     convert(tiny_llama_dir, want, workers=1)
     total = disk.written
     assert total > 100_000
-    want_weights = _weights(want)
+    want_weights = _files(want)
     capsys.readouterr()  # that conversion's progress bars
     resumed = 0
     for budget in budgets(total, seed=18, n=7):
@@ -56,6 +53,23 @@ def test_a_conversion_that_fills_the_disk_fails_cleanly_and_resumes(
         args = ["-q", "convert", str(tiny_llama_dir), str(out), "--workers", "1"] + (["--resume"] if kept else [])
         assert main(args) == 0, budget
         resumed += kept
-        assert _weights(out) == want_weights, budget
+        assert _files(out) == want_weights, budget
         assert verify_repo(out).ok and not partial_dir(out).exists()
     assert resumed > 0  # some budgets ran out after a task was finished: that work was kept and used
+
+
+def test_other_errors_without_a_file_name_do_not_blame_the_output(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a full disk (or quota) is reported as "writing <output>": an OSError from elsewhere that names no
+    file (e.g. a download's connection error) keeps its own message alone."""
+    from tpde_hf.conversion import api as conversion_api
+
+    def broken(*_: object, **__: object):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(conversion_api, "convert", broken)
+    out = tmp_path / "out"
+    assert main(["-q", "convert", str(tiny_llama_dir), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "tpde convert: error: Connection reset by peer" in err and "(writing" not in err, err

@@ -17,6 +17,7 @@ naming the file and the problem), 2 usage error, 130 interrupted (the message sa
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -238,10 +239,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _where(args: argparse.Namespace, exc: BaseException) -> str:
-    """Where a conversion failed to write, when the error does not say (``write`` on a full disk names no file)."""
-    if isinstance(exc, OSError) and exc.filename is None and args.command == "convert":
-        return f" (writing {args.output})"
-    return ""
+    """Where a conversion ran out of space, which the error does not say (``write`` on a full disk names no file).
+    Only for a full disk or quota: other OSErrors without a file name (a download's, say) are not about the output."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None
+    return f" (writing {args.output})" if full and args.command == "convert" else ""
 
 
 def _resume_hint(kept: object) -> str:
